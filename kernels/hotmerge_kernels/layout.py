@@ -62,7 +62,7 @@ class FlatAdapter:
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ) -> FlatAdapter:
-        """Pack ``{(module, part): tensor}`` into one buffer; A then B per module, modules sorted."""
+        """Pack ``{(module, part): tensor}`` into one buffer: A then B per module, sorted."""
         modules = sorted({m for m, _ in tensors})
         segments: list[Segment] = []
         offset = 0

@@ -17,7 +17,12 @@ class Strategy(enum.Enum):
 
     @property
     def uses_density(self) -> bool:
-        return self in (Strategy.MAGNITUDE_PRUNE, Strategy.TIES, Strategy.DARE_LINEAR, Strategy.DARE_TIES)
+        return self in (
+            Strategy.MAGNITUDE_PRUNE,
+            Strategy.TIES,
+            Strategy.DARE_LINEAR,
+            Strategy.DARE_TIES,
+        )
 
     @property
     def uses_sign_method(self) -> bool:

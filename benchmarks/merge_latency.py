@@ -1,0 +1,315 @@
+"""Merge latency at Mistral-7B shapes: PEFT per tensor, torch vectorised, hotmerge cold / cached.
+
+32 layers x (q, k, v, o, gate, up, down), bf16, random adapters (never zeros). For each strategy,
+rank (16, 64) and adapter count (2, 3, 8): a correctness check of the Triton engine against the
+torch reference on the real sizes, then medians of repeated runs timed with CUDA events. The floor
+is (N inputs read + 1 output written) / the device-to-device copy bandwidth measured here.
+Writes benchmarks/results/merge_latency-<device>-<date>.{json,md} (or --out).
+
+    PYTHONPATH=kernels python benchmarks/merge_latency.py [--peft-reps 2] [--ranks 16 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+import triton
+from triton.testing import do_bench
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "kernels"))
+
+from hotmerge_kernels import reference, triton_merge  # noqa: E402
+from hotmerge_kernels.layout import FlatAdapter, Segment  # noqa: E402
+from hotmerge_kernels.merge import merge_adapters, trim_thresholds  # noqa: E402
+from hotmerge_kernels.params import MergeParams, SignMethod, Strategy  # noqa: E402
+from hotmerge_kernels.plan import get_plan  # noqa: E402
+
+HIDDEN, INTERMEDIATE, KV, LAYERS = 4096, 14336, 1024, 32
+PROJ = {
+    "self_attn.q_proj": (HIDDEN, HIDDEN),
+    "self_attn.k_proj": (HIDDEN, KV),
+    "self_attn.v_proj": (HIDDEN, KV),
+    "self_attn.o_proj": (HIDDEN, HIDDEN),
+    "mlp.gate_proj": (HIDDEN, INTERMEDIATE),
+    "mlp.up_proj": (HIDDEN, INTERMEDIATE),
+    "mlp.down_proj": (INTERMEDIATE, HIDDEN),
+}
+DENSITY = 0.5
+
+
+def mistral_adapter(rank: int, seed: int) -> FlatAdapter:
+    segments, offset = [], 0
+    for module in sorted(f"model.layers.{i}.{p}" for i in range(LAYERS) for p in PROJ):
+        n_in, n_out = PROJ[module.split(".", 3)[-1]]
+        for part, shape in (("A", (rank, n_in)), ("B", (n_out, rank))):
+            segments.append(Segment(module, part, offset, shape))
+            offset += shape[0] * shape[1]
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    buffer = (torch.randn(offset, generator=gen, device="cuda") * 0.02).to(torch.bfloat16)
+    return FlatAdapter(buffer, tuple(segments), rank=rank, scaling=2.0)
+
+
+def copy_bandwidth() -> float:
+    """Bytes per ms of a 1 GiB device-to-device copy (read + write counted)."""
+    src = torch.empty(1 << 29, dtype=torch.bfloat16, device="cuda").normal_()
+    dst = torch.empty_like(src)
+    ms = do_bench(lambda: dst.copy_(src), warmup=50, rep=300, return_mode="median")
+    return 2 * src.numel() * src.element_size() / ms
+
+
+def peft_per_tensor(adapters, params) -> torch.Tensor | None:
+    """The LoRAX way: PEFT's merge_utils (or cat) module by module, tensor by tensor."""
+    from peft.utils import merge_utils
+
+    s = params.strategy
+    if s is Strategy.SLERP:
+        return None
+    out = []
+    for module in adapters[0].modules:
+        if s is Strategy.CAT:
+            a = torch.cat(
+                [
+                    x.tensor(module, "A") * w * x.scaling
+                    for x, w in zip(adapters, params.weights, strict=True)
+                ]
+            )
+            b = torch.cat([x.tensor(module, "B") for x in adapters], dim=1)
+            out += [a, b]
+            continue
+        folds = [w * x.scaling for x, w in zip(adapters, params.weights, strict=True)]
+        wa = torch.tensor([math.copysign(math.sqrt(abs(f)), f) for f in folds], device="cuda")
+        wb = torch.tensor([math.sqrt(abs(f)) for f in folds], device="cuda")
+        for part, w in (("A", wa), ("B", wb)):
+            ts = [x.tensor(module, part) for x in adapters]
+            if s is Strategy.LINEAR:
+                out.append(merge_utils.task_arithmetic(ts, w))
+            elif s is Strategy.MAGNITUDE_PRUNE:
+                out.append(merge_utils.magnitude_prune(ts, w, params.density))
+            elif s is Strategy.TIES:
+                out.append(merge_utils.ties(ts, w, params.density, params.sign_method.value))
+            elif s is Strategy.DARE_LINEAR:
+                out.append(merge_utils.dare_linear(ts, w, params.density))
+            elif s is Strategy.DARE_TIES:
+                out.append(merge_utils.dare_ties(ts, w, params.density, params.sign_method.value))
+    return out[-1]
+
+
+def wall_ms(fn, reps: int) -> float:
+    """Median of ``reps`` synchronised runs, after one warm-up when a run is short."""
+    times = []
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    first = (time.perf_counter() - t0) * 1e3
+    if first > 500:
+        times.append(first)
+    while len(times) < reps:
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def clear(adapters):
+    for a in adapters:
+        a.cache.pop(("trim_thresholds", DENSITY), None)
+
+
+def check(got: torch.Tensor, want: torch.Tensor) -> tuple[int, float]:
+    """(elements further apart than one bf16 rounding, largest difference)."""
+    diff = (got.float() - want.float()).abs()
+    atol = 1e-6 * float(want.float().abs().max())
+    bad = int((diff > atol + 2**-7 * want.float().abs()).sum())
+    return bad, float(diff.max())
+
+
+def run_case(adapters, strategy, args) -> dict:
+    n = len(adapters)
+    params = MergeParams(
+        strategy, tuple(0.5 + i / n for i in range(n)), DENSITY, SignMethod.TOTAL, seed=1234
+    )
+    # Correctness on the real sizes first: Triton engine against the torch reference.
+    clear(adapters)
+    want = merge_adapters(adapters, params, backend="torch").adapter.buffer
+    clear(adapters)
+    got = merge_adapters(adapters, params, backend="triton").adapter.buffer
+    bad, worst = check(got, want)
+    del want, got
+
+    def cold(backend):
+        clear(adapters)
+        return merge_adapters(adapters, params, backend=backend)
+
+    row = {
+        "strategy": strategy.value,
+        "n_adapters": n,
+        "rank": adapters[0].rank,
+        "dtype": "bfloat16",
+        "mismatches": bad,
+        "max_abs_diff": worst,
+    }
+    row["torch_ms"] = wall_ms(lambda: cold("torch"), args.torch_reps)
+    row["hotmerge_cold_ms"] = do_bench(
+        lambda: cold("triton"), warmup=20, rep=100, return_mode="median"
+    )
+    merge_adapters(adapters, params, backend="triton")  # fills the threshold cache
+    row["hotmerge_cached_ms"] = do_bench(
+        lambda: merge_adapters(adapters, params, backend="triton"),
+        warmup=20,
+        rep=100,
+        return_mode="median",
+    )
+    if strategy is Strategy.SLERP or n > args.peft_max_n:
+        row["peft_ms"] = None
+    else:
+        row["peft_ms"] = wall_ms(lambda: peft_per_tensor(adapters, params), args.peft_reps)
+    return row
+
+
+def breakdown(adapters) -> dict:
+    """Where TIES's time goes (N adapters): thresholds alone, the merge kernel alone (its launch
+    included), and the whole API call, cold and cached."""
+    params = MergeParams(Strategy.TIES, (1.0,) * len(adapters), DENSITY)
+    plan = get_plan(adapters, cat=False)
+    out = torch.empty(plan.total, dtype=adapters[0].dtype, device="cuda")
+    thresholds = trim_thresholds(adapters, DENSITY)
+    weights = torch.ones(2, len(adapters))
+
+    def kernel(mode, elect):
+        triton_merge.elementwise_merge(
+            out, plan, [a.buffer for a in adapters], weights, per_segment=False,
+            thresholds=thresholds, mode=mode, elect=elect, density=DENSITY, seed=1,
+        )  # fmt: skip
+
+    def thr():
+        clear(adapters)
+        trim_thresholds(adapters, DENSITY)
+
+    def bench(fn):
+        return do_bench(fn, warmup=20, rep=100, return_mode="median")
+
+    result = {
+        "n_adapters": len(adapters),
+        "rank": adapters[0].rank,
+        "thresholds_ms": bench(thr),
+        "ties_kernel_ms": bench(lambda: kernel(reference.MODE_TRIM, reference.ELECT_TOTAL)),
+        "linear_kernel_ms": bench(lambda: kernel(reference.MODE_NONE, reference.ELECT_NONE)),
+        "dare_linear_kernel_ms": bench(lambda: kernel(reference.MODE_DARE, reference.ELECT_NONE)),
+        "dare_ties_kernel_ms": bench(lambda: kernel(reference.MODE_DARE, reference.ELECT_TOTAL)),
+    }
+    trim_thresholds(adapters, DENSITY)
+    result["ties_api_cached_ms"] = bench(lambda: merge_adapters(adapters, params))
+    return result
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--ranks", type=int, nargs="+", default=[16, 64])
+    p.add_argument("--ns", type=int, nargs="+", default=[2, 3, 8])
+    p.add_argument("--strategies", nargs="+", default=[s.value for s in Strategy])
+    p.add_argument("--peft-reps", type=int, default=2, help="timed PEFT runs after one warm-up")
+    p.add_argument("--peft-max-n", type=int, default=8, help="skip PEFT above this many adapters")
+    p.add_argument("--torch-reps", type=int, default=1)
+    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = p.parse_args()
+
+    import peft
+
+    bandwidth = copy_bandwidth()
+    device = torch.cuda.get_device_name()
+    print(f"{device}: device-to-device copy {bandwidth / 1e9:.3f} TB/s", flush=True)
+    rows = []
+    meta = {
+        "device": device,
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "cuda": torch.version.cuda,
+            "triton": triton.__version__,
+            "peft": peft.__version__,
+        },
+        "copy_bandwidth_tb_s": bandwidth / 1e9,
+        "density": DENSITY,
+        "results": rows,
+    }
+    for rank in args.ranks:
+        pool = [mistral_adapter(rank, seed) for seed in range(max(args.ns))]
+        nbytes = pool[0].nbytes
+        meta.setdefault("breakdown", []).append(breakdown(pool[:3]))
+        print("breakdown:", _fmt_dict(meta["breakdown"][-1]), flush=True)
+        for n in args.ns:
+            for name in args.strategies:
+                strategy = Strategy(name)
+                if strategy is Strategy.SLERP and n != 2:
+                    continue
+                t0 = time.perf_counter()
+                row = run_case(pool[:n], strategy, args)
+                row["case_s"] = time.perf_counter() - t0
+                out_bytes = n * nbytes if strategy is Strategy.CAT else nbytes
+                row["floor_ms"] = (n * nbytes + out_bytes) / bandwidth
+                row["adapter_mb"] = nbytes / 1e6
+                rows.append(row)
+                print(_line(row), flush=True)
+                _write(args.out, meta)  # after every case, so a cut-off run keeps its rows
+        del pool
+        torch.cuda.empty_cache()
+
+    print(_table(rows))
+
+
+def _write(out: Path, meta: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    date = meta["date"][:10]
+    stem = f"merge_latency-{meta['device'].replace(' ', '_')}-{date}"
+    (out / f"{stem}.json").write_text(json.dumps(meta, indent=2))
+    (out / f"{stem}.md").write_text(
+        f"# Merge latency, {meta['device']}, {meta['date']}\n\n"
+        f"copy bandwidth {meta['copy_bandwidth_tb_s']:.3f} TB/s; versions {meta['versions']}; "
+        f"density {meta['density']}; times in ms (median)\n\n{_table(meta['results'])}\n"
+        + "".join(f"\nbreakdown: {_fmt_dict(b)}\n" for b in meta.get("breakdown", []))
+    )
+
+
+COLUMNS = ["strategy", "n_adapters", "rank", "floor_ms", "peft_ms", "torch_ms",
+           "hotmerge_cold_ms", "hotmerge_cached_ms", "mismatches"]  # fmt: skip
+
+
+def _fmt(v):
+    if v is None:
+        return "-"
+    return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+def _fmt_dict(d):
+    return "  ".join(f"{k}={_fmt(v)}" for k, v in d.items())
+
+
+def _line(row):
+    return "  ".join(f"{c}={_fmt(row.get(c))}" for c in COLUMNS)
+
+
+def _table(rows):
+    head = "| " + " | ".join(COLUMNS) + " | x PEFT (cached) |"
+    sep = "|" + "---|" * (len(COLUMNS) + 1)
+    lines = [head, sep]
+    for r in rows:
+        speedup = r["peft_ms"] / r["hotmerge_cached_ms"] if r["peft_ms"] else None
+        cells = [_fmt(r.get(c)) for c in COLUMNS] + [f"{speedup:.0f}" if speedup else "-"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,234 @@
+"""Merge several LoRA adapters into one: the merge contract.
+
+``merge_adapters(adapters, params, backend="auto") -> MergeResult`` follows PEFT's
+``LoraModel.add_weighted_adapter`` (``peft.utils.merge_utils``) module by module:
+
+- The output has the union of the adapters' modules. Each module's ``lora_A`` and ``lora_B`` are
+  merged separately, element by element, over the adapters that have that module (an adapter
+  without it is left out, exactly as PEFT does).
+- Weights fold in each adapter's LoRA scaling ``s``: A gets ``sign(w·s)·sqrt(|w·s|)``, B gets
+  ``sqrt(|w·s|)``. The merged adapter has ``scaling == 1.0`` and the common rank.
+- ``linear``: Σ wᵢ·xᵢ. ``magnitude_prune``: trim, then Σ wᵢ·xᵢ.
+- ``ties``: trim; elect a sign per element from the trimmed, unweighted inputs (``total``: sign
+  of Σ xᵢ, ``frequency``: sign of Σ sign(xᵢ); a zero sum elects +); result = Σ wᵢ·xᵢ over the
+  non-zero xᵢ of the elected sign, divided by max(1, how many).
+- ``dare_linear`` / ``dare_ties``: each element is kept with probability ``density`` and
+  rescaled by 1/density (else zeroed), then as linear / ties. ``density >= 1`` keeps all.
+- Trim keeps every element whose |x| is >= the k-th largest |x| of its tensor,
+  k = int(density·numel): k = 0 keeps nothing, density >= 1 keeps all. Without ties at the
+  threshold this is PEFT's top-k; with ties (common in bf16) it keeps them all. Thresholds depend
+  only on (adapter, density) and are cached in ``FlatAdapter.cache``.
+- ``cat``: A' = [wᵢ·sᵢ·Aᵢ] stacked on rows, B' = [Bᵢ] on columns, rank Σ rᵢ (ranks may differ),
+  so ΔW' = Σ wᵢ·sᵢ·Bᵢ·Aᵢ exactly. At a module some adapters lack, the present ones are packed
+  first and the remaining rank is zero, as in PEFT.
+- ``slerp`` (two adapters; not in PEFT): per tensor, with t = w₁/(w₀+w₁) and inputs
+  vᵢ = fᵢ·xᵢ (fᵢ the folded scaling above with wᵢ = 1), the spherical interpolation
+  sin((1−t)θ)/sin θ·v₀ + sin(tθ)/sin θ·v₁, θ the angle between v₀ and v₁; when |cos θ| > 0.9995
+  or either tensor is zero, the linear (1−t)·v₀ + t·v₁.
+- A single adapter is merged as ``linear`` whatever the strategy (PEFT does the same), except
+  ``slerp``, which needs two.
+- Arithmetic is float32 whatever the storage dtype; the result is rounded once to the adapters'
+  dtype. DARE's random stream is Philox4x32-10 keyed by ``params.seed`` with counter
+  (element index in its tensor // 4, tensor index in its adapter, adapter position, 0): see
+  ``reference.dare_uniform``. Same inputs and seed give the same result on every device and
+  backend (up to float32 rounding between the torch and Triton engines).
+
+``ValueError`` for: no adapters, a weight count that differs from the adapter count, different
+ranks (except ``cat``), ``slerp`` without exactly two adapters, different shapes of one module,
+different dtypes or devices, a negative density, an unknown backend.
+
+``backend``: ``"triton"`` runs the Triton kernels (on CUDA, or anywhere under
+``TRITON_INTERPRET=1``), ``"torch"`` the torch reference twins, ``"auto"`` Triton for CUDA
+tensors and torch otherwise. ``MergeResult.merge_ms`` is the wall time of the merge, the device
+synchronised at its end.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from . import reference
+from .layout import FlatAdapter
+from .params import MergeParams, SignMethod, Strategy
+from .plan import MergePlan, get_plan
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+@dataclass
+class MergeResult:
+    adapter: FlatAdapter
+    merge_ms: float
+    backend: str  # "torch" or "triton", the engine that ran
+
+
+def merge_adapters(
+    adapters: Sequence[FlatAdapter], params: MergeParams, *, backend: str = "auto"
+) -> MergeResult:
+    adapters = list(adapters)
+    _validate(adapters, params, backend)
+    device = adapters[0].device
+    if backend == "auto":
+        backend = "triton" if device.type == "cuda" else "torch"
+    engine = _engine(backend)
+
+    start_event = end_event = None
+    if device.type == "cuda":
+        start_event = torch.cuda.Event(enable_timing=True)
+        end_event = torch.cuda.Event(enable_timing=True)
+        start_event.record()
+    t0 = time.perf_counter()
+
+    strategy = params.strategy
+    if len(adapters) == 1 and strategy is not Strategy.SLERP:
+        strategy = Strategy.LINEAR
+    plan = get_plan(adapters, cat=strategy is Strategy.CAT)
+    out = _new_buffer(plan.total, adapters[0].dtype, device)
+    buffers = [a.buffer for a in adapters]
+    if strategy is Strategy.CAT:
+        w1 = [[w, 1.0] for w in params.weights]  # PEFT: A * weight * scaling, in that order
+        w2 = [[a.scaling, 1.0] for a in adapters]
+        engine.cat_merge(out, plan, buffers, _table(w1, device), _table(w2, device))
+    elif strategy is Strategy.SLERP:
+        weights = _slerp_weights(plan, engine.pair_stats(plan, buffers), adapters, params)
+        engine.elementwise_merge(
+            out, plan, buffers, weights, per_segment=True, thresholds=None,
+            mode=reference.MODE_NONE, elect=reference.ELECT_NONE, density=1.0, seed=0,
+        )  # fmt: skip
+    else:
+        folded = [_fold(w, a.scaling) for w, a in zip(params.weights, adapters, strict=True)]
+        mode, elect, thresholds = _mode(strategy, params, adapters, engine)
+        engine.elementwise_merge(
+            out, plan, buffers, _table(folded, device), per_segment=False,
+            thresholds=thresholds, mode=mode, elect=elect, density=params.density,
+            seed=params.seed,
+        )  # fmt: skip
+
+    if end_event is not None:
+        end_event.record()
+        end_event.synchronize()
+        merge_ms = start_event.elapsed_time(end_event)
+    else:
+        merge_ms = (time.perf_counter() - t0) * 1e3
+    return MergeResult(adapter=plan.merged_adapter(out), merge_ms=merge_ms, backend=backend)
+
+
+def trim_thresholds(
+    adapters: Sequence[FlatAdapter], density: float, *, backend: str = "auto"
+) -> list[torch.Tensor]:
+    """Per adapter, float32 [segments]: trim thresholds for ``density``, from the cache or computed
+    (all missing adapters in one launch) and cached."""
+    adapters = list(adapters)
+    key = ("trim_thresholds", float(density))
+    missing = [a for a in adapters if key not in a.cache]
+    if missing:
+        if backend == "auto":
+            backend = "triton" if adapters[0].device.type == "cuda" else "torch"
+        if density >= 1:
+            found = [torch.zeros(len(a.segments), device=a.device) for a in missing]
+        else:
+            found = _engine(backend).segment_thresholds(missing, density)
+        for a, thr in zip(missing, found, strict=True):
+            a.cache[key] = thr
+    return [a.cache[key] for a in adapters]
+
+
+def _mode(strategy: Strategy, params: MergeParams, adapters, engine):
+    elect = {
+        SignMethod.TOTAL: reference.ELECT_TOTAL,
+        SignMethod.FREQUENCY: reference.ELECT_FREQUENCY,
+    }
+    if strategy is Strategy.LINEAR:
+        return reference.MODE_NONE, reference.ELECT_NONE, None
+    if strategy in (Strategy.DARE_LINEAR, Strategy.DARE_TIES):
+        ties = strategy is Strategy.DARE_TIES
+        mode = reference.MODE_DARE if params.density < 1 else reference.MODE_NONE
+        return mode, elect[params.sign_method] if ties else reference.ELECT_NONE, None
+    backend = "triton" if engine.__name__.endswith("triton_merge") else "torch"
+    thresholds = None
+    mode = reference.MODE_NONE
+    if params.density < 1:
+        thresholds = trim_thresholds(adapters, params.density, backend=backend)
+        mode = reference.MODE_TRIM
+    ties = strategy is Strategy.TIES
+    return mode, elect[params.sign_method] if ties else reference.ELECT_NONE, thresholds
+
+
+def _fold(weight: float, scaling: float) -> tuple[float, float]:
+    """(weight of A, weight of B): sqrt(|w·s|), the sign on A, as PEFT does."""
+    ws = weight * scaling
+    root = math.sqrt(abs(ws))
+    return (root if ws >= 0 else -root), root
+
+
+def _table(pairs, device) -> torch.Tensor:
+    """float32 [2, N] from N (A, B) pairs, on the host: the engine moves it with its own tables."""
+    return torch.tensor(pairs, dtype=torch.float32).T.contiguous()
+
+
+def _slerp_weights(plan: MergePlan, stats: torch.Tensor, adapters, params) -> torch.Tensor:
+    """float32 [S, 2]: per output tensor, the slerp coefficients times the folded scalings."""
+    w0, w1 = params.weights
+    t = w1 / (w0 + w1)
+    folds = torch.tensor(
+        [[_fold(1.0, a.scaling)[p] for a in adapters] for p in (0, 1)], dtype=torch.float64
+    ).to(stats.device)
+    f = folds[plan.seg_is_b]  # [S, 2]
+    s = stats.to(torch.float64)
+    dot = s[:, 0] * f[:, 0] * f[:, 1]
+    norms = torch.sqrt(s[:, 1]) * f[:, 0].abs() * torch.sqrt(s[:, 2]) * f[:, 1].abs()
+    cos = torch.where(norms > 0, dot / norms, 1.0).clamp(-1.0, 1.0)
+    theta = torch.arccos(cos)
+    lerp = (norms == 0) | (cos.abs() > 0.9995)
+    sin = torch.where(lerp, 1.0, torch.sin(theta))
+    c0 = torch.where(lerp, 1.0 - t, torch.sin((1.0 - t) * theta) / sin)
+    c1 = torch.where(lerp, t, torch.sin(t * theta) / sin)
+    return (torch.stack([c0, c1], dim=1) * f).to(torch.float32).contiguous()
+
+
+def _new_buffer(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.empty(numel, dtype=dtype, device=device)  # every element is written
+
+
+def _engine(backend: str):
+    if backend == "torch":
+        return reference
+    from . import triton_merge  # imported late: machines without Triton still merge
+
+    return triton_merge
+
+
+def _validate(adapters: list[FlatAdapter], params: MergeParams, backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if not adapters:
+        raise ValueError("adapters: need at least one adapter to merge")
+    if len(params.weights) != len(adapters):
+        raise ValueError(f"weights: got {len(params.weights)} weights for {len(adapters)} adapters")
+    if not all(math.isfinite(w) for w in params.weights):
+        raise ValueError(f"weights must be finite, got {params.weights}")
+    dtypes = {a.dtype for a in adapters}
+    if len(dtypes) != 1:
+        raise ValueError(f"adapters have different dtypes: {sorted(map(str, dtypes))}")
+    devices = {a.device for a in adapters}
+    if len(devices) != 1:
+        raise ValueError(f"adapters are on different devices: {sorted(map(str, devices))}")
+    strategy = params.strategy
+    if strategy is Strategy.SLERP:
+        if len(adapters) != 2:
+            raise ValueError(f"slerp merges exactly 2 adapters, got {len(adapters)}")
+        if params.weights[0] + params.weights[1] == 0:
+            raise ValueError("slerp: weights must not sum to zero (t = w1 / (w0 + w1))")
+    if strategy.needs_equal_ranks and len(adapters) > 1:
+        ranks = [a.rank for a in adapters]
+        if len(set(ranks)) != 1:
+            raise ValueError(
+                f"{strategy.value} needs adapters of one rank, got ranks {ranks} (use cat)"
+            )
+    if strategy.uses_density and not params.density >= 0:
+        raise ValueError(f"density must be >= 0, got {params.density}")

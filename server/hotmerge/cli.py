@@ -1,0 +1,278 @@
+"""The ``hotmerge`` command: ``serve`` runs a server; the other commands are its clients.
+
+    hotmerge serve [--model PATH] [--port 50051] ...
+    hotmerge generate --adapter demo-a "hello" [--max-new-tokens N] [--stream]
+    hotmerge info | adapters | load ID | unload ID        [--target host:port]
+
+``generate`` writes the generated text to stdout and the finish reason and timings to stderr,
+so ``hotmerge generate ... > out.txt`` keeps the text alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import sys
+import unicodedata
+from collections.abc import Sequence
+from pathlib import Path
+
+import grpc
+
+from hotmerge import __version__
+from hotmerge.client import DEFAULT_TARGET, HotmergeClient
+from hotmerge.config import DATA_DIR_ENV, ServerConfig
+from hotmerge.errors import HotmergeError
+from hotmerge.v1 import hotmerge_pb2 as pb
+
+TARGET_ENV = "HOTMERGE_TARGET"
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ServerConfig)}
+
+
+# -- output -----------------------------------------------------------------------------------
+
+
+def printable(text: str) -> str:
+    """Text safe for a terminal: control characters (but newline and tab) become escapes."""
+    out = []
+    for ch in text:
+        if ch in "\n\t" or not unicodedata.category(ch).startswith("C"):
+            out.append(ch)
+        else:
+            out.append(f"\\x{ord(ch):02x}" if ord(ch) < 0x100 else f"\\u{ord(ch):04x}")
+    return "".join(out)
+
+
+def format_timings(finish_reason: int, tokens: int, t: pb.Timings) -> str:
+    reason = pb.FinishReason.Name(finish_reason).lower()
+    return (
+        f"[{tokens} tokens, finish {reason}] queue {t.queue_ms:.1f} ms | "
+        f"adapter load {t.adapter_load_ms:.1f} ms | merge {t.merge_ms:.1f} ms | "
+        f"prefill {t.prefill_ms:.1f} ms | decode {t.decode_ms:.1f} ms | total {t.total_ms:.1f} ms"
+    )
+
+
+def format_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    cells = [list(header)] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells
+    )
+
+
+# -- commands ---------------------------------------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from hotmerge.server import serve
+
+    options = {
+        name: getattr(args, name) for name in _DEFAULTS if getattr(args, name, None) is not None
+    }
+    if args.adapter_budget_mib is not None:
+        options["adapter_budget_bytes"] = int(args.adapter_budget_mib * 2**20)
+    try:
+        config = ServerConfig(**options)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=config.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        serve(config)
+    except (OSError, HotmergeError) as exc:  # port in use, no such model, bad dtype...
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _generation_options(args: argparse.Namespace) -> dict:
+    return dict(
+        adapter_id=args.adapter,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        do_sample=args.do_sample or None,
+        seed=args.seed,
+        repetition_penalty=args.repetition_penalty,
+        stop=args.stop,
+        details=args.details or None,
+    )
+
+
+def cmd_generate(args: argparse.Namespace, client: HotmergeClient) -> int:
+    options = _generation_options(args)
+    if not args.stream:
+        reply = client.generate(args.prompt, **options)
+        print(printable(reply.generated_text))
+        for tok in reply.tokens:
+            print(f"  {tok.id:>6}  {tok.logprob:9.4f}  {tok.text!r}", file=sys.stderr)
+        summary = format_timings(reply.finish_reason, reply.generated_tokens, reply.timings)
+        print(summary, file=sys.stderr)
+        return 0
+    call = client.generate_stream(args.prompt, **options)
+    try:
+        for msg in call:
+            if not msg.done:
+                print(printable(msg.text), end="", flush=True)
+                continue
+            print()
+            summary = format_timings(msg.finish_reason, msg.generated_tokens, msg.timings)
+            print(summary, file=sys.stderr)
+    except KeyboardInterrupt:
+        call.cancel()  # stops the server's work for this request
+        print()
+        return 130
+    return 0
+
+
+def cmd_info(args: argparse.Namespace, client: HotmergeClient) -> int:
+    info = client.info()
+    for field in info.DESCRIPTOR.fields:
+        value = getattr(info, field.name)
+        if not isinstance(value, str | int | float):  # a repeated field
+            value = ", ".join(value) or "-"
+        print(f"{field.name}: {value}")
+    return 0
+
+
+def cmd_adapters(args: argparse.Namespace, client: HotmergeClient) -> int:
+    adapters = client.list_adapters()
+    if not adapters:
+        print("no adapters (none loaded, none under the adapter root; see `hotmerge info`)")
+        return 0
+    rows = [
+        (
+            a.id,
+            a.rank,
+            f"{a.alpha:g}",
+            "yes" if a.use_rslora else "no",
+            "yes" if a.loaded else "no",
+            f"{a.bytes / 2**20:.2f}",
+            a.revision,
+            ",".join(a.target_modules),
+        )
+        for a in adapters
+    ]
+    header = ("id", "rank", "alpha", "rslora", "loaded", "MiB", "revision", "target_modules")
+    print(format_table(header, rows))
+    return 0
+
+
+def cmd_load(args: argparse.Namespace, client: HotmergeClient) -> int:
+    reply = client.load_adapter(args.adapter_id)
+    a = reply.adapter
+    print(f"loaded {a.id}: rank {a.rank}, {a.bytes / 2**20:.2f} MiB, in {reply.load_ms:.1f} ms")
+    return 0
+
+
+def cmd_unload(args: argparse.Namespace, client: HotmergeClient) -> int:
+    if client.unload_adapter(args.adapter_id):
+        print(f"unloaded {args.adapter_id}")
+    else:
+        print(f"{args.adapter_id} was not loaded")
+    return 0
+
+
+# -- parser -----------------------------------------------------------------------------------
+
+
+def _serve_parser(sub) -> None:
+    p = sub.add_parser("serve", help="run the gRPC server")
+    p.set_defaults(run=cmd_serve)
+    d = _DEFAULTS
+    for flag, kind, text in (
+        ("--model", str, "model directory (or hub id with --allow-hub); default: the embedded "
+         "tiny random Llama with demo adapters"),
+        ("--data-dir", Path, f"where the embedded default is built (default: ${DATA_DIR_ENV} "
+         "or ./data)"),
+        ("--adapter-root", Path, "PEFT adapters, one folder per id (default: DATA_DIR/adapters)"),
+        ("--device", str, "cpu, cuda, cuda:1 ... (default: cuda when available)"),
+        ("--dtype", str, "float32, float16, bfloat16 (default: bfloat16 on cuda, else float32)"),
+        ("--host", str, f"address to listen on (default: {d['host']})"),
+        ("--port", int, f"0 for any free port (default: {d['port']})"),
+        ("--max-batch-size", int, f"(default: {d['max_batch_size']})"),
+        ("--max-input-tokens", int, "(default: the model's context length - 1)"),
+        ("--max-total-tokens", int, "prompt + generated (default: the model's context length)"),
+        ("--default-max-new-tokens", int, f"(default: {d['default_max_new_tokens']})"),
+        ("--adapter-budget-mib", float, "device memory for resident adapters "
+         f"(default: {d['adapter_budget_bytes'] // 2**20})"),
+        ("--max-workers", int, f"RPC threads = concurrent requests (default: {d['max_workers']})"),
+        ("--grace-s", float, f"on shutdown, time for in-flight requests (default: {d['grace_s']})"),
+        ("--log-level", str, f"(default: {d['log_level']})"),
+    ):  # fmt: skip
+        p.add_argument(flag, type=kind, help=text)
+    p.add_argument("--allow-hub", action="store_true", default=None, help="download from the hub")
+
+
+def _client_parsers(sub) -> None:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--target",
+        default=os.environ.get(TARGET_ENV, DEFAULT_TARGET),
+        help=f"server address (default: ${TARGET_ENV} or {DEFAULT_TARGET})",
+    )
+    common.add_argument("--timeout", type=float, default=120.0, help="seconds (default: 120)")
+
+    p = sub.add_parser("generate", parents=[common], help="generate text")
+    p.set_defaults(run=cmd_generate)
+    a = p.add_argument
+    a("prompt")
+    a("--adapter", help="adapter id (default: the base model)")
+    a("--max-new-tokens", type=int)
+    a("--temperature", type=float, help="sampling temperature (> 0 and != 1 turns sampling on)")
+    a("--top-p", type=float)
+    a("--top-k", type=int)
+    a("--do-sample", action="store_true")
+    a("--seed", type=int)
+    a("--repetition-penalty", type=float)
+    a("--stop", action="append", help="stop sequence (repeatable)")
+    a("--details", action="store_true", help="also print each token's id and logprob (stderr)")
+    a("--stream", action="store_true", help="print tokens as they come")
+
+    sub.add_parser("info", parents=[common], help="model, limits, version").set_defaults(
+        run=cmd_info
+    )
+    sub.add_parser("adapters", parents=[common], help="list adapters").set_defaults(
+        run=cmd_adapters
+    )
+    p = sub.add_parser("load", parents=[common], help="load an adapter onto the device")
+    p.add_argument("adapter_id")
+    p.set_defaults(run=cmd_load)
+    p = sub.add_parser("unload", parents=[common], help="drop an adapter from the device")
+    p.add_argument("adapter_id")
+    p.set_defaults(run=cmd_unload)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hotmerge", description="Serve LoRA adapters over gRPC, and talk to such a server."
+    )
+    parser.add_argument("--version", action="version", version=f"hotmerge {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _serve_parser(sub)
+    _client_parsers(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        return args.run(args)
+    with HotmergeClient(args.target, timeout=args.timeout) as client:
+        try:
+            return args.run(args, client)
+        except grpc.RpcError as err:
+            print(f"error: {err.code().name}: {err.details()}", file=sys.stderr)
+            if err.code() == grpc.StatusCode.UNAVAILABLE:
+                print(f"(is `hotmerge serve` running at {args.target}?)", file=sys.stderr)
+            return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,206 @@
+"""Python clients of a hotmerge server: ``HotmergeClient`` (blocking) and ``AsyncHotmergeClient``.
+
+Both return the protobuf messages of ``hotmerge.v1`` and raise ``grpc.RpcError`` (``.code()``,
+``.details()``) when the server answers with an error::
+
+    with HotmergeClient("localhost:50051") as client:
+        reply = client.generate("hello", adapter_id="demo-a", max_new_tokens=16)
+        print(reply.generated_text, reply.timings.total_ms)
+        for msg in client.generate_stream("hello", temperature=0.7, seed=1):
+            print(msg.text, end="")
+
+A request with ``merged_adapters`` carries the spec's affinity key as ``x-merge-key`` metadata,
+so a load balancer that hashes on it sends one spec to one replica (and its merge cache).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from typing import Any, TypedDict, Unpack
+
+import grpc
+
+from hotmerge.errors import HotmergeError
+from hotmerge.v1 import hotmerge_pb2 as pb
+from hotmerge.v1 import hotmerge_pb2_grpc as pb_grpc
+
+DEFAULT_TARGET = "localhost:50051"
+MERGE_KEY_HEADER = "x-merge-key"
+
+
+class GenerateOptions(TypedDict, total=False):
+    """Keyword options of generate(); a None value means unset (the server's default)."""
+
+    adapter_id: str | None  # no adapter and no merged_adapters: the base model
+    merged_adapters: pb.MergedAdapters | Mapping[str, Any] | None  # fields of MergedAdapters
+    max_new_tokens: int | None
+    temperature: float | None
+    top_p: float | None
+    top_k: int | None
+    do_sample: bool | None
+    seed: int | None
+    repetition_penalty: float | None
+    stop: Sequence[str] | None
+    details: bool | None
+
+
+_PARAMETER_NAMES = set(GenerateOptions.__annotations__) - {"adapter_id", "merged_adapters"}
+
+
+def generate_request(inputs: str, **options: Unpack[GenerateOptions]) -> pb.GenerateRequest:
+    unknown = set(options) - set(GenerateOptions.__annotations__)
+    if unknown:
+        names = ", ".join(sorted(GenerateOptions.__annotations__))
+        raise TypeError(f"unknown generate option(s) {sorted(unknown)}; known: {names}")
+    adapter_id, merged = options.get("adapter_id"), options.get("merged_adapters")
+    if adapter_id is not None and merged is not None:
+        raise ValueError("give adapter_id or merged_adapters, not both")
+    params = {k: v for k, v in options.items() if k in _PARAMETER_NAMES and v is not None}
+    request = pb.GenerateRequest(inputs=inputs, parameters=pb.GenerationParameters(**params))
+    if adapter_id is not None:
+        request.adapter_id = adapter_id
+    elif merged is not None:
+        if isinstance(merged, Mapping):
+            merged = pb.MergedAdapters(**merged)
+        request.merged_adapters.CopyFrom(merged)
+    return request
+
+
+def request_metadata(request: pb.GenerateRequest) -> tuple[tuple[str, str], ...]:
+    """gRPC metadata for ``request``: the merge spec's affinity key, if it has a spec."""
+    if request.WhichOneof("adapter") != "merged_adapters":
+        return ()
+    from hotmerge.merge_spec import affinity_key  # only requests with a spec need it
+
+    try:
+        return ((MERGE_KEY_HEADER, affinity_key(request.merged_adapters)),)
+    except HotmergeError:  # an invalid spec: the server names the problem
+        return ()
+
+
+class HotmergeClient:
+    """Blocking client. ``timeout`` (seconds) is the default deadline of every call."""
+
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        timeout: float | None = None,
+        channel: grpc.Channel | None = None,
+    ) -> None:
+        self.target = target
+        self.timeout = timeout
+        self._channel = channel or grpc.insecure_channel(target)
+        self._stub = pb_grpc.HotmergeStub(self._channel)
+
+    def _timeout(self, timeout: float | None) -> float | None:
+        return self.timeout if timeout is None else timeout
+
+    def generate(
+        self, inputs: str, *, timeout: float | None = None, **options: Unpack[GenerateOptions]
+    ) -> pb.GenerateResponse:
+        request = generate_request(inputs, **options)
+        return self._stub.Generate(
+            request, timeout=self._timeout(timeout), metadata=request_metadata(request)
+        )
+
+    def generate_stream(
+        self, inputs: str, *, timeout: float | None = None, **options: Unpack[GenerateOptions]
+    ) -> Iterator[pb.GenerateStreamResponse]:
+        """One message per token, then one with ``done``. The returned call has ``cancel()``."""
+        request = generate_request(inputs, **options)
+        return self._stub.GenerateStream(
+            request, timeout=self._timeout(timeout), metadata=request_metadata(request)
+        )
+
+    def info(self, *, timeout: float | None = None) -> pb.InfoResponse:
+        return self._stub.Info(pb.InfoRequest(), timeout=self._timeout(timeout))
+
+    def list_adapters(self, *, timeout: float | None = None) -> list[pb.AdapterInfo]:
+        reply = self._stub.ListAdapters(pb.ListAdaptersRequest(), timeout=self._timeout(timeout))
+        return list(reply.adapters)
+
+    def load_adapter(
+        self, adapter_id: str, *, timeout: float | None = None
+    ) -> pb.LoadAdapterResponse:
+        request = pb.LoadAdapterRequest(adapter_id=adapter_id)
+        return self._stub.LoadAdapter(request, timeout=self._timeout(timeout))
+
+    def unload_adapter(self, adapter_id: str, *, timeout: float | None = None) -> bool:
+        """True if it was loaded."""
+        request = pb.UnloadAdapterRequest(adapter_id=adapter_id)
+        return self._stub.UnloadAdapter(request, timeout=self._timeout(timeout)).unloaded
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> HotmergeClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class AsyncHotmergeClient:
+    """asyncio client (grpc.aio); the same methods as HotmergeClient, to be awaited."""
+
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        timeout: float | None = None,
+        channel: grpc.aio.Channel | None = None,
+    ) -> None:
+        self.target = target
+        self.timeout = timeout
+        self._channel = channel or grpc.aio.insecure_channel(target)
+        self._stub = pb_grpc.HotmergeStub(self._channel)
+
+    def _timeout(self, timeout: float | None) -> float | None:
+        return self.timeout if timeout is None else timeout
+
+    async def generate(
+        self, inputs: str, *, timeout: float | None = None, **options: Unpack[GenerateOptions]
+    ) -> pb.GenerateResponse:
+        request = generate_request(inputs, **options)
+        return await self._stub.Generate(
+            request, timeout=self._timeout(timeout), metadata=request_metadata(request)
+        )
+
+    def generate_stream(
+        self, inputs: str, *, timeout: float | None = None, **options: Unpack[GenerateOptions]
+    ) -> AsyncIterator[pb.GenerateStreamResponse]:
+        """``async for msg in client.generate_stream(...)``; the returned call has ``cancel()``."""
+        request = generate_request(inputs, **options)
+        return self._stub.GenerateStream(
+            request, timeout=self._timeout(timeout), metadata=request_metadata(request)
+        )
+
+    async def info(self, *, timeout: float | None = None) -> pb.InfoResponse:
+        return await self._stub.Info(pb.InfoRequest(), timeout=self._timeout(timeout))
+
+    async def list_adapters(self, *, timeout: float | None = None) -> list[pb.AdapterInfo]:
+        reply = await self._stub.ListAdapters(
+            pb.ListAdaptersRequest(), timeout=self._timeout(timeout)
+        )
+        return list(reply.adapters)
+
+    async def load_adapter(
+        self, adapter_id: str, *, timeout: float | None = None
+    ) -> pb.LoadAdapterResponse:
+        request = pb.LoadAdapterRequest(adapter_id=adapter_id)
+        return await self._stub.LoadAdapter(request, timeout=self._timeout(timeout))
+
+    async def unload_adapter(self, adapter_id: str, *, timeout: float | None = None) -> bool:
+        request = pb.UnloadAdapterRequest(adapter_id=adapter_id)
+        reply = await self._stub.UnloadAdapter(request, timeout=self._timeout(timeout))
+        return reply.unloaded
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> AsyncHotmergeClient:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()

@@ -1,0 +1,70 @@
+"""How one server process is set up: model, adapters, limits, network. Built by the CLI or tests."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_PORT = 50051
+DATA_DIR_ENV = "HOTMERGE_DATA_DIR"
+
+
+def _default_data_dir() -> Path:
+    return Path(os.environ.get(DATA_DIR_ENV, "data"))
+
+
+@dataclass
+class ServerConfig:
+    # None: the embedded default (a tiny random Llama and demo adapters built under data_dir).
+    model: str | None = None
+    data_dir: Path = field(default_factory=_default_data_dir)
+    # Where adapters live, one PEFT folder per adapter id. None: data_dir/adapters.
+    adapter_root: Path | None = None
+    allow_hub: bool = False  # let model and adapter ids fall through to the Hugging Face hub
+    device: str | None = None  # None: cuda when available, else cpu
+    dtype: str | None = None  # None: the model runner's choice for the device
+
+    host: str = "0.0.0.0"
+    port: int = DEFAULT_PORT  # 0: any free port (RunningServer.port says which)
+    # Each in-flight RPC holds one thread (streams for their whole length), so this bounds the
+    # number of concurrent requests; further ones wait in the executor's queue.
+    max_workers: int = 64
+    grace_s: float = 10.0  # on shutdown, how long in-flight requests may finish
+
+    max_batch_size: int = 8
+    max_input_tokens: int | None = None  # None: the engine derives it from the model
+    max_total_tokens: int | None = None
+    default_max_new_tokens: int = 64
+    # Device memory that resident adapters may take; least recently used ones are evicted.
+    adapter_budget_bytes: int = 2 * 1024**3
+    batch_wait_ms: float = 2.0
+
+    log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        self.data_dir = Path(self.data_dir)
+        if self.adapter_root is not None:
+            self.adapter_root = Path(self.adapter_root)
+        if not isinstance(logging.getLevelName(self.log_level.upper()), int):
+            raise ValueError(
+                f"log_level must be DEBUG, INFO, WARNING or ERROR, got {self.log_level!r}"
+            )
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        positive = {
+            "max_workers": self.max_workers,
+            "max_batch_size": self.max_batch_size,
+            "default_max_new_tokens": self.default_max_new_tokens,
+            "adapter_budget_bytes": self.adapter_budget_bytes,
+            "max_input_tokens": self.max_input_tokens,
+            "max_total_tokens": self.max_total_tokens,
+        }
+        for name, value in positive.items():
+            if value is not None and value <= 0:
+                raise ValueError(f"{name} must be positive, got {value}")
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"

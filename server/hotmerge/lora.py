@@ -1,0 +1,118 @@
+"""LoRA on a base nn.Linear, with a different adapter (or none) for each row of the batch.
+
+Every wrapped layer reads the same :class:`AdapterSlots` object, which the model runner fills
+before each forward: one slot per batch row, holding a FlatAdapter or None (the base model).
+Rows that share an adapter are grouped so that each adapter costs two matmuls per layer:
+
+    y = base(x);  y[rows] += scaling · (x[rows] · Aᵀ) · Bᵀ
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from hotmerge_kernels.layout import FlatAdapter
+from torch import nn
+
+
+@dataclass
+class AdapterSlots:
+    """The per-row adapters of the current forward, shared by all LoraLinear layers."""
+
+    groups: list[tuple[FlatAdapter, torch.Tensor | None]] = field(default_factory=list)
+    # (adapter, row indices); indices None when the adapter covers every row of the batch.
+
+    # The last grouping, reused while the batch keeps its rows (every decode step): it holds
+    # the adapters, so their ids cannot be reused by other objects meanwhile.
+    _last: tuple[tuple[int, ...], list] = field(default=((), []), repr=False)
+
+    def set(self, slots: Sequence[FlatAdapter | None], device: torch.device | str) -> None:
+        key = tuple(id(a) for a in slots)
+        if key == self._last[0]:
+            self.groups = self._last[1]
+            return
+        rows_by_adapter: dict[int, tuple[FlatAdapter, list[int]]] = {}
+        for row, adapter in enumerate(slots):
+            if adapter is not None:
+                rows_by_adapter.setdefault(id(adapter), (adapter, []))[1].append(row)
+        self.groups = []
+        for adapter, rows in rows_by_adapter.values():
+            if len(rows) == len(slots):
+                self.groups.append((adapter, None))
+            else:
+                self.groups.append((adapter, torch.tensor(rows, device=device)))
+        self._last = (key, self.groups)
+
+    def clear(self) -> None:
+        self.groups = []
+
+
+class LoraLinear(nn.Module):
+    """A base nn.Linear plus the LoRA delta of each row's adapter slot."""
+
+    def __init__(self, base: nn.Linear, module_path: str, slots: AdapterSlots) -> None:
+        super().__init__()
+        self.base = base
+        self.module_path = module_path  # the key of this layer's tensors in a FlatAdapter
+        self.slots = slots
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        for adapter, rows in self.slots.groups:
+            if adapter.segment(self.module_path, "A") is None:
+                continue  # this adapter does not touch this layer
+            a = adapter.tensor(self.module_path, "A")  # (r, in)
+            b = adapter.tensor(self.module_path, "B")  # (out, r)
+            if a.dtype != x.dtype:  # e.g. a merged adapter kept in float32
+                a, b = a.to(x.dtype), b.to(x.dtype)
+            if rows is None:
+                y = y + adapter.scaling * ((x @ a.T) @ b.T)
+            else:
+                delta = adapter.scaling * ((x[rows] @ a.T) @ b.T)
+                y = y.index_add(0, rows, delta.to(y.dtype))
+        return y
+
+    def extra_repr(self) -> str:
+        return f"module_path={self.module_path!r}"
+
+
+def wrap_linears(
+    model: nn.Module, target_modules: Sequence[str] | None, slots: AdapterSlots
+) -> dict[str, LoraLinear]:
+    """Replace target nn.Linear layers of ``model`` by LoraLinear, in place.
+
+    ``target_modules``: last name components to wrap (``q_proj``, ...); None wraps every
+    nn.Linear except the output embedding (lm_head), which LoRA serving does not target.
+    Returns ``{module_path: LoraLinear}``.
+    """
+    output_embedding = getattr(model, "get_output_embeddings", lambda: None)()
+    targets = set(target_modules) if target_modules is not None else None
+    chosen = []
+    for path, module in model.named_modules():
+        if not isinstance(module, nn.Linear) or module is output_embedding:
+            continue
+        if targets is not None and path.rsplit(".", 1)[-1] not in targets:
+            continue
+        chosen.append((path, module))
+    wrapped = {}
+    for path, linear in chosen:
+        parent_path, _, name = path.rpartition(".")
+        parent = model.get_submodule(parent_path) if parent_path else model
+        layer = LoraLinear(linear, path, slots)
+        setattr(parent, name, layer)
+        wrapped[path] = layer
+    return wrapped

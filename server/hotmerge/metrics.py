@@ -1,0 +1,156 @@
+"""Prometheus metrics of one server, in a registry of its own.
+
+Each ``Metrics`` owns a ``CollectorRegistry``, so tests and several servers in one process do
+not collide on the global one; ``start_http(port)`` serves it at ``/metrics`` on its own port.
+Every name starts with ``hotmerge_``; times are in seconds, sizes in bytes (Prometheus
+conventions). The instruments are public attributes; the methods below cover the common calls.
+
+Wiring the merge cache: ``MergeCache(budget, on_event=metrics.merge_cache_event)`` counts its
+hits, misses, waits and evictions, and ``metrics.merged_adapter_bytes.set_function(lambda:
+cache.used_bytes)`` reads its size at scrape time. The adapter store can do the same with
+``cache_event("adapter", event)`` and ``adapter_bytes``.
+"""
+
+from __future__ import annotations
+
+from wsgiref.simple_server import WSGIServer
+
+import grpc
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    start_http_server,
+)
+
+
+def _log_buckets(lo_exp: int, hi_exp: int) -> tuple[float, ...]:
+    """1, 2.5, 5 per decade from 10**lo_exp to 10**hi_exp (inclusive)."""
+    buckets = [float(f"{m}e{e}") for e in range(lo_exp, hi_exp) for m in (1, 2.5, 5)]
+    return (*buckets, float(f"1e{hi_exp}"))
+
+
+MERGE_BUCKETS = _log_buckets(-5, 1)  # 10 µs .. 10 s
+REQUEST_BUCKETS = _log_buckets(-3, 2)  # 1 ms .. 100 s
+CACHE_EVENTS = ("hit", "miss", "wait", "evict")
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.merge_seconds = Histogram(
+            "hotmerge_merge_seconds",
+            "Time to merge one spec (merge_fn on a cache miss), by strategy",
+            ["strategy"],
+            buckets=MERGE_BUCKETS,
+            registry=r,
+        )
+        self.cache_hits = Counter(
+            "hotmerge_cache_hits",
+            "Lookups that found the entry ready, by cache (merge, adapter)",
+            ["cache"],
+            registry=r,
+        )
+        self.cache_misses = Counter(
+            "hotmerge_cache_misses",
+            "Lookups that had to produce the entry (merges run, adapters loaded), by cache",
+            ["cache"],
+            registry=r,
+        )
+        self.cache_waits = Counter(
+            "hotmerge_cache_waits",
+            "Lookups that waited for another request producing the same entry, by cache",
+            ["cache"],
+            registry=r,
+        )
+        self.cache_evictions = Counter(
+            "hotmerge_cache_evictions",
+            "Entries evicted to make room, by cache",
+            ["cache"],
+            registry=r,
+        )
+        self.adapter_bytes = Gauge(
+            "hotmerge_adapter_bytes", "Device bytes held by loaded adapters", registry=r
+        )
+        self.merged_adapter_bytes = Gauge(
+            "hotmerge_merged_adapter_bytes",
+            "Device bytes held by cached merged adapters",
+            registry=r,
+        )
+        self.adapters_loaded = Gauge(
+            "hotmerge_adapters_loaded", "Adapters resident on the device", registry=r
+        )
+        self.requests = Counter(
+            "hotmerge_requests",
+            "Finished requests, by gRPC method and status code",
+            ["method", "code"],
+            registry=r,
+        )
+        self.request_seconds = Histogram(
+            "hotmerge_request_seconds",
+            "Time from a request's arrival to its last response, by gRPC method",
+            ["method"],
+            buckets=REQUEST_BUCKETS,
+            registry=r,
+        )
+        self.queue_depth = Gauge(
+            "hotmerge_queue_depth", "Requests waiting for a batch slot", registry=r
+        )
+        self.generated_tokens = Counter(
+            "hotmerge_generated_tokens", "Tokens generated, over all requests", registry=r
+        )
+        self._http: WSGIServer | None = None
+
+    # -- observations ----------------------------------------------------------------------
+
+    def observe_merge(self, strategy: str, seconds: float) -> None:
+        self.merge_seconds.labels(strategy=strategy).observe(seconds)
+
+    def cache_event(self, cache: str, event: str) -> None:
+        """Count one cache event: hit, miss, wait or evict (others, e.g. failure, are ignored)."""
+        counter = {
+            "hit": self.cache_hits,
+            "miss": self.cache_misses,
+            "wait": self.cache_waits,
+            "evict": self.cache_evictions,
+        }.get(event)
+        if counter is not None:
+            counter.labels(cache=cache).inc()
+
+    def merge_cache_event(self, event: str) -> None:
+        """``MergeCache``'s ``on_event`` callback."""
+        self.cache_event("merge", event)
+
+    def observe_request(
+        self, method: str, code: grpc.StatusCode | str, seconds: float, tokens: int = 0
+    ) -> None:
+        """One finished request: its method (e.g. ``Generate``), status, duration and tokens."""
+        name = code.name if isinstance(code, grpc.StatusCode) else str(code)
+        self.requests.labels(method=method, code=name).inc()
+        self.request_seconds.labels(method=method).observe(seconds)
+        if tokens:
+            self.generated_tokens.inc(tokens)
+
+    # -- exposition ------------------------------------------------------------------------
+
+    def exposition(self) -> bytes:
+        """The registry in Prometheus text format (what ``/metrics`` serves)."""
+        return generate_latest(self.registry)
+
+    def start_http(self, port: int, addr: str = "0.0.0.0") -> int:
+        """Serve ``/metrics`` on ``addr:port`` in a daemon thread; port 0 picks a free port.
+
+        Returns the port bound.
+        """
+        if self._http is not None:
+            raise RuntimeError("the metrics endpoint is already serving")
+        self._http, _ = start_http_server(port, addr=addr, registry=self.registry)
+        return self._http.server_port
+
+    def stop_http(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None

@@ -1,0 +1,169 @@
+"""Server assembly: the Hotmerge servicer, gRPC health and reflection on one grpc.Server.
+
+The port opens first with health NOT_SERVING (so probes and clients get an answer while a big
+model loads), then the model, adapter store and engine are built, then health turns SERVING.
+``start_server`` returns a RunningServer for tests and embedding; ``serve`` blocks until
+SIGINT/SIGTERM, then drains: health NOT_SERVING, in-flight requests get ``grace_s`` to finish.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from hotmerge.adapters import AdapterStore
+from hotmerge.config import ServerConfig
+from hotmerge.model import ModelRunner
+from hotmerge.scheduler import Engine
+from hotmerge.service import HotmergeService
+from hotmerge.v1 import hotmerge_pb2, hotmerge_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = hotmerge_pb2.DESCRIPTOR.services_by_name["Hotmerge"].full_name
+
+
+@dataclass
+class RunningServer:
+    server: grpc.Server
+    port: int
+    service: HotmergeService
+    health: health.HealthServicer
+    config: ServerConfig
+
+    @property
+    def engine(self) -> Engine | None:
+        return self.service.engine
+
+    @property
+    def target(self) -> str:
+        """Where a client on this machine reaches it."""
+        host = self.config.host
+        if host in ("0.0.0.0", "::", "[::]", ""):
+            host = "127.0.0.1"
+        return f"{host}:{self.port}"
+
+    def set_serving(self, engine: Engine) -> None:
+        self.service.attach(engine)
+        for name in ("", SERVICE_NAME):  # "" is the whole server, as probes ask by default
+            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    def stop(self, grace: float | None = None) -> None:
+        """Refuse new RPCs, give in-flight ones ``grace`` seconds, then stop the engine."""
+        self.health.enter_graceful_shutdown()
+        self.server.stop(grace).wait()
+        if self.engine is not None:
+            self.engine.stop(timeout=10)
+
+    def wait(self) -> None:
+        self.server.wait_for_termination()
+
+    def __enter__(self) -> RunningServer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop(0)
+
+
+def build_engine(config: ServerConfig) -> Engine:
+    """Load the model (the embedded default when config.model is None) and start the engine."""
+    from hotmerge.embedded import ensure_embedded
+
+    model, adapter_root = config.model, config.adapter_root
+    if model is None:
+        model_dir, embedded_adapters = ensure_embedded(config.data_dir)
+        model, adapter_root = str(model_dir), adapter_root or embedded_adapters
+    adapter_root = adapter_root or config.data_dir / "adapters"
+    runner = ModelRunner(
+        model, device=config.device, dtype=config.dtype, allow_hub=config.allow_hub
+    )
+    store = AdapterStore(
+        adapter_root,
+        device=runner.device,
+        dtype=runner.dtype,
+        budget_bytes=config.adapter_budget_bytes,
+        module_shapes=runner.module_shapes(),
+        allow_hub=config.allow_hub,
+    )
+    engine = Engine(
+        runner,
+        store,
+        max_batch_size=config.max_batch_size,
+        max_input_tokens=config.max_input_tokens,
+        max_total_tokens=config.max_total_tokens,
+        batch_wait_ms=config.batch_wait_ms,
+    )
+    engine.start()
+    return engine
+
+
+def open_port(config: ServerConfig) -> RunningServer:
+    """A started grpc.Server with every service registered; health NOT_SERVING, no engine yet."""
+    service = HotmergeService(default_max_new_tokens=config.default_max_new_tokens)
+    health_servicer = health.HealthServicer()
+    for name in ("", SERVICE_NAME):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    server = grpc.server(
+        ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="hotmerge-rpc"),
+        # Without this, Linux lets a second server bind the same port and steal half the calls.
+        options=[("grpc.so_reuseport", 0)],
+    )
+    hotmerge_pb2_grpc.add_HotmergeServicer_to_server(service, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    try:
+        port = server.add_insecure_port(config.address)
+    except RuntimeError as exc:  # grpc raises RuntimeError("Failed to bind ...")
+        raise OSError(f"cannot listen on {config.address}: {exc} (port in use?)") from None
+    if port == 0:
+        raise OSError(f"cannot listen on {config.address} (port in use?)")
+    server.start()
+    return RunningServer(server, port, service, health_servicer, config)
+
+
+def start_server(config: ServerConfig) -> RunningServer:
+    """Open the port, load the model, turn SERVING; return once requests can be served."""
+    running = open_port(config)
+    log.info("listening on %s:%d; loading the model", config.host, running.port)
+    try:
+        running.set_serving(build_engine(config))
+    except BaseException:
+        running.stop(0)
+        raise
+    return running
+
+
+def serve(config: ServerConfig) -> None:
+    """Run the server until SIGINT or SIGTERM, then drain and stop."""
+    running = start_server(config)
+    engine = running.engine
+    runner = engine.runner
+    log.info(
+        "serving %s on %s:%d (%s, %s; max batch %d, max input %d, max total %d tokens); "
+        "adapters from %s",
+        runner.model_id,
+        config.host,
+        running.port,
+        runner.device,
+        str(runner.dtype).removeprefix("torch."),
+        engine.max_batch_size,
+        engine.max_input_tokens,
+        engine.max_total_tokens,
+        engine.store.root,
+    )
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    log.info("shutting down; in-flight requests have %.0f s to finish", config.grace_s)
+    running.stop(config.grace_s)
+    log.info("stopped")

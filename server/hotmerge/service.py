@@ -1,0 +1,318 @@
+"""The gRPC servicer: protobuf messages in, generation types to the engine, protobuf out.
+
+``generation_request`` is the one place a GenerateRequest is checked and turned into a
+GenerationRequest; what needs the tokenizer (prompt length) and the adapter store (unknown or
+incompatible adapters) is checked by ``Engine.submit``, which raises the same error types.
+
+Every RPC runs inside ``_rpc``, which turns a HotmergeError into its status code and message and
+any other exception into INTERNAL with only a request id for the client (the traceback goes to
+the log). A deadline or a client cancel ends the RPC; a callback then cancels the engine's work.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict
+
+import grpc
+import numpy as np
+
+from hotmerge import __version__
+from hotmerge.adapters import AdapterInfo
+from hotmerge.errors import (
+    Cancelled,
+    HotmergeError,
+    InvalidArgument,
+    Unavailable,
+    Unimplemented,
+)
+from hotmerge.generation import (
+    FinishReason,
+    GenerationRequest,
+    GenerationResult,
+    SamplingParams,
+    TokenEvent,
+)
+from hotmerge.scheduler import Engine, validate_params
+from hotmerge.v1 import hotmerge_pb2 as pb
+from hotmerge.v1 import hotmerge_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+REQUEST_ID_HEADER = "x-request-id"
+MAX_STOP_SEQUENCES = 16
+# gRPC reports "no deadline" as a deadline far in the future.
+_NO_DEADLINE_S = 1e7
+
+_FINISH_REASONS = {
+    FinishReason.LENGTH: pb.LENGTH,
+    FinishReason.EOS: pb.EOS,
+    FinishReason.STOP_SEQUENCE: pb.STOP_SEQUENCE,
+}
+
+
+# -- proto -> generation types ------------------------------------------------------------------
+
+
+def _wire_float(x: float) -> float:
+    """A float32 from the wire as the decimal the client wrote (0.9, not 0.8999999761...)."""
+    return float(str(np.float32(x)))
+
+
+def generation_request(
+    msg: pb.GenerateRequest, *, default_max_new_tokens: int
+) -> GenerationRequest:
+    """Check ``msg`` and build the engine's request; raises InvalidArgument or Unimplemented.
+
+    Unset fields take their defaults. As in LoRAX, a sampling knob implies sampling: a
+    temperature other than 0 (unset) and 1, top_p < 1 or top_k > 0 turn do_sample on.
+    """
+    adapter_id = None
+    which = msg.WhichOneof("adapter")
+    if which == "merged_adapters":
+        raise Unimplemented(
+            "merged_adapters: merging adapters per request is not implemented by this server "
+            "yet; name a single adapter with adapter_id"
+        )
+    if which == "adapter_id":
+        if not msg.adapter_id:
+            raise InvalidArgument(
+                "adapter_id is empty: name an adapter, or leave adapter_id unset for the base model"
+            )
+        adapter_id = msg.adapter_id
+    if not msg.inputs:
+        raise InvalidArgument("inputs is empty: give the prompt text")
+
+    p = msg.parameters
+    max_new_tokens = default_max_new_tokens
+    if p.HasField("max_new_tokens"):
+        if p.max_new_tokens == 0:
+            raise InvalidArgument(
+                "parameters.max_new_tokens must be >= 1, got 0 (leave it unset for the server "
+                f"default of {default_max_new_tokens})"
+            )
+        max_new_tokens = p.max_new_tokens
+    temperature = _wire_float(p.temperature) or 1.0  # proto3: 0 is unset
+    top_p = _wire_float(p.top_p) if p.HasField("top_p") else 1.0
+    repetition_penalty = (
+        _wire_float(p.repetition_penalty) if p.HasField("repetition_penalty") else 1.0
+    )
+    if len(p.stop) > MAX_STOP_SEQUENCES:
+        raise InvalidArgument(
+            f"parameters.stop has {len(p.stop)} sequences; give at most {MAX_STOP_SEQUENCES}"
+        )
+    params = SamplingParams(
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=p.top_k,
+        do_sample=p.do_sample or temperature != 1.0 or top_p < 1.0 or p.top_k > 0,
+        seed=p.seed if p.HasField("seed") else None,
+        repetition_penalty=repetition_penalty,
+        stop=tuple(p.stop),
+        details=p.details,
+    )
+    validate_params(params)  # the engine's rules, so the messages are the same everywhere
+    return GenerationRequest(inputs=msg.inputs, params=params, adapter_id=adapter_id)
+
+
+# -- generation types -> proto ------------------------------------------------------------------
+
+
+def token_message(event: TokenEvent) -> pb.Token:
+    return pb.Token(id=event.token_id, text=event.text, logprob=event.logprob)
+
+
+def generate_response(result: GenerationResult, *, details: bool) -> pb.GenerateResponse:
+    return pb.GenerateResponse(
+        generated_text=result.generated_text,
+        finish_reason=_FINISH_REASONS[result.finish_reason],
+        generated_tokens=result.generated_tokens,
+        tokens=[token_message(t) for t in result.tokens] if details else [],
+        timings=pb.Timings(**asdict(result.timings)),
+    )
+
+
+def final_stream_message(result: GenerationResult) -> pb.GenerateStreamResponse:
+    return pb.GenerateStreamResponse(
+        done=True,
+        generated_text=result.generated_text,
+        finish_reason=_FINISH_REASONS[result.finish_reason],
+        generated_tokens=result.generated_tokens,
+        timings=pb.Timings(**asdict(result.timings)),
+    )
+
+
+def adapter_message(info: AdapterInfo) -> pb.AdapterInfo:
+    return pb.AdapterInfo(
+        id=info.id,
+        rank=info.rank,
+        alpha=info.alpha,
+        use_rslora=info.use_rslora,
+        target_modules=list(info.target_modules),
+        bytes=info.nbytes,
+        loaded=info.loaded,
+        revision=info.revision,
+    )
+
+
+# -- the servicer -------------------------------------------------------------------------------
+
+
+def _request_id(context: grpc.ServicerContext) -> str:
+    """The caller's x-request-id (e.g. from a load balancer), else a fresh one."""
+    for key, value in context.invocation_metadata() or ():
+        if key == REQUEST_ID_HEADER and value:
+            return str(value)[:64]
+    return secrets.token_hex(6)
+
+
+def _deadline(context: grpc.ServicerContext) -> float | None:
+    """The RPC's deadline on the time.monotonic() clock the engine uses; None if it has none."""
+    remaining = context.time_remaining()
+    if remaining is None or remaining > _NO_DEADLINE_S:
+        return None
+    return time.monotonic() + remaining
+
+
+def _deadline_passed(context: grpc.ServicerContext) -> bool:
+    # A little slack: the engine's clock (monotonic) and gRPC's (wall) may disagree slightly.
+    remaining = context.time_remaining()
+    return remaining is not None and remaining < 0.05
+
+
+@contextmanager
+def _rpc(context: grpc.ServicerContext, method: str, request_id: str) -> Iterator[None]:
+    """Turn what the block raises into the RPC's status; never send a traceback."""
+    context.set_trailing_metadata(((REQUEST_ID_HEADER, request_id),))
+    try:
+        yield
+        return
+    except Cancelled as err:
+        if _deadline_passed(context):
+            code, message = grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded; stopped"
+        else:
+            code, message = grpc.StatusCode.CANCELLED, str(err)
+        log.info("request %s %s: %s", request_id, method, code.name)
+    except HotmergeError as err:
+        code, message = err.code, str(err)
+        if code == grpc.StatusCode.INTERNAL:  # a failure inside the engine: details stay here
+            log.error("request %s %s failed: %s", request_id, method, err, exc_info=err)
+            message = f"internal error (request id {request_id}); the server log has details"
+        else:
+            log.info("request %s %s: %s: %s", request_id, method, code.name, message)
+    except Exception:
+        log.exception("request %s %s failed", request_id, method)
+        code = grpc.StatusCode.INTERNAL
+        message = f"internal error (request id {request_id}); the server log has details"
+    context.abort(code, message)
+
+
+def _log_done(request_id: str, method: str, request: GenerationRequest, result: GenerationResult):
+    t = result.timings
+    log.info(
+        "request %s %s adapter=%s tokens=%d finish=%s queue=%.1fms load=%.1fms prefill=%.1fms "
+        "decode=%.1fms total=%.1fms",
+        request_id,
+        method,
+        request.adapter_id or "-",
+        result.generated_tokens,
+        result.finish_reason.value,
+        t.queue_ms,
+        t.adapter_load_ms,
+        t.prefill_ms,
+        t.decode_ms,
+        t.total_ms,
+    )
+
+
+class HotmergeService(pb_grpc.HotmergeServicer):
+    """Serves one engine. Until ``attach`` (the model is loading) every RPC is UNAVAILABLE."""
+
+    def __init__(self, *, default_max_new_tokens: int = 64) -> None:
+        self.default_max_new_tokens = default_max_new_tokens
+        self.engine: Engine | None = None
+
+    def attach(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def _engine(self) -> Engine:
+        if self.engine is None:
+            raise Unavailable("the model is still loading; retry when health reports SERVING")
+        return self.engine
+
+    def _submit(self, msg: pb.GenerateRequest, context: grpc.ServicerContext):
+        request = generation_request(msg, default_max_new_tokens=self.default_max_new_tokens)
+        handle = self._engine().submit(request, deadline=_deadline(context))
+        # Runs when the RPC ends for any reason: on a cancel or deadline it stops the work.
+        if not context.add_callback(handle.cancel):
+            handle.cancel()  # the RPC had already ended
+        return request, handle
+
+    def Generate(self, request, context):
+        request_id = _request_id(context)
+        with _rpc(context, "Generate", request_id):
+            gen_request, handle = self._submit(request, context)
+            result = handle.wait()
+            _log_done(request_id, "Generate", gen_request, result)
+            return generate_response(result, details=gen_request.params.details)
+
+    def GenerateStream(self, request, context):
+        request_id = _request_id(context)
+        with _rpc(context, "GenerateStream", request_id):
+            gen_request, handle = self._submit(request, context)
+            for event in handle:
+                yield pb.GenerateStreamResponse(token=token_message(event), text=event.text)
+            _log_done(request_id, "GenerateStream", gen_request, handle.result)
+            yield final_stream_message(handle.result)
+
+    def Merge(self, request, context):
+        with _rpc(context, "Merge", _request_id(context)):
+            raise Unimplemented("Merge: merging adapters is not implemented by this server yet")
+
+    def Info(self, request, context):
+        with _rpc(context, "Info", _request_id(context)):
+            engine = self._engine()
+            runner, store = engine.runner, engine.store
+            hub = "hub ids allowed" if store.allow_hub else "local only"
+            return pb.InfoResponse(
+                model_id=runner.model_id,
+                dtype=str(runner.dtype).removeprefix("torch."),
+                device=str(runner.device),
+                max_input_tokens=engine.max_input_tokens,
+                max_total_tokens=engine.max_total_tokens,
+                max_batch_size=engine.max_batch_size,
+                default_max_new_tokens=self.default_max_new_tokens,
+                # Merging is not served yet: no strategies, no adapters per merge.
+                max_merge_adapters=0,
+                merge_strategies=[],
+                version=__version__,
+                adapter_source=f"{store.root} ({hub})",
+            )
+
+    def ListAdapters(self, request, context):
+        with _rpc(context, "ListAdapters", _request_id(context)):
+            adapters = self._engine().store.list()
+            return pb.ListAdaptersResponse(adapters=[adapter_message(a) for a in adapters])
+
+    def LoadAdapter(self, request, context):
+        request_id = _request_id(context)
+        with _rpc(context, "LoadAdapter", request_id):
+            if not request.adapter_id:
+                raise InvalidArgument("adapter_id is empty: name the adapter to load")
+            info, load_ms = self._engine().store.load(request.adapter_id)
+            log.info("request %s LoadAdapter %s: %.1f ms", request_id, info.id, load_ms)
+            return pb.LoadAdapterResponse(adapter=adapter_message(info), load_ms=load_ms)
+
+    def UnloadAdapter(self, request, context):
+        request_id = _request_id(context)
+        with _rpc(context, "UnloadAdapter", request_id):
+            if not request.adapter_id:
+                raise InvalidArgument("adapter_id is empty: name the adapter to unload")
+            unloaded = self._engine().store.unload(request.adapter_id)
+            log.info("request %s UnloadAdapter %s: %s", request_id, request.adapter_id, unloaded)
+            return pb.UnloadAdapterResponse(unloaded=unloaded)

@@ -1,0 +1,134 @@
+"""Test builders: a tiny Llama with the byte-level tokenizer, and real PEFT adapters for it.
+
+Nothing is downloaded: the model comes from a config with a fixed seed, the adapters from
+peft itself with ``init_lora_weights=False`` (so lora_B is random and non-zero).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from hotmerge.embedded import save_tiny_llama
+
+TINY_CONFIG = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+)
+ALL_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def tiny_llama(tmp_path: Path, *, seed: int = 0, name: str = "tiny-llama", **overrides) -> Path:
+    """Save a tiny random LlamaForCausalLM + tokenizer under ``tmp_path/name``; return its dir."""
+    model_dir = Path(tmp_path) / name
+    if not (model_dir / "config.json").exists():
+        save_tiny_llama(model_dir, seed=seed, **{**TINY_CONFIG, **overrides})
+    return model_dir
+
+
+def make_peft_adapter(
+    model_dir: Path,
+    out_dir: Path,
+    *,
+    r: int = 4,
+    alpha: float = 8,
+    target_modules: Sequence[str] = ("q_proj", "v_proj"),
+    seed: int = 0,
+    use_rslora: bool = False,
+    scale: float = 1.0,
+) -> Path:
+    """Write a real PEFT LoRA adapter for ``model_dir`` into ``out_dir``; return ``out_dir``.
+
+    ``scale`` multiplies PEFT's random init of A and B, for adapters that change more.
+    """
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    config = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        target_modules=list(target_modules),
+        use_rslora=use_rslora,
+        init_lora_weights=False,
+        task_type="CAUSAL_LM",
+    )
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(base, config)
+    if scale != 1.0:
+        with torch.no_grad():
+            for name, p in peft_model.named_parameters():
+                if "lora_" in name:
+                    p.mul_(scale)
+    out_dir = Path(out_dir)
+    peft_model.save_pretrained(out_dir)
+    return out_dir
+
+
+def make_engine(
+    model_dir: Path,
+    adapter_root: Path,
+    *,
+    budget_bytes: int = 1 << 30,
+    device: str = "cpu",
+    dtype: str = "float32",
+    **kwargs,
+):
+    """A started Engine over ``model_dir`` with adapters under ``adapter_root``;
+    ``kwargs`` go to Engine. Stop it with ``engine.stop()``."""
+    from hotmerge.adapters import AdapterStore
+    from hotmerge.model import ModelRunner
+    from hotmerge.scheduler import Engine
+
+    runner = ModelRunner(str(model_dir), device=device, dtype=dtype)
+    store = AdapterStore(
+        adapter_root,
+        device=runner.device,
+        dtype=runner.dtype,
+        budget_bytes=budget_bytes,
+        module_shapes=runner.module_shapes(),
+    )
+    engine = Engine(runner, store, **kwargs)
+    engine.start()
+    return engine
+
+
+def peft_greedy(
+    model_dir: Path,
+    adapter_dir: Path | None,
+    prompt: str,
+    max_new_tokens: int,
+    *,
+    device: str = "cpu",
+) -> tuple[list[int], list[float]]:
+    """Greedy tokens and their logprobs (raw logits) from transformers/PEFT generate (fp32)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    if adapter_dir is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter_dir)
+    model = model.to(device).eval()
+    inputs = tokenizer(prompt, return_tensors="pt").to(device)
+    with torch.no_grad():
+        out = model.generate(
+            **inputs,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    tokens = out.sequences[0, inputs["input_ids"].shape[1] :].tolist()
+    logprobs = [
+        float(torch.log_softmax(step[0].float(), -1)[t])
+        for step, t in zip(out.logits, tokens, strict=True)
+    ]
+    return tokens, logprobs

@@ -1,0 +1,285 @@
+"""The engine: stopping rules, sampling, cancellation, deadlines, failure isolation, text."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+import pytest
+from hotmerge.embedded import byte_level_tokenizer
+from hotmerge.errors import Cancelled, HotmergeError, InvalidArgument, NotFound, Unavailable
+from hotmerge.generation import FinishReason, GenerationRequest, SamplingParams
+from hotmerge.scheduler import TextStream
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tests.helpers import make_engine, make_peft_adapter, tiny_llama
+
+PROMPT = "Once upon a time"
+_BYTE_TOKENIZER = byte_level_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("sched")
+    model_dir = tiny_llama(tmp)
+    make_peft_adapter(model_dir, tmp / "adapters" / "qv", r=4, alpha=8, seed=1, scale=2.0)
+    engine = make_engine(model_dir, tmp / "adapters", batch_wait_ms=100, max_batch_size=4)
+    yield engine
+    engine.stop()
+
+
+def submit(engine, prompt=PROMPT, adapter_id=None, deadline=None, **params):
+    params.setdefault("max_new_tokens", 16)
+    request = GenerationRequest(prompt, SamplingParams(**params), adapter_id)
+    return engine.submit(request, deadline=deadline)
+
+
+def run(engine, prompt=PROMPT, adapter_id=None, **params):
+    return submit(engine, prompt, adapter_id, **params).wait()
+
+
+def ids(result):
+    return [t.token_id for t in result.tokens]
+
+
+def test_max_new_tokens(engine):
+    result = run(engine, max_new_tokens=5)
+    assert result.finish_reason is FinishReason.LENGTH
+    assert result.generated_tokens == len(result.tokens) == 5
+    assert "".join(t.text for t in result.tokens) == result.generated_text
+
+
+def test_max_total_tokens_caps_generation(engine, monkeypatch):
+    prompt_len = len(engine.runner.tokenizer(PROMPT)["input_ids"])
+    monkeypatch.setattr(engine, "max_total_tokens", prompt_len + 3)
+    result = run(engine, max_new_tokens=50)
+    assert result.finish_reason is FinishReason.LENGTH and result.generated_tokens == 3
+
+
+def test_eos_stops(engine, monkeypatch):
+    full = ids(run(engine, max_new_tokens=10))
+    eos = full[3]
+    monkeypatch.setattr(engine.runner, "eos_token_ids", frozenset({eos}))
+    result = run(engine, max_new_tokens=10)
+    assert result.finish_reason is FinishReason.EOS
+    assert ids(result) == full[: full.index(eos) + 1]
+    assert result.tokens[-1].text == ""
+
+
+def test_stop_sequence_spanning_tokens_is_cut(engine):
+    full = run(engine, max_new_tokens=24)
+    text = full.generated_text
+    stop = text[5:8]  # three byte-tokens: the match spans tokens
+    assert len(stop) == 3
+    result = run(engine, max_new_tokens=24, stop=("never-there", stop))
+    assert result.finish_reason is FinishReason.STOP_SEQUENCE
+    assert result.generated_text == text[: text.index(stop)]
+    assert "".join(t.text for t in result.tokens) == result.generated_text
+    assert result.generated_tokens <= 8
+
+
+def test_text_stream_multibyte_and_held_back_stop():
+    tok = byte_level_tokenizer()
+    prompt = tok("x")["input_ids"]
+    stream = TextStream(tok, prompt, stop=("ab!",))
+    pieces = [stream.push(t) for t in tok("é", add_special_tokens=False)["input_ids"]]
+    assert pieces == [("", False), ("é", False)]  # one character from two byte tokens
+    assert [stream.push(t) for t in tok("ab", add_special_tokens=False)["input_ids"]] == [
+        ("", False),
+        ("", False),
+    ]  # may start the stop sequence: held back
+    assert stream.push(tok("c", add_special_tokens=False)["input_ids"][0]) == ("abc", False)
+    out = [stream.push(t) for t in tok("ab!z", add_special_tokens=False)["input_ids"][:3]]
+    assert out[-1] == ("", True) and stream.text == "éabc"
+
+
+def test_seeded_sampling_is_reproducible(engine):
+    params = dict(do_sample=True, temperature=1.5, top_k=50, top_p=0.95, max_new_tokens=20)
+    a = run(engine, seed=7, **params)
+    b = run(engine, seed=7, **params)
+    c = run(engine, seed=8, **params)
+    assert ids(a) == ids(b) and ids(a) != ids(c)
+    assert all(t.logprob <= 0 for t in a.tokens)
+    # The seed's stream is the row's own: batching with other rows does not change it.
+    handles = [submit(engine, seed=7, **params), submit(engine, seed=9, **params)]
+    assert ids(handles[0].wait()) == ids(a)
+    handles[1].wait()
+
+
+def test_top_k_one_is_greedy(engine):
+    greedy = run(engine, max_new_tokens=10)
+    sampled = run(engine, max_new_tokens=10, do_sample=True, top_k=1, seed=3)
+    assert ids(sampled) == ids(greedy)
+    assert all(t.logprob == pytest.approx(0.0, abs=1e-6) for t in sampled.tokens)
+    assert ids(run(engine, max_new_tokens=10, do_sample=True, temperature=0)) == ids(greedy)
+
+
+def test_repetition_penalty_changes_greedy(engine):
+    plain = ids(run(engine, max_new_tokens=20))
+    penalised = ids(run(engine, max_new_tokens=20, repetition_penalty=5.0))
+    assert plain != penalised
+    assert len(set(penalised)) >= len(set(plain))
+
+
+def test_cancel_stops_the_row(engine):
+    handle = submit(engine, max_new_tokens=200, adapter_id="qv")
+    tokens = iter(handle)
+    next(tokens)
+    handle.cancel()
+    with pytest.raises(Cancelled):
+        for _ in tokens:
+            pass
+    time.sleep(0.1)
+    assert engine.store._entries["qv"].pins == 0  # its adapter pin was released
+    assert run(engine, max_new_tokens=3).generated_tokens == 3  # the worker goes on
+
+
+def test_deadline_cancels(engine):
+    with pytest.raises(Cancelled, match="deadline"):
+        submit(engine, deadline=time.monotonic() - 1).wait()
+    handle = submit(engine, max_new_tokens=100, deadline=time.monotonic() + 0.3)
+    slow_forward = engine.runner.forward
+
+    def forward(*args, **kwargs):
+        time.sleep(0.05)
+        return slow_forward(*args, **kwargs)
+
+    engine.runner.forward = forward
+    try:
+        with pytest.raises(Cancelled):
+            handle.wait()
+    finally:
+        del engine.runner.forward
+    assert run(engine, max_new_tokens=2).generated_tokens == 2
+
+
+def test_one_failing_request_does_not_fail_the_others(engine, monkeypatch):
+    real = engine._pick_one
+
+    def pick_one(row, logits):
+        if row.params.seed == 666:
+            raise RuntimeError("boom")
+        return real(row, logits)
+
+    monkeypatch.setattr(engine, "_pick_one", pick_one)
+    bad = submit(engine, do_sample=True, seed=666)
+    good = submit(engine, do_sample=True, seed=1)
+    with pytest.raises(HotmergeError, match="boom") as err:
+        bad.wait()
+    assert err.value.code == grpc.StatusCode.INTERNAL
+    assert good.wait().generated_tokens == 16
+    assert engine.stats.requests_failed >= 1
+
+
+def test_failing_forward_fails_its_batch_and_the_worker_goes_on(engine, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("device on fire")
+
+    monkeypatch.setattr(engine.runner, "forward", broken)
+    with pytest.raises(HotmergeError, match="device on fire") as err:
+        run(engine)
+    assert err.value.code == grpc.StatusCode.INTERNAL
+    monkeypatch.undo()
+    assert run(engine, max_new_tokens=4).generated_tokens == 4
+
+
+def test_submit_validates(engine):
+    with pytest.raises(InvalidArgument, match="max_input_tokens=255"):
+        submit(engine, prompt="x" * 400)
+    with pytest.raises(InvalidArgument, match="max_new_tokens"):
+        submit(engine, max_new_tokens=0)
+    with pytest.raises(InvalidArgument, match="top_p"):
+        submit(engine, top_p=0.0)
+    with pytest.raises(InvalidArgument, match="temperature"):
+        submit(engine, temperature=-1.0)
+    with pytest.raises(InvalidArgument, match="stop"):
+        submit(engine, stop=("",))
+    with pytest.raises(NotFound):
+        submit(engine, adapter_id="missing")
+    assert engine.max_total_tokens == 256 and engine.max_batch_size == 4
+
+
+def test_stop_fails_queued_requests(tmp_path):
+    model_dir = tiny_llama(tmp_path)
+    engine = make_engine(model_dir, tmp_path / "none")
+    handle = submit(engine, max_new_tokens=200)
+    engine.stop(timeout=10)
+    with pytest.raises((Unavailable, Cancelled)):
+        for _ in handle:
+            pass
+    with pytest.raises(Unavailable):
+        submit(engine)
+
+
+def test_wait_after_iterating_returns_the_result(engine):
+    handle = submit(engine, max_new_tokens=4)
+    events = list(handle)
+    assert handle.wait() is handle.result and len(events) == 4
+    assert list(handle) == []
+
+
+def test_a_given_adapter_overrides_the_id(engine):
+    """The hook for merged adapters: hand the engine a FlatAdapter directly."""
+    by_id = run(engine, adapter_id="qv")
+    weights = engine.store.get("qv")[0].weights
+    request = GenerationRequest(PROMPT, SamplingParams(max_new_tokens=16))
+    given = engine.submit(request, adapter=weights).wait()
+    assert ids(given) == ids(by_id) != ids(run(engine))
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    text=st.text(alphabet="ab é✓", max_size=30),
+    stops=st.lists(st.text(alphabet="ab é✓", min_size=1, max_size=3), max_size=3),
+)
+def test_text_stream_emits_exactly_the_text_up_to_the_first_stop(text, stops):
+    tok = _BYTE_TOKENIZER
+    stream = TextStream(tok, tok("x")["input_ids"], stops)
+    emitted, stopped = "", False
+    for token in tok(text, add_special_tokens=False)["input_ids"]:
+        piece, stopped = stream.push(token)
+        emitted += piece
+        if stopped:
+            break
+    if not stopped:
+        emitted += stream.flush()
+    # Generation stops as soon as some stop sequence is complete, cut where it begins.
+    want = text
+    for end in range(1, len(text) + 1):
+        hits = [i for s in stops if (i := text[:end].find(s)) >= 0]
+        if hits:
+            want = text[: min(hits)]
+            break
+    assert stopped == (want != text or any(s in text for s in stops))
+    assert emitted == stream.text == want
+
+
+def test_cancelled_queued_request_leaves_while_the_batch_is_full(engine):
+    running = [submit(engine, max_new_tokens=150) for _ in range(engine.max_batch_size)]
+    next(iter(running[0]))  # the batch is full and decoding
+    queued = submit(engine, adapter_id="qv", max_new_tokens=5)
+    queued.cancel()
+    deadline = time.monotonic() + 5
+    while engine.store._entries["qv"].pins and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert engine.store._entries["qv"].pins == 0
+    assert engine.queue_depth == 0
+    with pytest.raises(Cancelled):
+        queued.wait()
+    for handle in running:
+        handle.cancel()
+
+
+def test_engine_limits_are_checked(engine):
+    from hotmerge.scheduler import Engine
+
+    runner, store = engine.runner, engine.store
+    with pytest.raises(InvalidArgument, match="max_position_embeddings"):
+        Engine(runner, store, max_total_tokens=1000)
+    with pytest.raises(InvalidArgument, match="max_input_tokens"):
+        Engine(runner, store, max_input_tokens=100, max_total_tokens=100)
+    with pytest.raises(InvalidArgument, match="max_batch_size"):
+        Engine(runner, store, max_batch_size=0)
+    small = Engine(runner, store, max_total_tokens=64)
+    assert (small.max_input_tokens, small.max_total_tokens) == (63, 64)
