@@ -201,6 +201,11 @@ class AdapterStore:
                 log.debug("skipping %s in the adapter list: %s", adapter_id, exc)
         return sorted(infos.values(), key=lambda i: (not i.loaded, i.id))
 
+    @property
+    def loaded_count(self) -> int:
+        with self._lock:
+            return len(self._entries)
+
     def is_loaded(self, adapter_id: str) -> bool:
         with self._lock:
             return adapter_id in self._entries

@@ -39,7 +39,13 @@ class ServerConfig:
     default_max_new_tokens: int = 64
     # Device memory that resident adapters may take; least recently used ones are evicted.
     adapter_budget_bytes: int = 2 * 1024**3
+    # Device memory for cached merged adapters (a merged adapter is the size of one input; a
+    # merge needs its inputs resident in the store too, so the store gets the larger part).
+    merge_budget_bytes: int = 1024**3
+    max_merge_adapters: int = 16  # adapters in one merge spec
     batch_wait_ms: float = 2.0
+    # Prometheus /metrics over HTTP on its own port; None: off.
+    metrics_port: int | None = None
 
     log_level: str = "INFO"
 
@@ -51,13 +57,17 @@ class ServerConfig:
             raise ValueError(
                 f"log_level must be DEBUG, INFO, WARNING or ERROR, got {self.log_level!r}"
             )
-        if not 0 <= self.port <= 65535:
-            raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        for name in ("port", "metrics_port"):
+            port = getattr(self, name)
+            if port is not None and not 0 <= port <= 65535:
+                raise ValueError(f"{name} must be in [0, 65535], got {port}")
         positive = {
             "max_workers": self.max_workers,
             "max_batch_size": self.max_batch_size,
             "default_max_new_tokens": self.default_max_new_tokens,
             "adapter_budget_bytes": self.adapter_budget_bytes,
+            "merge_budget_bytes": self.merge_budget_bytes,
+            "max_merge_adapters": self.max_merge_adapters,
             "max_input_tokens": self.max_input_tokens,
             "max_total_tokens": self.max_total_tokens,
         }

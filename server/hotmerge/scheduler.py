@@ -54,13 +54,19 @@ def _ms(start: float, end: float) -> float:
 # -- request side -----------------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(eq=False)
 class AdapterLease:
-    """The adapter a request runs with, held until the request ends."""
+    """The adapter a request runs with, held (pinned) until the request ends."""
 
     weights: FlatAdapter | None
     load_ms: float = 0.0
-    release: Callable[[], None] = lambda: None
+    on_release: Callable[[], None] | None = None  # unpins it; called once
+    merge_ms: float = 0.0  # spent merging it (a merged adapter on a cache miss)
+
+    def release(self) -> None:
+        on_release, self.on_release = self.on_release, None
+        if on_release is not None:
+            on_release()
 
 
 class GenerationHandle:
@@ -344,11 +350,27 @@ class Engine:
         request: GenerationRequest,
         *,
         deadline: float | None = None,
-        adapter: FlatAdapter | None = None,
+        adapter: AdapterLease | FlatAdapter | None = None,
     ) -> GenerationHandle:
         """Validate, resolve and pin the adapter, queue. ``adapter`` overrides adapter_id
-        (e.g. a merged adapter the caller holds)."""
+        (e.g. a merged adapter the caller holds; a lease is released when the request ends,
+        also when submit raises)."""
         submitted = time.perf_counter()
+        if isinstance(adapter, AdapterLease):
+            try:
+                return self._submit(request, deadline, adapter, submitted)
+            except BaseException:
+                adapter.release()
+                raise
+        return self._submit(request, deadline, adapter, submitted)
+
+    def _submit(
+        self,
+        request: GenerationRequest,
+        deadline: float | None,
+        adapter: AdapterLease | FlatAdapter | None,
+        submitted: float,
+    ) -> GenerationHandle:
         if not self.running:
             raise Unavailable("the engine is not running")
         validate_params(request.params)
@@ -379,6 +401,7 @@ class Engine:
             queued=time.perf_counter(),
         )
         row.timings.adapter_load_ms = lease.load_ms
+        row.timings.merge_ms = lease.merge_ms
         with self._cv:
             if self._stopping:
                 lease.release()
@@ -388,9 +411,11 @@ class Engine:
         return handle
 
     def _resolve_adapter(
-        self, request: GenerationRequest, adapter: FlatAdapter | None
+        self, request: GenerationRequest, adapter: AdapterLease | FlatAdapter | None
     ) -> AdapterLease:
         """The one place a request's adapter is found: extend here for new kinds of adapter."""
+        if isinstance(adapter, AdapterLease):
+            return adapter
         if adapter is not None:
             return AdapterLease(adapter)
         if request.adapter_id is None or request.adapter_id == "":

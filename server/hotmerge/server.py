@@ -20,6 +20,9 @@ from grpc_reflection.v1alpha import reflection
 
 from hotmerge.adapters import AdapterStore
 from hotmerge.config import ServerConfig
+from hotmerge.merge_cache import MergeCache
+from hotmerge.merging import Merger
+from hotmerge.metrics import Metrics
 from hotmerge.model import ModelRunner
 from hotmerge.scheduler import Engine
 from hotmerge.service import HotmergeService
@@ -37,6 +40,8 @@ class RunningServer:
     service: HotmergeService
     health: health.HealthServicer
     config: ServerConfig
+    metrics: Metrics
+    metrics_port: int | None = None  # where /metrics is served, when config.metrics_port is set
 
     @property
     def engine(self) -> Engine | None:
@@ -51,7 +56,8 @@ class RunningServer:
         return f"{host}:{self.port}"
 
     def set_serving(self, engine: Engine) -> None:
-        self.service.attach(engine)
+        self.service.attach(engine, build_merger(engine, self.config, self.metrics))
+        watch_engine(self.metrics, engine)
         for name in ("", SERVICE_NAME):  # "" is the whole server, as probes ask by default
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
@@ -61,6 +67,7 @@ class RunningServer:
         self.server.stop(grace).wait()
         if self.engine is not None:
             self.engine.stop(timeout=10)
+        self.metrics.stop_http()
 
     def wait(self) -> None:
         self.server.wait_for_termination()
@@ -104,9 +111,28 @@ def build_engine(config: ServerConfig) -> Engine:
     return engine
 
 
+def build_merger(engine: Engine, config: ServerConfig, metrics: Metrics) -> Merger:
+    cache = MergeCache(config.merge_budget_bytes, on_event=metrics.merge_cache_event)
+    metrics.merged_adapter_bytes.set_function(lambda: cache.used_bytes)
+    dtype = str(engine.runner.dtype).removeprefix("torch.")
+    return Merger(engine.store, cache, dtype=dtype, metrics=metrics)
+
+
+def watch_engine(metrics: Metrics, engine: Engine) -> None:
+    """Gauges read at scrape time from the engine and its adapter store."""
+    metrics.queue_depth.set_function(lambda: engine.queue_depth)
+    metrics.adapter_bytes.set_function(lambda: engine.store.used_bytes)
+    metrics.adapters_loaded.set_function(lambda: engine.store.loaded_count)
+
+
 def open_port(config: ServerConfig) -> RunningServer:
     """A started grpc.Server with every service registered; health NOT_SERVING, no engine yet."""
-    service = HotmergeService(default_max_new_tokens=config.default_max_new_tokens)
+    metrics = Metrics()
+    service = HotmergeService(
+        default_max_new_tokens=config.default_max_new_tokens,
+        max_merge_adapters=config.max_merge_adapters,
+        metrics=metrics,
+    )
     health_servicer = health.HealthServicer()
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -127,7 +153,11 @@ def open_port(config: ServerConfig) -> RunningServer:
     if port == 0:
         raise OSError(f"cannot listen on {config.address} (port in use?)")
     server.start()
-    return RunningServer(server, port, service, health_servicer, config)
+    running = RunningServer(server, port, service, health_servicer, config, metrics)
+    if config.metrics_port is not None:
+        running.metrics_port = metrics.start_http(config.metrics_port)
+        log.info("metrics on http://%s:%d/metrics", config.host, running.metrics_port)
+    return running
 
 
 def start_server(config: ServerConfig) -> RunningServer:

@@ -20,6 +20,7 @@ from dataclasses import asdict
 
 import grpc
 import numpy as np
+from hotmerge_kernels.params import Strategy
 
 from hotmerge import __version__
 from hotmerge.adapters import AdapterInfo
@@ -28,7 +29,6 @@ from hotmerge.errors import (
     HotmergeError,
     InvalidArgument,
     Unavailable,
-    Unimplemented,
 )
 from hotmerge.generation import (
     FinishReason,
@@ -37,6 +37,9 @@ from hotmerge.generation import (
     SamplingParams,
     TokenEvent,
 )
+from hotmerge.merge_spec import parse_merge_spec
+from hotmerge.merging import MergeOutcome, Merger
+from hotmerge.metrics import Metrics
 from hotmerge.scheduler import Engine, validate_params
 from hotmerge.v1 import hotmerge_pb2 as pb
 from hotmerge.v1 import hotmerge_pb2_grpc as pb_grpc
@@ -44,6 +47,10 @@ from hotmerge.v1 import hotmerge_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 
 REQUEST_ID_HEADER = "x-request-id"
+# Response metadata of a merge-spec request: the affinity key (the same a client sends as
+# x-merge-key request metadata for a balancer to hash on) and the merge cache's key.
+MERGE_KEY_HEADER = "x-merge-key"
+MERGE_CACHE_KEY_HEADER = "x-merge-cache-key"
 MAX_STOP_SEQUENCES = 16
 # gRPC reports "no deadline" as a deadline far in the future.
 _NO_DEADLINE_S = 1e7
@@ -66,19 +73,14 @@ def _wire_float(x: float) -> float:
 def generation_request(
     msg: pb.GenerateRequest, *, default_max_new_tokens: int
 ) -> GenerationRequest:
-    """Check ``msg`` and build the engine's request; raises InvalidArgument or Unimplemented.
+    """Check ``msg`` and build the engine's request; raises InvalidArgument.
 
     Unset fields take their defaults. As in LoRAX, a sampling knob implies sampling: a
     temperature other than 0 (unset) and 1, top_p < 1 or top_k > 0 turn do_sample on.
+    A merge spec (``merged_adapters``) is not part of the result: the service resolves it.
     """
     adapter_id = None
-    which = msg.WhichOneof("adapter")
-    if which == "merged_adapters":
-        raise Unimplemented(
-            "merged_adapters: merging adapters per request is not implemented by this server "
-            "yet; name a single adapter with adapter_id"
-        )
-    if which == "adapter_id":
+    if msg.WhichOneof("adapter") == "adapter_id":
         if not msg.adapter_id:
             raise InvalidArgument(
                 "adapter_id is empty: name an adapter, or leave adapter_id unset for the base model"
@@ -127,23 +129,39 @@ def token_message(event: TokenEvent) -> pb.Token:
     return pb.Token(id=event.token_id, text=event.text, logprob=event.logprob)
 
 
-def generate_response(result: GenerationResult, *, details: bool) -> pb.GenerateResponse:
+def merge_info(outcome: MergeOutcome | None) -> pb.MergeInfo | None:
+    if outcome is None:
+        return None
+    return pb.MergeInfo(
+        merge_key=outcome.merge_key,
+        cache_hit=outcome.cache_hit,
+        affinity_key=outcome.affinity_key,
+    )
+
+
+def generate_response(
+    result: GenerationResult, *, details: bool, merge: MergeOutcome | None
+) -> pb.GenerateResponse:
     return pb.GenerateResponse(
         generated_text=result.generated_text,
         finish_reason=_FINISH_REASONS[result.finish_reason],
         generated_tokens=result.generated_tokens,
         tokens=[token_message(t) for t in result.tokens] if details else [],
         timings=pb.Timings(**asdict(result.timings)),
+        merge=merge_info(merge),
     )
 
 
-def final_stream_message(result: GenerationResult) -> pb.GenerateStreamResponse:
+def final_stream_message(
+    result: GenerationResult, *, merge: MergeOutcome | None
+) -> pb.GenerateStreamResponse:
     return pb.GenerateStreamResponse(
         done=True,
         generated_text=result.generated_text,
         finish_reason=_FINISH_REASONS[result.finish_reason],
         generated_tokens=result.generated_tokens,
         timings=pb.Timings(**asdict(result.timings)),
+        merge=merge_info(merge),
     )
 
 
@@ -186,11 +204,15 @@ def _deadline_passed(context: grpc.ServicerContext) -> bool:
 
 
 @contextmanager
-def _rpc(context: grpc.ServicerContext, method: str, request_id: str) -> Iterator[None]:
-    """Turn what the block raises into the RPC's status; never send a traceback."""
+def _rpc(
+    context: grpc.ServicerContext, method: str, request_id: str, metrics: Metrics
+) -> Iterator[None]:
+    """Turn what the block raises into the RPC's status (never a traceback); count it."""
     context.set_trailing_metadata(((REQUEST_ID_HEADER, request_id),))
+    started = time.perf_counter()
     try:
         yield
+        metrics.observe_request(method, grpc.StatusCode.OK, time.perf_counter() - started)
         return
     except Cancelled as err:
         if _deadline_passed(context):
@@ -209,21 +231,33 @@ def _rpc(context: grpc.ServicerContext, method: str, request_id: str) -> Iterato
         log.exception("request %s %s failed", request_id, method)
         code = grpc.StatusCode.INTERNAL
         message = f"internal error (request id {request_id}); the server log has details"
+    metrics.observe_request(method, code, time.perf_counter() - started)
     context.abort(code, message)
 
 
-def _log_done(request_id: str, method: str, request: GenerationRequest, result: GenerationResult):
+def _log_done(
+    request_id: str,
+    method: str,
+    request: GenerationRequest,
+    result: GenerationResult,
+    merge: MergeOutcome | None,
+) -> None:
     t = result.timings
+    if merge is not None:
+        adapter = f"{merge.merge_key}({'hit' if merge.cache_hit else 'miss'})"
+    else:
+        adapter = request.adapter_id or "-"
     log.info(
-        "request %s %s adapter=%s tokens=%d finish=%s queue=%.1fms load=%.1fms prefill=%.1fms "
-        "decode=%.1fms total=%.1fms",
+        "request %s %s adapter=%s tokens=%d finish=%s queue=%.1fms load=%.1fms merge=%.2fms "
+        "prefill=%.1fms decode=%.1fms total=%.1fms",
         request_id,
         method,
-        request.adapter_id or "-",
+        adapter,
         result.generated_tokens,
         result.finish_reason.value,
         t.queue_ms,
         t.adapter_load_ms,
+        t.merge_ms,
         t.prefill_ms,
         t.decode_ms,
         t.total_ms,
@@ -233,49 +267,101 @@ def _log_done(request_id: str, method: str, request: GenerationRequest, result: 
 class HotmergeService(pb_grpc.HotmergeServicer):
     """Serves one engine. Until ``attach`` (the model is loading) every RPC is UNAVAILABLE."""
 
-    def __init__(self, *, default_max_new_tokens: int = 64) -> None:
+    def __init__(
+        self,
+        *,
+        default_max_new_tokens: int = 64,
+        max_merge_adapters: int = 16,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.default_max_new_tokens = default_max_new_tokens
+        self.max_merge_adapters = max_merge_adapters
+        self.metrics = metrics or Metrics()
         self.engine: Engine | None = None
+        self.merger: Merger | None = None
 
-    def attach(self, engine: Engine) -> None:
+    def attach(self, engine: Engine, merger: Merger) -> None:
+        self.merger = merger
         self.engine = engine
 
     def _engine(self) -> Engine:
-        if self.engine is None:
+        if self.engine is None or self.merger is None:
             raise Unavailable("the model is still loading; retry when health reports SERVING")
         return self.engine
 
+    def _rpc(self, context: grpc.ServicerContext, method: str, request_id: str):
+        return _rpc(context, method, request_id, self.metrics)
+
+    def _merge(self, msg: pb.MergedAdapters, context: grpc.ServicerContext):
+        """Resolve a merge spec to a pinned merged adapter; send its keys as metadata."""
+        self._engine()
+        spec = parse_merge_spec(msg, max_adapters=self.max_merge_adapters)
+        lease, outcome = self.merger.acquire(spec)
+        context.send_initial_metadata(
+            ((MERGE_KEY_HEADER, outcome.affinity_key), (MERGE_CACHE_KEY_HEADER, outcome.merge_key))
+        )
+        return lease, outcome
+
     def _submit(self, msg: pb.GenerateRequest, context: grpc.ServicerContext):
         request = generation_request(msg, default_max_new_tokens=self.default_max_new_tokens)
-        handle = self._engine().submit(request, deadline=_deadline(context))
+        engine = self._engine()
+        lease = outcome = None
+        if msg.WhichOneof("adapter") == "merged_adapters":
+            lease, outcome = self._merge(msg.merged_adapters, context)
+        handle = engine.submit(request, deadline=_deadline(context), adapter=lease)
         # Runs when the RPC ends for any reason: on a cancel or deadline it stops the work.
         if not context.add_callback(handle.cancel):
             handle.cancel()  # the RPC had already ended
-        return request, handle
+        return request, handle, outcome
+
+    def _done(self, request_id, method, request, result, outcome) -> None:
+        self.metrics.generated_tokens.inc(result.generated_tokens)
+        _log_done(request_id, method, request, result, outcome)
 
     def Generate(self, request, context):
         request_id = _request_id(context)
-        with _rpc(context, "Generate", request_id):
-            gen_request, handle = self._submit(request, context)
+        with self._rpc(context, "Generate", request_id):
+            gen_request, handle, outcome = self._submit(request, context)
             result = handle.wait()
-            _log_done(request_id, "Generate", gen_request, result)
-            return generate_response(result, details=gen_request.params.details)
+            self._done(request_id, "Generate", gen_request, result, outcome)
+            return generate_response(result, details=gen_request.params.details, merge=outcome)
 
     def GenerateStream(self, request, context):
         request_id = _request_id(context)
-        with _rpc(context, "GenerateStream", request_id):
-            gen_request, handle = self._submit(request, context)
+        with self._rpc(context, "GenerateStream", request_id):
+            gen_request, handle, outcome = self._submit(request, context)
             for event in handle:
                 yield pb.GenerateStreamResponse(token=token_message(event), text=event.text)
-            _log_done(request_id, "GenerateStream", gen_request, handle.result)
-            yield final_stream_message(handle.result)
+            self._done(request_id, "GenerateStream", gen_request, handle.result, outcome)
+            yield final_stream_message(handle.result, merge=outcome)
 
     def Merge(self, request, context):
-        with _rpc(context, "Merge", _request_id(context)):
-            raise Unimplemented("Merge: merging adapters is not implemented by this server yet")
+        request_id = _request_id(context)
+        with self._rpc(context, "Merge", request_id):
+            if not request.HasField("merged_adapters"):
+                raise InvalidArgument("merged_adapters is unset: give the merge spec to warm")
+            lease, outcome = self._merge(request.merged_adapters, context)
+            lease.release()
+            log.info(
+                "request %s Merge %s: hit=%s merge=%.2fms load=%.1fms",
+                request_id,
+                outcome.merge_key,
+                outcome.cache_hit,
+                outcome.merge_ms,
+                outcome.adapter_load_ms,
+            )
+            return pb.MergeResponse(
+                merge_key=outcome.merge_key,
+                affinity_key=outcome.affinity_key,
+                rank=outcome.rank,
+                bytes=outcome.nbytes,
+                cache_hit=outcome.cache_hit,
+                merge_ms=outcome.merge_ms,
+                adapter_load_ms=outcome.adapter_load_ms,
+            )
 
     def Info(self, request, context):
-        with _rpc(context, "Info", _request_id(context)):
+        with self._rpc(context, "Info", _request_id(context)):
             engine = self._engine()
             runner, store = engine.runner, engine.store
             hub = "hub ids allowed" if store.allow_hub else "local only"
@@ -287,21 +373,20 @@ class HotmergeService(pb_grpc.HotmergeServicer):
                 max_total_tokens=engine.max_total_tokens,
                 max_batch_size=engine.max_batch_size,
                 default_max_new_tokens=self.default_max_new_tokens,
-                # Merging is not served yet: no strategies, no adapters per merge.
-                max_merge_adapters=0,
-                merge_strategies=[],
+                max_merge_adapters=self.max_merge_adapters,
+                merge_strategies=[s.value for s in Strategy],
                 version=__version__,
                 adapter_source=f"{store.root} ({hub})",
             )
 
     def ListAdapters(self, request, context):
-        with _rpc(context, "ListAdapters", _request_id(context)):
+        with self._rpc(context, "ListAdapters", _request_id(context)):
             adapters = self._engine().store.list()
             return pb.ListAdaptersResponse(adapters=[adapter_message(a) for a in adapters])
 
     def LoadAdapter(self, request, context):
         request_id = _request_id(context)
-        with _rpc(context, "LoadAdapter", request_id):
+        with self._rpc(context, "LoadAdapter", request_id):
             if not request.adapter_id:
                 raise InvalidArgument("adapter_id is empty: name the adapter to load")
             info, load_ms = self._engine().store.load(request.adapter_id)
@@ -310,7 +395,7 @@ class HotmergeService(pb_grpc.HotmergeServicer):
 
     def UnloadAdapter(self, request, context):
         request_id = _request_id(context)
-        with _rpc(context, "UnloadAdapter", request_id):
+        with self._rpc(context, "UnloadAdapter", request_id):
             if not request.adapter_id:
                 raise InvalidArgument("adapter_id is empty: name the adapter to unload")
             unloaded = self._engine().store.unload(request.adapter_id)

@@ -17,7 +17,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 from hotmerge import __version__
 from hotmerge.client import AsyncHotmergeClient, HotmergeClient, generate_request, request_metadata
 from hotmerge.config import ServerConfig
-from hotmerge.errors import InvalidArgument, Unimplemented
+from hotmerge.errors import InvalidArgument
 from hotmerge.merge_spec import affinity_key
 from hotmerge.server import SERVICE_NAME, open_port, start_server
 from hotmerge.service import generation_request
@@ -218,7 +218,29 @@ ERROR_CASES = [
     (dict(adapter_id=""), Code.INVALID_ARGUMENT, "adapter_id"),
     (dict(adapter_id="../ad-a"), Code.INVALID_ARGUMENT, "'../ad-a'"),
     (dict(adapter_id="wrong-base"), Code.INVALID_ARGUMENT, "wrong base model"),
-    (dict(merged_adapters={"ids": ["ad-a", "ad-b"]}), Code.UNIMPLEMENTED, "merged_adapters"),
+    (dict(merged_adapters={"ids": ["ad-a", "ad-a"]}), Code.INVALID_ARGUMENT, "listed twice"),
+    (dict(merged_adapters={"ids": []}), Code.INVALID_ARGUMENT, "merged_adapters.ids"),
+    (dict(merged_adapters={"ids": ["ad-a", "nope"]}), Code.NOT_FOUND, "'nope'"),
+    (
+        dict(merged_adapters={"ids": ["ad-a", "ad-b"], "weights": [1.0]}),
+        Code.INVALID_ARGUMENT,
+        "merged_adapters.weights",
+    ),
+    (
+        dict(merged_adapters={"ids": ["ad-a", "ad-b"], "merge_strategy": "TIES", "density": 1.5}),
+        Code.INVALID_ARGUMENT,
+        "merged_adapters.density",
+    ),
+    (
+        dict(merged_adapters={"ids": ["ad-a", "ad-b", "ad-c"], "merge_strategy": "SLERP"}),
+        Code.INVALID_ARGUMENT,
+        "exactly 2",
+    ),
+    (
+        dict(merged_adapters={"ids": ["ad-a", "wrong-base"]}),
+        Code.INVALID_ARGUMENT,
+        "wrong base model",
+    ),
 ]
 
 
@@ -236,13 +258,13 @@ def test_errors_name_the_field_and_the_server_keeps_serving(client, kwargs, code
     assert client.generate(PROMPT, adapter_id="ad-a", max_new_tokens=2).generated_tokens == 2
 
 
-def test_merge_rpc_is_unimplemented(server):
+def test_merge_rpc_without_a_spec_is_invalid(server):
     with grpc.insecure_channel(server.target) as channel:
         stub = pb_grpc.HotmergeStub(channel)
-        request = pb.MergeRequest(merged_adapters=pb.MergedAdapters(ids=["ad-a", "ad-b"]))
         with pytest.raises(grpc.RpcError) as info:
-            stub.Merge(request, timeout=10)
-    assert info.value.code() == Code.UNIMPLEMENTED and "Merge" in info.value.details()
+            stub.Merge(pb.MergeRequest(), timeout=10)
+    assert info.value.code() == Code.INVALID_ARGUMENT
+    assert "merged_adapters" in info.value.details()
 
 
 def test_unexpected_failure_is_internal_without_details(server, client, monkeypatch):
@@ -354,7 +376,8 @@ def test_info(setup, client):
     assert (info.max_batch_size, info.default_max_new_tokens) == (4, 16)
     assert info.version == __version__
     assert str(root) in info.adapter_source
-    assert list(info.merge_strategies) == [] and info.max_merge_adapters == 0
+    assert {"linear", "ties", "dare_ties", "cat"} <= set(info.merge_strategies)
+    assert info.max_merge_adapters == 16
 
 
 def test_load_list_unload(client):
@@ -445,11 +468,12 @@ def test_generation_request_errors_without_a_server():
             pb.GenerateRequest(inputs="hi", parameters=pb.GenerationParameters(top_p=2)),
             default_max_new_tokens=7,
         )
-    with pytest.raises(Unimplemented):
-        generation_request(
-            pb.GenerateRequest(inputs="hi", merged_adapters=pb.MergedAdapters(ids=["a"])),
-            default_max_new_tokens=7,
-        )
+    # A merge spec is resolved by the service, not here: the request carries no adapter id.
+    request = generation_request(
+        pb.GenerateRequest(inputs="hi", merged_adapters=pb.MergedAdapters(ids=["a"])),
+        default_max_new_tokens=7,
+    )
+    assert request.adapter_id is None and request.params.max_new_tokens == 7
 
 
 def test_client_request_building():
