@@ -66,16 +66,27 @@ def generate_request(inputs: str, **options: Unpack[GenerateOptions]) -> pb.Gene
     return request
 
 
+def merge_request(merged_adapters: pb.MergedAdapters | Mapping[str, Any]) -> pb.MergeRequest:
+    if isinstance(merged_adapters, Mapping):
+        merged_adapters = pb.MergedAdapters(**merged_adapters)
+    return pb.MergeRequest(merged_adapters=merged_adapters)
+
+
+def spec_metadata(spec: pb.MergedAdapters) -> tuple[tuple[str, str], ...]:
+    """gRPC metadata for a merge spec: its affinity key, for a balancer to hash on."""
+    from hotmerge.merge_spec import affinity_key  # only requests with a spec need it
+
+    try:
+        return ((MERGE_KEY_HEADER, affinity_key(spec)),)
+    except HotmergeError:  # an invalid spec: the server names the problem
+        return ()
+
+
 def request_metadata(request: pb.GenerateRequest) -> tuple[tuple[str, str], ...]:
     """gRPC metadata for ``request``: the merge spec's affinity key, if it has a spec."""
     if request.WhichOneof("adapter") != "merged_adapters":
         return ()
-    from hotmerge.merge_spec import affinity_key  # only requests with a spec need it
-
-    try:
-        return ((MERGE_KEY_HEADER, affinity_key(request.merged_adapters)),)
-    except HotmergeError:  # an invalid spec: the server names the problem
-        return ()
+    return spec_metadata(request.merged_adapters)
 
 
 class HotmergeClient:
@@ -111,6 +122,18 @@ class HotmergeClient:
         request = generate_request(inputs, **options)
         return self._stub.GenerateStream(
             request, timeout=self._timeout(timeout), metadata=request_metadata(request)
+        )
+
+    def merge(
+        self,
+        merged_adapters: pb.MergedAdapters | Mapping[str, Any],
+        *,
+        timeout: float | None = None,
+    ) -> pb.MergeResponse:
+        """Merge a spec without generating (warms the server's merge cache)."""
+        request = merge_request(merged_adapters)
+        return self._stub.Merge(
+            request, timeout=self._timeout(timeout), metadata=spec_metadata(request.merged_adapters)
         )
 
     def info(self, *, timeout: float | None = None) -> pb.InfoResponse:
@@ -174,6 +197,17 @@ class AsyncHotmergeClient:
         request = generate_request(inputs, **options)
         return self._stub.GenerateStream(
             request, timeout=self._timeout(timeout), metadata=request_metadata(request)
+        )
+
+    async def merge(
+        self,
+        merged_adapters: pb.MergedAdapters | Mapping[str, Any],
+        *,
+        timeout: float | None = None,
+    ) -> pb.MergeResponse:
+        request = merge_request(merged_adapters)
+        return await self._stub.Merge(
+            request, timeout=self._timeout(timeout), metadata=spec_metadata(request.merged_adapters)
         )
 
     async def info(self, *, timeout: float | None = None) -> pb.InfoResponse:

@@ -15,9 +15,11 @@ waiter, and the next lookup of that key merges again.
 Entries are evicted least recently used first, by bytes (``FlatAdapter.nbytes``). An entry in
 use is pinned and never evicted: ``use(key, merge_fn)`` (or ``acquire``/``release``) looks up or
 merges and pins in one step, so a running request keeps its merged adapter. When the new entry
-does not fit even after evicting every unpinned one, nothing is evicted and the lookup raises
-``ResourceExhausted``. The budget counts cached entries only: while ``merge_fn`` runs, its output
-is on the device before it is counted.
+does not fit even after evicting every unpinned one, nothing is evicted and the merge waits (up
+to ``wait_for_room_s``) for a running request to unpin one: under a small budget requests queue
+rather than fail. It raises ``ResourceExhausted`` when that wait runs out, or at once when the
+entry is larger than the whole budget. The budget counts cached entries only: while
+``merge_fn`` runs (and while its result waits for room), its output is on the device uncounted.
 
 Sharing the device with the adapter store: each takes its own byte budget from the memory left
 for LoRA after the model and the KV cache. A merge of k adapters needs its k inputs resident in
@@ -87,12 +89,22 @@ class MergeCacheStats:
 class MergeCache:
     """Merged adapters by cache key, LRU by bytes, single flight, pinning by reference count."""
 
-    def __init__(self, budget_bytes: int, *, on_event: Callable[[str], None] | None = None):
+    def __init__(
+        self,
+        budget_bytes: int,
+        *,
+        on_event: Callable[[str], None] | None = None,
+        wait_for_room_s: float = 30.0,
+    ):
         if budget_bytes < 0:
             raise ValueError(f"budget_bytes must be >= 0, got {budget_bytes}")
         self.budget_bytes = budget_bytes
+        # When every cached entry is pinned, a new merge waits this long for a running request
+        # to release one (backpressure) before failing with ResourceExhausted.
+        self.wait_for_room_s = wait_for_room_s
         self._on_event = on_event
         self._lock = threading.Lock()
+        self._room = threading.Condition(self._lock)  # notified when an entry is unpinned
         self._entries: OrderedDict[str, MergeEntry] = OrderedDict()  # least recent first
         self._flights: dict[str, _Flight] = {}
         self._bytes = 0
@@ -124,6 +136,8 @@ class MergeCache:
             if entry.refs <= 0:
                 raise RuntimeError(f"merged adapter {entry.key} released more often than acquired")
             entry.refs -= 1
+            if entry.refs == 0:
+                self._room.notify_all()
 
     @contextmanager
     def use(
@@ -206,9 +220,18 @@ class MergeCache:
         try:
             adapter = merge_fn()
             merge_ms = _ms_since(start)
-            with self._lock:
+            give_up = time.monotonic() + self.wait_for_room_s
+            with self._room:
+                while (inserted := self._insert(key, adapter, merge_ms, flight.pins)) is None:
+                    if not self._room.wait(timeout=give_up - time.monotonic()):
+                        raise ResourceExhausted(
+                            f"merged adapter {key} needs {adapter.nbytes} bytes but the merge "
+                            f"cache's {self.budget_bytes} bytes stayed full of merged adapters "
+                            f"in use for {self.wait_for_room_s:.0f} s; retry later, or raise "
+                            "the merge cache budget"
+                        )
                 del self._flights[key]
-                entry, evicted = self._insert(key, adapter, merge_ms, refs=flight.pins)
+                entry, evicted = inserted
         except BaseException as exc:
             with self._lock:
                 if self._flights.get(key) is flight:  # not yet removed, nor replaced by a retry
@@ -223,8 +246,11 @@ class MergeCache:
 
     def _insert(
         self, key: str, adapter: FlatAdapter, merge_ms: float, refs: int
-    ) -> tuple[MergeEntry, list[str]]:
-        """Add an entry, evicting LRU unpinned ones to make room (lock held)."""
+    ) -> tuple[MergeEntry, list[str]] | None:
+        """Add an entry, evicting LRU unpinned ones to make room (lock held).
+
+        None: it would fit only once a running request unpins an entry.
+        """
         nbytes = adapter.nbytes
         if nbytes > self.budget_bytes:
             raise ResourceExhausted(
@@ -234,11 +260,7 @@ class MergeCache:
         unpinned = [(k, e.nbytes) for k, e in self._entries.items() if e.refs == 0]
         freeable = sum(n for _, n in unpinned)
         if self._bytes - freeable + nbytes > self.budget_bytes:
-            raise ResourceExhausted(
-                f"merged adapter {key} needs {nbytes} bytes but the merge cache holds "
-                f"{self._bytes - freeable} of its {self.budget_bytes} bytes in merged adapters "
-                "in use by running requests; retry later"
-            )
+            return None
         evicted = []
         for k, _ in unpinned:  # least recently used first
             if self._bytes + nbytes <= self.budget_bytes:

@@ -144,11 +144,11 @@ def test_pinned_entry_is_not_evicted():
     assert "pinned" not in cache and cache.stats().pinned == 0
 
 
-def test_resource_exhausted_when_everything_is_pinned():
-    cache = MergeCache(2 * SIZE)
+def test_resource_exhausted_when_everything_stays_pinned():
+    cache = MergeCache(2 * SIZE, wait_for_room_s=0.05)
     a = cache.acquire("a", adapter)
     b = cache.acquire("b", adapter)
-    with pytest.raises(ResourceExhausted, match="in use by running requests"):
+    with pytest.raises(ResourceExhausted, match="stayed full of merged adapters in use"):
         cache.get_or_merge("c", adapter)
     assert "c" not in cache and cache.used_bytes == 2 * SIZE
     assert cache.stats().failures == 1
@@ -158,8 +158,21 @@ def test_resource_exhausted_when_everything_is_pinned():
     cache.release(b.entry)
 
 
+def test_a_merge_waits_for_a_pinned_entry_to_be_released():
+    cache = MergeCache(2 * SIZE, wait_for_room_s=30)
+    a = cache.acquire("a", adapter)
+    b = cache.acquire("b", adapter)
+    releaser = threading.Timer(0.2, cache.release, args=(a.entry,))
+    releaser.start()
+    result = cache.get_or_merge("c", adapter)  # blocks until "a" is unpinned, then evicts it
+    releaser.join()
+    assert not result.hit and "c" in cache and "a" not in cache
+    assert cache.stats().evictions == 1 and cache.stats().failures == 0
+    cache.release(b.entry)
+
+
 def test_nothing_is_evicted_when_the_new_entry_cannot_fit_anyway():
-    cache = MergeCache(3 * SIZE)
+    cache = MergeCache(3 * SIZE, wait_for_room_s=0.05)
     pinned = cache.acquire("pinned", adapter)
     cache.get_or_merge("x", adapter)
     with pytest.raises(ResourceExhausted):
@@ -195,7 +208,7 @@ def test_clear_keeps_pinned():
 
 def test_many_threads_many_keys_keep_the_budget():
     budget = 4 * SIZE
-    cache = MergeCache(budget)
+    cache = MergeCache(budget, wait_for_room_s=0.05)
     merges = {}
     lock = threading.Lock()
 
