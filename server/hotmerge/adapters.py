@@ -16,7 +16,7 @@ import re
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -200,6 +200,14 @@ class AdapterStore:
             except (InvalidArgument, NotFound, OSError, ValueError) as exc:
                 log.debug("skipping %s in the adapter list: %s", adapter_id, exc)
         return sorted(infos.values(), key=lambda i: (not i.loaded, i.id))
+
+    def resident_revisions(self, adapter_ids: Sequence[str]) -> tuple[str, ...] | None:
+        """The revisions of these adapters if all are resident now (no load, no pin), else None."""
+        with self._lock:
+            entries = [self._entries.get(i) for i in adapter_ids]
+        if any(e is None for e in entries):
+            return None
+        return tuple(e.adapter.info.revision for e in entries)
 
     @property
     def loaded_count(self) -> int:

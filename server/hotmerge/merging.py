@@ -12,6 +12,7 @@ served as that adapter: no merge, nothing cached.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -60,6 +61,9 @@ class Merger:
 
     def acquire(self, spec: MergeSpec) -> tuple[AdapterLease, MergeOutcome]:
         """The merged adapter of ``spec``, pinned until the lease is released."""
+        hit = self._cached(spec)
+        if hit is not None:
+            return hit
         inputs: list[LoadedAdapter] = []
         load_ms = 0.0
         try:
@@ -67,13 +71,13 @@ class Merger:
                 loaded, ms = self.store.acquire(adapter_id)
                 inputs.append(loaded)
                 load_ms += ms
-            key = merge_key(spec, [a.info.revision for a in inputs], self.dtype)
+            key, affinity = spec_keys(spec, tuple(a.info.revision for a in inputs), self.dtype)
             if is_identity(spec):
                 only = inputs.pop()  # stays pinned: the lease releases it
                 lease = AdapterLease(
                     only.weights, load_ms, lambda: self.store.release(only.info.id)
                 )
-                return lease, self._outcome(spec, key, True, 0.0, load_ms, only.weights)
+                return lease, self._outcome(key, affinity, True, 0.0, load_ms, only.weights)
             check_compatible(spec, inputs)
             weights = [a.weights for a in inputs]
             entry, hit, merge_ms = self.cache.acquire(key, lambda: self._merge(spec, weights))
@@ -83,9 +87,22 @@ class Merger:
         if not hit and self.metrics is not None:
             self.metrics.observe_merge(spec.params.strategy.value, merge_ms / 1000.0)
         lease = AdapterLease(entry.adapter, load_ms, lambda: self.cache.release(entry), merge_ms)
-        outcome = self._outcome(spec, key, hit, merge_ms, load_ms, entry.adapter)
+        outcome = self._outcome(key, affinity, hit, merge_ms, load_ms, entry.adapter)
         log.debug("merge %s: hit=%s merge=%.2fms load=%.2fms", key, hit, merge_ms, load_ms)
         return lease, outcome
+
+    def _cached(self, spec: MergeSpec) -> tuple[AdapterLease, MergeOutcome] | None:
+        """The fast path of a hit: inputs resident, merged adapter cached; no input is pinned."""
+        revisions = self.store.resident_revisions(spec.adapter_ids)
+        if revisions is None or is_identity(spec):
+            return None
+        key, affinity = spec_keys(spec, revisions, self.dtype)
+        try:
+            entry = self.cache.acquire(key).entry
+        except KeyError:
+            return None
+        lease = AdapterLease(entry.adapter, 0.0, lambda: self.cache.release(entry))
+        return lease, self._outcome(key, affinity, True, 0.0, 0.0, entry.adapter)
 
     def _merge(self, spec: MergeSpec, weights: list[FlatAdapter]) -> FlatAdapter:
         try:
@@ -95,8 +112,8 @@ class Merger:
 
     def _outcome(
         self,
-        spec: MergeSpec,
         key: str,
+        affinity: str,
         hit: bool,
         merge_ms: float,
         load_ms: float,
@@ -104,13 +121,19 @@ class Merger:
     ) -> MergeOutcome:
         return MergeOutcome(
             merge_key=key,
-            affinity_key=affinity_key(spec),
+            affinity_key=affinity,
             cache_hit=hit,
             merge_ms=merge_ms,
             adapter_load_ms=load_ms,
             rank=adapter.rank,
             nbytes=adapter.nbytes,
         )
+
+
+@functools.lru_cache(maxsize=4096)
+def spec_keys(spec: MergeSpec, revisions: tuple[str, ...], dtype: str) -> tuple[str, str]:
+    """(cache key, affinity key), memoised: hashing the canonical spec is most of a hit's cost."""
+    return merge_key(spec, revisions, dtype), affinity_key(spec)
 
 
 def check_compatible(spec: MergeSpec, inputs: Sequence[LoadedAdapter]) -> None:

@@ -102,6 +102,7 @@ class Metrics:
             "hotmerge_generated_tokens", "Tokens generated, over all requests", registry=r
         )
         self._http: WSGIServer | None = None
+        self._cache_children: dict[tuple[str, str], Counter] = {}
 
     # -- observations ----------------------------------------------------------------------
 
@@ -110,14 +111,18 @@ class Metrics:
 
     def cache_event(self, cache: str, event: str) -> None:
         """Count one cache event: hit, miss, wait or evict (others, e.g. failure, are ignored)."""
-        counter = {
-            "hit": self.cache_hits,
-            "miss": self.cache_misses,
-            "wait": self.cache_waits,
-            "evict": self.cache_evictions,
-        }.get(event)
-        if counter is not None:
-            counter.labels(cache=cache).inc()
+        child = self._cache_children.get((cache, event))
+        if child is None:  # labels() is slow for a per-request path: keep the children
+            counter = {
+                "hit": self.cache_hits,
+                "miss": self.cache_misses,
+                "wait": self.cache_waits,
+                "evict": self.cache_evictions,
+            }.get(event)
+            if counter is None:
+                return
+            child = self._cache_children[(cache, event)] = counter.labels(cache=cache)
+        child.inc()
 
     def merge_cache_event(self, event: str) -> None:
         """``MergeCache``'s ``on_event`` callback."""

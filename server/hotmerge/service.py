@@ -11,6 +11,7 @@ the log). A deadline or a client cancel ends the RPC; a callback then cancels th
 
 from __future__ import annotations
 
+import functools
 import logging
 import secrets
 import time
@@ -37,7 +38,7 @@ from hotmerge.generation import (
     SamplingParams,
     TokenEvent,
 )
-from hotmerge.merge_spec import parse_merge_spec
+from hotmerge.merge_spec import MergeSpec, parse_merge_spec
 from hotmerge.merging import MergeOutcome, Merger
 from hotmerge.metrics import Metrics
 from hotmerge.scheduler import Engine, validate_params
@@ -120,6 +121,13 @@ def generation_request(
     )
     validate_params(params)  # the engine's rules, so the messages are the same everywhere
     return GenerationRequest(inputs=msg.inputs, params=params, adapter_id=adapter_id)
+
+
+@functools.lru_cache(maxsize=4096)
+def parse_spec_cached(serialized: bytes, max_adapters: int) -> MergeSpec:
+    """``parse_merge_spec`` memoised on the message's bytes: repeated specs skip validation."""
+    msg = pb.MergedAdapters.FromString(serialized)
+    return parse_merge_spec(msg, max_adapters=max_adapters)
 
 
 # -- generation types -> proto ------------------------------------------------------------------
@@ -295,7 +303,7 @@ class HotmergeService(pb_grpc.HotmergeServicer):
     def _merge(self, msg: pb.MergedAdapters, context: grpc.ServicerContext):
         """Resolve a merge spec to a pinned merged adapter; send its keys as metadata."""
         self._engine()
-        spec = parse_merge_spec(msg, max_adapters=self.max_merge_adapters)
+        spec = parse_spec_cached(msg.SerializeToString(deterministic=True), self.max_merge_adapters)
         lease, outcome = self.merger.acquire(spec)
         context.send_initial_metadata(
             ((MERGE_KEY_HEADER, outcome.affinity_key), (MERGE_CACHE_KEY_HEADER, outcome.merge_key))

@@ -1,0 +1,390 @@
+"""Serving benchmark: drive a hotmerge server over gRPC with a mix of adapter and merge requests.
+
+It starts the server in this process on a random-weight model built from a config (7B-shaped by
+default: Llama/Mistral layer sizes, bf16; random weights are fine for timing), writes rank-16
+PEFT adapters on all seven projection modules, then measures, over real gRPC on loopback:
+
+1. the cost a merge-cache hit adds over a named adapter (server side, in-process, median);
+2. a cold TIES merge of 3 adapters as a share of time to first token for a 128-token prompt;
+3. a load of mixed requests (single adapters, repeated merge specs, fresh merge specs) at a
+   concurrency level: throughput, p50/p99 time to first token and total latency by class
+   (single, merge hit, merge miss), and the merge time's share of TTFT.
+
+Results go to benchmarks/results/serve_load-<device>-<date>.{json,md} (or --out-dir).
+
+    python benchmarks/serve_load.py                      # 7B shapes (needs a GPU)
+    python benchmarks/serve_load.py --shape tiny --requests 40   # a quick run anywhere
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import platform
+import random
+import statistics
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from hotmerge.client import HotmergeClient
+from hotmerge.config import ServerConfig
+from hotmerge.embedded import (
+    ALL_PROJ,
+    DemoAdapter,
+    byte_level_tokenizer,
+    linear_shapes,
+    tiny_llama_config,
+)
+from hotmerge.embedded import write_peft_adapter as write_adapter
+from hotmerge.server import start_server
+from hotmerge.service import parse_spec_cached
+from hotmerge.v1 import hotmerge_pb2 as pb
+
+SHAPES = {
+    # Mistral-7B / Llama-2-7B-with-GQA layer sizes; the vocabulary is the byte tokenizer's.
+    "7b": dict(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=4096,
+        initializer_range=0.02,
+    ),
+    "tiny": dict(),
+}
+PROMPT_TOKENS = 128  # BOS + 127 bytes
+
+
+def build_model(model_dir: Path, shape: str, device: str) -> None:
+    """A random LlamaForCausalLM of the given shape, built on the device in bf16, saved."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = tiny_llama_config(**SHAPES[shape])
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(config).eval()
+    finally:
+        torch.set_default_dtype(previous)
+    model.save_pretrained(model_dir)
+    byte_level_tokenizer().save_pretrained(model_dir)
+    del model
+    torch.cuda.empty_cache() if device == "cuda" else None
+
+
+def build_adapters(model_dir: Path, root: Path, count: int, rank: int) -> list[str]:
+    shapes = linear_shapes(model_dir)
+    names = []
+    for i in range(count):
+        name = f"bench-{i}"
+        spec = DemoAdapter(name, ALL_PROJ, alpha=2 * rank, rank=rank)
+        write_adapter(root / name, shapes, spec, base_model=str(model_dir), seed=100 + i)
+        names.append(name)
+    return names
+
+
+@dataclass
+class Sample:
+    kind: str  # single | merge_hit | merge_miss
+    ttft_ms: float
+    total_ms: float
+    merge_ms: float
+    tokens: int
+
+
+def stream_once(client: HotmergeClient, prompt: str, max_new_tokens: int, **adapter) -> Sample:
+    start = time.perf_counter()
+    ttft = None
+    final = None
+    for msg in client.generate_stream(prompt, max_new_tokens=max_new_tokens, **adapter):
+        if ttft is None and msg.HasField("token"):
+            ttft = (time.perf_counter() - start) * 1000
+        if msg.done:
+            final = msg
+    total = (time.perf_counter() - start) * 1000
+    if "merged_adapters" in adapter:
+        kind = "merge_hit" if final.merge.cache_hit else "merge_miss"
+    else:
+        kind = "single"
+    return Sample(kind, ttft or total, total, final.timings.merge_ms, final.generated_tokens)
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+def hit_overhead_us(running, adapter_ids: list[str], reps: int) -> dict:
+    """Server-side cost of resolving a cached merge spec vs a named adapter (median, µs)."""
+    service = running.service
+    merger, store = service.merger, running.engine.store
+    msg = pb.MergedAdapters(
+        ids=adapter_ids[:3],
+        weights=[0.5, 0.3, 0.2],
+        merge_strategy=pb.TIES,
+        density=0.5,
+    )
+
+    def merge_hit():  # what the service does for a merge-spec request, up to the engine
+        spec = parse_spec_cached(msg.SerializeToString(deterministic=True), 16)
+        merger.acquire(spec)[0].release()
+
+    merge_hit()  # merged and cached
+
+    def timed(fn) -> float:
+        samples = []
+        for _ in range(reps):
+            t = time.perf_counter_ns()
+            fn()
+            samples.append(time.perf_counter_ns() - t)
+        return statistics.median(samples) / 1000
+
+    def named():
+        store.acquire(adapter_ids[0])
+        store.release(adapter_ids[0])
+
+    named_us = timed(named)
+    hit_us = timed(merge_hit)
+    return {"named_adapter_us": named_us, "merge_hit_us": hit_us, "hit_adds_us": hit_us - named_us}
+
+
+def cold_ties_share(client, prompt: str, adapter_ids: list[str], runs: int) -> dict:
+    """Fresh TIES specs of 3 adapters, one at a time: merge time over TTFT."""
+    named = [stream_once(client, prompt, 1, adapter_id=adapter_ids[0]) for _ in range(runs)]
+    cold = []
+    for i in range(runs):
+        spec = {
+            "ids": adapter_ids[:3],
+            "weights": [1.0, 0.5 + i * 1e-3, 0.25],
+            "merge_strategy": "TIES",
+            "density": 0.5,
+        }
+        cold.append(stream_once(client, prompt, 1, merged_adapters=spec))
+    assert all(s.kind == "merge_miss" for s in cold)
+    return {
+        "named_ttft_ms_p50": pct([s.ttft_ms for s in named], 50),
+        "cold_ties_ttft_ms_p50": pct([s.ttft_ms for s in cold], 50),
+        "cold_ties_merge_ms_p50": pct([s.merge_ms for s in cold], 50),
+        "cold_ties_merge_share_of_ttft_p50": pct([s.merge_ms / s.ttft_ms for s in cold], 50),
+    }
+
+
+def load_mix(client, prompt, adapter_ids, args) -> dict:
+    """A mixed load at a fixed concurrency; fresh specs never repeat, repeated ones do."""
+    rng = random.Random(0)
+    repeated = [
+        {
+            "ids": rng.sample(adapter_ids, 3),
+            "weights": [1.0, 0.7, 0.4],
+            "merge_strategy": s,
+            "density": 0.5,
+            "seed": 1,
+        }
+        for s in ("TIES", "DARE_TIES", "LINEAR", "DARE_LINEAR")
+    ]
+    fresh_counter = iter(range(10**9))
+
+    def one(_):
+        r = rng.random()
+        if r < args.single:
+            return stream_once(
+                client, prompt, args.max_new_tokens, adapter_id=rng.choice(adapter_ids)
+            )
+        if r < args.single + args.repeated:
+            return stream_once(
+                client, prompt, args.max_new_tokens, merged_adapters=rng.choice(repeated)
+            )
+        n = next(fresh_counter)
+        spec = {
+            "ids": rng.sample(adapter_ids, 3),
+            "weights": [1.0, 1.0 + 1e-3 * n, 0.5],
+            "merge_strategy": "TIES",
+            "density": 0.5,
+        }
+        return stream_once(client, prompt, args.max_new_tokens, merged_adapters=spec)
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(args.concurrency) as pool:
+        samples = list(pool.map(one, range(args.requests)))
+    wall = time.perf_counter() - start
+    by_kind = {}
+    for kind in ("single", "merge_hit", "merge_miss"):
+        chosen = [s for s in samples if s.kind == kind]
+        by_kind[kind] = {
+            "count": len(chosen),
+            "ttft_ms_p50": pct([s.ttft_ms for s in chosen], 50),
+            "ttft_ms_p99": pct([s.ttft_ms for s in chosen], 99),
+            "total_ms_p50": pct([s.total_ms for s in chosen], 50),
+            "total_ms_p99": pct([s.total_ms for s in chosen], 99),
+            "merge_share_of_ttft_p50": pct([s.merge_ms / s.ttft_ms for s in chosen], 50),
+        }
+    return {
+        "requests": len(samples),
+        "concurrency": args.concurrency,
+        "mix": {
+            "single": args.single,
+            "repeated": args.repeated,
+            "fresh": round(1 - args.single - args.repeated, 3),
+        },
+        "max_new_tokens": args.max_new_tokens,
+        "wall_s": wall,
+        "requests_per_s": len(samples) / wall,
+        "tokens_per_s": sum(s.tokens for s in samples) / wall,
+        "by_kind": by_kind,
+    }
+
+
+def versions() -> dict:
+    import grpc
+    import transformers
+    import triton
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "triton": triton.__version__,
+        "transformers": transformers.__version__,
+        "grpcio": grpc.__version__,
+    }
+
+
+def write_results(result: dict, out_dir: Path) -> Path:
+    device = result["device"].replace(" ", "_")
+    stem = out_dir / f"serve_load-{device}-{result['date'][:10]}"
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    h, c, load = result["hit_overhead"], result["cold_ties"], result["load"]
+    lines = [
+        f"# Serving load, {result['device']}, {result['date']}",
+        "",
+        f"model: {result['model']}; adapters: {result['adapters']} x rank {result['rank']} on "
+        f"all seven projections; versions {result['versions']}",
+        "",
+        f"- merge-cache hit vs named adapter (server side, median): "
+        f"{h['merge_hit_us']:.1f} µs vs {h['named_adapter_us']:.1f} µs: a hit adds "
+        f"**{h['hit_adds_us']:.1f} µs** (target <= 20 µs)",
+        f"- cold TIES merge of 3 adapters, {PROMPT_TOKENS}-token prompt: merge "
+        f"{c['cold_ties_merge_ms_p50']:.2f} ms of TTFT {c['cold_ties_ttft_ms_p50']:.2f} ms = "
+        f"**{100 * c['cold_ties_merge_share_of_ttft_p50']:.1f}%** (target <= 5%); named adapter "
+        f"TTFT {c['named_ttft_ms_p50']:.2f} ms",
+        "",
+        f"Load: {load['requests']} requests at concurrency {load['concurrency']}, mix "
+        f"{load['mix']}, {load['max_new_tokens']} new tokens each: "
+        f"{load['requests_per_s']:.1f} req/s, {load['tokens_per_s']:.0f} tokens/s",
+        "",
+        "| class | count | TTFT p50 ms | TTFT p99 ms | total p50 ms | total p99 ms | "
+        "merge share of TTFT p50 |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for kind, row in load["by_kind"].items():
+        lines.append(
+            f"| {kind} | {row['count']} | {row['ttft_ms_p50']:.1f} | {row['ttft_ms_p99']:.1f} | "
+            f"{row['total_ms_p50']:.1f} | {row['total_ms_p99']:.1f} | "
+            f"{100 * row['merge_share_of_ttft_p50']:.1f}% |"
+        )
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return stem
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="7b")
+    parser.add_argument("--adapters", type=int, default=8)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--requests", type=int, default=400)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--single", type=float, default=0.4, help="share of named-adapter requests")
+    parser.add_argument("--repeated", type=float, default=0.4, help="share of repeated specs")
+    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--cold-runs", type=int, default=10)
+    parser.add_argument("--hit-reps", type=int, default=2000)
+    parser.add_argument("--max-batch-size", type=int, default=16)
+    parser.add_argument("--work-dir", type=Path, default=None)
+    parser.add_argument("--out-dir", type=Path, default=Path(__file__).parent / "results")
+    args = parser.parse_args()
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    work = args.work_dir or Path(tempfile.mkdtemp(prefix="hotmerge-bench-"))
+    model_dir, root = work / "model", work / "adapters"
+    t = time.perf_counter()
+    if not (model_dir / "config.json").exists():
+        build_model(model_dir, args.shape, device)
+    adapter_ids = build_adapters(model_dir, root, args.adapters, args.rank)
+    print(f"built model and adapters in {time.perf_counter() - t:.1f} s under {work}", flush=True)
+
+    config = ServerConfig(
+        model=str(model_dir),
+        adapter_root=root,
+        data_dir=work / "data",
+        host="127.0.0.1",
+        port=0,
+        max_batch_size=args.max_batch_size,
+        max_workers=max(64, 2 * args.concurrency),
+        merge_budget_bytes=8 * 1024**3,
+        adapter_budget_bytes=16 * 1024**3,
+        log_level="WARNING",
+    )
+    running = start_server(config)
+    prompt = "".join(random.Random(1).choice("abcdefghij ") for _ in range(PROMPT_TOKENS - 1))
+    try:
+        with HotmergeClient(running.target, timeout=600) as client:
+            # Warm-up: load every adapter, compile every kernel the runs use.
+            for adapter_id in adapter_ids:
+                stream_once(client, prompt, 2, adapter_id=adapter_id)
+            for strategy in ("TIES", "DARE_TIES", "LINEAR", "DARE_LINEAR"):
+                stream_once(
+                    client,
+                    prompt,
+                    2,
+                    merged_adapters={
+                        "ids": adapter_ids[:3],
+                        "weights": [0.1, 0.2, 0.3],
+                        "merge_strategy": strategy,
+                        "density": 0.5,
+                        "seed": 99,
+                    },
+                )
+            print("warm", flush=True)
+            hit = hit_overhead_us(running, adapter_ids, args.hit_reps)
+            print("hit overhead", hit, flush=True)
+            cold = cold_ties_share(client, prompt, adapter_ids, args.cold_runs)
+            print("cold ties", cold, flush=True)
+            load = load_mix(client, prompt, adapter_ids, args)
+    finally:
+        running.stop(0)
+
+    result = {
+        "device": torch.cuda.get_device_name()
+        if device == "cuda"
+        else platform.processor() or "cpu",
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "versions": versions(),
+        "model": f"random Llama, shape {args.shape} ({SHAPES[args.shape] or 'embedded tiny'}), "
+        f"{'bf16' if device == 'cuda' else 'fp32'}",
+        "adapters": args.adapters,
+        "rank": args.rank,
+        "prompt_tokens": PROMPT_TOKENS,
+        "hit_overhead": hit,
+        "cold_ties": cold,
+        "load": load,
+    }
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    write_results(result, args.out_dir)
+
+
+if __name__ == "__main__":
+    threading.current_thread().name = "bench"
+    main()
