@@ -2,9 +2,18 @@
 
 Every wrapped layer reads the same :class:`AdapterSlots` object, which the model runner fills
 before each forward: one slot per batch row, holding a FlatAdapter or None (the base model).
-Rows that share an adapter are grouped so that each adapter costs two matmuls per layer:
 
-    y = base(x);  y[rows] += scaling · (x[rows] · Aᵀ) · Bᵀ
+One adapter for the whole batch: ``y = base(x) + scaling · (x · Aᵀ) · Bᵀ``.
+
+Several adapters: the distinct adapters' A are concatenated along the rank (``A_cat``, B
+likewise) and a per-row mask keeps each row's own rank columns, scaled:
+
+    y = base(x) + ((x · A_catᵀ) ⊙ M) · B_catᵀ,   M[row, cols of g] = scaling_g if row uses g
+
+so a layer costs the same few launches however many adapters the batch mixes (a loop over
+adapter groups costs ~5 launches per group per layer, which dominated decode steps). The
+concatenation and mask are built once per batch composition and reused every decode step; they
+hold a copy of the batch's distinct adapters (one adapter's bytes each) until it changes.
 """
 
 from __future__ import annotations
@@ -23,6 +32,8 @@ class AdapterSlots:
 
     groups: list[tuple[FlatAdapter, torch.Tensor | None]] = field(default_factory=list)
     # (adapter, row indices); indices None when the adapter covers every row of the batch.
+    rows: list[FlatAdapter | None] = field(default_factory=list)  # each row's adapter
+    version: int = 0  # changes with the batch composition: layers rebuild their cat + mask
 
     # The last grouping, reused while the batch keeps its rows (every decode step): it holds
     # the adapters, so their ids cannot be reused by other objects meanwhile.
@@ -33,6 +44,8 @@ class AdapterSlots:
         if key == self._last[0]:
             self.groups = self._last[1]
             return
+        self.rows = list(slots)
+        self.version += 1
         rows_by_adapter: dict[int, tuple[FlatAdapter, list[int]]] = {}
         for row, adapter in enumerate(slots):
             if adapter is not None:
@@ -57,6 +70,8 @@ class LoraLinear(nn.Module):
         self.base = base
         self.module_path = module_path  # the key of this layer's tensors in a FlatAdapter
         self.slots = slots
+        # (slots.version, A_cat, B_cat, mask) for the batch composition last seen
+        self._mixed: tuple[int, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     @property
     def in_features(self) -> int:
@@ -72,7 +87,14 @@ class LoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        for adapter, rows in self.slots.groups:
+        groups = self.slots.groups
+        if len(groups) > 1 and x.dim() == 3 and x.shape[0] == len(self.slots.rows):
+            mixed = self._mixed_tensors(x)
+            if mixed is None:  # no adapter in the batch touches this layer
+                return y
+            a_cat, b_cat, mask = mixed
+            return y + ((x @ a_cat.T) * mask) @ b_cat.T
+        for adapter, rows in groups:
             if adapter.segment(self.module_path, "A") is None:
                 continue  # this adapter does not touch this layer
             a = adapter.tensor(self.module_path, "A")  # (r, in)
@@ -85,6 +107,32 @@ class LoraLinear(nn.Module):
                 delta = adapter.scaling * ((x[rows] @ a.T) @ b.T)
                 y = y.index_add(0, rows, delta.to(y.dtype))
         return y
+
+    def _mixed_tensors(self, x: torch.Tensor):
+        """A_cat, B_cat and the row mask of the current batch composition (cached)."""
+        version = self.slots.version
+        if self._mixed is not None and self._mixed[0] == version:
+            return None if self._mixed[1] is None else self._mixed[1:]
+        a_parts, b_parts, columns = [], [], {}
+        for adapter, _ in self.slots.groups:
+            if adapter.segment(self.module_path, "A") is None:
+                continue
+            a = adapter.tensor(self.module_path, "A")
+            start = sum(p.shape[0] for p in a_parts)
+            columns[id(adapter)] = (start, start + a.shape[0], adapter.scaling)
+            a_parts.append(a.to(x.dtype))
+            b_parts.append(adapter.tensor(self.module_path, "B").to(x.dtype))
+        if not a_parts:
+            self._mixed = (version, None, None, None)
+            return None
+        mask = torch.zeros(len(self.slots.rows), 1, sum(p.shape[0] for p in a_parts))
+        for row, adapter in enumerate(self.slots.rows):
+            if adapter is not None and id(adapter) in columns:
+                start, end, scaling = columns[id(adapter)]
+                mask[row, 0, start:end] = scaling
+        mixed = (torch.cat(a_parts), torch.cat(b_parts, dim=1), mask.to(x.device, x.dtype))
+        self._mixed = (version, *mixed)
+        return mixed
 
     def extra_repr(self) -> str:
         return f"module_path={self.module_path!r}"
