@@ -19,9 +19,12 @@ Results go to benchmarks/results/serve_load-<device>-<date>.{json,md} (or --out-
 from __future__ import annotations
 
 import argparse
+import cProfile
 import datetime as dt
+import io
 import json
 import platform
+import pstats
 import random
 import statistics
 import tempfile
@@ -181,7 +184,7 @@ def cold_ties_share(client, prompt: str, adapter_ids: list[str], runs: int) -> d
     }
 
 
-def load_mix(client, prompt, adapter_ids, args) -> dict:
+def load_mix(client, running, prompt, adapter_ids, args) -> dict:
     """A mixed load at a fixed concurrency; fresh specs never repeat, repeated ones do."""
     rng = random.Random(0)
     repeated = [
@@ -215,10 +218,40 @@ def load_mix(client, prompt, adapter_ids, args) -> dict:
         }
         return stream_once(client, prompt, args.max_new_tokens, merged_adapters=spec)
 
+    engine = running.engine
+    step_s: list[float] = []
+    profile = cProfile.Profile() if args.profile else None
+    step = engine._step  # timed (and profiled) on the engine thread during the load only
+
+    def timed_step(new):
+        t = time.perf_counter()
+        try:
+            return profile.runcall(step, new) if profile is not None else step(new)
+        finally:
+            step_s.append(time.perf_counter() - t)
+
+    prefills = sum(engine.stats.prefill_batch_sizes.values())
+    decodes = sum(engine.stats.decode_batch_sizes.values())
+    engine._step = timed_step
     start = time.perf_counter()
-    with ThreadPoolExecutor(args.concurrency) as pool:
-        samples = list(pool.map(one, range(args.requests)))
+    try:
+        with ThreadPoolExecutor(args.concurrency) as pool:
+            samples = list(pool.map(one, range(args.requests)))
+    finally:
+        engine._step = step
     wall = time.perf_counter() - start
+    steps = {
+        "steps": len(step_s),
+        "prefills": sum(engine.stats.prefill_batch_sizes.values()) - prefills,
+        "decodes": sum(engine.stats.decode_batch_sizes.values()) - decodes,
+        "step_ms_p50": pct([1000 * s for s in step_s], 50),
+        "step_ms_p99": pct([1000 * s for s in step_s], 99),
+        "engine_busy_share": sum(step_s) / wall,
+    }
+    if profile is not None:
+        out = io.StringIO()
+        pstats.Stats(profile, stream=out).sort_stats("cumulative").print_stats(40)
+        steps["profile_top"] = out.getvalue()
     by_kind = {}
     for kind in ("single", "merge_hit", "merge_miss"):
         chosen = [s for s in samples if s.kind == kind]
@@ -243,6 +276,7 @@ def load_mix(client, prompt, adapter_ids, args) -> dict:
         "requests_per_s": len(samples) / wall,
         "tokens_per_s": sum(s.tokens for s in samples) / wall,
         "by_kind": by_kind,
+        "engine": steps,
     }
 
 
@@ -264,6 +298,9 @@ def versions() -> dict:
 def write_results(result: dict, out_dir: Path) -> Path:
     device = result["device"].replace(" ", "_")
     stem = out_dir / f"serve_load-{device}-{result['date'][:10]}"
+    profile = result["load"]["engine"].pop("profile_top", None)
+    if profile is not None:
+        stem.with_suffix(".profile.txt").write_text(profile)
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     h, c, load = result["hit_overhead"], result["cold_ties"], result["load"]
     lines = [
@@ -282,7 +319,11 @@ def write_results(result: dict, out_dir: Path) -> Path:
         "",
         f"Load: {load['requests']} requests at concurrency {load['concurrency']}, mix "
         f"{load['mix']}, {load['max_new_tokens']} new tokens each: "
-        f"{load['requests_per_s']:.1f} req/s, {load['tokens_per_s']:.0f} tokens/s",
+        f"{load['requests_per_s']:.1f} req/s, {load['tokens_per_s']:.0f} tokens/s; engine "
+        f"{load['engine']['steps']} steps ({load['engine']['prefills']} prefills, "
+        f"{load['engine']['decodes']} decodes), step p50 {load['engine']['step_ms_p50']:.1f} ms, "
+        f"p99 {load['engine']['step_ms_p99']:.1f} ms, busy "
+        f"{100 * load['engine']['engine_busy_share']:.0f}% of the wall time",
         "",
         "| class | count | TTFT p50 ms | TTFT p99 ms | total p50 ms | total p99 ms | "
         "merge share of TTFT p50 |",
@@ -312,6 +353,7 @@ def main() -> None:
     parser.add_argument("--cold-runs", type=int, default=10)
     parser.add_argument("--hit-reps", type=int, default=2000)
     parser.add_argument("--max-batch-size", type=int, default=16)
+    parser.add_argument("--profile", action="store_true", help="cProfile the engine thread")
     parser.add_argument("--work-dir", type=Path, default=None)
     parser.add_argument("--out-dir", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
@@ -362,7 +404,7 @@ def main() -> None:
             print("hit overhead", hit, flush=True)
             cold = cold_ties_share(client, prompt, adapter_ids, args.cold_runs)
             print("cold ties", cold, flush=True)
-            load = load_mix(client, prompt, adapter_ids, args)
+            load = load_mix(client, running, prompt, adapter_ids, args)
     finally:
         running.stop(0)
 

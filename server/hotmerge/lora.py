@@ -11,9 +11,11 @@ likewise) and a per-row mask keeps each row's own rank columns, scaled:
     y = base(x) + ((x · A_catᵀ) ⊙ M) · B_catᵀ,   M[row, cols of g] = scaling_g if row uses g
 
 so a layer costs the same few launches however many adapters the batch mixes (a loop over
-adapter groups costs ~5 launches per group per layer, which dominated decode steps). The
-concatenation and mask are built once per batch composition and reused every decode step; they
-hold a copy of the batch's distinct adapters (one adapter's bytes each) until it changes.
+adapter groups costs ~5 launches per group per layer, which dominated decode steps). Each layer
+keeps its concatenation, and a small table of each adapter's scaled columns, for the SET of
+adapters in the batch (a copy of them, one adapter's bytes each): rows joining, finishing or
+moving between prefill and decode only change the per-row index into that table, computed once
+per forward for all layers.
 """
 
 from __future__ import annotations
@@ -33,7 +35,10 @@ class AdapterSlots:
     groups: list[tuple[FlatAdapter, torch.Tensor | None]] = field(default_factory=list)
     # (adapter, row indices); indices None when the adapter covers every row of the batch.
     rows: list[FlatAdapter | None] = field(default_factory=list)  # each row's adapter
-    version: int = 0  # changes with the batch composition: layers rebuild their cat + mask
+    # The batch's distinct adapters (ordered by id: a stable key for the set) and, per row, the
+    # index of its adapter in it (len(mixed) for the base model): the mixed path's inputs.
+    mixed: tuple[FlatAdapter, ...] = ()
+    row_index: torch.Tensor | None = None
 
     # The last grouping, reused while the batch keeps its rows (every decode step): it holds
     # the adapters, so their ids cannot be reused by other objects meanwhile.
@@ -45,7 +50,11 @@ class AdapterSlots:
             self.groups = self._last[1]
             return
         self.rows = list(slots)
-        self.version += 1
+        self.mixed = tuple(sorted({id(a): a for a in slots if a is not None}.values(), key=id))
+        position = {id(a): i for i, a in enumerate(self.mixed)}
+        self.row_index = torch.tensor(
+            [len(self.mixed) if a is None else position[id(a)] for a in slots], device=device
+        )
         rows_by_adapter: dict[int, tuple[FlatAdapter, list[int]]] = {}
         for row, adapter in enumerate(slots):
             if adapter is not None:
@@ -70,8 +79,9 @@ class LoraLinear(nn.Module):
         self.base = base
         self.module_path = module_path  # the key of this layer's tensors in a FlatAdapter
         self.slots = slots
-        # (slots.version, A_cat, B_cat, mask) for the batch composition last seen
-        self._mixed: tuple[int, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        # (adapters, A_cat, B_cat, column table) for the set of adapters last seen; holding
+        # the adapters keeps their ids from being reused while they key this cache.
+        self._mixed: tuple | None = None
 
     @property
     def in_features(self) -> int:
@@ -92,7 +102,8 @@ class LoraLinear(nn.Module):
             mixed = self._mixed_tensors(x)
             if mixed is None:  # no adapter in the batch touches this layer
                 return y
-            a_cat, b_cat, mask = mixed
+            a_cat, b_cat, columns = mixed
+            mask = columns[self.slots.row_index].unsqueeze(1)  # (batch, 1, total rank)
             return y + ((x @ a_cat.T) * mask) @ b_cat.T
         for adapter, rows in groups:
             if adapter.segment(self.module_path, "A") is None:
@@ -109,29 +120,41 @@ class LoraLinear(nn.Module):
         return y
 
     def _mixed_tensors(self, x: torch.Tensor):
-        """A_cat, B_cat and the row mask of the current batch composition (cached)."""
-        version = self.slots.version
-        if self._mixed is not None and self._mixed[0] == version:
-            return None if self._mixed[1] is None else self._mixed[1:]
-        a_parts, b_parts, columns = [], [], {}
-        for adapter, _ in self.slots.groups:
+        """A_cat, B_cat and the column table of the batch's adapter set (cached per set).
+
+        Row i of the table holds adapter i's scaling on its own rank columns, zeros elsewhere;
+        the last row (the base model) is all zeros.
+        """
+        adapters = self.slots.mixed
+        cached = self._mixed
+        same_set = (
+            cached is not None
+            and len(cached[0]) == len(adapters)
+            and all(a is b for a, b in zip(cached[0], adapters, strict=True))
+        )
+        if same_set:
+            return None if cached[1] is None else cached[1:]
+        a_parts, b_parts, spans = [], [], []
+        width = 0
+        for adapter in adapters:
             if adapter.segment(self.module_path, "A") is None:
+                spans.append(None)
                 continue
             a = adapter.tensor(self.module_path, "A")
-            start = sum(p.shape[0] for p in a_parts)
-            columns[id(adapter)] = (start, start + a.shape[0], adapter.scaling)
+            spans.append((width, width + a.shape[0], adapter.scaling))
+            width += a.shape[0]
             a_parts.append(a.to(x.dtype))
             b_parts.append(adapter.tensor(self.module_path, "B").to(x.dtype))
         if not a_parts:
-            self._mixed = (version, None, None, None)
+            self._mixed = (adapters, None, None, None)
             return None
-        mask = torch.zeros(len(self.slots.rows), 1, sum(p.shape[0] for p in a_parts))
-        for row, adapter in enumerate(self.slots.rows):
-            if adapter is not None and id(adapter) in columns:
-                start, end, scaling = columns[id(adapter)]
-                mask[row, 0, start:end] = scaling
-        mixed = (torch.cat(a_parts), torch.cat(b_parts, dim=1), mask.to(x.device, x.dtype))
-        self._mixed = (version, *mixed)
+        columns = torch.zeros(len(adapters) + 1, width)
+        for i, span in enumerate(spans):
+            if span is not None:
+                start, end, scaling = span
+                columns[i, start:end] = scaling
+        mixed = (torch.cat(a_parts), torch.cat(b_parts, dim=1), columns.to(x.device, x.dtype))
+        self._mixed = (adapters, *mixed)
         return mixed
 
     def extra_repr(self) -> str:

@@ -31,16 +31,28 @@ def test_mixed_batch_equals_each_row_alone():
     slots.set(rows, "cpu")
     assert len(slots.groups) > 1
     mixed = layer(x)
-    for version_reuse in range(2):  # the second call reuses the cached cat + mask
-        assert torch.equal(layer(x), mixed), version_reuse
+    cached = layer._mixed
+    assert torch.equal(layer(x), mixed)  # the same batch again: the cached cat is reused
 
-    for i, row in enumerate(rows):
-        expected = base(x[i])
+    def alone(row, xi):
+        expected = base(xi)
         if row is not None and row.segment("layer", "A") is not None:
             expected = expected + row.scaling * (
-                (x[i] @ row.tensor("layer", "A").T) @ row.tensor("layer", "B").T
+                (xi @ row.tensor("layer", "A").T) @ row.tensor("layer", "B").T
             )
-        torch.testing.assert_close(mixed[i], expected, rtol=1e-5, atol=1e-5)
+        return expected
+
+    for i, row in enumerate(rows):
+        torch.testing.assert_close(mixed[i], alone(row, x[i]), rtol=1e-5, atol=1e-5)
+
+    # Rows reordered, one finished: the same adapter set keeps the cached concatenation.
+    shuffled = [b, elsewhere, a, None, a]
+    slots.set(shuffled, "cpu")
+    x3 = torch.randn(len(shuffled), 2, 12)
+    out = layer(x3)
+    assert layer._mixed is cached
+    for i, row in enumerate(shuffled):
+        torch.testing.assert_close(out[i], alone(row, x3[i]), rtol=1e-5, atol=1e-5)
 
     slots.set([elsewhere, None], "cpu")  # a new composition that leaves this layer alone
     x2 = torch.randn(2, 3, 12)
