@@ -1,7 +1,9 @@
 """The ``hotmerge`` command: ``serve`` runs a server; the other commands are its clients.
 
-    hotmerge serve [--model PATH] [--port 50051] ...
+    hotmerge serve [--model PATH] [--port 50051] [--metrics-port 9090] ...
     hotmerge generate --adapter demo-a "hello" [--max-new-tokens N] [--stream]
+    hotmerge generate --merge demo-a,demo-b --weights 1,0.5 --strategy ties --density 0.5 "hi"
+    hotmerge merge demo-a,demo-b --strategy dare_ties --density 0.5 --seed 7
     hotmerge info | adapters | load ID | unload ID        [--target host:port]
 
 ``generate`` writes the generated text to stdout and the finish reason and timings to stderr,
@@ -20,6 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import grpc
+from hotmerge_kernels.params import Strategy
 
 from hotmerge import __version__
 from hotmerge.client import DEFAULT_TARGET, HotmergeClient
@@ -73,6 +76,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     }
     if args.adapter_budget_mib is not None:
         options["adapter_budget_bytes"] = int(args.adapter_budget_mib * 2**20)
+    if args.merge_budget_mib is not None:
+        options["merge_budget_bytes"] = int(args.merge_budget_mib * 2**20)
     try:
         config = ServerConfig(**options)
     except ValueError as exc:
@@ -90,9 +95,30 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _merge_spec(args: argparse.Namespace) -> dict | None:
+    """The --merge options as the fields of a MergedAdapters message (None without --merge)."""
+    if not args.merge:
+        return None
+    spec = {
+        "ids": [i.strip() for i in args.merge.split(",") if i.strip()],
+        "merge_strategy": args.strategy.upper(),
+        "majority_sign_method": args.sign_method.upper(),
+        "seed": args.merge_seed,
+    }
+    if args.weights:
+        spec["weights"] = [float(w) for w in args.weights.split(",")]
+    if args.density is not None:
+        spec["density"] = args.density
+    return spec
+
+
 def _generation_options(args: argparse.Namespace) -> dict:
+    merged = _merge_spec(args)
+    if merged is not None and args.adapter:
+        raise ValueError("give --adapter or --merge, not both")
     return dict(
         adapter_id=args.adapter,
+        merged_adapters=merged,
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
         top_p=args.top_p,
@@ -105,14 +131,24 @@ def _generation_options(args: argparse.Namespace) -> dict:
     )
 
 
+def format_merge(merge: pb.MergeInfo) -> str:
+    return f"[merge {merge.merge_key}, {'cache hit' if merge.cache_hit else 'merged'}]"
+
+
 def cmd_generate(args: argparse.Namespace, client: HotmergeClient) -> int:
-    options = _generation_options(args)
+    try:
+        options = _generation_options(args)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if not args.stream:
         reply = client.generate(args.prompt, **options)
         print(printable(reply.generated_text))
         for tok in reply.tokens:
             print(f"  {tok.id:>6}  {tok.logprob:9.4f}  {tok.text!r}", file=sys.stderr)
         summary = format_timings(reply.finish_reason, reply.generated_tokens, reply.timings)
+        if reply.HasField("merge"):
+            summary += " " + format_merge(reply.merge)
         print(summary, file=sys.stderr)
         return 0
     call = client.generate_stream(args.prompt, **options)
@@ -123,11 +159,24 @@ def cmd_generate(args: argparse.Namespace, client: HotmergeClient) -> int:
                 continue
             print()
             summary = format_timings(msg.finish_reason, msg.generated_tokens, msg.timings)
+            if msg.HasField("merge"):
+                summary += " " + format_merge(msg.merge)
             print(summary, file=sys.stderr)
     except KeyboardInterrupt:
         call.cancel()  # stops the server's work for this request
         print()
         return 130
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace, client: HotmergeClient) -> int:
+    args.merge = args.ids
+    reply = client.merge(_merge_spec(args))
+    state = "cache hit" if reply.cache_hit else f"merged in {reply.merge_ms:.2f} ms"
+    print(
+        f"{reply.merge_key} (affinity {reply.affinity_key}): rank {reply.rank}, "
+        f"{reply.bytes / 2**20:.2f} MiB, {state}, adapter load {reply.adapter_load_ms:.1f} ms"
+    )
     return 0
 
 
@@ -202,12 +251,31 @@ def _serve_parser(sub) -> None:
         ("--default-max-new-tokens", int, f"(default: {d['default_max_new_tokens']})"),
         ("--adapter-budget-mib", float, "device memory for resident adapters "
          f"(default: {d['adapter_budget_bytes'] // 2**20})"),
+        ("--merge-budget-mib", float, "device memory for cached merged adapters "
+         f"(default: {d['merge_budget_bytes'] // 2**20})"),
+        ("--max-merge-adapters", int, f"adapters in one merge spec "
+         f"(default: {d['max_merge_adapters']})"),
         ("--max-workers", int, f"RPC threads = concurrent requests (default: {d['max_workers']})"),
         ("--grace-s", float, f"on shutdown, time for in-flight requests (default: {d['grace_s']})"),
+        ("--metrics-port", int, "serve /metrics, /readyz, /healthz over HTTP on this port "
+         "(0: any free port; default: off)"),
+        ("--keepalive-time-s", float, f"(default: {d['keepalive_time_s']})"),
+        ("--max-connection-age-s", float, "close client connections after this long, so they "
+         f"rebalance (default: {d['max_connection_age_s']})"),
         ("--log-level", str, f"(default: {d['log_level']})"),
     ):  # fmt: skip
         p.add_argument(flag, type=kind, help=text)
     p.add_argument("--allow-hub", action="store_true", default=None, help="download from the hub")
+
+
+def _merge_arguments(p: argparse.ArgumentParser, ids: str, ids_help: str) -> None:
+    strategies = [s.value for s in Strategy]
+    p.add_argument(ids, help=ids_help)
+    p.add_argument("--weights", help="comma-separated, one per id (default: 1 each)")
+    p.add_argument("--strategy", choices=strategies, default="linear")
+    p.add_argument("--density", type=float, help="fraction kept by trim / DARE, in (0, 1]")
+    p.add_argument("--sign-method", choices=["total", "frequency"], default="total")
+    p.add_argument("--merge-seed", type=int, default=0, help="DARE's seed (default: 0)")
 
 
 def _client_parsers(sub) -> None:
@@ -234,6 +302,11 @@ def _client_parsers(sub) -> None:
     a("--stop", action="append", help="stop sequence (repeatable)")
     a("--details", action="store_true", help="also print each token's id and logprob (stderr)")
     a("--stream", action="store_true", help="print tokens as they come")
+    _merge_arguments(p, "--merge", "merge these comma-separated adapter ids for this request")
+
+    p = sub.add_parser("merge", parents=[common], help="merge a spec without generating")
+    p.set_defaults(run=cmd_merge)
+    _merge_arguments(p, "ids", "comma-separated adapter ids")
 
     sub.add_parser("info", parents=[common], help="model, limits, version").set_defaults(
         run=cmd_info

@@ -11,10 +11,17 @@ Both return the protobuf messages of ``hotmerge.v1`` and raise ``grpc.RpcError``
 
 A request with ``merged_adapters`` carries the spec's affinity key as ``x-merge-key`` metadata,
 so a load balancer that hashes on it sends one spec to one replica (and its merge cache).
+
+Calls that fail with UNAVAILABLE (a replica still loading, draining or gone) are retried by
+gRPC itself (``RETRY_POLICY``: up to 5 attempts, jittered exponential backoff, and a retry
+budget per channel that stops retrying when most calls fail); ``retry=False`` turns that off.
+``target`` may list several replicas, ``"127.0.0.1:50051,127.0.0.1:50052"``: gRPC then spreads
+calls over them round-robin and skips those it cannot reach (IPv4/IPv6 literals only).
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from typing import Any, TypedDict, Unpack
 
@@ -26,6 +33,47 @@ from hotmerge.v1 import hotmerge_pb2_grpc as pb_grpc
 
 DEFAULT_TARGET = "localhost:50051"
 MERGE_KEY_HEADER = "x-merge-key"
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Hotmerge"].full_name
+
+# gRPC's retry policy (https://github.com/grpc/proposal/blob/master/A6-client-retries.md).
+# Attempt n waits a random time in [0, min(initial * multiplier**(n-1), max)], so the four
+# retries together wait 1.2 s on average and 2.75 s at most: longer than a balancer takes to
+# see a draining replica fail its health check and rehash its keys elsewhere.
+RETRY_POLICY = {
+    "maxAttempts": 5,
+    "initialBackoff": "0.25s",
+    "maxBackoff": "1s",
+    "backoffMultiplier": 2,
+    "retryableStatusCodes": ["UNAVAILABLE"],
+}
+# The budget: each failure takes a token, each success gives back 0.1; below half of
+# maxTokens the channel stops retrying (so a dead fleet is not hammered 5x).
+RETRY_THROTTLING = {"maxTokens": 100, "tokenRatio": 0.1}
+
+
+def channel_target(target: str) -> str:
+    """``target`` as gRPC takes it: several comma-separated addresses become one ipv4:/ipv6: URI."""
+    if "," not in target or target.startswith(("ipv4:", "ipv6:", "dns:", "unix:")):
+        return target
+    addresses = [a.strip() for a in target.split(",") if a.strip()]
+    scheme = "ipv6" if addresses[0].startswith("[") else "ipv4"
+    return f"{scheme}:" + ",".join(addresses)
+
+
+def channel_options(target: str, *, retry: bool = True) -> list[tuple[str, object]]:
+    """Channel arguments: retries on UNAVAILABLE, round-robin over several targets."""
+    config: dict[str, object] = {}
+    if retry:
+        config["methodConfig"] = [
+            {"name": [{"service": SERVICE_NAME}], "retryPolicy": RETRY_POLICY}
+        ]
+        config["retryThrottling"] = RETRY_THROTTLING
+    if "," in target:
+        config["loadBalancingConfig"] = [{"round_robin": {}}]
+    options: list[tuple[str, object]] = [("grpc.enable_retries", int(retry))]
+    if config:
+        options.append(("grpc.service_config", json.dumps(config)))
+    return options
 
 
 class GenerateOptions(TypedDict, total=False):
@@ -90,7 +138,8 @@ def request_metadata(request: pb.GenerateRequest) -> tuple[tuple[str, str], ...]
 
 
 class HotmergeClient:
-    """Blocking client. ``timeout`` (seconds) is the default deadline of every call."""
+    """Blocking client. ``timeout`` (seconds) is the default deadline of every call; it bounds
+    all retries of a call together. ``retry``: retry UNAVAILABLE (``RETRY_POLICY``)."""
 
     def __init__(
         self,
@@ -98,10 +147,13 @@ class HotmergeClient:
         *,
         timeout: float | None = None,
         channel: grpc.Channel | None = None,
+        retry: bool = True,
     ) -> None:
         self.target = target
         self.timeout = timeout
-        self._channel = channel or grpc.insecure_channel(target)
+        self._channel = channel or grpc.insecure_channel(
+            channel_target(target), options=channel_options(target, retry=retry)
+        )
         self._stub = pb_grpc.HotmergeStub(self._channel)
 
     def _timeout(self, timeout: float | None) -> float | None:
@@ -173,10 +225,13 @@ class AsyncHotmergeClient:
         *,
         timeout: float | None = None,
         channel: grpc.aio.Channel | None = None,
+        retry: bool = True,
     ) -> None:
         self.target = target
         self.timeout = timeout
-        self._channel = channel or grpc.aio.insecure_channel(target)
+        self._channel = channel or grpc.aio.insecure_channel(
+            channel_target(target), options=channel_options(target, retry=retry)
+        )
         self._stub = pb_grpc.HotmergeStub(self._channel)
 
     def _timeout(self, timeout: float | None) -> float | None:

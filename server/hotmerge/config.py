@@ -11,6 +11,10 @@ DEFAULT_PORT = 50051
 DATA_DIR_ENV = "HOTMERGE_DATA_DIR"
 
 
+def _ms(seconds: float) -> int:
+    return int(seconds * 1000)
+
+
 def _default_data_dir() -> Path:
     return Path(os.environ.get(DATA_DIR_ENV, "data"))
 
@@ -32,6 +36,12 @@ class ServerConfig:
     # number of concurrent requests; further ones wait in the executor's queue.
     max_workers: int = 64
     grace_s: float = 10.0  # on shutdown, how long in-flight requests may finish
+    # Connections: keepalive pings find dead peers; a maximum age closes (GOAWAY) long-lived
+    # client connections so they reconnect and rebalance when replicas come and go.
+    keepalive_time_s: float = 30.0
+    keepalive_timeout_s: float = 10.0
+    max_connection_age_s: float | None = 300.0  # None: connections live forever
+    max_connection_age_grace_s: float = 30.0  # for calls in flight on an aged connection
 
     max_batch_size: int = 8
     max_input_tokens: int | None = None  # None: the engine derives it from the model
@@ -62,6 +72,9 @@ class ServerConfig:
             if port is not None and not 0 <= port <= 65535:
                 raise ValueError(f"{name} must be in [0, 65535], got {port}")
         positive = {
+            "keepalive_time_s": self.keepalive_time_s,
+            "keepalive_timeout_s": self.keepalive_timeout_s,
+            "max_connection_age_s": self.max_connection_age_s,
             "max_workers": self.max_workers,
             "max_batch_size": self.max_batch_size,
             "default_max_new_tokens": self.default_max_new_tokens,
@@ -74,6 +87,24 @@ class ServerConfig:
         for name, value in positive.items():
             if value is not None and value <= 0:
                 raise ValueError(f"{name} must be positive, got {value}")
+
+    def grpc_options(self) -> list[tuple[str, int]]:
+        """grpc.Server channel args: keepalive and connection age."""
+        options = [
+            # Without this, Linux lets a second server bind the same port and steal half the calls.
+            ("grpc.so_reuseport", 0),
+            ("grpc.keepalive_time_ms", _ms(self.keepalive_time_s)),
+            ("grpc.keepalive_timeout_ms", _ms(self.keepalive_timeout_s)),
+            # Accept clients' (and balancers') keepalive pings as often as ours.
+            ("grpc.http2.min_ping_interval_without_data_ms", _ms(self.keepalive_time_s)),
+            ("grpc.keepalive_permit_without_calls", 1),
+        ]
+        if self.max_connection_age_s is not None:
+            options += [
+                ("grpc.max_connection_age_ms", _ms(self.max_connection_age_s)),
+                ("grpc.max_connection_age_grace_ms", _ms(self.max_connection_age_grace_s)),
+            ]
+        return options
 
     @property
     def address(self) -> str:

@@ -3,7 +3,10 @@
 The port opens first with health NOT_SERVING (so probes and clients get an answer while a big
 model loads), then the model, adapter store and engine are built, then health turns SERVING.
 ``start_server`` returns a RunningServer for tests and embedding; ``serve`` blocks until
-SIGINT/SIGTERM, then drains: health NOT_SERVING, in-flight requests get ``grace_s`` to finish.
+SIGINT/SIGTERM, then drains (``lifecycle.py``): health NOT_SERVING and /readyz 503, new Hotmerge
+RPCs refused with UNAVAILABLE, in-flight ones get ``grace_s`` to finish; then it stops, and the
+process exits 0. With ``metrics_port`` set, /healthz, /readyz and /metrics are served over HTTP
+on that port (``http_endpoint.py``).
 """
 
 from __future__ import annotations
@@ -11,15 +14,18 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from hotmerge.adapters import AdapterStore
 from hotmerge.config import ServerConfig
+from hotmerge.http_endpoint import HttpEndpoint
+from hotmerge.lifecycle import Lifecycle
 from hotmerge.merge_cache import MergeCache
 from hotmerge.merging import Merger
 from hotmerge.metrics import Metrics
@@ -41,7 +47,13 @@ class RunningServer:
     health: health.HealthServicer
     config: ServerConfig
     metrics: Metrics
-    metrics_port: int | None = None  # where /metrics is served, when config.metrics_port is set
+    lifecycle: Lifecycle
+    http: HttpEndpoint | None = None  # /healthz, /readyz, /metrics, when config.metrics_port
+
+    @property
+    def metrics_port(self) -> int | None:
+        """Where /metrics (and /readyz, /healthz) are served; None when off."""
+        return None if self.http is None else self.http.port
 
     @property
     def engine(self) -> Engine | None:
@@ -58,16 +70,21 @@ class RunningServer:
     def set_serving(self, engine: Engine) -> None:
         self.service.attach(engine, build_merger(engine, self.config, self.metrics))
         watch_engine(self.metrics, engine)
-        for name in ("", SERVICE_NAME):  # "" is the whole server, as probes ask by default
-            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self.lifecycle.set_serving()
 
-    def stop(self, grace: float | None = None) -> None:
-        """Refuse new RPCs, give in-flight ones ``grace`` seconds, then stop the engine."""
-        self.health.enter_graceful_shutdown()
-        self.server.stop(grace).wait()
+    def stop(self, grace: float | None = None) -> bool:
+        """Drain: refuse new RPCs (UNAVAILABLE), give in-flight ones ``grace`` seconds, then stop
+        the server and the engine. True if every in-flight RPC finished within the grace."""
+        drained = self.lifecycle.drain(grace or 0.0)
+        # A handler that has returned may still be sending its status: a second for that, when
+        # all finished; otherwise cancel whatever is still in flight now.
+        self.server.stop(1.0 if drained and grace else 0).wait()
         if self.engine is not None:
             self.engine.stop(timeout=10)
-        self.metrics.stop_http()
+        if self.http is not None:
+            self.http.stop()
+        self.lifecycle.stopped()
+        return drained
 
     def wait(self) -> None:
         self.server.wait_for_termination()
@@ -134,12 +151,12 @@ def open_port(config: ServerConfig) -> RunningServer:
         metrics=metrics,
     )
     health_servicer = health.HealthServicer()
-    for name in ("", SERVICE_NAME):
-        health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    # "" is the whole server, as probes ask by default; NOT_SERVING until the model is loaded.
+    lifecycle = Lifecycle(health_servicer, ("", SERVICE_NAME), guarded=SERVICE_NAME)
     server = grpc.server(
         ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="hotmerge-rpc"),
-        # Without this, Linux lets a second server bind the same port and steal half the calls.
-        options=[("grpc.so_reuseport", 0)],
+        interceptors=[lifecycle.interceptor()],
+        options=config.grpc_options(),
     )
     hotmerge_pb2_grpc.add_HotmergeServicer_to_server(service, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -153,10 +170,16 @@ def open_port(config: ServerConfig) -> RunningServer:
     if port == 0:
         raise OSError(f"cannot listen on {config.address} (port in use?)")
     server.start()
-    running = RunningServer(server, port, service, health_servicer, config, metrics)
+    running = RunningServer(server, port, service, health_servicer, config, metrics, lifecycle)
     if config.metrics_port is not None:
-        running.metrics_port = metrics.start_http(config.metrics_port)
-        log.info("metrics on http://%s:%d/metrics", config.host, running.metrics_port)
+        running.http = HttpEndpoint(
+            metrics.registry,
+            ready=lambda: lifecycle.ready,
+            state=lambda: lifecycle.state.value,
+            host=config.host,
+            port=config.metrics_port,
+        )
+        log.info("/healthz, /readyz, /metrics on http://%s:%d", config.host, running.metrics_port)
     return running
 
 
@@ -173,7 +196,13 @@ def start_server(config: ServerConfig) -> RunningServer:
 
 
 def serve(config: ServerConfig) -> None:
-    """Run the server until SIGINT or SIGTERM, then drain and stop."""
+    """Run the server until SIGINT or SIGTERM, then drain and stop.
+
+    The signal handlers go in first, so a signal while the model loads drains right after it.
+    """
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
     running = start_server(config)
     engine = running.engine
     runner = engine.runner
@@ -190,10 +219,20 @@ def serve(config: ServerConfig) -> None:
         engine.max_total_tokens,
         engine.store.root,
     )
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
-    log.info("shutting down; in-flight requests have %.0f s to finish", config.grace_s)
-    running.stop(config.grace_s)
-    log.info("stopped")
+    # A timed wait: Python runs signal handlers only in the main thread, and a signal the
+    # kernel hands to another thread does not wake an untimed wait.
+    while not stop.wait(0.5):
+        pass
+    in_flight = running.lifecycle.in_flight
+    log.info(
+        "draining: health NOT_SERVING, new requests refused; %d in flight have %.0f s to finish",
+        in_flight,
+        config.grace_s,
+    )
+    started = time.monotonic()
+    drained = running.stop(config.grace_s)
+    log.info(
+        "stopped: drained in %.2f s (%s)",
+        time.monotonic() - started,
+        "all in-flight requests finished" if drained else "grace period over, the rest cancelled",
+    )

@@ -123,6 +123,17 @@ def generation_request(
     return GenerationRequest(inputs=msg.inputs, params=params, adapter_id=adapter_id)
 
 
+def _send_merge_keys(context: grpc.ServicerContext, outcome: MergeOutcome | None) -> bool:
+    """The merge keys as initial metadata, sent with the first response message and not
+    before: a replica that dies before answering has then sent nothing, so a balancer can
+    still replay the request on another replica."""
+    if outcome is not None:
+        context.send_initial_metadata(
+            ((MERGE_KEY_HEADER, outcome.affinity_key), (MERGE_CACHE_KEY_HEADER, outcome.merge_key))
+        )
+    return True
+
+
 @functools.lru_cache(maxsize=4096)
 def parse_spec_cached(serialized: bytes, max_adapters: int) -> MergeSpec:
     """``parse_merge_spec`` memoised on the message's bytes: repeated specs skip validation."""
@@ -300,22 +311,18 @@ class HotmergeService(pb_grpc.HotmergeServicer):
     def _rpc(self, context: grpc.ServicerContext, method: str, request_id: str):
         return _rpc(context, method, request_id, self.metrics)
 
-    def _merge(self, msg: pb.MergedAdapters, context: grpc.ServicerContext):
-        """Resolve a merge spec to a pinned merged adapter; send its keys as metadata."""
+    def _merge(self, msg: pb.MergedAdapters):
+        """Resolve a merge spec to a pinned merged adapter."""
         self._engine()
         spec = parse_spec_cached(msg.SerializeToString(deterministic=True), self.max_merge_adapters)
-        lease, outcome = self.merger.acquire(spec)
-        context.send_initial_metadata(
-            ((MERGE_KEY_HEADER, outcome.affinity_key), (MERGE_CACHE_KEY_HEADER, outcome.merge_key))
-        )
-        return lease, outcome
+        return self.merger.acquire(spec)
 
     def _submit(self, msg: pb.GenerateRequest, context: grpc.ServicerContext):
         request = generation_request(msg, default_max_new_tokens=self.default_max_new_tokens)
         engine = self._engine()
         lease = outcome = None
         if msg.WhichOneof("adapter") == "merged_adapters":
-            lease, outcome = self._merge(msg.merged_adapters, context)
+            lease, outcome = self._merge(msg.merged_adapters)
         handle = engine.submit(request, deadline=_deadline(context), adapter=lease)
         # Runs when the RPC ends for any reason: on a cancel or deadline it stops the work.
         if not context.add_callback(handle.cancel):
@@ -332,15 +339,21 @@ class HotmergeService(pb_grpc.HotmergeServicer):
             gen_request, handle, outcome = self._submit(request, context)
             result = handle.wait()
             self._done(request_id, "Generate", gen_request, result, outcome)
+            _send_merge_keys(context, outcome)
             return generate_response(result, details=gen_request.params.details, merge=outcome)
 
     def GenerateStream(self, request, context):
         request_id = _request_id(context)
         with self._rpc(context, "GenerateStream", request_id):
             gen_request, handle, outcome = self._submit(request, context)
+            keys_sent = False
             for event in handle:
+                if not keys_sent:
+                    keys_sent = _send_merge_keys(context, outcome)
                 yield pb.GenerateStreamResponse(token=token_message(event), text=event.text)
             self._done(request_id, "GenerateStream", gen_request, handle.result, outcome)
+            if not keys_sent:
+                _send_merge_keys(context, outcome)
             yield final_stream_message(handle.result, merge=outcome)
 
     def Merge(self, request, context):
@@ -348,8 +361,9 @@ class HotmergeService(pb_grpc.HotmergeServicer):
         with self._rpc(context, "Merge", request_id):
             if not request.HasField("merged_adapters"):
                 raise InvalidArgument("merged_adapters is unset: give the merge spec to warm")
-            lease, outcome = self._merge(request.merged_adapters, context)
+            lease, outcome = self._merge(request.merged_adapters)
             lease.release()
+            _send_merge_keys(context, outcome)
             log.info(
                 "request %s Merge %s: hit=%s merge=%.2fms load=%.1fms",
                 request_id,
