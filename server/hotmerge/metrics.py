@@ -13,8 +13,6 @@ cache.used_bytes)`` reads its size at scrape time. The adapter store can do the 
 
 from __future__ import annotations
 
-from wsgiref.simple_server import WSGIServer
-
 import grpc
 from prometheus_client import (
     CollectorRegistry,
@@ -22,7 +20,6 @@ from prometheus_client import (
     Gauge,
     Histogram,
     generate_latest,
-    start_http_server,
 )
 
 
@@ -101,7 +98,6 @@ class Metrics:
         self.generated_tokens = Counter(
             "hotmerge_generated_tokens", "Tokens generated, over all requests", registry=r
         )
-        self._http: WSGIServer | None = None
         self._cache_children: dict[tuple[str, str], Counter] = {}
 
     # -- observations ----------------------------------------------------------------------
@@ -143,19 +139,3 @@ class Metrics:
     def exposition(self) -> bytes:
         """The registry in Prometheus text format (what ``/metrics`` serves)."""
         return generate_latest(self.registry)
-
-    def start_http(self, port: int, addr: str = "0.0.0.0") -> int:
-        """Serve ``/metrics`` on ``addr:port`` in a daemon thread; port 0 picks a free port.
-
-        Returns the port bound.
-        """
-        if self._http is not None:
-            raise RuntimeError("the metrics endpoint is already serving")
-        self._http, _ = start_http_server(port, addr=addr, registry=self.registry)
-        return self._http.server_port
-
-    def stop_http(self) -> None:
-        if self._http is not None:
-            self._http.shutdown()
-            self._http.server_close()
-            self._http = None

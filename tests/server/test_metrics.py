@@ -1,8 +1,10 @@
+import urllib.error
 import urllib.request
 
 import grpc
 import pytest
 import torch
+from hotmerge.http_endpoint import HttpEndpoint
 from hotmerge.merge_cache import MergeCache
 from hotmerge.metrics import MERGE_BUCKETS, Metrics
 from hotmerge_kernels.layout import FlatAdapter
@@ -83,16 +85,22 @@ def test_requests_queue_and_store_gauges():
     assert value(m, "hotmerge_adapter_bytes") == 12345
 
 
-def test_http_endpoint_serves_metrics_on_a_free_port():
+def test_http_endpoint_serves_metrics_and_readiness_on_a_free_port():
     m = Metrics()
     m.observe_request("Info", grpc.StatusCode.OK, 0.01)
-    port = m.start_http(0, addr="127.0.0.1")
+    ready = {"now": False}
+    endpoint = HttpEndpoint(m.registry, lambda: ready["now"], lambda: "loading", "127.0.0.1", 0)
+    base = f"http://127.0.0.1:{endpoint.port}"
     try:
-        assert port > 0
-        with pytest.raises(RuntimeError, match="already serving"):
-            m.start_http(0)
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        assert endpoint.port > 0
+        with urllib.request.urlopen(f"{base}/metrics", timeout=5) as response:
             body = response.read().decode()
         assert 'hotmerge_requests_total{code="OK",method="Info"} 1.0' in body
+        with pytest.raises(urllib.error.HTTPError) as not_ready:
+            urllib.request.urlopen(f"{base}/readyz", timeout=5)
+        assert not_ready.value.code == 503
+        ready["now"] = True
+        with urllib.request.urlopen(f"{base}/readyz", timeout=5) as response:
+            assert response.status == 200
     finally:
-        m.stop_http()
+        endpoint.stop()
