@@ -7,11 +7,13 @@ is (N inputs read + 1 output written) / the device-to-device copy bandwidth meas
 Writes benchmarks/results/merge_latency-<device>-<date>.{json,md} (or --out).
 
     PYTHONPATH=kernels python benchmarks/merge_latency.py [--peft-reps 2] [--ranks 16 64]
+        [--quick] [--tune]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import platform
@@ -210,7 +212,82 @@ def breakdown(adapters) -> dict:
     }
     trim_thresholds(adapters, DENSITY)
     result["ties_api_cached_ms"] = bench(lambda: merge_adapters(adapters, params))
+
+    def ties_cold():
+        clear(adapters)
+        merge_adapters(adapters, params)
+
+    result["ties_api_cold_ms"] = bench(ties_cold)
+    trim_thresholds(adapters, DENSITY)
     return result
+
+
+MERGE_CONFIGS = [(512, 4), (1024, 2), (1024, 4), (1024, 8), (2048, 4)]  # (BLOCK, num_warps)
+THRESHOLD_CONFIGS = [(4096, 8, 8), (8192, 8, 8), (4096, 4, 8), (4096, 8, 5)]
+# (BLOCK, num_warps, digit bits)
+
+
+def tune(adapters) -> list[dict]:
+    """Kernel-alone times of a few launch shapes (merge kernel per mode, threshold kernel)."""
+    plan = get_plan(adapters, cat=False)
+    out = torch.empty(plan.total, dtype=adapters[0].dtype, device="cuda")
+    thresholds = trim_thresholds(adapters, DENSITY)
+    weights = torch.ones(2, len(adapters))
+    buffers = [a.buffer for a in adapters]
+    modes = {
+        "linear": (reference.MODE_NONE, reference.ELECT_NONE),
+        "ties": (reference.MODE_TRIM, reference.ELECT_TOTAL),
+        "dare_linear": (reference.MODE_DARE, reference.ELECT_NONE),
+        "dare_ties": (reference.MODE_DARE, reference.ELECT_TOTAL),
+    }
+    rows = []
+    for block, warps in MERGE_CONFIGS:
+        row = {"kernel": "merge", "block": block, "num_warps": warps}
+        for name, (mode, elect) in modes.items():
+            fn = functools.partial(
+                triton_merge.elementwise_merge, out, plan, buffers, weights, per_segment=False,
+                thresholds=thresholds, mode=mode, elect=elect, density=DENSITY, seed=1,
+                block=block, num_warps=warps,
+            )  # fmt: skip
+            row[f"{name}_ms"] = do_bench(fn, warmup=20, rep=100, return_mode="median")
+        rows.append(row)
+        print("tune:", _fmt_dict(row), flush=True)
+    want = [t.clone() for t in thresholds]
+    for block, warps, digit in THRESHOLD_CONFIGS:
+        fn = functools.partial(
+            triton_merge.segment_thresholds, adapters, DENSITY, block=block, num_warps=warps,
+            digit_bits=digit,
+        )  # fmt: skip
+        same = all(torch.equal(g, w) for g, w in zip(fn(), want, strict=True))
+        ms = do_bench(fn, warmup=20, rep=100, return_mode="median")
+        row = {"kernel": "thresholds", "block": block, "num_warps": warps, "digit_bits": digit}
+        row.update(ms=ms, same=same)
+        rows.append(row)
+        print("tune:", _fmt_dict(row), flush=True)
+    host_profile(adapters)
+    return rows
+
+
+def host_profile(adapters, calls: int = 200) -> None:
+    """Where the host time of a cached TIES merge_adapters call goes (cProfile, top entries)."""
+    import cProfile
+    import pstats
+
+    params = MergeParams(Strategy.TIES, (1.0,) * len(adapters), DENSITY)
+    trim_thresholds(adapters, DENSITY)
+    merge_adapters(adapters, params)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        merge_adapters(adapters, params)
+    wall = (time.perf_counter() - t0) * 1e3 / calls
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(calls):
+        merge_adapters(adapters, params)
+    prof.disable()
+    print(f"host profile: {calls} cached TIES calls, wall {wall:.3f} ms a call", flush=True)
+    pstats.Stats(prof).sort_stats("tottime").print_stats(12)
 
 
 def main() -> None:
@@ -222,7 +299,11 @@ def main() -> None:
     p.add_argument("--peft-max-n", type=int, default=8, help="skip PEFT above this many adapters")
     p.add_argument("--torch-reps", type=int, default=1)
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    p.add_argument("--quick", action="store_true", help="N = 3, rank 16, every strategy")
+    p.add_argument("--tune", action="store_true", help="also time a few launch shapes")
     args = p.parse_args()
+    if args.quick:
+        args.ranks, args.ns = [16], [3]
 
     import peft
 
@@ -249,6 +330,8 @@ def main() -> None:
         nbytes = pool[0].nbytes
         meta.setdefault("breakdown", []).append(breakdown(pool[:3]))
         print("breakdown:", _fmt_dict(meta["breakdown"][-1]), flush=True)
+        if args.tune:
+            meta.setdefault("tune", []).extend(tune(pool[:3]))
         for n in args.ns:
             for name in args.strategies:
                 strategy = Strategy(name)

@@ -45,6 +45,7 @@ synchronised at its end.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Sequence
@@ -77,11 +78,12 @@ def merge_adapters(
         backend = "triton" if device.type == "cuda" else "torch"
     engine = _engine(backend)
 
-    start_event = end_event = None
+    start_event = end_event = stream = None
     if device.type == "cuda":
+        stream = torch.cuda.current_stream(device)
         start_event = torch.cuda.Event(enable_timing=True)
         end_event = torch.cuda.Event(enable_timing=True)
-        start_event.record()
+        start_event.record(stream)
     t0 = time.perf_counter()
 
     strategy = params.strategy
@@ -91,9 +93,9 @@ def merge_adapters(
     out = _new_buffer(plan.total, adapters[0].dtype, device)
     buffers = [a.buffer for a in adapters]
     if strategy is Strategy.CAT:
-        w1 = [[w, 1.0] for w in params.weights]  # PEFT: A * weight * scaling, in that order
-        w2 = [[a.scaling, 1.0] for a in adapters]
-        engine.cat_merge(out, plan, buffers, _table(w1, device), _table(w2, device))
+        w1 = tuple((w, 1.0) for w in params.weights)  # PEFT: A * weight * scaling, in that order
+        w2 = tuple((a.scaling, 1.0) for a in adapters)
+        engine.cat_merge(out, plan, buffers, _table(w1), _table(w2))
     elif strategy is Strategy.SLERP:
         weights = _slerp_weights(plan, engine.pair_stats(plan, buffers), adapters, params)
         engine.elementwise_merge(
@@ -101,16 +103,16 @@ def merge_adapters(
             mode=reference.MODE_NONE, elect=reference.ELECT_NONE, density=1.0, seed=0,
         )  # fmt: skip
     else:
-        folded = [_fold(w, a.scaling) for w, a in zip(params.weights, adapters, strict=True)]
+        folded = tuple(_fold(w, a.scaling) for w, a in zip(params.weights, adapters, strict=True))
         mode, elect, thresholds = _mode(strategy, params, adapters, engine)
         engine.elementwise_merge(
-            out, plan, buffers, _table(folded, device), per_segment=False,
+            out, plan, buffers, _table(folded), per_segment=False,
             thresholds=thresholds, mode=mode, elect=elect, density=params.density,
             seed=params.seed,
         )  # fmt: skip
 
     if end_event is not None:
-        end_event.record()
+        end_event.record(stream)
         end_event.synchronize()
         merge_ms = start_event.elapsed_time(end_event)
     else:
@@ -166,8 +168,10 @@ def _fold(weight: float, scaling: float) -> tuple[float, float]:
     return (root if ws >= 0 else -root), root
 
 
-def _table(pairs, device) -> torch.Tensor:
-    """float32 [2, N] from N (A, B) pairs, on the host: the engine moves it with its own tables."""
+@functools.lru_cache(maxsize=256)
+def _table(pairs: tuple) -> torch.Tensor:
+    """float32 [2, N] from N (A, B) pairs, on the host: the engine moves it with its own tables.
+    Kept per distinct pairs (engines only read it), so a repeated merge builds no tensor."""
     return torch.tensor(pairs, dtype=torch.float32).T.contiguous()
 
 

@@ -139,6 +139,7 @@ def elementwise_merge(
     """
     n = len(buffers)
     weights = weights.to(out.device)
+    divisor = density if density > 0 else 1.0  # DARE at density 0 keeps nothing: never x / 0
     for e0, e1 in _chunks(plan):
         seg, local = _locate(plan, e0, e1)
         is_b = plan.seg_is_b[seg]
@@ -153,7 +154,7 @@ def elementwise_merge(
                 x = torch.where(x.abs() >= thr, x, 0.0)
             elif mode == MODE_DARE:
                 u = dare_uniform(seed, i, plan.in_seg[seg, i], local)
-                x = torch.where(u < density, x / density, 0.0)
+                x = torch.where(u < density, x / divisor, 0.0)
             xs.append(x)
         acc = torch.zeros_like(xs[0])
         if elect == ELECT_NONE:

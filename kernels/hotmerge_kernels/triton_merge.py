@@ -1,9 +1,9 @@
 """Triton kernels of the merge engine; ``reference`` holds their torch twins.
 
-- ``_radix_histogram_kernel`` + ``_radix_select_kernel``: exact k-th largest |x| of every
-  tensor of every adapter, by radix select over the magnitude bits of the storage dtype, 8 bits
-  a pass (2 passes for bf16/fp16, 4 for fp32): a histogram launch over all chunks of all
-  tensors of the elements that match the bits chosen so far, then a select launch per tensor.
+- ``_segment_threshold_kernel``: exact k-th largest |x| of every tensor of every adapter, by
+  radix select over the magnitude bits of the storage dtype, 8 bits a pass (2 passes for
+  bf16/fp16, 4 for fp32), one persistent program per tensor holding its histogram in
+  registers: one launch, no global atomics.
 - ``_merge_kernel``: per element across N inputs, trim or DARE, then weighted sum or TIES
   (sign election and disjoint mean), float32 inside, written once in the output dtype.
 - ``_cat_kernel``: the rank concatenation, each input tensor copied (scaled) to its block of
@@ -15,12 +15,15 @@ Inputs are passed as a table of buffer addresses, so one launch covers all adapt
 
 from __future__ import annotations
 
+import inspect
+from collections import OrderedDict
+
 import torch
 import triton
 import triton.language as tl
 
 from .layout import FlatAdapter
-from .plan import MergePlan
+from .plan import MergePlan, layout_signature
 from .reference import (  # MODE_* and ELECT_* number the kernels' MODE and ELECT constexprs
     MODE_TRIM,
     PHILOX_M0,
@@ -30,8 +33,17 @@ from .reference import (  # MODE_* and ELECT_* number the kernels' MODE and ELEC
     PHILOX_W1,
 )
 
-MERGE_BLOCK = 2048
+MERGE_BLOCK = 1024  # H100, N = 3: 0.183 ms TIES vs 0.207 at 2048 (benchmarks/NOTES-merge.md)
+MERGE_WARPS = 4
+CAT_BLOCK = 2048
 THRESHOLD_BLOCK = 4096
+THRESHOLD_WARPS = 8
+# Radix digit bits a pass: 8 (2 passes for bf16/fp16, 4 for fp32). H100, N = 3 rank 16: 8 bits
+# 1.05 ms; an 11 + 4 split (2048 bins first) 3.7-4.8 ms; 5 bits (3 passes) as slow as 8 bits.
+THRESHOLD_DIGIT_BITS = 8
+_HIST_MASK: tl.constexpr = tl.constexpr(
+    "mask" in inspect.signature(tl.histogram).parameters
+)  # fmt: skip
 
 _M0: tl.constexpr = tl.constexpr(PHILOX_M0)
 _M1: tl.constexpr = tl.constexpr(PHILOX_M1)
@@ -47,7 +59,20 @@ def _to_device(table: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def _address_table(tensors: list[torch.Tensor], device) -> torch.Tensor:
-    return _to_device(torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64), device)
+    """int64 table of the tensors' addresses on the device, uploaded once per distinct table."""
+    key = (tuple(t.data_ptr() for t in tensors), str(device))
+    table = _address_tables.get(key)
+    if table is None:
+        table = _to_device(torch.tensor(key[0], dtype=torch.int64), device)
+        _address_tables[key] = table
+        if len(_address_tables) > 256:
+            _address_tables.popitem(last=False)
+    else:
+        _address_tables.move_to_end(key)
+    return table
+
+
+_address_tables: OrderedDict[tuple, torch.Tensor] = OrderedDict()
 
 
 @triton.jit
@@ -65,108 +90,118 @@ def _magnitude_key(x, KEY_BITS: tl.constexpr):
 
 
 @triton.jit
-def _radix_histogram_kernel(
-    hist, tasks, T, chunk_task, chunk_start, x_ptrs, ref_ptr,
-    SHIFT: tl.constexpr, KEY_BITS: tl.constexpr, BLOCK: tl.constexpr,
+def _radix_pass(
+    base, n, prefix, remaining, SHIFT: tl.constexpr, WIDTH: tl.constexpr,
+    KEY_BITS: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    """One pass: histogram of digit (key >> SHIFT) & 255 over the elements of one chunk of one
-    tensor whose higher bits match the prefix chosen so far, added into hist[task]."""
-    c = tl.program_id(0)
-    t = tl.load(chunk_task + c)
-    idx = tl.load(chunk_start + c) + tl.arange(0, BLOCK)
-    base = _load_input(x_ptrs, tl.load(tasks + t), ref_ptr)
-    inb = idx < tl.load(tasks + 2 * T + t)
-    x = tl.load(base + tl.load(tasks + T + t) + idx, mask=inb, other=0)
-    key = _magnitude_key(x, KEY_BITS)
-    valid = inb
-    if SHIFT + 8 < KEY_BITS:
-        prefix = tl.load(tasks + 4 * T + t).to(tl.int32)
-        valid = valid & ((key >> (SHIFT + 8)) == (prefix >> (SHIFT + 8)))
-    digit = tl.where(valid, (key >> SHIFT) & 255, 0)
-    bins = tl.arange(0, 256)
-    n_invalid = BLOCK - tl.sum(valid.to(tl.int32), axis=0)
-    counts = tl.histogram(digit, 256) - tl.where(bins == 0, n_invalid, 0)
-    tl.atomic_add(hist + t * 256 + bins, counts, mask=counts > 0)
+    """One WIDTH-bit digit: histogram (in registers) of (key >> SHIFT) & (2^WIDTH - 1) over the
+    keys whose bits above SHIFT + WIDTH equal the prefix's, then the digit that holds the
+    remaining-th largest key; returns the prefix with that digit added and the new rank.
 
-
-@triton.jit
-def _radix_select_kernel(
-    hist, tasks, T, thr_out, ref_ptr,
-    SHIFT: tl.constexpr, KEY_BITS: tl.constexpr,
-):  # fmt: skip
-    """Per tensor: the digit of its k-th largest key from this pass's histogram; appends it to
-    the prefix, and after the last pass writes the threshold."""
-    t = tl.program_id(0)
-    bins = tl.arange(0, 256)
-    counts = tl.load(hist + t * 256 + bins)
-    prefix = tl.load(tasks + 4 * T + t)
-    remaining = tl.load(tasks + 5 * T + t)  # rank of the k-th largest among the matching keys
+    tl.histogram lowers to one shared-memory atomic add per element, so elements of other
+    prefixes are masked out of it (no atomic) rather than counted in bin 0 and subtracted, which
+    sent most elements of a later pass to one address (H100: 1.25 -> 1.05 ms, N = 3 rank 16)."""
+    BINS: tl.constexpr = 1 << WIDTH
+    bins = tl.arange(0, BINS)
+    counts = tl.zeros([BINS], dtype=tl.int32)
+    for start in range(0, n, BLOCK):
+        idx = start + tl.arange(0, BLOCK)
+        inb = idx < n
+        key = _magnitude_key(tl.load(base + idx, mask=inb, other=0), KEY_BITS)
+        valid = inb
+        if SHIFT + WIDTH < KEY_BITS:
+            valid = valid & ((key >> (SHIFT + WIDTH)) == (prefix >> (SHIFT + WIDTH)))
+        digit = (key >> SHIFT) & (BINS - 1)
+        if _HIST_MASK:
+            counts += tl.histogram(digit, BINS, mask=valid)
+        else:
+            digit = tl.where(valid, digit, 0)
+            n_invalid = BLOCK - tl.sum(valid.to(tl.int32), axis=0)
+            counts += tl.histogram(digit, BINS) - tl.where(bins == 0, n_invalid, 0)
     from_top = tl.sum(counts, axis=0) - tl.cumsum(counts, axis=0) + counts
     digit = tl.max(tl.where(from_top >= remaining, bins, -1), axis=0)
     remaining -= tl.sum(tl.where(bins > digit, counts, 0), axis=0)
-    prefix = prefix | (digit.to(tl.int64) << SHIFT)
-    tl.store(tasks + 4 * T + t, prefix)
-    tl.store(tasks + 5 * T + t, remaining)
-    if SHIFT == 0:
-        if KEY_BITS == 15:
-            thr = prefix.to(tl.int16).to(ref_ptr.dtype.element_ty, bitcast=True).to(tl.float32)
-        else:
-            thr = prefix.to(tl.int32).to(tl.float32, bitcast=True)
-        thr = tl.where(tl.load(tasks + 3 * T + t) == 0, float("inf"), thr)
-        tl.store(thr_out + t, thr)
+    return prefix | (digit << SHIFT), remaining
 
 
-def _threshold_tasks(adapter: FlatAdapter, block: int):
-    """(offsets, numels) of the adapter's tensors and its chunk table, cached in the adapter."""
-    key = ("threshold_tasks", block)
-    if key not in adapter.cache:
-        off = torch.tensor([s.offset for s in adapter.segments], dtype=torch.int64)
-        numel = torch.tensor([s.numel for s in adapter.segments], dtype=torch.int64)
-        per_task = (numel + block - 1) // block
-        task = torch.repeat_interleave(torch.arange(len(numel)), per_task)
-        first = torch.cumsum(per_task, 0) - per_task
-        start = (torch.arange(len(task)) - first[task]) * block
-        adapter.cache[key] = (off, numel, task, start)
-    return adapter.cache[key]
+@triton.jit
+def _segment_threshold_kernel(
+    tasks, T, order, thr_out, x_ptrs, ref_ptr, KEY_BITS: tl.constexpr, DIGIT: tl.constexpr,
+    BLOCK: tl.constexpr,
+):  # fmt: skip
+    """One program per tensor (longest first): the exact k-th largest |x| by radix select, DIGIT
+    bits a pass, every pass a sweep over the tensor (from L2 where it stayed) that histograms
+    the digit of the keys whose higher bits match the prefix chosen so far, in registers; then
+    the digit holding the k-th largest is chosen in-program. No global atomics, one launch."""
+    t = tl.load(order + tl.program_id(0))
+    base = _load_input(x_ptrs, tl.load(tasks + t), ref_ptr) + tl.load(tasks + T + t)
+    n = tl.load(tasks + 2 * T + t)
+    k = tl.load(tasks + 3 * T + t)
+    prefix = tl.zeros([], dtype=tl.int32)
+    remaining = k.to(tl.int32)  # rank of the k-th largest among the keys matching the prefix
+    PASSES: tl.constexpr = (KEY_BITS + DIGIT - 1) // DIGIT  # the top digit may be narrower
+    for p in tl.static_range(PASSES):
+        prefix, remaining = _radix_pass(
+            base, n, prefix, remaining, DIGIT * (PASSES - 1 - p), DIGIT, KEY_BITS, BLOCK
+        )
+    if KEY_BITS == 15:
+        thr = prefix.to(tl.int16).to(ref_ptr.dtype.element_ty, bitcast=True).to(tl.float32)
+    else:
+        thr = prefix.to(tl.float32, bitcast=True)
+    thr = tl.where(k == 0, float("inf"), thr)
+    tl.store(thr_out + t, thr)
+
+
+_threshold_tables: OrderedDict[tuple, tuple] = OrderedDict()
+
+
+def _threshold_table(adapters: list[FlatAdapter], density: float):
+    """(tasks [4, T] int64: input, offset, numel, k; order of the programs, longest first), on
+    the device, built once per (layouts, density) and kept."""
+    key = (tuple(layout_signature(a) for a in adapters), float(density), str(adapters[0].device))
+    found = _threshold_tables.get(key)
+    if found is None:
+        inputs, off, numel = [], [], []
+        for i, a in enumerate(adapters):
+            for s in a.segments:
+                inputs.append(i)
+                off.append(s.offset)
+                numel.append(s.numel)
+        numel_t = torch.tensor(numel, dtype=torch.int64)
+        k = (numel_t.to(torch.float64) * density).floor().to(torch.int64).clamp(max=numel_t)
+        tasks = torch.stack([torch.tensor(inputs), torch.tensor(off), numel_t, k])
+        order = torch.argsort(numel_t, descending=True, stable=True).to(torch.int32)
+        device = adapters[0].device
+        found = (_to_device(tasks.to(torch.int64), device), _to_device(order, device))
+        _threshold_tables[key] = found
+        if len(_threshold_tables) > 32:
+            _threshold_tables.popitem(last=False)
+    else:
+        _threshold_tables.move_to_end(key)
+    return found
 
 
 def segment_thresholds(
-    adapters: list[FlatAdapter], density: float, block: int = THRESHOLD_BLOCK
-) -> list[torch.Tensor]:
+    adapters: list[FlatAdapter], density: float, block: int = THRESHOLD_BLOCK,
+    num_warps: int = THRESHOLD_WARPS, digit_bits: int | None = None,
+) -> list[torch.Tensor]:  # fmt: skip
     """Per adapter, float32 [segments]: the k-th largest |x| of each tensor (inf when k = 0).
 
-    Radix select over all tensors of all adapters at once: per 8-bit digit, a histogram launch
-    over every chunk of every tensor (atomics into per-tensor histograms), then a select launch
-    with one program per tensor.
+    One launch, one program per tensor of every adapter (``_segment_threshold_kernel``).
     """
     device = adapters[0].device
-    parts = [_threshold_tasks(a, block) for a in adapters]
-    inputs = torch.cat([torch.full_like(p[0], i) for i, p in enumerate(parts)])
-    off = torch.cat([p[0] for p in parts])
-    numel = torch.cat([p[1] for p in parts])
-    k = (numel.to(torch.float64) * density).floor().to(torch.int64).clamp(max=numel)
-    # Columns: input, offset, numel, k, prefix (chosen bits), remaining rank.
-    tasks = _to_device(torch.stack([inputs, off, numel, k, torch.zeros_like(k), k]), device)
-    firsts = torch.cumsum(torch.tensor([0] + [len(p[1]) for p in parts[:-1]]), 0)
-    chunk_task = torch.cat([p[2] + f for p, f in zip(parts, firsts, strict=True)])
-    chunk_start = torch.cat([p[3] for p in parts])
-    chunks = _to_device(torch.stack([chunk_task, chunk_start]).to(torch.int32), device)
-    n_tasks = len(off)
-    key_bits = 31 if adapters[0].buffer.element_size() == 4 else 15
-    passes = (key_bits + 7) // 8
-    hist = torch.zeros(passes, n_tasks, 256, dtype=torch.int32, device=device)
+    tasks, order = _threshold_table(adapters, density)
+    n_tasks = tasks.shape[1]
     thr = torch.empty(n_tasks, dtype=torch.float32, device=device)
-    x_ptrs = _address_table([a.buffer for a in adapters], device)
-    ref = adapters[0].buffer
-    for p in range(passes):
-        shift = 8 * (passes - 1 - p)
-        _radix_histogram_kernel[(chunks.shape[1],)](
-            hist[p], tasks, n_tasks, chunks[0], chunks[1], x_ptrs, ref,
-            SHIFT=shift, KEY_BITS=key_bits, BLOCK=block, num_warps=8,
+    if n_tasks:
+        key_bits = 31 if adapters[0].buffer.element_size() == 4 else 15
+        if digit_bits is None:
+            digit_bits = THRESHOLD_DIGIT_BITS
+        _segment_threshold_kernel[(n_tasks,)](
+            tasks, n_tasks, order, thr, _address_table([a.buffer for a in adapters], device),
+            adapters[0].buffer, KEY_BITS=key_bits, DIGIT=digit_bits, BLOCK=block,
+            num_warps=num_warps,
         )  # fmt: skip
-        _radix_select_kernel[(n_tasks,)](
-            hist[p], tasks, n_tasks, thr, ref, SHIFT=shift, KEY_BITS=key_bits, num_warps=4
-        )
     return list(thr.split([len(a.segments) for a in adapters]))
 
 
@@ -194,8 +229,8 @@ def _dare_uniform(seed_lo, seed_hi, adapter, segment, start, BLOCK: tl.constexpr
 
 @triton.jit
 def _transformed_input(
-    x_ptrs, thr_ptrs, out_ptr, in_off, in_seg, j, i, N, start, idx, n, density, seed_lo,
-    seed_hi, MODE: tl.constexpr, BLOCK: tl.constexpr,
+    x_ptrs, thr_ptrs, out_ptr, in_off, in_seg, j, i, N, start, idx, n, density, divisor,
+    seed_lo, seed_hi, MODE: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     """Input i of output tensor j, trimmed or DARE'd, float32 (zeros where absent)."""
     off = tl.load(in_off + j * N + i)
@@ -208,14 +243,14 @@ def _transformed_input(
     elif MODE == 2:
         seg = tl.load(in_seg + j * N + i)
         u = _dare_uniform(seed_lo, seed_hi, i, seg, start, BLOCK)
-        x = tl.where(u < density, x / density, 0.0)
+        x = tl.where(u < density, x / divisor, 0.0)
     return x
 
 
 @triton.jit
 def _merge_kernel(
     out_ptr, x_ptrs, thr_ptrs, w_ptr, chunk_seg, chunk_start, seg_out_off, seg_numel, seg_is_b,
-    in_off, in_seg, density, seed_lo, seed_hi, N: tl.constexpr,
+    in_off, in_seg, density, divisor, seed_lo, seed_hi, N: tl.constexpr,
     PER_SEGMENT: tl.constexpr, MODE: tl.constexpr, ELECT: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     c = tl.program_id(0)
@@ -230,7 +265,7 @@ def _merge_kernel(
         for i in tl.static_range(N):
             x = _transformed_input(
                 x_ptrs, thr_ptrs, out_ptr, in_off, in_seg, j, i, N, start, idx, n,
-                density, seed_lo, seed_hi, MODE, BLOCK,
+                density, divisor, seed_lo, seed_hi, MODE, BLOCK,
             )  # fmt: skip
             acc += x * tl.load(w_ptr + w_row * N + i)
     else:
@@ -239,7 +274,7 @@ def _merge_kernel(
         for i in tl.static_range(N):
             x = _transformed_input(
                 x_ptrs, thr_ptrs, out_ptr, in_off, in_seg, j, i, N, start, idx, n,
-                density, seed_lo, seed_hi, MODE, BLOCK,
+                density, divisor, seed_lo, seed_hi, MODE, BLOCK,
             )  # fmt: skip
             if N <= 32:
                 nonzero = nonzero | ((x != 0).to(tl.int32) << i)
@@ -253,15 +288,15 @@ def _merge_kernel(
             if N <= 32:  # reload (from L2) and reuse the pass-1 mask instead of recomputing
                 x = _transformed_input(
                     x_ptrs, thr_ptrs, out_ptr, in_off, in_seg, j, i, N, start, idx, n,
-                    density, seed_lo, seed_hi, 0, BLOCK,
+                    density, divisor, seed_lo, seed_hi, 0, BLOCK,
                 )  # fmt: skip
                 if MODE == 2:
-                    x = x / density
+                    x = x / divisor
                 x = tl.where(((nonzero >> i) & 1) != 0, x, 0.0)
             else:
                 x = _transformed_input(
                     x_ptrs, thr_ptrs, out_ptr, in_off, in_seg, j, i, N, start, idx, n,
-                    density, seed_lo, seed_hi, MODE, BLOCK,
+                    density, divisor, seed_lo, seed_hi, MODE, BLOCK,
                 )  # fmt: skip
             keep = tl.where(positive, x > 0, x < 0)
             acc += tl.where(keep, x * tl.load(w_ptr + w_row * N + i), 0.0)
@@ -284,29 +319,47 @@ def elementwise_merge(
     density: float,
     seed: int,
     block: int = MERGE_BLOCK,
+    num_warps: int = MERGE_WARPS,
 ) -> None:
     """See ``reference.elementwise_merge``."""
     chunk_seg, chunk_start = plan.chunks(block)
     if len(chunk_seg) == 0:
         return
     n = len(buffers)
-    tables = [t.data_ptr() for t in buffers]
-    tables += [t.data_ptr() for t in thresholds] if mode == MODE_TRIM else [0] * n
-    if weights.device.type == "cpu":  # ride along in the same copy
-        packed = torch.empty(2 * n + (weights.numel() + 1) // 2, dtype=torch.int64)
-        packed[: 2 * n] = torch.tensor(tables)
-        packed[2 * n :].view(torch.float32)[: weights.numel()] = weights.flatten()
-        packed = _to_device(packed, out.device)
+    tables = tuple(t.data_ptr() for t in buffers)
+    tables += tuple(t.data_ptr() for t in thresholds) if mode == MODE_TRIM else (0,) * n
+    if weights.device.type == "cpu":  # ride along in the same table, kept on the device
+        flat = weights.flatten()
+        key = (tables, tuple(flat.tolist()))
+        packed = _merge_tables.get(key)
+        if packed is None:
+            packed = torch.empty(2 * n + (flat.numel() + 1) // 2, dtype=torch.int64)
+            packed[: 2 * n] = torch.tensor(tables)
+            packed[2 * n :].view(torch.float32)[: flat.numel()] = flat
+            packed = _to_device(packed, out.device)
+            _merge_tables[key] = packed
+            if len(_merge_tables) > 256:
+                _merge_tables.popitem(last=False)
+        else:
+            _merge_tables.move_to_end(key)
         weights = packed[2 * n :].view(torch.float32)
     else:
         packed = _to_device(torch.tensor(tables), out.device)
     x_ptrs, thr_ptrs = packed[:n], packed[n : 2 * n]
+    # DARE divides the survivors by density; at density 0 none survives (u < 0 never holds), so
+    # divide by 1 there rather than compute x / 0 for the dropped ones.
+    divisor = float(density) if density > 0 else 1.0
     _merge_kernel[(len(chunk_seg),)](
         out, x_ptrs, thr_ptrs, weights, chunk_seg, chunk_start, plan.seg_out_off, plan.seg_numel,
-        plan.seg_is_b, plan.in_off, plan.in_seg, float(density),
+        plan.seg_is_b, plan.in_off, plan.in_seg, float(density), divisor,
         seed & 0xFFFFFFFF, seed >> 32 & 0xFFFFFFFF, N=len(buffers),
-        PER_SEGMENT=per_segment, MODE=mode, ELECT=elect, BLOCK=block, num_warps=4,
+        PER_SEGMENT=per_segment, MODE=mode, ELECT=elect, BLOCK=block, num_warps=num_warps,
     )  # fmt: skip
+
+
+# Device copies of the (addresses, weights) table of elementwise_merge, by content: a table
+# holds only the values it is keyed on, so reusing one is exact whatever the tensors are now.
+_merge_tables: OrderedDict[tuple, torch.Tensor] = OrderedDict()
 
 
 @triton.jit
@@ -329,7 +382,7 @@ def _cat_kernel(
     tl.store(out_ptr + dst + e % width, x.to(out_ptr.dtype.element_ty), mask=inb)
 
 
-def cat_merge(out, plan, buffers, w1, w2, block: int = MERGE_BLOCK) -> None:
+def cat_merge(out, plan, buffers, w1, w2, block: int = CAT_BLOCK) -> None:
     """See ``reference.cat_merge``; here one program per chunk of each input tensor."""
     if plan.has_gaps:
         out.zero_()
