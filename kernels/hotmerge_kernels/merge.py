@@ -104,7 +104,7 @@ def merge_adapters(
         )  # fmt: skip
     else:
         folded = tuple(_fold(w, a.scaling) for w, a in zip(params.weights, adapters, strict=True))
-        mode, elect, thresholds = _mode(strategy, params, adapters, engine)
+        mode, elect, thresholds = _mode(strategy, params, adapters, backend)
         engine.elementwise_merge(
             out, plan, buffers, _table(folded), per_segment=False,
             thresholds=thresholds, mode=mode, elect=elect, density=params.density,
@@ -140,25 +140,24 @@ def trim_thresholds(
     return [a.cache[key] for a in adapters]
 
 
-def _mode(strategy: Strategy, params: MergeParams, adapters, engine):
-    elect = {
-        SignMethod.TOTAL: reference.ELECT_TOTAL,
-        SignMethod.FREQUENCY: reference.ELECT_FREQUENCY,
-    }
+_ELECT = {SignMethod.TOTAL: reference.ELECT_TOTAL, SignMethod.FREQUENCY: reference.ELECT_FREQUENCY}
+
+
+def _mode(strategy: Strategy, params: MergeParams, adapters, backend: str):
+    """(pre-merge transform, sign election, trim thresholds or None) for the engines."""
     if strategy is Strategy.LINEAR:
         return reference.MODE_NONE, reference.ELECT_NONE, None
     if strategy in (Strategy.DARE_LINEAR, Strategy.DARE_TIES):
         ties = strategy is Strategy.DARE_TIES
         mode = reference.MODE_DARE if params.density < 1 else reference.MODE_NONE
-        return mode, elect[params.sign_method] if ties else reference.ELECT_NONE, None
-    backend = "triton" if engine.__name__.endswith("triton_merge") else "torch"
+        return mode, _ELECT[params.sign_method] if ties else reference.ELECT_NONE, None
     thresholds = None
     mode = reference.MODE_NONE
     if params.density < 1:
         thresholds = trim_thresholds(adapters, params.density, backend=backend)
         mode = reference.MODE_TRIM
     ties = strategy is Strategy.TIES
-    return mode, elect[params.sign_method] if ties else reference.ELECT_NONE, thresholds
+    return mode, _ELECT[params.sign_method] if ties else reference.ELECT_NONE, thresholds
 
 
 def _fold(weight: float, scaling: float) -> tuple[float, float]:

@@ -11,13 +11,15 @@ from __future__ import annotations
 import copy
 import hashlib
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 
 from .layout import FlatAdapter, Segment
 
+T = TypeVar("T")
 _PLAN_CACHE_SIZE = 32
 _plans: OrderedDict[tuple, MergePlan] = OrderedDict()
 
@@ -29,17 +31,9 @@ class MergePlan:
     total: int  # elements in the output buffer
     seg_out_off: torch.Tensor  # int64 [S]
     seg_numel: torch.Tensor  # int64 [S]
-    seg_cols: torch.Tensor  # int64 [S], shape[1] of the output segment
     seg_is_b: torch.Tensor  # int64 [S], 0 for A, 1 for B
     in_off: torch.Tensor  # int64 [S, N], offset of the input tensor in adapter i's buffer, or -1
     in_seg: torch.Tensor  # int64 [S, N], index of that tensor in adapter i's segments, or -1
-    # cat only: input i fills rows [row_lo, row_hi) x cols [col_lo, col_hi) of the output tensor,
-    # reading src_cols columns per input row.
-    row_lo: torch.Tensor | None = None
-    row_hi: torch.Tensor | None = None
-    col_lo: torch.Tensor | None = None
-    col_hi: torch.Tensor | None = None
-    src_cols: torch.Tensor | None = None
     # cat only, one column per (output tensor, input that has it): input, src offset, numel,
     # dst offset, width, stride; element e lands at dst + (e // width) * stride + e % width.
     copies: torch.Tensor | None = None  # int64 [7, C], last row: 1 for B tensors
@@ -57,10 +51,6 @@ class MergePlan:
         merged.buffer = buffer
         merged.cache = {}
         return merged
-
-    @property
-    def n_inputs(self) -> int:
-        return self.in_off.shape[1]
 
     def chunks(self, block: int, *, copies: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """(segment, start) of every ``block``-element chunk of every output segment (int32);
@@ -88,18 +78,21 @@ def layout_signature(adapter: FlatAdapter) -> str:
     return sig
 
 
-def get_plan(adapters: Sequence[FlatAdapter], *, cat: bool) -> MergePlan:
-    device = adapters[0].device
-    key = (tuple(layout_signature(a) for a in adapters), cat, str(device))
-    plan = _plans.get(key)
-    if plan is None:
-        plan = build_plan(adapters, cat=cat)
-        _plans[key] = plan
-        if len(_plans) > _PLAN_CACHE_SIZE:
-            _plans.popitem(last=False)
+def lru_get(cache: OrderedDict, key, make: Callable[[], T], size: int) -> T:
+    """``cache[key]``, made by ``make()`` when absent; the least recently used past ``size`` go."""
+    value = cache.get(key)
+    if value is None:
+        value = cache[key] = make()
+        if len(cache) > size:
+            cache.popitem(last=False)
     else:
-        _plans.move_to_end(key)
-    return plan
+        cache.move_to_end(key)
+    return value
+
+
+def get_plan(adapters: Sequence[FlatAdapter], *, cat: bool) -> MergePlan:
+    key = (tuple(layout_signature(a) for a in adapters), cat, str(adapters[0].device))
+    return lru_get(_plans, key, lambda: build_plan(adapters, cat=cat), _PLAN_CACHE_SIZE)
 
 
 def build_plan(adapters: Sequence[FlatAdapter], *, cat: bool) -> MergePlan:
@@ -130,8 +123,6 @@ def build_plan(adapters: Sequence[FlatAdapter], *, cat: bool) -> MergePlan:
             segments.append(seg)
             offset += seg.numel
             row = {"in_off": [-1] * n, "in_seg": [-1] * n}
-            for key in ("row_lo", "row_hi", "col_lo", "col_hi", "src_cols"):
-                row[key] = [0] * n
             lo = 0  # PEFT packs the present adapters' ranks first, zeros after
             has_gaps |= cat and len(present) < n
             for i in present:
@@ -139,13 +130,6 @@ def build_plan(adapters: Sequence[FlatAdapter], *, cat: bool) -> MergePlan:
                 src = adapters[i].segments[k]
                 row["in_off"][i], row["in_seg"][i] = src.offset, k
                 r = src.shape[0] if part == "A" else src.shape[1]
-                if part == "A":
-                    row["row_lo"][i], row["row_hi"][i] = lo, lo + r
-                    row["col_lo"][i], row["col_hi"][i] = 0, shape[1]
-                else:
-                    row["row_lo"][i], row["row_hi"][i] = 0, shape[0]
-                    row["col_lo"][i], row["col_hi"][i] = lo, lo + r
-                row["src_cols"][i] = src.shape[1]
                 if part == "A":
                     dst, width, stride = seg.offset + lo * shape[1], shape[1], shape[1]
                 else:
@@ -168,14 +152,11 @@ def build_plan(adapters: Sequence[FlatAdapter], *, cat: bool) -> MergePlan:
         total=offset,
         seg_out_off=column([s.offset for s in segments]),
         seg_numel=column([s.numel for s in segments]),
-        seg_cols=column([s.shape[1] for s in segments]),
         seg_is_b=column([int(s.part == "B") for s in segments]),
         in_off=table("in_off"),
         in_seg=table("in_seg"),
     )
     if cat:
-        for key in ("row_lo", "row_hi", "col_lo", "col_hi", "src_cols"):
-            setattr(plan, key, table(key))
         plan.copies = torch.tensor(copies, dtype=torch.int64).reshape(-1, 7).T.contiguous()
         plan.copies = plan.copies.to(device)
         plan.has_gaps = has_gaps

@@ -102,10 +102,12 @@ def _thresholds(adapter: FlatAdapter, density: float) -> torch.Tensor:
     return torch.where(k == 0, torch.full_like(thr, float("inf")), thr)
 
 
-def _chunks(plan: MergePlan):
+def _chunks(plan: MergePlan, total: int | None = None):
+    """(e0, e1) ranges over ``total`` elements (default: the output's), bounding memory."""
+    total = plan.total if total is None else total
     step = _CHUNK.get(plan.seg_out_off.device.type, 1 << 22)
-    for e0 in range(0, plan.total, step):
-        yield e0, min(e0 + step, plan.total)
+    for e0 in range(0, total, step):
+        yield e0, min(e0 + step, total)
 
 
 def _locate(plan: MergePlan, e0: int, e1: int):
@@ -182,27 +184,25 @@ def cat_merge(
     w2: torch.Tensor,
     block: int | None = None,
 ) -> None:
-    """Concatenate ranks: input i fills its block of rows (A) or columns (B), times w1·w2.
+    """Concatenate ranks: each input tensor, times w1·w2, to its block of rows (A) or columns
+    (B) of the output, as ``plan.copies`` lays out; uncovered elements are zero.
 
-    ``w1``, ``w2``: float32 [2, N], row 0 for A, row 1 for B; uncovered elements are zero.
+    ``w1``, ``w2``: float32 [2, N], row 0 for A, row 1 for B.
     """
     w1, w2 = w1.to(out.device), w2.to(out.device)
-    for e0, e1 in _chunks(plan):
-        seg, local = _locate(plan, e0, e1)
-        is_b = plan.seg_is_b[seg]
-        cols = plan.seg_cols[seg]
-        row, col = local // cols, local % cols
-        acc = torch.zeros(len(local), dtype=torch.float32, device=out.device)
-        for i in range(len(buffers)):
-            off = plan.in_off[seg, i]
-            r_lo, c_lo = plan.row_lo[seg, i], plan.col_lo[seg, i]
-            inside = (off >= 0) & (row >= r_lo) & (row < plan.row_hi[seg, i])
-            inside &= (col >= c_lo) & (col < plan.col_hi[seg, i])
-            src = off + (row - r_lo) * plan.src_cols[seg, i] + (col - c_lo)
-            x = buffers[i][torch.where(inside, src, 0)].to(torch.float32)
-            x = torch.where(inside, x, 0.0)
-            acc = acc + x * w1[is_b, i] * w2[is_b, i]
-        out[e0 : e0 + len(acc)] = acc.to(out.dtype)
+    out.zero_()
+    inp, src, numel, dst, width, stride, is_b = plan.copies
+    first = torch.cumsum(numel, 0) - numel  # where each copy starts among all copied elements
+    for e0, e1 in _chunks(plan, int(numel.sum())):
+        g = torch.arange(e0, e1, device=out.device)
+        c = torch.searchsorted(first, g, right=True) - 1
+        e = g - first[c]
+        at = dst[c] + (e // width[c]) * stride[c] + e % width[c]
+        for i, buffer in enumerate(buffers):
+            mine = inp[c] == i
+            x = buffer[(src[c] + e)[mine]].to(torch.float32)
+            b = is_b[c][mine]
+            out[at[mine]] = (x * w1[b, i] * w2[b, i]).to(out.dtype)
 
 
 def pair_stats(plan: MergePlan, buffers: list[torch.Tensor], block: int | None = None):

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from .layout import FlatAdapter
-from .plan import MergePlan, layout_signature
+from .plan import MergePlan, layout_signature, lru_get
 from .reference import (  # MODE_* and ELECT_* number the kernels' MODE and ELECT constexprs
     MODE_TRIM,
     PHILOX_M0,
@@ -31,8 +31,10 @@ from .reference import (  # MODE_* and ELECT_* number the kernels' MODE and ELEC
     PHILOX_ROUNDS,
     PHILOX_W0,
     PHILOX_W1,
+    trim_k,
 )
 
+_TABLE_CACHE_SIZE = 256  # device copies of address / weight tables kept for reuse
 MERGE_BLOCK = 1024  # H100, N = 3: 0.183 ms TIES vs 0.207 at 2048 (benchmarks/NOTES-merge.md)
 MERGE_WARPS = 4
 CAT_BLOCK = 2048
@@ -60,16 +62,13 @@ def _to_device(table: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 def _address_table(tensors: list[torch.Tensor], device) -> torch.Tensor:
     """int64 table of the tensors' addresses on the device, uploaded once per distinct table."""
-    key = (tuple(t.data_ptr() for t in tensors), str(device))
-    table = _address_tables.get(key)
-    if table is None:
-        table = _to_device(torch.tensor(key[0], dtype=torch.int64), device)
-        _address_tables[key] = table
-        if len(_address_tables) > 256:
-            _address_tables.popitem(last=False)
-    else:
-        _address_tables.move_to_end(key)
-    return table
+    addresses = tuple(t.data_ptr() for t in tensors)
+    return lru_get(
+        _address_tables,
+        (addresses, str(device)),
+        lambda: _to_device(torch.tensor(addresses, dtype=torch.int64), device),
+        _TABLE_CACHE_SIZE,
+    )
 
 
 _address_tables: OrderedDict[tuple, torch.Tensor] = OrderedDict()
@@ -158,27 +157,19 @@ _threshold_tables: OrderedDict[tuple, tuple] = OrderedDict()
 def _threshold_table(adapters: list[FlatAdapter], density: float):
     """(tasks [4, T] int64: input, offset, numel, k; order of the programs, longest first), on
     the device, built once per (layouts, density) and kept."""
-    key = (tuple(layout_signature(a) for a in adapters), float(density), str(adapters[0].device))
-    found = _threshold_tables.get(key)
-    if found is None:
-        inputs, off, numel = [], [], []
-        for i, a in enumerate(adapters):
-            for s in a.segments:
-                inputs.append(i)
-                off.append(s.offset)
-                numel.append(s.numel)
-        numel_t = torch.tensor(numel, dtype=torch.int64)
-        k = (numel_t.to(torch.float64) * density).floor().to(torch.int64).clamp(max=numel_t)
-        tasks = torch.stack([torch.tensor(inputs), torch.tensor(off), numel_t, k])
-        order = torch.argsort(numel_t, descending=True, stable=True).to(torch.int32)
-        device = adapters[0].device
-        found = (_to_device(tasks.to(torch.int64), device), _to_device(order, device))
-        _threshold_tables[key] = found
-        if len(_threshold_tables) > 32:
-            _threshold_tables.popitem(last=False)
-    else:
-        _threshold_tables.move_to_end(key)
-    return found
+    device = adapters[0].device
+
+    def build():
+        segments = [(i, s) for i, a in enumerate(adapters) for s in a.segments]
+        tasks = torch.tensor(
+            [[i, s.offset, s.numel, trim_k(s.numel, density)] for i, s in segments],
+            dtype=torch.int64,
+        ).reshape(-1, 4)
+        order = torch.argsort(tasks[:, 2], descending=True, stable=True).to(torch.int32)
+        return _to_device(tasks.T.contiguous(), device), _to_device(order, device)
+
+    key = (tuple(layout_signature(a) for a in adapters), float(density), str(device))
+    return lru_get(_threshold_tables, key, build, 32)
 
 
 def segment_thresholds(
@@ -330,18 +321,15 @@ def elementwise_merge(
     tables += tuple(t.data_ptr() for t in thresholds) if mode == MODE_TRIM else (0,) * n
     if weights.device.type == "cpu":  # ride along in the same table, kept on the device
         flat = weights.flatten()
-        key = (tables, tuple(flat.tolist()))
-        packed = _merge_tables.get(key)
-        if packed is None:
+
+        def pack() -> torch.Tensor:
             packed = torch.empty(2 * n + (flat.numel() + 1) // 2, dtype=torch.int64)
             packed[: 2 * n] = torch.tensor(tables)
             packed[2 * n :].view(torch.float32)[: flat.numel()] = flat
-            packed = _to_device(packed, out.device)
-            _merge_tables[key] = packed
-            if len(_merge_tables) > 256:
-                _merge_tables.popitem(last=False)
-        else:
-            _merge_tables.move_to_end(key)
+            return _to_device(packed, out.device)
+
+        key = (tables, tuple(flat.tolist()))
+        packed = lru_get(_merge_tables, key, pack, _TABLE_CACHE_SIZE)
         weights = packed[2 * n :].view(torch.float32)
     else:
         packed = _to_device(torch.tensor(tables), out.device)
