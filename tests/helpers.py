@@ -6,11 +6,13 @@ peft itself with ``init_lora_weights=False`` (so lora_B is random and non-zero).
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from hotmerge.embedded import save_tiny_llama
+from hotmerge.config import ServerConfig
+from hotmerge.embedded import ALL_PROJ, save_tiny_llama
 
 TINY_CONFIG = dict(
     hidden_size=64,
@@ -20,7 +22,27 @@ TINY_CONFIG = dict(
     num_key_value_heads=2,
     max_position_embeddings=256,
 )
-ALL_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+__all__ = ["ALL_PROJ"]  # re-exported for the tests
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tiny_server_config(tmp: Path, model_dir: Path, adapter_root: Path, **overrides) -> ServerConfig:
+    """A server on a free loopback port, on the CPU in float32, for a model built by the test."""
+    base = dict(
+        model=str(model_dir),
+        adapter_root=adapter_root,
+        data_dir=Path(tmp) / "data",
+        host="127.0.0.1",
+        port=0,
+        device="cpu",
+        dtype="float32",
+    )
+    return ServerConfig(**{**base, **overrides})
 
 
 def tiny_llama(tmp_path: Path, *, seed: int = 0, name: str = "tiny-llama", **overrides) -> Path:

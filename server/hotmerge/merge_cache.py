@@ -67,7 +67,7 @@ class MergeEntry:
     refs: int = 0  # requests using it now; > 0 pins it
 
 
-class MergeResult(NamedTuple):
+class CacheLookup(NamedTuple):
     entry: MergeEntry
     hit: bool
     merge_ms: float  # 0 on a hit; merge time on a miss; time waited on a wait
@@ -112,11 +112,11 @@ class MergeCache:
 
     # -- lookups ---------------------------------------------------------------------------
 
-    def get_or_merge(self, key: str, merge_fn: Callable[[], FlatAdapter]) -> MergeResult:
+    def get_or_merge(self, key: str, merge_fn: Callable[[], FlatAdapter]) -> CacheLookup:
         """The merged adapter of ``key``, merging it with ``merge_fn`` if absent (not pinned)."""
         return self._get_or_merge(key, merge_fn, pin=False)
 
-    def acquire(self, key: str, merge_fn: Callable[[], FlatAdapter] | None = None) -> MergeResult:
+    def acquire(self, key: str, merge_fn: Callable[[], FlatAdapter] | None = None) -> CacheLookup:
         """Like ``get_or_merge`` but pins the entry; ``release`` it when done.
 
         Without ``merge_fn`` the key must be cached (``KeyError`` otherwise).
@@ -128,7 +128,7 @@ class MergeCache:
                 self._entries.move_to_end(key)
                 self._counts["hit"] += 1
             self._emit(["hit"])
-            return MergeResult(entry, True, 0.0)
+            return CacheLookup(entry, True, 0.0)
         return self._get_or_merge(key, merge_fn, pin=True)
 
     def release(self, entry: MergeEntry) -> None:
@@ -142,7 +142,7 @@ class MergeCache:
     @contextmanager
     def use(
         self, key: str, merge_fn: Callable[[], FlatAdapter] | None = None
-    ) -> Iterator[MergeResult]:
+    ) -> Iterator[CacheLookup]:
         """``with cache.use(key, merge_fn) as (entry, hit, merge_ms):`` pinned inside the block."""
         result = self.acquire(key, merge_fn)
         try:
@@ -192,7 +192,7 @@ class MergeCache:
 
     def _get_or_merge(
         self, key: str, merge_fn: Callable[[], FlatAdapter], *, pin: bool
-    ) -> MergeResult:
+    ) -> CacheLookup:
         with self._lock:
             entry = self._entries.get(key)
             if entry is not None:
@@ -208,13 +208,13 @@ class MergeCache:
                 self._counts["miss" if leader else "wait"] += 1
         if entry is not None:
             self._emit(["hit"])
-            return MergeResult(entry, True, 0.0)
+            return CacheLookup(entry, True, 0.0)
 
         start = time.perf_counter()
         if not leader:
             self._emit(["wait"])
             entry = flight.future.result()  # raises the leader's error
-            return MergeResult(entry, False, _ms_since(start))
+            return CacheLookup(entry, False, _ms_since(start))
 
         self._emit(["miss"])
         try:
@@ -242,7 +242,7 @@ class MergeCache:
             raise
         flight.future.set_result(entry)
         self._emit(["evict"] * len(evicted))
-        return MergeResult(entry, False, merge_ms)
+        return CacheLookup(entry, False, merge_ms)
 
     def _insert(
         self, key: str, adapter: FlatAdapter, merge_ms: float, refs: int

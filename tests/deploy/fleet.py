@@ -24,12 +24,6 @@ HAPROXY_CFG = ROOT / "deploy" / "haproxy.cfg"
 Status = health_pb2.HealthCheckResponse
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def wait_until(predicate, timeout: float, what: str, interval: float = 0.05):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

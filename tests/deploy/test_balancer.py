@@ -29,12 +29,12 @@ from hotmerge.embedded import ensure_embedded
 from tests.deploy.fleet import (
     Balancer,
     Replica,
-    free_port,
     health_status,
     http_get,
     replica_dirs,
     wait_until,
 )
+from tests.helpers import free_port
 
 pytestmark = pytest.mark.skipif(
     shutil.which("haproxy") is None and os.environ.get("CI") != "true",

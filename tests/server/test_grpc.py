@@ -24,7 +24,7 @@ from hotmerge.service import generation_request
 from hotmerge.v1 import hotmerge_pb2 as pb
 from hotmerge.v1 import hotmerge_pb2_grpc as pb_grpc
 
-from tests.helpers import make_peft_adapter, peft_greedy, tiny_llama
+from tests.helpers import make_peft_adapter, peft_greedy, tiny_llama, tiny_server_config
 
 PROMPT = "Once upon a time"
 Code = grpc.StatusCode
@@ -47,14 +47,10 @@ def setup(tmp_path_factory):
     )
     other = tiny_llama(tmp, name="other-llama", hidden_size=32, intermediate_size=64)
     make_peft_adapter(other, root / "wrong-base", r=4, seed=3)
-    config = ServerConfig(
-        model=str(model_dir),
-        adapter_root=root,
-        data_dir=tmp / "data",
-        host="127.0.0.1",
-        port=0,
-        device="cpu",
-        dtype="float32",
+    config = tiny_server_config(
+        tmp,
+        model_dir,
+        root,
         max_batch_size=4,
         max_input_tokens=64,
         default_max_new_tokens=16,

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,8 @@ from hotmerge.cli import main, printable
 from hotmerge.client import HotmergeClient
 from hotmerge.config import ServerConfig
 from hotmerge.server import start_server
+
+from tests.helpers import free_port
 
 
 @pytest.fixture(scope="module")
@@ -30,12 +31,6 @@ def target(data_dir):
     server = start_server(config)
     yield server.target
     server.stop(0)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_generate_prints_text_then_timings(target, capsys):

@@ -13,7 +13,7 @@ from hotmerge.config import ServerConfig
 from hotmerge.merge_spec import affinity_key
 from hotmerge.server import start_server
 
-from tests.helpers import make_peft_adapter, peft_greedy, tiny_llama
+from tests.helpers import make_peft_adapter, peft_greedy, tiny_llama, tiny_server_config
 
 Code = grpc.StatusCode
 PROMPT = "the merged adapter says"
@@ -51,19 +51,8 @@ def setup(tmp_path_factory):
 
 def config(setup, **overrides) -> ServerConfig:
     tmp, model_dir, root = setup
-    base = dict(
-        model=str(model_dir),
-        adapter_root=root,
-        data_dir=tmp / "data",
-        host="127.0.0.1",
-        port=0,
-        device="cpu",
-        dtype="float32",
-        max_batch_size=8,
-        default_max_new_tokens=TOKENS,
-        max_workers=48,
-    )
-    return ServerConfig(**{**base, **overrides})
+    base = dict(max_batch_size=8, default_max_new_tokens=TOKENS, max_workers=48)
+    return tiny_server_config(tmp, model_dir, root, **{**base, **overrides})
 
 
 @pytest.fixture(scope="module")
