@@ -27,37 +27,17 @@ import torch
 import triton
 from triton.testing import do_bench
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "kernels"))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "kernels"), str(ROOT)]
 
 from hotmerge_kernels import reference, triton_merge  # noqa: E402
-from hotmerge_kernels.layout import FlatAdapter, Segment  # noqa: E402
 from hotmerge_kernels.merge import merge_adapters, trim_thresholds  # noqa: E402
 from hotmerge_kernels.params import MergeParams, SignMethod, Strategy  # noqa: E402
 from hotmerge_kernels.plan import get_plan  # noqa: E402
 
-HIDDEN, INTERMEDIATE, KV, LAYERS = 4096, 14336, 1024, 32
-PROJ = {
-    "self_attn.q_proj": (HIDDEN, HIDDEN),
-    "self_attn.k_proj": (HIDDEN, KV),
-    "self_attn.v_proj": (HIDDEN, KV),
-    "self_attn.o_proj": (HIDDEN, HIDDEN),
-    "mlp.gate_proj": (HIDDEN, INTERMEDIATE),
-    "mlp.up_proj": (HIDDEN, INTERMEDIATE),
-    "mlp.down_proj": (INTERMEDIATE, HIDDEN),
-}
+from tests.kernels.random_adapters import mistral_adapter  # noqa: E402
+
 DENSITY = 0.5
-
-
-def mistral_adapter(rank: int, seed: int) -> FlatAdapter:
-    segments, offset = [], 0
-    for module in sorted(f"model.layers.{i}.{p}" for i in range(LAYERS) for p in PROJ):
-        n_in, n_out = PROJ[module.split(".", 3)[-1]]
-        for part, shape in (("A", (rank, n_in)), ("B", (n_out, rank))):
-            segments.append(Segment(module, part, offset, shape))
-            offset += shape[0] * shape[1]
-    gen = torch.Generator(device="cuda").manual_seed(seed)
-    buffer = (torch.randn(offset, generator=gen, device="cuda") * 0.02).to(torch.bfloat16)
-    return FlatAdapter(buffer, tuple(segments), rank=rank, scaling=2.0)
 
 
 def copy_bandwidth() -> float:

@@ -4,40 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hotmerge_kernels.layout import FlatAdapter, Segment
 from hotmerge_kernels.merge import merge_adapters, trim_thresholds
 from hotmerge_kernels.params import MergeParams, SignMethod, Strategy
+
+from tests.kernels.random_adapters import mistral_adapter
 
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
 ]
-
-HIDDEN, INTERMEDIATE, KV, LAYERS = 4096, 14336, 1024, 32
-PROJ = {  # name: (in_features, out_features)
-    "self_attn.q_proj": (HIDDEN, HIDDEN),
-    "self_attn.k_proj": (HIDDEN, KV),
-    "self_attn.v_proj": (HIDDEN, KV),
-    "self_attn.o_proj": (HIDDEN, HIDDEN),
-    "mlp.gate_proj": (HIDDEN, INTERMEDIATE),
-    "mlp.up_proj": (HIDDEN, INTERMEDIATE),
-    "mlp.down_proj": (INTERMEDIATE, HIDDEN),
-}
-
-
-def mistral_adapter(rank: int, seed: int, dtype=torch.bfloat16, layers: int = LAYERS, skip=()):
-    """A random (never zero) adapter with Mistral-7B shapes, built straight into one buffer."""
-    segments, offset = [], 0
-    for module in sorted(f"model.layers.{i}.{p}" for i in range(layers) for p in PROJ):
-        if module.rsplit(".", 1)[-1] in skip:
-            continue
-        n_in, n_out = PROJ[module.split(".", 3)[-1]]
-        for part, shape in (("A", (rank, n_in)), ("B", (n_out, rank))):
-            segments.append(Segment(module, part, offset, shape))
-            offset += shape[0] * shape[1]
-    gen = torch.Generator(device="cuda").manual_seed(seed)
-    buffer = torch.randn(offset, generator=gen, device="cuda", dtype=torch.float32) * 0.02
-    return FlatAdapter(buffer.to(dtype), tuple(segments), rank=rank, scaling=2.0 - seed / 10)
 
 
 def close(got, want):
