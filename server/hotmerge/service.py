@@ -123,7 +123,7 @@ def generation_request(
     return GenerationRequest(inputs=msg.inputs, params=params, adapter_id=adapter_id)
 
 
-def _send_merge_keys(context: grpc.ServicerContext, outcome: MergeOutcome | None) -> bool:
+def _send_merge_keys(context: grpc.ServicerContext, outcome: MergeOutcome | None) -> None:
     """The merge keys as initial metadata, sent with the first response message and not
     before: a replica that dies before answering has then sent nothing, so a balancer can
     still replay the request on another replica."""
@@ -131,7 +131,6 @@ def _send_merge_keys(context: grpc.ServicerContext, outcome: MergeOutcome | None
         context.send_initial_metadata(
             ((MERGE_KEY_HEADER, outcome.affinity_key), (MERGE_CACHE_KEY_HEADER, outcome.merge_key))
         )
-    return True
 
 
 @functools.lru_cache(maxsize=4096)
@@ -349,7 +348,8 @@ class HotmergeService(pb_grpc.HotmergeServicer):
             keys_sent = False
             for event in handle:
                 if not keys_sent:
-                    keys_sent = _send_merge_keys(context, outcome)
+                    _send_merge_keys(context, outcome)
+                    keys_sent = True
                 yield pb.GenerateStreamResponse(token=token_message(event), text=event.text)
             self._done(request_id, "GenerateStream", gen_request, handle.result, outcome)
             if not keys_sent:
