@@ -26,13 +26,17 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     stop: tuple[str, ...] = ()
     details: bool = False
+    prompt_logprobs: bool = False  # also return each prompt token's logprob (given the ones before)
 
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    inputs: str
+    """Exactly one of ``inputs`` (text, tokenized by the engine) and ``input_ids`` is set."""
+
+    inputs: str | None = None
     params: SamplingParams = field(default_factory=SamplingParams)
     adapter_id: str | None = None  # None: the base model
+    input_ids: tuple[int, ...] | None = None  # prompt token ids, used as given
 
 
 @dataclass
@@ -63,3 +67,7 @@ class GenerationResult:
     generated_tokens: int
     tokens: list[TokenEvent]
     timings: Timings
+    prompt_tokens: int = 0  # how many tokens the prompt was
+    # With params.prompt_logprobs: one event per prompt token; the first has logprob nan
+    # (nothing comes before it).
+    prompt: list[TokenEvent] = field(default_factory=list)
