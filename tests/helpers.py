@@ -99,15 +99,17 @@ def make_engine(
     budget_bytes: int = 1 << 30,
     device: str = "cpu",
     dtype: str = "float32",
+    eager: bool = False,
+    limits: dict | None = None,
     **kwargs,
 ):
-    """A started Engine over ``model_dir`` with adapters under ``adapter_root``;
-    ``kwargs`` go to Engine. Stop it with ``engine.stop()``."""
+    """A started Engine over ``model_dir`` with adapters under ``adapter_root``; ``limits``
+    go to the runner's EngineLimits, ``kwargs`` to Engine. Stop it with ``engine.stop()``."""
     from hotmerge.adapters import AdapterStore
-    from hotmerge.model import ModelRunner
-    from hotmerge.scheduler import Engine
+    from hotmerge.engine import Engine, EngineLimits, load_runner
 
-    runner = ModelRunner(str(model_dir), device=device, dtype=dtype)
+    limits = EngineLimits(max_batch_size=kwargs.get("max_batch_size", 8), **(limits or {}))
+    runner = load_runner(str(model_dir), device=device, dtype=dtype, limits=limits, eager=eager)
     store = AdapterStore(
         adapter_root,
         device=runner.device,

@@ -246,6 +246,15 @@ def _serve_parser(sub) -> None:
         ("--host", str, f"address to listen on (default: {d['host']})"),
         ("--port", int, f"0 for any free port (default: {d['port']})"),
         ("--max-batch-size", int, f"(default: {d['max_batch_size']})"),
+        ("--kv-cache-fraction", float, "fraction of the device memory free after the weights "
+         f"and LoRA budgets given to the KV cache (CUDA; default: {d['kv_cache_fraction']})"),
+        ("--kv-cache-tokens", int, "exact KV cache capacity in tokens (default: from "
+         "--kv-cache-fraction on CUDA, a full batch of max-total-tokens on CPU)"),
+        ("--block-size", int, f"tokens per KV cache block (default: {d['block_size']})"),
+        ("--max-loras", int, f"adapter slots on the device (default: {d['max_loras']})"),
+        ("--max-lora-rank", int, f"widest adapter a slot holds (default: {d['max_lora_rank']})"),
+        ("--max-prefill-tokens", int, "prompt tokens prefilled per step; longer prompts go in "
+         f"chunks (default: {d['max_prefill_tokens']})"),
         ("--max-input-tokens", int, "(default: the model's context length - 1)"),
         ("--max-total-tokens", int, "prompt + generated (default: the model's context length)"),
         ("--default-max-new-tokens", int, f"(default: {d['default_max_new_tokens']})"),
@@ -266,6 +275,14 @@ def _serve_parser(sub) -> None:
     ):  # fmt: skip
         p.add_argument(flag, type=kind, help=text)
     p.add_argument("--allow-hub", action="store_true", default=None, help="download from the hub")
+    p.add_argument(
+        "--no-cuda-graphs", dest="cuda_graphs", action="store_false", default=None,
+        help="run decode eagerly instead of replaying captured CUDA graphs",
+    )  # fmt: skip
+    p.add_argument(
+        "--eager-model", action="store_true", default=None,
+        help="run the model through transformers' own forward (any architecture, slower)",
+    )  # fmt: skip
 
 
 def _merge_arguments(p: argparse.ArgumentParser, ids: str, ids_help: str) -> None:

@@ -54,6 +54,15 @@ class ServerConfig:
     merge_budget_bytes: int = 1024**3
     max_merge_adapters: int = 16  # adapters in one merge spec
     batch_wait_ms: float = 2.0
+    # The engine (see hotmerge.engine): KV cache, adapter slots, prefill chunks, CUDA graphs.
+    kv_cache_fraction: float = 0.9  # of device memory free after weights and the LoRA budgets
+    kv_cache_tokens: int | None = None  # an exact KV capacity instead (CPU default: a full batch)
+    block_size: int = 16  # tokens per KV block
+    max_loras: int = 16  # adapter slots on the device (distinct adapters running at once)
+    max_lora_rank: int = 64  # widest adapter a slot holds (merged cat adapters add ranks up)
+    max_prefill_tokens: int = 2048  # prompt tokens one step prefills (longer prompts: chunks)
+    cuda_graphs: bool = True  # decode replayed from captured graphs (CUDA only)
+    eager_model: bool = False  # run the model through transformers' forward (any architecture)
     # Prometheus /metrics over HTTP on its own port; None: off.
     metrics_port: int | None = None
 
@@ -83,10 +92,19 @@ class ServerConfig:
             "max_merge_adapters": self.max_merge_adapters,
             "max_input_tokens": self.max_input_tokens,
             "max_total_tokens": self.max_total_tokens,
+            "kv_cache_tokens": self.kv_cache_tokens,
+            "block_size": self.block_size,
+            "max_loras": self.max_loras,
+            "max_lora_rank": self.max_lora_rank,
+            "max_prefill_tokens": self.max_prefill_tokens,
         }
         for name, value in positive.items():
             if value is not None and value <= 0:
                 raise ValueError(f"{name} must be positive, got {value}")
+        if not 0 < self.kv_cache_fraction <= 1:
+            raise ValueError(f"kv_cache_fraction must be in (0, 1], got {self.kv_cache_fraction}")
+        if self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
 
     def grpc_options(self) -> list[tuple[str, int]]:
         """grpc.Server channel args: keepalive and connection age."""

@@ -21,11 +21,11 @@ from hotmerge_kernels.layout import FlatAdapter
 from hotmerge_kernels.merge import merge_adapters
 
 from hotmerge.adapters import AdapterStore, LoadedAdapter
+from hotmerge.engine import AdapterLease
 from hotmerge.errors import InvalidArgument
 from hotmerge.merge_cache import MergeCache
 from hotmerge.merge_spec import MergeSpec, affinity_key, is_identity, merge_key
 from hotmerge.metrics import Metrics
-from hotmerge.scheduler import AdapterLease
 
 log = logging.getLogger(__name__)
 

@@ -24,13 +24,12 @@ from grpc_reflection.v1alpha import reflection
 
 from hotmerge.adapters import AdapterStore
 from hotmerge.config import ServerConfig
+from hotmerge.engine import Engine, EngineLimits, load_runner
 from hotmerge.http_endpoint import HttpEndpoint
 from hotmerge.lifecycle import Lifecycle
 from hotmerge.merge_cache import MergeCache
 from hotmerge.merging import Merger
 from hotmerge.metrics import Metrics
-from hotmerge.model import ModelRunner
-from hotmerge.scheduler import Engine
 from hotmerge.service import HotmergeService
 from hotmerge.v1 import hotmerge_pb2, hotmerge_pb2_grpc
 
@@ -105,8 +104,25 @@ def build_engine(config: ServerConfig) -> Engine:
         model_dir, embedded_adapters = ensure_embedded(config.data_dir)
         model, adapter_root = str(model_dir), adapter_root or embedded_adapters
     adapter_root = adapter_root or config.data_dir / "adapters"
-    runner = ModelRunner(
-        model, device=config.device, dtype=config.dtype, allow_hub=config.allow_hub
+    limits = EngineLimits(
+        max_batch_size=config.max_batch_size,
+        max_total_tokens=config.max_total_tokens,
+        block_size=config.block_size,
+        kv_cache_fraction=config.kv_cache_fraction,
+        kv_cache_tokens=config.kv_cache_tokens,
+        reserved_bytes=config.adapter_budget_bytes + config.merge_budget_bytes,
+        max_loras=config.max_loras,
+        max_lora_rank=config.max_lora_rank,
+        max_prefill_tokens=config.max_prefill_tokens,
+        cuda_graphs=config.cuda_graphs,
+    )
+    runner = load_runner(
+        model,
+        device=config.device,
+        dtype=config.dtype,
+        allow_hub=config.allow_hub,
+        limits=limits,
+        eager=config.eager_model,
     )
     store = AdapterStore(
         adapter_root,
@@ -207,16 +223,18 @@ def serve(config: ServerConfig) -> None:
     engine = running.engine
     runner = engine.runner
     log.info(
-        "serving %s on %s:%d (%s, %s; max batch %d, max input %d, max total %d tokens); "
-        "adapters from %s",
+        "serving %s on %s:%d (%s, %s, %s forward; max batch %d, max input %d, max total %d "
+        "tokens; KV cache %d tokens); adapters from %s",
         runner.model_id,
         config.host,
         running.port,
         runner.device,
         str(runner.dtype).removeprefix("torch."),
+        runner.kind,
         engine.max_batch_size,
         engine.max_input_tokens,
         engine.max_total_tokens,
+        engine.kv_capacity_tokens,
         engine.store.root,
     )
     # A timed wait: Python runs signal handlers only in the main thread, and a signal the

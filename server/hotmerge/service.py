@@ -25,6 +25,7 @@ from hotmerge_kernels.params import Strategy
 
 from hotmerge import __version__
 from hotmerge.adapters import AdapterInfo
+from hotmerge.engine import Engine, validate_params
 from hotmerge.errors import (
     Cancelled,
     HotmergeError,
@@ -41,7 +42,6 @@ from hotmerge.generation import (
 from hotmerge.merge_spec import MergeSpec, parse_merge_spec
 from hotmerge.merging import MergeOutcome, Merger
 from hotmerge.metrics import Metrics
-from hotmerge.scheduler import Engine, validate_params
 from hotmerge.v1 import hotmerge_pb2 as pb
 from hotmerge.v1 import hotmerge_pb2_grpc as pb_grpc
 

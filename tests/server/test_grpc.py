@@ -279,7 +279,7 @@ def test_unexpected_failure_is_internal_without_details(server, client, monkeypa
 
 def test_engine_failure_mid_stream_is_internal_and_isolated(server, client, monkeypatch):
     runner = server.engine.runner
-    forward, calls = runner.forward, []
+    forward, calls = runner.decode, []
 
     def fail_on_third_forward(*args, **kwargs):
         calls.append(1)
@@ -287,7 +287,7 @@ def test_engine_failure_mid_stream_is_internal_and_isolated(server, client, monk
             raise RuntimeError("secret forward failure")
         return forward(*args, **kwargs)
 
-    monkeypatch.setattr(runner, "forward", fail_on_third_forward)
+    monkeypatch.setattr(runner, "decode", fail_on_third_forward)
     call = client.generate_stream(PROMPT, max_new_tokens=8)
     with pytest.raises(grpc.RpcError) as info:
         list(call)
@@ -303,13 +303,13 @@ def test_engine_failure_mid_stream_is_internal_and_isolated(server, client, monk
 def slow_forward(server, monkeypatch):
     """Each forward takes 5 ms more, so a long request reliably outlives a short deadline."""
     runner = server.engine.runner
-    forward = runner.forward
+    forward = runner.decode
 
     def slow(*args, **kwargs):
         time.sleep(0.005)
         return forward(*args, **kwargs)
 
-    monkeypatch.setattr(runner, "forward", slow)
+    monkeypatch.setattr(runner, "decode", slow)
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["unary", "stream"])

@@ -8,9 +8,7 @@ import time
 import pytest
 import torch
 from hotmerge.generation import FinishReason, GenerationRequest, SamplingParams
-from hotmerge.lora import AdapterSlots, LoraLinear, wrap_linears
 from hotmerge_kernels.layout import FlatAdapter
-from torch import nn
 
 from tests.helpers import ALL_PROJ, make_engine, make_peft_adapter, peft_greedy, tiny_llama
 
@@ -120,43 +118,58 @@ def test_module_shapes_cover_all_projections(setup):
     assert "lm_head" not in shapes
 
 
-def test_lora_linear_mixes_rows_like_the_formula():
+def test_adapter_pool_mixes_slots_like_the_formula():
+    """Each token gets its own slot's ``scaling · x·Aᵀ·Bᵀ``; slot -1 gets nothing; ranks differ."""
+    from hotmerge.engine.lora import AdapterPool, LoraBatch
+
     torch.manual_seed(0)
-    model = nn.Sequential()
-    model.add_module("proj", nn.Linear(6, 5))
-    slots = AdapterSlots()
-    layers = wrap_linears(model, None, slots)
-    assert isinstance(model.proj, LoraLinear) and list(layers) == ["proj"]
+    shapes = {"qkv": {"q_proj": (6, 5), "k_proj": (6, 3), "v_proj": (6, 3)}}
+    paths = {f"l0.{n}": ("qkv", n, 0) for n in shapes["qkv"]}
+    pool = AdapterPool(
+        shapes, paths, num_layers=1, num_slots=2, max_rank=4, dtype=torch.float32, device="cpu"
+    )
 
-    def adapter(r, scaling):
-        a, b = torch.randn(r, 6), torch.randn(5, r)
-        return (
-            FlatAdapter.from_tensors({("proj", "A"): a, ("proj", "B"): b}, rank=r, scaling=scaling),
-            a,
-            b,
-        )
+    def adapter(r, scaling, modules):
+        tensors = {}
+        for m in modules:
+            tensors[(f"l0.{m}", "A")] = torch.randn(r, 6)
+            tensors[(f"l0.{m}", "B")] = torch.randn(shapes["qkv"][m][1], r)
+        return FlatAdapter.from_tensors(tensors, rank=r, scaling=scaling)
 
-    (fa1, a1, b1), (fa2, a2, b2) = adapter(2, 0.5), adapter(3, 2.0)
-    x = torch.randn(4, 3, 6)
-    base = model.proj.base(x)
-    slots.set([fa1, None, fa2, fa1], "cpu")
-    y = model(x)
-    assert torch.allclose(y[0], base[0] + 0.5 * x[0] @ a1.T @ b1.T, atol=1e-5)
-    assert torch.allclose(y[1], base[1])
-    assert torch.allclose(y[2], base[2] + 2.0 * x[2] @ a2.T @ b2.T, atol=1e-5)
-    assert torch.allclose(y[3], base[3] + 0.5 * x[3] @ a1.T @ b1.T, atol=1e-5)
-    slots.set([fa2] * 4, "cpu")  # one adapter for the whole batch: no row indexing
-    assert torch.allclose(model(x), base + 2.0 * x @ a2.T @ b2.T, atol=1e-5)
-    slots.clear()
-    assert torch.equal(model(x), base)
+    fa1 = adapter(2, 0.5, ("q_proj", "v_proj"))
+    fa2 = adapter(3, 2.0, ("q_proj", "k_proj", "v_proj"))
+    s1, _ = pool.take(fa1)
+    s2, _ = pool.take(fa2)
+    x = torch.randn(4, 6)
+    slots = [s1, -1, s2, s1]
+    y = torch.randn(4, 11)
+    want = y.clone()
+    offsets = {"q_proj": (0, 5), "k_proj": (5, 8), "v_proj": (8, 11)}
+    for t, fa in enumerate([fa1, None, fa2, fa1]):
+        for m in fa.modules if fa is not None else ():
+            lo, hi = offsets[m.split(".")[1]]
+            a, b = fa.tensor(m, "A"), fa.tensor(m, "B")
+            want[t, lo:hi] += fa.scaling * (x[t] @ a.T @ b.T)
+    decode = y.clone()
+    LoraBatch(pool, torch.tensor(slots, dtype=torch.int32)).apply(0, "qkv", x, decode)
+    assert torch.allclose(decode, want, atol=1e-5)
+    segments = [(0, 1, s1), (1, 2, -1), (2, 3, s2), (3, 4, s1)]
+    prefill = y.clone()
+    LoraBatch(pool, torch.tensor(slots, dtype=torch.int32), segments).apply(0, "qkv", x, prefill)
+    assert torch.allclose(prefill, want, atol=1e-5)
+    assert pool.ranks["qkv"].tolist() == [2, 3]
+    with pytest.raises(LookupError):  # both slots referenced
+        pool.take(adapter(1, 1.0, ("q_proj",)))
+    pool.release(s1)
+    pool.release(s1)
+    s3, fresh = pool.take(adapter(1, 1.0, ("q_proj",)))
+    assert fresh and s3 == s1  # the idle slot is reused for a new adapter
 
 
-def test_target_modules_limit_wrapping(setup):
-    from hotmerge.model import ModelRunner
-
-    model_dir, _, _ = setup
-    runner = ModelRunner(str(model_dir), device="cpu", target_modules=["q_proj", "v_proj"])
-    assert sorted({p.rsplit(".", 1)[1] for p in runner.module_shapes()}) == ["q_proj", "v_proj"]
+def test_runner_basics(setup):
+    _, _, engine = setup
+    runner = engine.runner
+    assert runner.kind == "llama"
     assert runner.eos_token_ids == frozenset({2})
     assert runner.dtype == torch.float32 and runner.max_position_embeddings == 256
 

@@ -7,9 +7,9 @@ import time
 import grpc
 import pytest
 from hotmerge.embedded import byte_level_tokenizer
+from hotmerge.engine.detok import TextStream
 from hotmerge.errors import Cancelled, HotmergeError, InvalidArgument, NotFound, Unavailable
 from hotmerge.generation import FinishReason, GenerationRequest, SamplingParams
-from hotmerge.scheduler import TextStream
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -139,30 +139,30 @@ def test_deadline_cancels(engine):
     with pytest.raises(Cancelled, match="deadline"):
         submit(engine, deadline=time.monotonic() - 1).wait()
     handle = submit(engine, max_new_tokens=100, deadline=time.monotonic() + 0.3)
-    slow_forward = engine.runner.forward
+    slow_forward = engine.runner.decode
 
     def forward(*args, **kwargs):
         time.sleep(0.05)
         return slow_forward(*args, **kwargs)
 
-    engine.runner.forward = forward
+    engine.runner.decode = forward
     try:
         with pytest.raises(Cancelled):
             handle.wait()
     finally:
-        del engine.runner.forward
+        del engine.runner.decode
     assert run(engine, max_new_tokens=2).generated_tokens == 2
 
 
 def test_one_failing_request_does_not_fail_the_others(engine, monkeypatch):
-    real = engine._pick_one
+    real = engine._emit
 
-    def pick_one(row, logits):
+    def emit(row, token, logprob):
         if row.params.seed == 666:
             raise RuntimeError("boom")
-        return real(row, logits)
+        return real(row, token, logprob)
 
-    monkeypatch.setattr(engine, "_pick_one", pick_one)
+    monkeypatch.setattr(engine, "_emit", emit)
     bad = submit(engine, do_sample=True, seed=666)
     good = submit(engine, do_sample=True, seed=1)
     with pytest.raises(HotmergeError, match="boom") as err:
@@ -176,7 +176,7 @@ def test_failing_forward_fails_its_batch_and_the_worker_goes_on(engine, monkeypa
     def broken(*args, **kwargs):
         raise RuntimeError("device on fire")
 
-    monkeypatch.setattr(engine.runner, "forward", broken)
+    monkeypatch.setattr(engine.runner, "decode", broken)
     with pytest.raises(HotmergeError, match="device on fire") as err:
         run(engine)
     assert err.value.code == grpc.StatusCode.INTERNAL
@@ -272,7 +272,7 @@ def test_cancelled_queued_request_leaves_while_the_batch_is_full(engine):
 
 
 def test_engine_limits_are_checked(engine):
-    from hotmerge.scheduler import Engine
+    from hotmerge.engine import Engine
 
     runner, store = engine.runner, engine.store
     with pytest.raises(InvalidArgument, match="max_position_embeddings"):

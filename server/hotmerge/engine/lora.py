@@ -1,0 +1,191 @@
+"""The adapter pool: stacked device slots per projection group, and the per-batch LoRA call.
+
+vLLM's shape: each projection group of each layer holds every slot's A and B stacked
+(``a[group]: (layers, slots, slices, max_rank, in)``, ``b[group]: (layers, slots, out, max_rank)``,
+the LoRA scaling folded into B), and a batch only says which slot each token uses (-1: none).
+Changing adapters or rows then changes numbers in a fixed buffer, never a captured graph.
+Fused groups: q/k/v (3 slices of one output), gate/up (2), o and down (1 each).
+
+A named or merged adapter (a FlatAdapter) is copied into a free slot when a request first
+needs it and stays there, reference counted, until the slot is wanted for another adapter
+(least recently used unreferenced slot first). Ranks up to ``max_rank`` fit; a slot's columns
+past its rank are zeros, and each group records the rank each slot really uses there (0 when
+the adapter has no module in the group) so the kernels read nothing more.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+from hotmerge_kernels.layout import FlatAdapter
+
+from hotmerge.engine import ops
+
+log = logging.getLogger(__name__)
+
+
+class SlotTable:
+    """Which adapter sits in which slot, with reference counts; pure bookkeeping."""
+
+    def __init__(self, num_slots: int) -> None:
+        self.num_slots = num_slots
+        self._adapter: list[FlatAdapter | None] = [None] * num_slots
+        self._refs = [0] * num_slots
+        self._slot_of: dict[int, int] = {}  # id(adapter) -> slot (the slot holds the adapter)
+        self._idle: OrderedDict[int, None] = OrderedDict((s, None) for s in range(num_slots))
+
+    def adapter_in(self, slot: int) -> FlatAdapter | None:
+        return self._adapter[slot] if slot >= 0 else None
+
+    def check(self, adapter: FlatAdapter) -> str | None:
+        """Why ``adapter`` cannot go into a slot (None: it can)."""
+        return None
+
+    def can_take(self, adapter: FlatAdapter) -> bool:
+        return id(adapter) in self._slot_of or bool(self._idle)
+
+    def take(self, adapter: FlatAdapter) -> tuple[int, bool]:
+        """(slot, whether it must be written); raises LookupError when every slot is in use."""
+        slot = self._slot_of.get(id(adapter))
+        fresh = slot is None
+        if fresh:
+            if not self._idle:
+                raise LookupError("every adapter slot is in use")
+            slot, _ = self._idle.popitem(last=False)  # least recently used idle slot
+            old = self._adapter[slot]
+            if old is not None:
+                del self._slot_of[id(old)]
+            self._adapter[slot] = adapter
+            self._slot_of[id(adapter)] = slot
+        elif self._refs[slot] == 0:
+            del self._idle[slot]
+        self._refs[slot] += 1
+        return slot, fresh
+
+    def release(self, slot: int) -> None:
+        self._refs[slot] -= 1
+        if self._refs[slot] == 0:
+            self._idle[slot] = None
+
+    def forget(self, slot: int) -> None:
+        """The slot's contents are invalid (a failed write): never reuse them."""
+        adapter = self._adapter[slot]
+        if adapter is not None:
+            del self._slot_of[id(adapter)]
+            self._adapter[slot] = None
+
+    @property
+    def in_use(self) -> int:
+        return sum(1 for r in self._refs if r)
+
+
+class AdapterPool(SlotTable):
+    """Slots with device storage for our own forward."""
+
+    def __init__(
+        self,
+        shapes: dict[str, dict[str, tuple[int, int]]],
+        module_paths: dict[str, tuple[str, str, int]],
+        *,
+        num_layers: int,
+        num_slots: int,
+        max_rank: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        super().__init__(num_slots)
+        self.max_rank = max_rank
+        self.module_paths = module_paths
+        self.a: dict[str, torch.Tensor] = {}
+        self.b: dict[str, torch.Tensor] = {}
+        self.offsets: dict[str, tuple[int, ...]] = {}
+        self.slice_of: dict[str, int] = {}  # module name -> its slice in its group
+        self.ranks: dict[str, torch.Tensor] = {}
+        for group, modules in shapes.items():
+            (fan_in,) = {i for i, _ in modules.values()}
+            offsets = [0]
+            for s, (name, (_, out)) in enumerate(modules.items()):
+                offsets.append(offsets[-1] + out)
+                self.slice_of[name] = s
+            self.offsets[group] = tuple(offsets)
+            shape_a = (num_layers, num_slots, len(modules), max_rank, fan_in)
+            self.a[group] = torch.zeros(shape_a, dtype=dtype, device=device)
+            self.b[group] = torch.zeros(
+                (num_layers, num_slots, offsets[-1], max_rank), dtype=dtype, device=device
+            )
+            self.ranks[group] = torch.zeros(num_slots, dtype=torch.int32, device=device)
+        self.nbytes = sum(
+            t.numel() * t.element_size() for t in [*self.a.values(), *self.b.values()]
+        )
+
+    def check(self, adapter: FlatAdapter) -> str | None:
+        """Why ``adapter`` cannot go into a slot (None: it can)."""
+        widest = max((s.shape[0] for s in adapter.segments if s.part == "A"), default=0)
+        if widest > self.max_rank:
+            return (
+                f"rank {widest} is more than the engine's max LoRA rank {self.max_rank} "
+                "(start the server with a larger --max-lora-rank)"
+            )
+        return None
+
+    def take(self, adapter: FlatAdapter) -> tuple[int, bool]:
+        slot, fresh = super().take(adapter)
+        if fresh:
+            try:
+                self._write(slot, adapter)
+            except BaseException:
+                self.forget(slot)
+                self.release(slot)
+                raise
+        return slot, fresh
+
+    @torch.inference_mode()
+    def _write(self, slot: int, adapter: FlatAdapter) -> None:
+        ranks = dict.fromkeys(self.a, 0)
+        for group in self.a:
+            self.a[group][:, slot].zero_()
+            self.b[group][:, slot].zero_()
+        for module in adapter.modules:
+            group, name, layer = self.module_paths[module]
+            a = adapter.tensor(module, "A")  # (r, in)
+            b = adapter.tensor(module, "B")  # (out, r)
+            r = a.shape[0]
+            s = self.slice_of[name]
+            lo, hi = self.offsets[group][s], self.offsets[group][s + 1]
+            self.a[group][layer, slot, s, :r].copy_(a)
+            self.b[group][layer, slot, lo:hi, :r].copy_(b.float() * adapter.scaling)
+            ranks[group] = max(ranks[group], r)
+        for group, r in ranks.items():
+            self.ranks[group][slot] = r
+
+
+@dataclass
+class LoraBatch:
+    """Which slot each token of a forward uses, and the call each projection group makes.
+
+    ``token_slots`` (T,) int32 on the device, -1 for base-model tokens. Prefill also passes
+    ``segments``: (first token, end token, slot, rank per group) runs of one slot, so the eager
+    torch path multiplies each run by its own adapter instead of gathering per token.
+    """
+
+    pool: AdapterPool
+    token_slots: torch.Tensor
+    segments: list[tuple[int, int, int]] | None = None
+
+    def apply(self, layer: int, group: str, x: torch.Tensor, y: torch.Tensor) -> None:
+        a = self.pool.a[group][layer]
+        b = self.pool.b[group][layer]
+        offsets = self.pool.offsets[group]
+        if self.segments is None:
+            ops.lora_apply(x, y, a, b, self.pool.ranks[group], self.token_slots, offsets)
+            return
+        for first, end, slot in self.segments:
+            if slot < 0:
+                continue
+            xs = x[first:end]
+            for s in range(len(offsets) - 1):
+                lo, hi = offsets[s], offsets[s + 1]
+                y[first:end, lo:hi] += (xs @ a[slot, s].T) @ b[slot, lo:hi].T

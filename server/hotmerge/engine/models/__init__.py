@@ -1,0 +1,1 @@
+"""Model forwards: our own Llama family (``llama``) and transformers' eager path (``hf_eager``)."""

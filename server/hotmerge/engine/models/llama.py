@@ -1,0 +1,264 @@
+"""Our own Llama-family forward (Llama, Mistral, Qwen2, Qwen3), gpt-fast style.
+
+The weights are taken from a loaded transformers model (so hub ids, local folders and dtypes
+load as transformers loads them): q/k/v fused into one matrix, gate/up into another, biases
+where the config has them, Qwen3's per-head q/k norms, RoPE from the model's own rotary module
+(every static RoPE variant: default, linear, llama3, yarn, ...), GQA, and a sliding window on
+the layers the config gives one.
+
+One forward serves both phases over a flat batch of tokens; only attention differs:
+- decode: one token per row, paged attention over that row's block table (this is the
+  function the runner captures in a CUDA graph);
+- prefill: each sequence's chunk attends to its cached prefix and itself (eager).
+LoRA is added to each projection group from the adapter pool's stacked slots, by each token's
+slot index.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hotmerge.engine import ops
+from hotmerge.engine.lora import AdapterPool, LoraBatch
+
+log = logging.getLogger(__name__)
+
+SUPPORTED = {"llama", "mistral", "qwen2", "qwen3"}
+# The projections LoRA adapters target, by group: (group, [(module name, output width key)]).
+ATTN_PROJ = ("q_proj", "k_proj", "v_proj")
+MLP_PROJ = ("gate_proj", "up_proj")
+
+
+def unsupported_reason(model: nn.Module) -> str | None:
+    """Why our forward cannot run this model (None: it can)."""
+    config = model.config
+    if config.model_type not in SUPPORTED:
+        return f"architecture {config.model_type!r} is not one of {sorted(SUPPORTED)}"
+    rope = getattr(model.model, "rotary_emb", None)
+    if rope is None or getattr(rope, "rope_type", "default") in ("dynamic", "longrope"):
+        return "its RoPE depends on the sequence length (dynamic/longrope scaling)"
+    if getattr(config, "hidden_act", "silu") != "silu":
+        return f"activation {config.hidden_act!r} (only silu)"
+    return None
+
+
+@dataclass
+class AttentionBatch:
+    """Where each token's K/V goes and what it attends to.
+
+    Decode: ``block_tables (B, max_blocks)``, ``seq_lens (B,)`` (incl. the new token).
+    Prefill: ``chunks``: per sequence (first token index in the flat batch, chunk length,
+    start position, block table as a device tensor).
+    """
+
+    positions: torch.Tensor  # (T,) int64
+    slot_mapping: torch.Tensor  # (T,) int64 flat cache slot, -1: do not write
+    block_tables: torch.Tensor | None = None
+    seq_lens: torch.Tensor | None = None
+    chunks: list[tuple[int, int, int, torch.Tensor]] | None = None
+
+    @property
+    def is_decode(self) -> bool:
+        return self.chunks is None
+
+
+class LlamaLayer(nn.Module):
+    def __init__(self, hf_layer: nn.Module, config, index: int, window: int) -> None:
+        super().__init__()
+        attn, mlp = hf_layer.self_attn, hf_layer.mlp
+        self.index = index
+        self.window = window
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = attn.q_proj.out_features // self.num_heads
+        self.scale = attn.scaling if hasattr(attn, "scaling") else self.head_dim**-0.5
+        projs = [getattr(attn, n) for n in ATTN_PROJ]
+        self.qkv_weight = nn.Parameter(torch.cat([p.weight for p in projs]), requires_grad=False)
+        biases = [p.bias for p in projs]
+        self.qkv_bias = (
+            nn.Parameter(torch.cat(biases), requires_grad=False)
+            if all(b is not None for b in biases)
+            else None
+        )
+        self.qkv_offsets = _offsets([p.out_features for p in projs])
+        self.o_weight = attn.o_proj.weight
+        self.o_bias = attn.o_proj.bias
+        self.gate_up_weight = nn.Parameter(
+            torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]), requires_grad=False
+        )
+        self.intermediate = mlp.gate_proj.out_features
+        self.down_weight = mlp.down_proj.weight
+        self.input_norm = hf_layer.input_layernorm
+        self.post_norm = hf_layer.post_attention_layernorm
+        self.q_norm = getattr(attn, "q_norm", None)  # Qwen3
+        self.k_norm = getattr(attn, "k_norm", None)
+
+    def forward(self, hidden, residual, attn: AttentionBatch, kv, rope, lora: LoraBatch | None):
+        if residual is None:
+            residual = hidden
+            h = ops.rms_norm(hidden, self.input_norm.weight, self.input_norm.variance_epsilon)
+        else:
+            h, residual = ops.rms_norm(
+                hidden, self.input_norm.weight, self.input_norm.variance_epsilon, residual
+            )
+        qkv = F.linear(h, self.qkv_weight, self.qkv_bias)
+        if lora is not None:
+            lora.apply(self.index, "qkv", h, qkv)
+        q_end, k_end = self.qkv_offsets[1], self.qkv_offsets[2]
+        tokens = h.shape[0]
+        q = qkv[:, :q_end].view(tokens, self.num_heads, self.head_dim)
+        k = qkv[:, q_end:k_end].view(tokens, self.num_kv_heads, self.head_dim)
+        v = qkv[:, k_end:].view(tokens, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q = ops.rms_norm(q, self.q_norm.weight, self.q_norm.variance_epsilon)
+            k = ops.rms_norm(k, self.k_norm.weight, self.k_norm.variance_epsilon)
+        k_cache, v_cache = kv
+        cos, sin = rope
+        ops.rotary_and_cache(q, k, v, attn.positions, cos, sin, k_cache, v_cache, attn.slot_mapping)
+        if attn.is_decode:
+            out = ops.paged_decode_attention(
+                q, k_cache, v_cache, attn.block_tables, attn.seq_lens, self.scale, self.window
+            )
+        else:
+            out = self._prefill_attention(q, k_cache, v_cache, attn)
+        out = out.reshape(tokens, self.num_heads * self.head_dim)
+        o = F.linear(out, self.o_weight, self.o_bias)
+        if lora is not None:
+            lora.apply(self.index, "o", out, o)
+        h, residual = ops.rms_norm(
+            o, self.post_norm.weight, self.post_norm.variance_epsilon, residual
+        )
+        gate_up = F.linear(h, self.gate_up_weight)
+        if lora is not None:
+            lora.apply(self.index, "gate_up", h, gate_up)
+        act = ops.silu_and_mul(gate_up)
+        down = F.linear(act, self.down_weight)
+        if lora is not None:
+            lora.apply(self.index, "down", act, down)
+        return down, residual
+
+    def _prefill_attention(self, q, k_cache, v_cache, attn: AttentionBatch) -> torch.Tensor:
+        """Each chunk's queries against its sequence's cached prefix plus the chunk itself
+        (already written to the cache), causal, windowed where the layer is."""
+        out = torch.empty_like(q)
+        group = self.num_heads // self.num_kv_heads
+        block_size = k_cache.shape[1]
+        for first, length, start, table in attn.chunks:
+            total = start + length
+            blocks = table[: (total + block_size - 1) // block_size]
+            keys = k_cache[blocks].flatten(0, 1)[:total]  # (total, Hkv, D)
+            values = v_cache[blocks].flatten(0, 1)[:total]
+            keys = keys.repeat_interleave(group, dim=1).transpose(0, 1)
+            values = values.repeat_interleave(group, dim=1).transpose(0, 1)
+            query = q[first : first + length].transpose(0, 1)  # (H, L, D)
+            mask = None
+            if start > 0 or (self.window and total > self.window):
+                qpos = torch.arange(start, total, device=q.device)[:, None]
+                kpos = torch.arange(total, device=q.device)[None, :]
+                mask = kpos <= qpos
+                if self.window:
+                    mask &= kpos > qpos - self.window
+            o = F.scaled_dot_product_attention(
+                query, keys, values, attn_mask=mask, is_causal=mask is None, scale=self.scale
+            )
+            out[first : first + length] = o.transpose(0, 1)
+        return out
+
+
+class LlamaModel(nn.Module):
+    """The whole network over a flat batch of tokens; returns hidden states (T, H)."""
+
+    def __init__(self, hf_model: nn.Module) -> None:
+        super().__init__()
+        reason = unsupported_reason(hf_model)
+        if reason is not None:
+            raise ValueError(reason)
+        config = hf_model.config
+        inner = hf_model.model
+        self.config = config
+        self.embed = inner.embed_tokens
+        self.norm = inner.norm
+        self.lm_head = hf_model.lm_head
+        windows = layer_windows(config)
+        self.layers = nn.ModuleList(
+            LlamaLayer(layer, config, i, windows[i]) for i, layer in enumerate(inner.layers)
+        )
+        first = self.layers[0]
+        self.num_kv_heads, self.head_dim = first.num_kv_heads, first.head_dim
+        self.lora_shapes = lora_shapes(hf_model)
+        rope = inner.rotary_emb
+        positions = torch.arange(config.max_position_embeddings, dtype=torch.float32)
+        freqs = positions[:, None] * rope.inv_freq.float().cpu()[None, :]
+        device = first.qkv_weight.device
+        self.cos = (freqs.cos() * rope.attention_scaling).to(device)  # (P, D/2) fp32
+        self.sin = (freqs.sin() * rope.attention_scaling).to(device)
+
+    def forward(self, input_ids, attn: AttentionBatch, kv_caches, lora: LoraBatch | None):
+        hidden = self.embed(input_ids)
+        residual = None
+        rope = (self.cos, self.sin)
+        for layer, kv in zip(self.layers, kv_caches, strict=True):
+            hidden, residual = layer(hidden, residual, attn, kv, rope, lora)
+        hidden, _ = ops.rms_norm(hidden, self.norm.weight, self.norm.variance_epsilon, residual)
+        return hidden
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self.lm_head.weight).float()
+
+
+def layer_windows(config) -> list[int]:
+    """Each layer's sliding window (0: full attention), from ``layer_types`` when given."""
+    window = getattr(config, "sliding_window", None) or 0
+    types = getattr(config, "layer_types", None)
+    if types is not None:
+        return [window if t == "sliding_attention" else 0 for t in types]
+    if config.model_type == "qwen2" and not getattr(config, "use_sliding_window", False):
+        window = 0
+    return [window] * config.num_hidden_layers
+
+
+def lora_shapes(hf_model: nn.Module) -> dict[str, dict[str, tuple[int, int]]]:
+    """Per projection group, each target module's (in, out); the pool's geometry."""
+    layer = hf_model.model.layers[0]
+    attn, mlp = layer.self_attn, layer.mlp
+    return {
+        "qkv": {n: _io(getattr(attn, n)) for n in ATTN_PROJ},
+        "o": {"o_proj": _io(attn.o_proj)},
+        "gate_up": {n: _io(getattr(mlp, n)) for n in MLP_PROJ},
+        "down": {"down_proj": _io(mlp.down_proj)},
+    }
+
+
+def module_paths(hf_model: nn.Module) -> dict[str, tuple[str, str, int]]:
+    """``{module path: (group, module name, layer index)}`` for every LoRA target."""
+    paths = {}
+    for i in range(len(hf_model.model.layers)):
+        for group, names in (
+            ("qkv", ATTN_PROJ),
+            ("o", ("o_proj",)),
+            ("gate_up", MLP_PROJ),
+            ("down", ("down_proj",)),
+        ):
+            parent = "self_attn" if group in ("qkv", "o") else "mlp"
+            for name in names:
+                paths[f"model.layers.{i}.{parent}.{name}"] = (group, name, i)
+    return paths
+
+
+def _io(linear: nn.Linear) -> tuple[int, int]:
+    return linear.in_features, linear.out_features
+
+
+def _offsets(widths: list[int]) -> tuple[int, ...]:
+    out = [0]
+    for w in widths:
+        out.append(out[-1] + w)
+    return tuple(out)
+
+
+__all__ = ["AdapterPool", "AttentionBatch", "LlamaModel", "layer_windows", "unsupported_reason"]

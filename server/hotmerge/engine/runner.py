@@ -1,0 +1,372 @@
+"""The runner: the model on the device, its KV cache and adapter pool, one call per phase.
+
+``load_runner`` loads the tokenizer and the transformers model, then runs Llama-family models
+(Llama, Mistral, Qwen2, Qwen3) through our own forward (:class:`LlamaRunner`: paged KV cache,
+eager prefill, decode replayed from a CUDA graph per padded batch size) and any other
+architecture through transformers, eagerly (:class:`~hotmerge.engine.models.hf_eager.EagerRunner`),
+behind the same interface. Only the scheduler's worker thread calls ``prefill``/``decode``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from hotmerge.engine.batch import DecodeBuffers, DecodeRow, PrefillChunk, padded_sizes, slot_of
+from hotmerge.engine.kv_cache import allocate_kv, block_bytes, blocks_for
+from hotmerge.engine.lora import AdapterPool, LoraBatch, SlotTable
+from hotmerge.engine.models.llama import (
+    AttentionBatch,
+    LlamaModel,
+    module_paths,
+    unsupported_reason,
+)
+from hotmerge.engine.sampling import RowSampling, sample
+from hotmerge.errors import InvalidArgument, NotFound
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+_SCORE_ROWS = 256  # prompt positions scored at once (bounds the (rows, vocab) logits)
+
+
+def resolve_device(device: str | None) -> torch.device:
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None or dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        return _DTYPES[dtype.lower()]
+    except KeyError:
+        raise InvalidArgument(
+            f"dtype: unknown {dtype!r}; use one of float32, float16, bfloat16"
+        ) from None
+
+
+@dataclass
+class EngineLimits:
+    """Sizes the runner is built for (from the server config)."""
+
+    max_batch_size: int = 8
+    max_total_tokens: int | None = None  # None: the model's max_position_embeddings
+    block_size: int = 16
+    kv_cache_fraction: float = 0.9  # of the device memory free after weights and budgets
+    kv_cache_tokens: int | None = None  # an exact capacity instead (tests, CPU)
+    reserved_bytes: int = 0  # device memory kept for adapters and merges (their budgets)
+    max_loras: int = 16  # adapter slots
+    max_lora_rank: int = 64
+    max_prefill_tokens: int = 2048  # prompt tokens one step may prefill
+    cuda_graphs: bool = True
+
+
+class Tokenizer:
+    """The model's tokenizer, safe to call from request threads while the worker decodes."""
+
+    def __init__(self, tokenizer, eos_ids: set[int]) -> None:
+        self.tokenizer = tokenizer
+        self.eos_token_ids = frozenset(eos_ids)
+        # A fast tokenizer may reconfigure itself (a mutable borrow in Rust) on its first
+        # call; do that now, before request threads encode while the worker decodes.
+        self._lock = threading.Lock()
+        self.encode("warm-up")
+        pad = tokenizer.pad_token_id
+        self.pad_token_id: int = pad if pad is not None else min(self.eos_token_ids, default=0)
+
+    def encode(self, text: str) -> list[int]:
+        """Prompt token ids, special tokens (BOS) added as the model's tokenizer does."""
+        with self._lock:
+            return list(self.tokenizer(text)["input_ids"])
+
+
+class ModelRunner:
+    """What the scheduler needs of a runner; both kinds fill it in."""
+
+    model_id: str
+    device: torch.device
+    dtype: torch.dtype
+    tokenizer: object  # the transformers tokenizer
+    eos_token_ids: frozenset[int]
+    pad_token_id: int
+    max_position_embeddings: int | None
+    adapters: SlotTable
+    num_blocks: int
+    block_size: int
+    kind: str  # "llama" (our forward) or "transformers" (eager fallback)
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text)
+
+    def module_shapes(self) -> dict[str, tuple[int, int]]:
+        raise NotImplementedError
+
+    def prefill(self, chunks: Sequence[PrefillChunk]):
+        """Run the chunks; returns (logits of the last position of every ``last`` chunk, in
+        order, and per chunk the scored logprobs: one per token after the chunk's first, plus
+        ``next_token``'s when given)."""
+        raise NotImplementedError
+
+    def decode(self, rows: Sequence[DecodeRow]) -> torch.Tensor:
+        """One token per row; returns the next-token logits (rows, vocab) float32."""
+        raise NotImplementedError
+
+    def sample(self, logits: Sequence[torch.Tensor], rows: Sequence[RowSampling]):
+        """Tokens and logprobs for the rows of the concatenated logits (one host sync)."""
+        parts = [t for t in logits if t is not None and t.shape[0]]
+        if not parts:
+            return [], []
+        return sample(torch.cat(parts) if len(parts) > 1 else parts[0], rows)
+
+    def release(self, seq_id: int) -> None:
+        """A sequence ended (the eager runner drops its cache; the paged one has nothing to do)."""
+
+
+def load_runner(
+    model_id_or_path: str,
+    *,
+    device: str | None = None,
+    dtype: str | None = None,
+    allow_hub: bool = False,
+    limits: EngineLimits | None = None,
+    eager: bool = False,
+) -> ModelRunner:
+    """Load tokenizer and model; our forward for Llama-family models, transformers otherwise
+    (or when ``eager``)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    limits = limits or EngineLimits()
+    model_id = str(model_id_or_path)
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    local = Path(model_id).is_dir()
+    if not local and not allow_hub:
+        raise NotFound(
+            f"model {model_id!r}: no such directory (hub downloads are off; "
+            "enable them to fetch from the Hugging Face Hub)"
+        )
+    tokenizer = AutoTokenizer.from_pretrained(model_id, local_files_only=local)
+    model = AutoModelForCausalLM.from_pretrained(
+        model_id, dtype=torch_dtype, local_files_only=local
+    )
+    model = model.to(dev).eval().requires_grad_(False)
+    tok = Tokenizer(tokenizer, _eos_ids(model, tokenizer))
+    reason = "the eager path was asked for" if eager else unsupported_reason(model)
+    if reason is None:
+        return LlamaRunner(model_id, model, tok, limits)
+    from hotmerge.engine.models.hf_eager import EagerRunner
+
+    log.warning("model %s runs through transformers, eagerly: %s", model_id, reason)
+    return EagerRunner(model_id, model, tok, limits)
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    ids: set[int] = set()
+    gen_config = getattr(model, "generation_config", None)
+    for source in (getattr(gen_config, "eos_token_id", None), tokenizer.eos_token_id):
+        if isinstance(source, int):
+            ids.add(source)
+        elif source is not None:
+            ids.update(source)
+    return ids
+
+
+def kv_capacity_blocks(
+    limits: EngineLimits, device: torch.device, per_block: int, max_total: int
+) -> int:
+    """How many KV blocks to allocate (the null block included)."""
+    if limits.kv_cache_tokens is not None:
+        return blocks_for(limits.kv_cache_tokens, limits.block_size) + 1
+    if device.type != "cuda":  # room for a full batch of the longest requests
+        return blocks_for(limits.max_batch_size * max_total, limits.block_size) + 1
+    free, _ = torch.cuda.mem_get_info(device)
+    headroom = 2 * 1024**3  # activations, logits, graph pools
+    usable = (free - limits.reserved_bytes - headroom) * limits.kv_cache_fraction
+    blocks = int(usable // per_block)
+    if blocks < blocks_for(max_total, limits.block_size) + 1:
+        raise InvalidArgument(
+            f"the KV cache fits {max(blocks, 0)} blocks of {limits.block_size} tokens, less than "
+            f"one request of max_total_tokens={max_total}: free device memory, lower the "
+            "adapter/merge budgets or max_total_tokens, or raise --kv-cache-fraction"
+        )
+    return blocks
+
+
+class LlamaRunner(ModelRunner):
+    kind = "llama"
+
+    def __init__(self, model_id: str, hf_model, tok: Tokenizer, limits: EngineLimits) -> None:
+        config = hf_model.config
+        self.model_id = model_id
+        self.device = next(hf_model.parameters()).device
+        self.dtype = next(hf_model.parameters()).dtype
+        self._tok = tok
+        self.tokenizer = tok.tokenizer
+        self.eos_token_ids = tok.eos_token_ids
+        self.pad_token_id = tok.pad_token_id
+        self.max_position_embeddings = getattr(config, "max_position_embeddings", None)
+        self.vocab_size: int = config.vocab_size
+        self.limits = limits
+        self._paths = module_paths(hf_model)
+        self._shapes = {}
+        lora_shapes = None
+        with torch.inference_mode():
+            self.model = LlamaModel(hf_model)
+            lora_shapes = self.model.lora_shapes
+        for path, (group, name, _) in self._paths.items():
+            self._shapes[path] = lora_shapes[group][name]
+        del hf_model
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        num_layers = len(self.model.layers)
+        self.adapters = AdapterPool(
+            lora_shapes,
+            self._paths,
+            num_layers=num_layers,
+            num_slots=limits.max_loras,
+            max_rank=limits.max_lora_rank,
+            dtype=self.dtype,
+            device=self.device,
+        )
+        self.max_total_tokens = limits.max_total_tokens or self.max_position_embeddings or 4096
+        self.block_size = limits.block_size
+        per_block = block_bytes(
+            num_layers, self.block_size, self.model.num_kv_heads, self.model.head_dim, self.dtype
+        )
+        self.num_blocks = kv_capacity_blocks(limits, self.device, per_block, self.max_total_tokens)
+        self.kv = allocate_kv(
+            num_layers,
+            self.num_blocks,
+            self.block_size,
+            self.model.num_kv_heads,
+            self.model.head_dim,
+            self.dtype,
+            self.device,
+        )
+        self.max_blocks = blocks_for(self.max_total_tokens, self.block_size)
+        self.buffers = DecodeBuffers(limits.max_batch_size, self.max_blocks, self.device)
+        self.sizes = padded_sizes(limits.max_batch_size)
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        log.info(
+            "KV cache: %d blocks of %d tokens (%d tokens, %.2f GiB); adapter pool: %d slots of "
+            "rank <= %d (%.2f GiB)",
+            self.num_blocks - 1,
+            self.block_size,
+            (self.num_blocks - 1) * self.block_size,
+            self.num_blocks * per_block / 2**30,
+            limits.max_loras,
+            limits.max_lora_rank,
+            self.adapters.nbytes / 2**30,
+        )
+        if self.device.type == "cuda" and limits.cuda_graphs:
+            self._capture_graphs()
+
+    def module_shapes(self) -> dict[str, tuple[int, int]]:
+        return dict(self._shapes)
+
+    # -- decode -------------------------------------------------------------------------------
+
+    def _decode_step(self, size: int) -> torch.Tensor:
+        buf = self.buffers
+        attn = AttentionBatch(
+            positions=buf.positions[:size],
+            slot_mapping=buf.slot_mapping[:size],
+            block_tables=buf.block_tables[:size],
+            seq_lens=buf.seq_lens[:size],
+        )
+        lora = LoraBatch(self.adapters, buf.lora_slots[:size])
+        hidden = self.model(buf.input_ids[:size], attn, self.kv, lora)
+        return self.model.logits(hidden)
+
+    @torch.inference_mode()
+    def _capture_graphs(self) -> None:
+        """One graph per padded batch size, sharing a memory pool; padding rows only."""
+        pool = torch.cuda.graph_pool_handle()
+        stream = torch.cuda.Stream()
+        for size in reversed(self.sizes):  # largest first: smaller ones reuse its pool memory
+            self.buffers.fill([], size, self.block_size)
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(2):  # warm-up: autotuning and lazy init happen outside capture
+                    self._decode_step(size)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                logits = self._decode_step(size)
+            self._graphs[size] = (graph, logits)
+        torch.cuda.synchronize()
+        log.info("captured decode graphs for batch sizes %s", self.sizes)
+
+    @torch.inference_mode()
+    def decode(self, rows: Sequence[DecodeRow]) -> torch.Tensor:
+        n = len(rows)
+        size = next(s for s in self.sizes if s >= n) if self._graphs else n
+        self.buffers.fill(rows, size, self.block_size)
+        if self._graphs:
+            graph, logits = self._graphs[size]
+            graph.replay()
+            return logits[:n]
+        return self._decode_step(size)
+
+    # -- prefill ------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def prefill(self, chunks: Sequence[PrefillChunk]):
+        device, bs = self.device, self.block_size
+        ids, positions, slots, token_slots = [], [], [], []
+        spans, segments = [], []
+        first = 0
+        for c in chunks:
+            n = len(c.token_ids)
+            ids.extend(c.token_ids)
+            positions.extend(range(c.start, c.start + n))
+            slots.extend(slot_of(c.block_table, p, bs) for p in range(c.start, c.start + n))
+            token_slots.extend([c.slot] * n)
+            table = torch.tensor(list(c.block_table), dtype=torch.int64, device=device)
+            spans.append((first, n, c.start, table))
+            segments.append((first, first + n, c.slot))
+            first += n
+
+        def tensor(values, dtype=torch.int64):
+            return torch.tensor(values, dtype=dtype, device=device)
+
+        attn = AttentionBatch(positions=tensor(positions), slot_mapping=tensor(slots), chunks=spans)
+        lora = LoraBatch(self.adapters, tensor(token_slots, torch.int32), segments)
+        hidden = self.model(tensor(ids), attn, self.kv, lora)
+        last = [f + n - 1 for (f, n, _, _), c in zip(spans, chunks, strict=True) if c.last]
+        logits = self.model.logits(hidden[last]) if last else None
+        scores = [
+            self._score(hidden[f : f + n], c) if c.score else []
+            for (f, n, _, _), c in zip(spans, chunks, strict=True)
+        ]
+        return logits, scores
+
+    def _score(self, hidden: torch.Tensor, chunk: PrefillChunk) -> list[float]:
+        """Logprob of each next prompt token given the ones before it, over this chunk."""
+        targets = list(chunk.token_ids[1:])
+        if chunk.next_token is not None:
+            targets.append(chunk.next_token)
+        out: list[float] = []
+        for lo in range(0, len(targets), _SCORE_ROWS):
+            part = targets[lo : lo + _SCORE_ROWS]
+            logprobs = torch.log_softmax(self.model.logits(hidden[lo : lo + len(part)]), dim=-1)
+            index = torch.tensor(part, device=self.device)[:, None]
+            out.extend(logprobs.gather(1, index).squeeze(1).tolist())
+        return out
