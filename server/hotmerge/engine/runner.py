@@ -166,7 +166,14 @@ def load_runner(
     model = AutoModelForCausalLM.from_pretrained(
         model_id, dtype=torch_dtype, local_files_only=local
     )
-    model = model.to(dev).eval().requires_grad_(False)
+    return build_runner(model_id, model.to(dev), tokenizer, limits, eager=eager)
+
+
+def build_runner(
+    model_id: str, model, tokenizer, limits: EngineLimits, *, eager: bool = False
+) -> ModelRunner:
+    """A runner over an already loaded transformers model (on its device and dtype)."""
+    model = model.eval().requires_grad_(False)
     tok = Tokenizer(tokenizer, _eos_ids(model, tokenizer))
     reason = "the eager path was asked for" if eager else unsupported_reason(model)
     if reason is None:

@@ -1,0 +1,253 @@
+"""Decode-step benchmark: the engine's step against the memory floor, on one GPU, in one run.
+
+1. The device copy bandwidth (a 1 GiB bf16 copy), the yardstick of every floor below.
+2. A random-weight model of the chosen shape (7B Mistral sizes by default, bf16, built on the
+   device from a config) and rank-16 adapters on all seven projections.
+3. The old path for comparison: transformers' eager forward with a DynamicCache of the same
+   context, one token per row, no LoRA.
+4. The engine's decode at each batch size for no adapter, one adapter for every row and a
+   distinct adapter per row: ``graph_ms`` (replay alone, back to back), ``step_ms`` (what a
+   step costs the engine: filling the batch buffers, replay, greedy sampling, the host sync),
+   and ``floor_ms`` = (weights + adapters used + KV actually read) / copy bandwidth.
+
+JSON rows with ``batch``, ``adapters`` ("none"|"one"|"distinct"), ``step_ms``, ``floor_ms``
+go to benchmarks/results/decode_step-<device>-<date>.json (or --out).
+
+    python benchmarks/decode_step.py                    # 7B shapes, needs a GPU
+    python benchmarks/decode_step.py --shape tiny --batches 1 4   # a quick run anywhere
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from hotmerge.embedded import ALL_PROJ, byte_level_tokenizer
+from hotmerge.engine.batch import DecodeRow
+from hotmerge.engine.runner import EngineLimits, build_runner
+from hotmerge.engine.sampling import RowSampling
+from hotmerge.generation import SamplingParams
+from hotmerge_kernels.layout import FlatAdapter
+
+SHAPES = {
+    "7b": dict(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=32000,
+    ),
+    "tiny": dict(
+        hidden_size=256,
+        intermediate_size=688,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        vocab_size=259,
+    ),
+}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device, iters: int, warmup: int = 3) -> float:
+    """Median milliseconds of ``fn`` (synchronised each call)."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
+
+
+def copy_bandwidth(device: torch.device) -> float:
+    """Bytes per second of a device-to-device copy of 1 GiB (read + write counted)."""
+    src = torch.empty(2**29, dtype=torch.bfloat16, device=device).normal_()
+    dst = torch.empty_like(src)
+    ms = timed(lambda: dst.copy_(src), device, 20)
+    return 2 * src.numel() * 2 / (ms / 1000)
+
+
+def build_model(shape: str, device: torch.device, max_positions: int):
+    from transformers import AutoModelForCausalLM, MistralConfig
+
+    config = MistralConfig(
+        **SHAPES[shape], max_position_embeddings=max_positions, sliding_window=None
+    )
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    return model.eval()
+
+
+def random_adapter(shapes: dict[str, tuple[int, int]], rank: int, seed: int) -> FlatAdapter:
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for path, (fan_in, fan_out) in shapes.items():
+        if path.rsplit(".", 1)[1] in ALL_PROJ:
+            tensors[(path, "A")] = torch.randn(rank, fan_in, generator=gen) * 0.01
+            tensors[(path, "B")] = torch.randn(fan_out, rank, generator=gen) * 0.01
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return FlatAdapter.from_tensors(
+        tensors, rank=rank, scaling=2.0, dtype=torch.bfloat16, device=device
+    )
+
+
+def eager_step_ms(model, batch: int, context: int, device, iters: int) -> float:
+    """transformers' eager forward, one new token per row over a ``context``-token cache."""
+    from transformers import DynamicCache
+
+    config = model.config
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    head_dim = config.hidden_size // heads
+    cache = DynamicCache(config=config)
+    for layer in range(config.num_hidden_layers):
+        kv = torch.randn(batch, kv_heads, context, head_dim, dtype=torch.bfloat16, device=device)
+        cache.update(kv, kv.clone(), layer)
+    ids = torch.randint(0, config.vocab_size, (batch, 1), device=device)
+    pos = torch.full((batch, 1), context, device=device)
+
+    def step():
+        with torch.inference_mode():
+            model(input_ids=ids, position_ids=pos, past_key_values=cache, use_cache=True)
+        for layer in cache.layers:  # drop the new token: every step sees the same context
+            layer.keys = layer.keys[:, :, :context]
+            layer.values = layer.values[:, :, :context]
+
+    return timed(step, device, iters)
+
+
+def weight_bytes(runner) -> int:
+    """Bytes a decode step reads of the model's weights (the embedding: one row per token)."""
+    total = 0
+    for name, p in runner.model.named_parameters():
+        if "embed" not in name:
+            total += p.numel() * p.element_size()
+    for layer in runner.model.layers:  # plain tensors held as attributes, not parameters
+        for t in (layer.o_weight, layer.down_weight):
+            if not isinstance(t, torch.nn.Parameter):
+                total += t.numel() * t.element_size()
+    return total
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="7b")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 16, 32, 64])
+    parser.add_argument("--context", type=int, default=512, help="tokens in each row's cache")
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--iters", type=int, default=30)
+    parser.add_argument("--no-eager", action="store_true", help="skip the transformers path")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    max_batch = max(args.batches)
+    bandwidth = copy_bandwidth(device)
+    print(f"copy bandwidth: {bandwidth / 1e12:.3f} TB/s")
+    model = build_model(args.shape, device, max_positions=max(4096, args.context + 64))
+    rows_out = []
+    if not args.no_eager:
+        for batch in args.batches:
+            ms = eager_step_ms(model, batch, args.context, device, max(5, args.iters // 3))
+            rows_out.append(dict(path="transformers-eager", batch=batch, adapters="none",
+                                 step_ms=ms))  # fmt: skip
+            print(f"transformers eager   batch {batch:3d}: {ms:8.2f} ms")
+    limits = EngineLimits(
+        max_batch_size=max_batch,
+        max_total_tokens=args.context + 64,
+        kv_cache_tokens=max_batch * (args.context + 64),
+        max_loras=max_batch,
+        max_lora_rank=args.rank,
+        cuda_graphs=device.type == "cuda",
+    )
+    runner = build_runner("bench", model, byte_level_tokenizer(), limits)
+    del model
+    shapes = runner.module_shapes()
+    adapters = [random_adapter(shapes, args.rank, seed) for seed in range(max_batch)]
+    slots = [runner.adapters.take(a)[0] for a in adapters]
+    adapter_bytes = adapters[0].nbytes
+    weights = weight_bytes(runner)
+    cfg = runner.model.config
+    kv_token_bytes = 2 * cfg.num_hidden_layers * runner.model.num_kv_heads * runner.model.head_dim * 2
+    blocks_per_row = -(-(args.context + 1) // runner.block_size)
+    greedy = SamplingParams(max_new_tokens=1)
+    for batch in args.batches:
+        for mode in ("none", "one", "distinct"):
+            rows = []
+            for i in range(batch):
+                table = list(range(1 + i * blocks_per_row, 1 + (i + 1) * blocks_per_row))
+                slot = {"none": -1, "one": slots[0], "distinct": slots[i]}[mode]
+                rows.append(DecodeRow(i, 7 + i, args.context, table, slot))
+            sampling = [RowSampling(greedy, 0, 0) for _ in rows]
+
+            def step(rows=rows, sampling=sampling):
+                logits = runner.decode(rows)
+                runner.sample([logits], sampling)
+
+            step_ms = timed(step, device, args.iters)
+            graph_ms = None
+            if device.type == "cuda" and runner._graphs:
+                size = next(s for s in runner.sizes if s >= batch)
+                runner.decode(rows)
+                graph = runner._graphs[size][0]
+                start, end = torch.cuda.Event(True), torch.cuda.Event(True)
+                graph.replay()
+                start.record()
+                for _ in range(args.iters):
+                    graph.replay()
+                end.record()
+                sync(device)
+                graph_ms = start.elapsed_time(end) / args.iters
+            used = {"none": 0, "one": 1, "distinct": batch}[mode]
+            floor_bytes = weights + used * adapter_bytes + batch * (args.context + 1) * kv_token_bytes
+            floor_ms = floor_bytes / bandwidth * 1000
+            row = dict(path="engine", batch=batch, adapters=mode, step_ms=step_ms,
+                       graph_ms=graph_ms, floor_ms=floor_ms,
+                       step_over_floor=step_ms / floor_ms,
+                       tokens_per_s=batch / step_ms * 1000)  # fmt: skip
+            rows_out.append(row)
+            print(
+                f"engine batch {batch:3d} {mode:8s}: step {step_ms:7.2f} ms, graph "
+                f"{graph_ms if graph_ms is None else round(graph_ms, 2)} ms, floor "
+                f"{floor_ms:6.2f} ms ({step_ms / floor_ms:.2f}x), {batch / step_ms * 1000:7.0f} tok/s"
+            )
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
+    result = dict(
+        benchmark="decode_step",
+        device=name,
+        date=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        versions=dict(torch=torch.__version__, python=platform.python_version(),
+                      cuda=torch.version.cuda),  # fmt: skip
+        shape=args.shape,
+        context=args.context,
+        rank=args.rank,
+        copy_bandwidth_tb_s=bandwidth / 1e12,
+        weight_bytes=weights,
+        adapter_bytes=adapter_bytes,
+        rows=rows_out,
+    )
+    out = args.out or Path(__file__).parent / "results" / (
+        f"decode_step-{name.replace(' ', '_')}-{dt.date.today()}.json"
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
