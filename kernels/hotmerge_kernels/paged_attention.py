@@ -89,24 +89,16 @@ def _partition_kernel(
             block = tl.load(table + tok // BLOCK_SIZE, mask=live, other=0).to(tl.int64)
             slot = tok % BLOCK_SIZE
             kv_mask = live[:, None] & d_ok[None, :]
-            k = tl.load(
-                k_ptr + (block * stride_kb + slot * stride_kt + kv_head * stride_kh)[:, None]
-                + d[None, :],
-                mask=kv_mask,
-                other=0.0,
-            )
+            k_rows = k_ptr + block * stride_kb + slot * stride_kt + kv_head * stride_kh
+            k = tl.load(k_rows[:, None] + d[None, :], mask=kv_mask, other=0.0)
             s = _dot(q, tl.trans(k), PRECISION, UPCAST) * scale_log2
             s = tl.where(live[None, :], s, float("-inf"))
             m_new = tl.maximum(m, tl.max(s, 1))
             alpha = tl.exp2(m - m_new)
             p = tl.exp2(s - m_new[:, None])
             l = l * alpha + tl.sum(p, 1)  # noqa: E741
-            v = tl.load(
-                v_ptr + (block * stride_vb + slot * stride_vt + kv_head * stride_vh)[:, None]
-                + d[None, :],
-                mask=kv_mask,
-                other=0.0,
-            )
+            v_rows = v_ptr + block * stride_vb + slot * stride_vt + kv_head * stride_vh
+            v = tl.load(v_rows[:, None] + d[None, :], mask=kv_mask, other=0.0)
             acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION, UPCAST)
             m = m_new
         out_rows = part_out_ptr + row * stride_pb + heads * stride_ph + part * stride_pp
@@ -155,7 +147,11 @@ def _reduce_kernel(
         den += w
     den_sum = tl.sum(den, 0)
     res = tl.where(den_sum > 0, num / tl.maximum(den_sum, 1e-30), 0.0)
-    tl.store(out_ptr + row * stride_ob + head * stride_oh + d, res.to(out_ptr.dtype.element_ty), mask=d_ok)
+    tl.store(
+        out_ptr + row * stride_ob + head * stride_oh + d,
+        res.to(out_ptr.dtype.element_ty),
+        mask=d_ok,
+    )
 
 
 class PagedAttention:
@@ -207,7 +203,9 @@ class PagedAttention:
         _, block_size, num_kv_heads, _ = k_cache.shape
         _check(q, k_cache, v_cache, block_tables, seq_lens)
         if (num_heads, head_dim, block_size) != (self.num_heads, self.head_dim, self.block_size):
-            raise ValueError("q / cache shapes differ from the ones this PagedAttention was built for")
+            raise ValueError(
+                "q / cache shapes differ from the ones this PagedAttention was built for"
+            )
         if batch > self.part_out.shape[0] or block_tables.shape[1] > self.max_blocks_per_seq:
             raise ValueError("batch or block table wider than this PagedAttention's workspace")
         if out is None:
@@ -271,7 +269,7 @@ def paged_decode_attention(
     out: torch.Tensor | None = None,
     **launch,
 ) -> torch.Tensor:
-    """The Triton path with a fresh workspace (tests, one-off calls); ``launch``: see PagedAttention."""
+    """The Triton path with a fresh workspace (tests, one-off calls); ``launch``: tile shapes."""
     attn = PagedAttention(
         q.shape[0], q.shape[1], q.shape[2], block_tables.shape[1], k_cache.shape[1], q.device,
         **launch,
