@@ -306,16 +306,16 @@ def paged_decode_attention_torch(
     used = torch.arange(n_blocks, device=q.device) * block_size < lens
     blocks = torch.where(used, blocks, 0)  # entries past a row's length may hold anything
 
-    def gather(cache: torch.Tensor) -> torch.Tensor:  # (B, kv heads, T, D), dead tokens zeroed
-        x = cache[blocks].flatten(1, 2)[:, :max_len].float()
-        return torch.where(live[:, :, None, None], x, 0.0).transpose(1, 2)
+    def gather(cache: torch.Tensor) -> torch.Tensor:  # (B, kv heads, T, D)
+        return cache[blocks].flatten(1, 2)[:, :max_len].float().transpose(1, 2)
 
     group = num_heads // num_kv_heads
     qg = q.float().view(batch, num_kv_heads, group, head_dim)
     scores = (qg @ gather(k_cache).transpose(2, 3)) * scale  # (B, kv heads, group, T)
-    scores = scores.masked_fill(~live[:, None, None, :], float("-inf"))
+    scores = scores.masked_fill(~live[:, None, None, :], float("-inf"))  # drops NaN keys too
     probs = torch.softmax(scores, dim=-1).nan_to_num_(0.0)  # padding rows: all -inf -> zeros
-    res = probs @ gather(v_cache)  # (B, kv heads, group, D)
+    v = torch.where(live[:, None, :, None], gather(v_cache), 0.0)  # dead slots may hold NaN
+    res = probs @ v  # (B, kv heads, group, D)
     out.copy_(res.view(batch, num_heads, head_dim))
     return out
 

@@ -204,8 +204,9 @@ def test_rejects_contract_violations():
 
 
 @needs_triton
-@pytest.mark.parametrize("window", [0, 5, 40, 200])
-@pytest.mark.parametrize("group", [1, 4, 8])
+@pytest.mark.parametrize(
+    ("group", "window"), [(1, 0), (1, 40), (4, 0), (4, 5), (4, 40), (4, 200), (8, 0), (8, 5)]
+)
 def test_kernel_matches_twin(group, window):
     case = make_case([0, *EDGE_LENS, 0], group=group, window=window, seed=100 + group + window)
     assert_kernel_matches(case, **SMALL_LAUNCH)
