@@ -218,7 +218,7 @@ def main() -> None:
             "block_size": BLOCK_SIZE,
             "dtype": str(DTYPE),
         },  # fmt: skip
-        "launch": {k: getattr(pa, k.upper()) for k in TUNE_GRID},
+        "launch": {k: getattr(pa, k.upper()) for k in TUNE_GRID},  # tile: for head_dim 128
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({**meta, "rows": rows}, indent=1))

@@ -31,7 +31,7 @@ import triton.language as tl
 LOG2E = 1.4426950408889634
 # Launch shapes (first guesses for Hopper; benchmarks/paged_attention.py --tune sweeps them).
 PARTITION_SIZE = 512  # tokens per partition: batch 32 x 8 kv heads x 2k tokens -> 1024 programs
-TILE_SIZE = 64  # tokens per K/V tile inside a partition
+TILE_SIZE = 64  # tokens per K/V tile inside a partition (halved for head_dim 256: shared memory)
 NUM_WARPS = 4
 NUM_STAGES = 3
 REDUCE_CHUNK = 16  # partitions combined per step of the reduce
@@ -158,7 +158,7 @@ class PagedAttention:
     """Flash-decoding over a paged cache with its workspace preallocated for ``max_batch`` rows.
 
     Workspace: ``max_batch * num_heads * cdiv(max_blocks_per_seq * block_size, partition_size)
-    * (head_dim + 1)`` float32 (7B, batch 64, 32k tokens, partition 512: 33 MiB).
+    * (head_dim + 1)`` float32 (7B, batch 64, 32k tokens, partition 512: 65 MiB).
     """
 
     def __init__(
@@ -171,10 +171,12 @@ class PagedAttention:
         device: torch.device | str,
         *,
         partition_size: int = PARTITION_SIZE,
-        tile_size: int = TILE_SIZE,
+        tile_size: int | None = None,
         num_warps: int = NUM_WARPS,
         num_stages: int = NUM_STAGES,
     ) -> None:
+        if tile_size is None:
+            tile_size = min(TILE_SIZE, 8192 // triton.next_power_of_2(head_dim))
         if block_size & (block_size - 1) or tile_size & (tile_size - 1) or tile_size < 16:
             raise ValueError("block_size and tile_size must be powers of two, tile_size >= 16")
         if partition_size % tile_size:
