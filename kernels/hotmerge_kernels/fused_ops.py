@@ -92,7 +92,7 @@ def rms_norm(
     _check_rows(out, "out")
     if residual is not None:
         _check_rows(residual, "residual")
-        if residual.shape != x.shape or out.data_ptr() == residual.data_ptr():
+        if residual.shape != x.shape or (out.numel() and out.data_ptr() == residual.data_ptr()):
             raise ValueError("residual: want x's shape, and not to be out")
     if out.shape != x.shape:
         raise ValueError(f"out: want {tuple(x.shape)}, got {tuple(out.shape)}")
