@@ -28,6 +28,7 @@ from transformers.models.llama.modeling_llama import (
 )
 from triton.runtime import interpreter
 
+from tests.kernels.decode_inputs import assert_within_roundings
 from tests.kernels.random_adapters import needs_triton
 
 pytestmark = needs_triton
@@ -73,11 +74,7 @@ def nans(*shape, dtype):
 
 
 def assert_close(got: torch.Tensor, want: torch.Tensor) -> None:
-    """Within one rounding of the storage dtype: the kernels sum and exponentiate in float32 in
-    another order than torch, which may move a result across a rounding boundary."""
-    assert not got.isnan().any(), "unwritten output elements"
-    rtol = {torch.float32: 2e-6, torch.bfloat16: 2**-8, torch.float16: 2**-11}[got.dtype]
-    torch.testing.assert_close(got.float(), want.float(), rtol=rtol, atol=1e-6)
+    assert_within_roundings(got, want, fp32_rtol=2e-6)
 
 
 # ---------------------------------------------------------------------------------------------
