@@ -10,9 +10,10 @@ host (so it can be captured in a CUDA graph), and does nothing for T = 0. Tensor
 views (a slice of a fused qkv output) as long as their last dimension is contiguous.
 
 Numerics: float32 arithmetic, rounded to the storage dtype exactly where transformers' eager
-modules round (every bf16/fp16 torch op computes in float32 and rounds its result), so the
-twins equal LlamaRMSNorm, apply_rotary_pos_emb and LlamaMLP's ``act_fn(gate) * up`` bit for bit
-and the kernels differ from them only by float32 reduction order and transcendental ulps.
+modules round (every bf16/fp16 torch op computes in float32 and rounds its result). The twins
+run transformers' ops (LlamaRMSNorm, apply_rotary_pos_emb, LlamaMLP's ``act_fn(gate) * up``) and
+equal them bit for bit in bf16/fp16; the kernels differ only where float32 reduction order or
+exp ulps move a value across a rounding boundary (RoPE and the cache writes: never).
 The ``*_torch`` twins have the same signatures and in-place effects; they are the oracles of the
 tests and the eager baseline of ``benchmarks/fused_ops.py``.
 """
