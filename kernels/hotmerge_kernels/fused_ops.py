@@ -281,7 +281,7 @@ def rotary_and_cache_torch(
     # slot of the first valid row and carries that row's values, so duplicate writes agree.
     # With no valid row at all, every row rewrites slot 0 with what it holds.
     valid = slot_mapping >= 0
-    first = torch.argmax(valid.to(torch.int32))
+    first = torch.argmax(valid.to(torch.int32)).view(1)  # 1-D: a 0-d index would sync
     slots = torch.where(valid, slot_mapping, slot_mapping[first].clamp(min=0))
     rows = torch.where(valid, torch.arange(len(valid), device=valid.device), first)
     for x, cache in ((k, k_cache), (v, v_cache)):
