@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from hotmerge_kernels.layout import FlatAdapter
+from hotmerge_kernels.lora_apply import LoraKernelMeta
 
 from hotmerge.engine import ops
 
@@ -131,6 +133,19 @@ class AdapterPool(SlotTable):
             )
         return None
 
+    @contextmanager
+    def every_slot_full(self) -> Iterator[None]:
+        """Every slot reads as a full-rank adapter inside the block: the kernels' autotuning
+        at start-up then times real work, not programs that exit at once."""
+        saved = {g: r.clone() for g, r in self.ranks.items()}
+        for r in self.ranks.values():
+            r.fill_(self.max_rank)
+        try:
+            yield
+        finally:
+            for g, r in self.ranks.items():
+                r.copy_(saved[g])
+
     def take(self, adapter: FlatAdapter) -> tuple[int, bool]:
         slot, fresh = super().take(adapter)
         if fresh:
@@ -162,25 +177,44 @@ class AdapterPool(SlotTable):
             self.ranks[group][slot] = r
 
 
-@dataclass
 class LoraBatch:
-    """Which slot each token of a forward uses, and the call each projection group makes.
+    """Which slot each token of one forward uses, and the call each projection group makes.
 
-    ``token_slots`` (T,) int32 on the device, -1 for base-model tokens. Prefill also passes
-    ``segments``: (first token, end token, slot, rank per group) runs of one slot, so the eager
-    torch path multiplies each run by its own adapter instead of gathering per token.
+    ``token_slots`` (T,) int32 on the device, -1 for base-model tokens. On CUDA every group is
+    two Triton launches (shrink, expand) reading the tokens grouped by slot once per forward
+    (``LoraKernelMeta``). The torch path takes ``segments`` for prefill: runs of tokens of one
+    slot, each multiplied by its own adapter, instead of a per-token gather.
     """
 
-    pool: AdapterPool
-    token_slots: torch.Tensor
-    segments: list[tuple[int, int, int]] | None = None
+    def __init__(
+        self,
+        pool: AdapterPool,
+        token_slots: torch.Tensor,
+        segments: list[tuple[int, int, int]] | None = None,
+    ) -> None:
+        self.pool = pool
+        self.token_slots = token_slots
+        self.segments = segments
+        tokens = token_slots.shape[0]
+        self.kernels = ops.triton_enabled(token_slots)
+        self.meta = None
+        if self.kernels:  # inside a captured graph, these come from the graph's pool
+            self.meta = LoraKernelMeta(tokens, pool.num_slots, token_slots.device)
+            self.meta.update(token_slots)
+        if self.kernels or segments is None:
+            widest = max(len(o) - 1 for o in pool.offsets.values())
+            self.buf = torch.empty(
+                (widest, tokens, pool.max_rank), dtype=torch.float32, device=token_slots.device
+            )
 
     def apply(self, layer: int, group: str, x: torch.Tensor, y: torch.Tensor) -> None:
         a = self.pool.a[group][layer]
         b = self.pool.b[group][layer]
         offsets = self.pool.offsets[group]
-        if self.segments is None:
-            ops.lora_apply(x, y, a, b, self.pool.ranks[group], self.token_slots, offsets)
+        if self.kernels or self.segments is None:
+            buf = self.buf[: len(offsets) - 1]
+            ranks = self.pool.ranks[group]
+            ops.lora(x, y, a, b, ranks, self.token_slots, offsets, buf, self.meta)
             return
         for first, end, slot in self.segments:
             if slot < 0:

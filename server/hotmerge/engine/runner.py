@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -271,6 +272,18 @@ class LlamaRunner(ModelRunner):
         self.buffers = DecodeBuffers(limits.max_batch_size, self.max_blocks, self.device)
         self.sizes = padded_sizes(limits.max_batch_size)
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.attention = None  # the paged decode attention kernel, with its workspace (CUDA)
+        if self.device.type == "cuda":
+            from hotmerge_kernels.paged_attention import PagedAttention
+
+            self.attention = PagedAttention(
+                limits.max_batch_size,
+                config.num_attention_heads,
+                self.model.head_dim,
+                self.max_blocks,
+                self.block_size,
+                self.device,
+            )
         log.info(
             "KV cache: %d blocks of %d tokens (%d tokens, %.2f GiB); adapter pool: %d slots of "
             "rank <= %d (%.2f GiB)",
@@ -282,8 +295,8 @@ class LlamaRunner(ModelRunner):
             limits.max_lora_rank,
             self.adapters.nbytes / 2**30,
         )
-        if self.device.type == "cuda" and limits.cuda_graphs:
-            self._capture_graphs()
+        if self.device.type == "cuda":
+            self._warm_up(capture=limits.cuda_graphs)
 
     def module_shapes(self) -> dict[str, tuple[int, int]]:
         return dict(self._shapes)
@@ -297,23 +310,40 @@ class LlamaRunner(ModelRunner):
             slot_mapping=buf.slot_mapping[:size],
             block_tables=buf.block_tables[:size],
             seq_lens=buf.seq_lens[:size],
+            kernel=self.attention,
         )
         lora = LoraBatch(self.adapters, buf.lora_slots[:size])
         hidden = self.model(buf.input_ids[:size], attn, self.kv, lora)
         return self.model.logits(hidden)
 
     @torch.inference_mode()
-    def _capture_graphs(self) -> None:
-        """One graph per padded batch size, sharing a memory pool; padding rows only."""
+    def _warm_up(self, *, capture: bool) -> None:
+        """Run every shape once (the kernels autotune per shape, outside any graph), then
+        capture one decode graph per padded batch size, sharing one memory pool."""
+        started = time.perf_counter()
+        slots = self.adapters.num_slots
+        with self.adapters.every_slot_full():
+            for size in self.sizes:
+                rows = [DecodeRow(-1, 0, 0, [0], i % slots) for i in range(size)]
+                self.buffers.fill(rows, size, self.block_size)
+                self._decode_step(size)
+            tokens = 1
+            while tokens <= self.limits.max_prefill_tokens:
+                runs = min(tokens, 4)
+                chunks = [
+                    PrefillChunk(-1, [0] * (tokens // runs), 0, [0] * self.max_blocks, i, True)
+                    for i in range(runs)
+                ]
+                self.prefill(chunks)
+                tokens *= 2
+        torch.cuda.synchronize()
+        log.info("kernels warmed up in %.1f s", time.perf_counter() - started)
+        if not capture:
+            return
         pool = torch.cuda.graph_pool_handle()
-        stream = torch.cuda.Stream()
         for size in reversed(self.sizes):  # largest first: smaller ones reuse its pool memory
             self.buffers.fill([], size, self.block_size)
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                for _ in range(2):  # warm-up: autotuning and lazy init happen outside capture
-                    self._decode_step(size)
-            torch.cuda.current_stream().wait_stream(stream)
+            self._decode_step(size)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
                 logits = self._decode_step(size)

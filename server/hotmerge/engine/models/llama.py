@@ -61,6 +61,7 @@ class AttentionBatch:
     block_tables: torch.Tensor | None = None
     seq_lens: torch.Tensor | None = None
     chunks: list[tuple[int, int, int, torch.Tensor]] | None = None
+    kernel: object | None = None  # the runner's PagedAttention (decode on CUDA)
 
     @property
     def is_decode(self) -> bool:
@@ -122,7 +123,14 @@ class LlamaLayer(nn.Module):
         ops.rotary_and_cache(q, k, v, attn.positions, cos, sin, k_cache, v_cache, attn.slot_mapping)
         if attn.is_decode:
             out = ops.paged_decode_attention(
-                q, k_cache, v_cache, attn.block_tables, attn.seq_lens, self.scale, self.window
+                q,
+                k_cache,
+                v_cache,
+                attn.block_tables,
+                attn.seq_lens,
+                self.scale,
+                self.window,
+                attn.kernel,
             )
         else:
             out = self._prefill_attention(q, k_cache, v_cache, attn)
