@@ -10,17 +10,20 @@ row or prefill token) with its slot, -1 meaning the base model only:
 
 ``lora_shrink`` writes ``buf[s, t, :r] = x[t] @ A[slot_t, s, :r].T`` into a float32
 ``buf (slices, T, max_rank)``; ``lora_expand`` adds ``buf[s, t, :r] @ B[slot_t, slice s, :r].T``
-into ``y (T, out_total)`` in place (float32 accumulation, one read-modify-write of ``y``). Tokens
-of slot -1 are left alone, and so are ``buf`` entries past a slot's rank (with split-K, shrink
-zeroes ``buf`` first; otherwise it writes only the entries it defines).
+into ``y (T, out_total)`` in place (float32 accumulation, one read-modify-write of ``y``). Rows
+of ``y`` whose slot is -1 (or an empty slot) are not touched. Other ``buf`` entries than those
+defined are unspecified (zero when the chosen config splits K, untouched otherwise). Slots must
+be < the pool's slot count: they are not checked on the device.
 
 Tokens are grouped by slot (``LoraKernelMeta``: a stable sort of the slots and each run's start,
 length and slot), and each program works on up to ``BLOCK_M`` tokens of one group, so prefill
 tokens that share an adapter share its weight reads, and a decode batch of distinct adapters reads
 each adapter once. The grid is sized from shapes only (m tiles x slices or n tiles x
 ``min(T, slots + 1)`` groups); programs of absent groups or past a group's length exit at once.
-Nothing syncs with the host and nothing is allocated, so a call can be captured in a CUDA graph
-once the autotuner has seen its shape bucket (the engine warms every shape before capture).
+Nothing syncs with the host and the launches allocate nothing (``meta.update``'s temporaries come
+from the graph's pool when captured), so a call can be captured in a CUDA graph once the
+autotuner has seen its shape bucket (key: next power of two of T, sizes, dtypes); the engine warms
+every shape before capture. Without a ``meta`` argument the launches build one (fine eagerly).
 
 Shrink splits ``in_features`` across programs (``SPLIT_K``, atomics into the zeroed buffer) so
 that a decode batch fills the GPU; expand tiles ``out_total`` across programs (one tile may
@@ -36,6 +39,7 @@ from collections.abc import Sequence
 import torch
 import triton
 import triton.language as tl
+import triton.testing
 
 from .lora_apply_reference import lora_expand_torch, lora_shrink_torch
 
@@ -145,6 +149,11 @@ def _expand_configs() -> list[triton.Config]:
     return decode + prefill
 
 
+def _tuning_bench(kernel_call, quantiles):
+    """Autotuning timer: the kernels take microseconds, so 25 ms of repeats is plenty."""
+    return triton.testing.do_bench(kernel_call, warmup=5, rep=25, quantiles=quantiles)
+
+
 def _prune_by_tokens(configs: list[triton.Config], nargs: dict, **kwargs) -> list[triton.Config]:
     """Decode buckets try 16-row tiles, prefill buckets the larger ones."""
     decode = nargs["T_BUCKET"] <= DECODE_MAX_TOKENS
@@ -181,6 +190,7 @@ def _group_tokens(order_ptr, group_start_ptr, g, m0, count, BLOCK_M: tl.constexp
     configs=_shrink_configs(),
     key=["T_BUCKET", "K", "MAX_RANK", "NUM_SLICES"],
     prune_configs_by={"early_config_prune": _prune_by_tokens},
+    do_bench=_tuning_bench,
 )
 @triton.jit
 def _shrink_kernel(
@@ -270,6 +280,7 @@ def _slice_bounds(s: tl.constexpr, OFF0, OFF1, OFF2, OFF3):
     key=["T_BUCKET", "OFF0", "OFF3", "MAX_RANK", "NUM_SLICES"],
     prune_configs_by={"early_config_prune": _prune_by_tokens},
     restore_value=["y_ptr"],  # benchmarking adds into y many times
+    do_bench=_tuning_bench,
 )
 @triton.jit
 def _expand_kernel(
