@@ -1,0 +1,135 @@
+"""Multi-LoRA shrink/expand kernels on the device at Mistral-7B sizes (``pytest -m gpu``), and
+inside a captured CUDA graph replayed with new slots."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hotmerge_kernels.lora_apply import (
+    LoraKernelMeta,
+    lora_expand,
+    lora_expand_torch,
+    lora_shrink,
+    lora_shrink_torch,
+)
+
+from tests.kernels.test_lora_apply import assert_close, defined
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+HIDDEN, INTERMEDIATE, KV = 4096, 14336, 1024
+GROUPS = {  # projection group: (in_features, slice widths)
+    "qkv": (HIDDEN, (HIDDEN, KV, KV)),
+    "o": (HIDDEN, (HIDDEN,)),
+    "gate_up": (HIDDEN, (INTERMEDIATE, INTERMEDIATE)),
+    "down": (INTERMEDIATE, (HIDDEN,)),
+}
+# 34 slots, so 32 rows can all differ: cat-merged rank 128, an odd rank, empty slots.
+RANKS = (16, 16, 64, 128, 8, 37, 16, 0) * 4 + (16, 16)
+MAX_RANK = 128
+Y_TOL = {torch.bfloat16: 2**-7, torch.float16: 2**-10, torch.float32: 1e-5}
+
+
+def device_pool(widths, n_in, dtype, seed):
+    """(lora_a, lora_b, slot_ranks, slice_offsets) on the device; entries past a rank are NaN."""
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    n, out_total = len(RANKS), sum(widths)
+    lora_a = torch.randn(n, len(widths), MAX_RANK, n_in, generator=gen, device="cuda") * 0.03
+    lora_b = torch.randn(n, out_total, MAX_RANK, generator=gen, device="cuda") * 0.03
+    for i, r in enumerate(RANKS):
+        lora_a[i, :, r:] = float("nan")
+        lora_b[i, :, r:] = float("nan")
+    offsets = tuple(sum(widths[:i]) for i in range(len(widths) + 1))
+    slot_ranks = torch.tensor(RANKS, dtype=torch.int32, device="cuda")
+    return lora_a.to(dtype), lora_b.to(dtype), slot_ranks, offsets
+
+
+def slots_for(case: str, t: int, gen: torch.Generator) -> torch.Tensor:
+    n = len(RANKS)
+    if case == "distinct":
+        slots = torch.arange(t) % (n + 1) - 1  # -1 then distinct slots (t <= n + 1)
+    elif case == "shared":
+        slots = torch.full((t,), 2)
+    else:  # prefill: two adapters, a few base-model tokens
+        slots = torch.where(torch.rand(t, generator=gen) < 0.5, 3, 5)
+        slots[torch.rand(t, generator=gen) < 0.05] = -1
+    return slots.to(torch.int32).cuda()
+
+
+def check(group: str, t: int, case: str, dtype: torch.dtype) -> None:
+    n_in, widths = GROUPS[group]
+    lora_a, lora_b, slot_ranks, offsets = device_pool(widths, n_in, dtype, seed=t)
+    gen = torch.Generator().manual_seed(t)
+    token_slots = slots_for(case, t, gen)
+    x = torch.randn(t, n_in, generator=gen).to("cuda", dtype)
+    y0 = torch.randn(t, offsets[-1], generator=gen).to("cuda", dtype)
+    bufs = [torch.full((len(widths), t, MAX_RANK), float("nan"), device="cuda") for _ in range(2)]
+    ys = [y0.clone(), y0.clone()]
+    lora_shrink(x, lora_a, slot_ranks, token_slots, bufs[0])
+    lora_expand(bufs[0], lora_b, slot_ranks, token_slots, ys[0], offsets)
+    lora_shrink_torch(x, lora_a, slot_ranks, token_slots, bufs[1])
+    lora_expand_torch(bufs[1], lora_b, slot_ranks, token_slots, ys[1], offsets)
+    got_buf, want_buf = (defined(b, slot_ranks, token_slots) for b in bufs)
+    assert_close(got_buf, want_buf, 1e-4)
+    assert_close(ys[0], ys[1], Y_TOL[dtype])
+    skip = [i for i, s in enumerate(token_slots.tolist()) if s < 0 or RANKS[s] == 0]
+    assert torch.equal(ys[0][skip], y0[skip])
+
+
+@pytest.mark.parametrize("group", GROUPS)
+@pytest.mark.parametrize("t,case", [(1, "shared"), (32, "distinct"), (64, "shared")])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_decode_at_7b_sizes(group, t, case, dtype):
+    check(group, t, case, dtype)
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_prefill_at_7b_sizes(group):
+    check(group, 512, "prefill", torch.bfloat16)
+
+
+def test_float32_at_7b_sizes():
+    check("qkv", 17, "distinct", torch.float32)
+
+
+def test_graph_replay_with_new_slots():
+    """Meta update, shrink and expand captured once; each replay reads the slots then in place."""
+    t, dtype = 32, torch.bfloat16
+    n_in, widths = GROUPS["qkv"]
+    lora_a, lora_b, slot_ranks, offsets = device_pool(widths, n_in, dtype, seed=1)
+    gen = torch.Generator().manual_seed(2)
+    token_slots = slots_for("distinct", t, gen)
+    x = torch.randn(t, n_in, generator=gen).to("cuda", dtype)
+    y_in = torch.randn(t, offsets[-1], generator=gen).to("cuda", dtype)
+    y = y_in.clone()
+    buf = torch.zeros(len(widths), t, MAX_RANK, device="cuda")
+    meta = LoraKernelMeta(t, len(RANKS), "cuda")
+
+    def step():
+        y.copy_(y_in)
+        meta.update(token_slots)
+        lora_shrink(x, lora_a, slot_ranks, token_slots, buf, meta)
+        lora_expand(buf, lora_b, slot_ranks, token_slots, y, offsets, meta)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()  # autotunes and compiles outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for _ in range(3):
+        new = torch.randint(-1, len(RANKS), (t,), generator=gen, dtype=torch.int32)
+        token_slots.copy_(new.cuda())
+        x.copy_(torch.randn(t, n_in, generator=gen).to("cuda", dtype))
+        graph.replay()
+        torch.cuda.synchronize()
+        want_buf = torch.full_like(buf, float("nan"))
+        want = y_in.clone()
+        lora_shrink_torch(x, lora_a, slot_ranks, token_slots, want_buf)
+        lora_expand_torch(want_buf, lora_b, slot_ranks, token_slots, want, offsets)
+        assert_close(y, want, Y_TOL[dtype])
