@@ -54,6 +54,7 @@ from dataclasses import dataclass
 import torch
 
 from . import reference
+from .delta_merge import Progress, delta_merge
 from .layout import FlatAdapter
 from .params import MergeParams, SignMethod, Strategy
 from .plan import MergePlan, get_plan
@@ -69,7 +70,11 @@ class MergeResult:
 
 
 def merge_adapters(
-    adapters: Sequence[FlatAdapter], params: MergeParams, *, backend: str = "auto"
+    adapters: Sequence[FlatAdapter],
+    params: MergeParams,
+    *,
+    backend: str = "auto",
+    progress: Progress | None = None,
 ) -> MergeResult:
     adapters = list(adapters)
     _validate(adapters, params, backend)
@@ -89,6 +94,9 @@ def merge_adapters(
     strategy = params.strategy
     if len(adapters) == 1 and strategy is not Strategy.SLERP:
         strategy = Strategy.LINEAR
+    if strategy.in_delta_space:
+        merged = delta_merge(adapters, params, engine, progress=progress)
+        return MergeResult(merged, _elapsed(t0, start_event, end_event, stream), backend)
     plan = get_plan(adapters, cat=strategy is Strategy.CAT)
     out = _new_buffer(plan.total, adapters[0].dtype, device)
     buffers = [a.buffer for a in adapters]
@@ -111,13 +119,17 @@ def merge_adapters(
             seed=params.seed,
         )  # fmt: skip
 
-    if end_event is not None:
-        end_event.record(stream)
-        end_event.synchronize()
-        merge_ms = start_event.elapsed_time(end_event)
-    else:
-        merge_ms = (time.perf_counter() - t0) * 1e3
+    merge_ms = _elapsed(t0, start_event, end_event, stream)
     return MergeResult(adapter=plan.merged_adapter(out), merge_ms=merge_ms, backend=backend)
+
+
+def _elapsed(t0: float, start_event, end_event, stream) -> float:
+    """Milliseconds since the merge began, the device synchronised."""
+    if end_event is None:
+        return (time.perf_counter() - t0) * 1e3
+    end_event.record(stream)
+    end_event.synchronize()
+    return start_event.elapsed_time(end_event)
 
 
 def trim_thresholds(
@@ -235,3 +247,7 @@ def _validate(adapters: list[FlatAdapter], params: MergeParams, backend: str) ->
             )
     if strategy.uses_density and not params.density >= 0:
         raise ValueError(f"density must be >= 0, got {params.density}")
+    if params.svd_rank is not None and params.svd_rank < 1:
+        raise ValueError(f"svd_rank must be >= 1, got {params.svd_rank}")
+    if params.svd_clamp is not None and not 0 <= params.svd_clamp <= 1:
+        raise ValueError(f"svd_clamp must be in [0, 1], got {params.svd_clamp}")
