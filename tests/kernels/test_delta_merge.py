@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hotmerge_kernels import reference
 from hotmerge_kernels.delta_merge import low_rank
 from hotmerge_kernels.merge import merge_adapters
 from hotmerge_kernels.params import MergeParams, SignMethod, Strategy
@@ -13,6 +12,7 @@ from peft import LoraConfig, get_peft_model
 from peft.utils import merge_utils
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from tests.helpers import philox_pruning
 from tests.kernels.random_adapters import make_adapter, needs_triton
 from tests.kernels.test_merge_peft_model import PREFIX, flat_adapter
 
@@ -54,31 +54,6 @@ def _ours(model, params, backend="torch"):
     return merge_adapters(adapters, params, backend=backend).adapter
 
 
-def _philox_pruning(model, params):
-    """A stand-in for PEFT's torch.bernoulli DARE mask that draws hotmerge's Philox stream, so
-    PEFT's dare_*_svd can be compared exactly: each ΔW it prunes is found among the adapters'
-    ΔWs, which names its (module index in the adapter, adapter position)."""
-    known = []
-    for position, name in enumerate(ADAPTERS):
-        modules = sorted(
-            path.removeprefix(PREFIX)
-            for path, m in model.named_modules()
-            if hasattr(m, "lora_A") and name in m.lora_A
-        )
-        for k, module in enumerate(modules):
-            layer = model.base_model.model.get_submodule(module)
-            known.append((layer.get_delta_weight(name), position, k))
-
-    def random_pruning(tensor, density, rescale):
-        (position, k) = next((p, k) for d, p, k in known if torch.equal(d, tensor))
-        local = torch.arange(tensor.numel())
-        keep = reference.dare_uniform(params.seed, position, torch.tensor(k), local) < density
-        pruned = tensor * keep.view(tensor.shape)
-        return torch.div(input=pruned, other=density) if rescale else pruned
-
-    return random_pruning
-
-
 CASES = [
     ("svd", 1.0, "total", None, None),
     ("svd", 1.0, "total", 6, 0.9),
@@ -99,7 +74,9 @@ def test_delta_merge_matches_peft_add_weighted_adapter(
         svd_clamp=svd_clamp,
     )  # fmt: skip
     merged_name = f"m_{strategy}_{sign}_{svd_rank}_{svd_clamp}".replace(".", "p")
-    monkeypatch.setattr(merge_utils, "random_pruning", _philox_pruning(peft_model, params))
+    monkeypatch.setattr(
+        merge_utils, "random_pruning", philox_pruning(peft_model, list(ADAPTERS), params.seed)
+    )
     peft_model.add_weighted_adapter(
         list(ADAPTERS), list(WEIGHTS), merged_name, combination_type=strategy, density=density,
         majority_sign_method=sign, svd_rank=svd_rank, svd_clamp=svd_clamp,
