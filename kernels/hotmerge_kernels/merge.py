@@ -25,6 +25,20 @@
   vᵢ = fᵢ·xᵢ (fᵢ the folded scaling above with wᵢ = 1), the spherical interpolation
   sin((1−t)θ)/sin θ·v₀ + sin(tθ)/sin θ·v₁, θ the angle between v₀ and v₁; when |cos θ| > 0.9995
   or either tensor is zero, the linear (1−t)·v₀ + t·v₁.
+- ΔW space (``svd``, ``ties_svd``, ``dare_linear_svd``, ``dare_ties_svd``,
+  ``magnitude_prune_svd``; PEFT's ``_svd_generalized_task_arithmetic_weighted_adapter``): per
+  module of the union, over the adapters that have it, ΔWᵢ = sᵢ·Bᵢ·Aᵢ in float32; the
+  element-wise combination above (linear / ties / dare_linear / dare_ties / magnitude_prune)
+  with the raw weights wᵢ (no folding) over the ΔWᵢ; then B' = U·S, A' = Vᴴ of the rank-r
+  truncation, r = ``params.svd_rank`` or the largest input rank (zero-padded where r exceeds
+  min(out, in)); with ``svd_clamp`` c, both clamped to ±quantile(B' ∪ A', c). Ranks may differ;
+  scaling 1. The factorisation (``delta_merge.low_rank``) is an exact SVD for small modules and
+  a seeded randomized range finder otherwise; **contract: the rank-r reconstruction's Frobenius
+  error is within 0.1% of the exact truncated SVD's**. Singular vectors' signs are free, so
+  factors (and a clamp, which sees signed entries) may differ from PEFT's where PEFT's SVD
+  picks other signs; B'·A' does not. DARE's counter in ΔW space: (element index in ΔW // 4,
+  module index among the adapter's modules, adapter position, 0). ``progress(done, total,
+  module)`` is called after each module.
 - A single adapter is merged as ``linear`` whatever the strategy (PEFT does the same), except
   ``slerp``, which needs two.
 - Arithmetic is float32 whatever the storage dtype; the result is rounded once to the adapters'
@@ -34,7 +48,7 @@
   backend (up to float32 rounding between the torch and Triton engines).
 
 ``ValueError`` for: no adapters, a weight count that differs from the adapter count, different
-ranks (except ``cat``), ``slerp`` without exactly two adapters, different shapes of one module,
+ranks (except ``cat`` and ΔW space), ``svd_rank`` < 1, ``svd_clamp`` outside [0, 1], ``slerp`` without exactly two adapters, different shapes of one module,
 different dtypes or devices, a negative density, an unknown backend.
 
 ``backend``: ``"triton"`` runs the Triton kernels (on CUDA, or anywhere under
