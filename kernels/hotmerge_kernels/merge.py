@@ -47,9 +47,10 @@
   ``reference.dare_uniform``. Same inputs and seed give the same result on every device and
   backend (up to float32 rounding between the torch and Triton engines).
 
-``ValueError`` for: no adapters, a weight count that differs from the adapter count, different
-ranks (except ``cat`` and ΔW space), ``svd_rank`` < 1, ``svd_clamp`` outside [0, 1], ``slerp`` without exactly two adapters, different shapes of one module,
-different dtypes or devices, a negative density, an unknown backend.
+``ValueError`` for: no adapters, a weight count that differs from the adapter count, different ranks
+(except ``cat`` and ΔW space), ``svd_rank`` < 1, ``svd_clamp`` outside [0, 1], ``slerp`` without
+exactly two adapters, different shapes of one module, different dtypes or devices, a negative
+density, an unknown backend.
 
 ``backend``: ``"triton"`` runs the Triton kernels (on CUDA, or anywhere under
 ``TRITON_INTERPRET=1``), ``"torch"`` the torch reference twins, ``"auto"`` Triton for CUDA
