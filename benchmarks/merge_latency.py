@@ -2,7 +2,10 @@
 
 32 layers x (q, k, v, o, gate, up, down), bf16, random adapters (never zeros). For each strategy,
 rank (16, 64) and adapter count (2, 3, 8): a correctness check of the Triton engine against the
-torch reference on the real sizes, then medians of repeated runs timed with CUDA events. The floor
+torch reference on the real sizes, then medians of repeated runs timed with CUDA events.
+ΔW-space strategies (*_svd) instead report wall times of a few runs, the factorisation's error
+against the exact truncated SVD on the first modules, and PEFT's way (full SVD per module)
+timed on PEFT_SVD_LAYERS layers and extrapolated (the row says so). The floor
 is (N inputs read + 1 output written) / the device-to-device copy bandwidth measured here.
 Writes benchmarks/results/merge_latency-<device>-<date>.{json,md} (or --out).
 
@@ -30,7 +33,7 @@ from triton.testing import do_bench
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "kernels"), str(ROOT)]
 
-from hotmerge_kernels import reference, triton_merge  # noqa: E402
+from hotmerge_kernels import delta_merge, reference, triton_merge  # noqa: E402
 from hotmerge_kernels.merge import merge_adapters, trim_thresholds  # noqa: E402
 from hotmerge_kernels.params import MergeParams, SignMethod, Strategy  # noqa: E402
 from hotmerge_kernels.plan import get_plan  # noqa: E402
@@ -106,6 +109,7 @@ def wall_ms(fn, reps: int) -> float:
 def clear(adapters):
     for a in adapters:
         a.cache.pop(("trim_thresholds", DENSITY), None)
+        a.cache.pop(("delta_thresholds", DENSITY), None)
 
 
 def check(got: torch.Tensor, want: torch.Tensor) -> tuple[int, float]:
@@ -159,6 +163,85 @@ def run_case(adapters, strategy, args) -> dict:
     return row
 
 
+PEFT_SVD_LAYERS = 2  # PEFT's full SVD per module is ~1 s: timed on this many layers, scaled
+
+
+def run_svd_case(adapters, strategy, args) -> dict:
+    """A ΔW-space strategy: hotmerge cold (no cached thresholds) and cached-thresholds wall
+    times, the rank-r accuracy of each factorisation against the exact truncated SVD of the same
+    merged ΔW (Frobenius error ratio, the contract is <= 1.001), and PEFT's way (ΔW in the
+    adapters' dtype, merge_utils, full torch.linalg.svd per module) timed on PEFT_SVD_LAYERS
+    layers and extrapolated to all of them."""
+    n = len(adapters)
+    params = MergeParams(
+        strategy, tuple(0.5 + i / n for i in range(n)), DENSITY, SignMethod.TOTAL, seed=1234
+    )
+    ratios = []
+    original = delta_merge.low_rank
+
+    def measured(m, rank, **kw):
+        found = original(m, rank, **kw)
+        if len(ratios) < args.svd_accuracy_modules:
+            u, s, vh = found
+            exact = torch.linalg.svdvals(m)
+            tail = torch.sqrt((exact[rank:] ** 2).sum())
+            ratios.append(float(torch.linalg.matrix_norm(m - (u * s) @ vh) / tail))
+        return found
+
+    delta_merge.low_rank = measured
+    try:
+        clear(adapters)
+        merge_adapters(adapters, params)  # warm-up (compiles), also the accuracy sample
+    finally:
+        delta_merge.low_rank = original
+
+    def cold():
+        clear(adapters)
+        return merge_adapters(adapters, params)
+
+    row = {
+        "strategy": strategy.value,
+        "n_adapters": n,
+        "rank": adapters[0].rank,
+        "dtype": "bfloat16",
+        "mismatches": None,
+        "svd_error_ratio_max": max(ratios) if ratios else None,
+        "svd_error_modules": len(ratios),
+        "torch_ms": None,
+        "hotmerge_cold_ms": wall_ms(cold, args.svd_reps),
+        "hotmerge_cached_ms": wall_ms(lambda: merge_adapters(adapters, params), args.svd_reps),
+    }
+    modules = [m for m in adapters[0].modules if int(m.split(".")[2]) < PEFT_SVD_LAYERS]
+    layers = len({m.split(".")[2] for m in adapters[0].modules})
+    if n > args.peft_max_n:
+        row["peft_ms"] = None
+    else:
+        peft_some = wall_ms(lambda: peft_svd(adapters, params, modules), 1)
+        row["peft_ms"] = peft_some * layers / PEFT_SVD_LAYERS
+        row["peft_note"] = f"timed on {PEFT_SVD_LAYERS} of {layers} layers, extrapolated"
+    return row
+
+
+def peft_svd(adapters, params, modules) -> None:
+    """PEFT's _svd_generalized_task_arithmetic_weighted_adapter, module by module."""
+    from peft.utils import merge_utils
+
+    combine = {
+        Strategy.SVD: lambda d, w: merge_utils.task_arithmetic(d, w),
+        Strategy.TIES_SVD: lambda d, w: merge_utils.ties(d, w, DENSITY, "total"),
+        Strategy.DARE_LINEAR_SVD: lambda d, w: merge_utils.dare_linear(d, w, DENSITY),
+        Strategy.DARE_TIES_SVD: lambda d, w: merge_utils.dare_ties(d, w, DENSITY, "total"),
+        Strategy.MAGNITUDE_PRUNE_SVD: lambda d, w: merge_utils.magnitude_prune(d, w, DENSITY),
+    }[params.strategy]
+    weights = torch.tensor(params.weights, device="cuda")
+    rank = max(a.rank for a in adapters)
+    for module in modules:
+        deltas = [a.tensor(module, "B") @ a.tensor(module, "A") * a.scaling for a in adapters]
+        u, s, vh = torch.linalg.svd(combine(deltas, weights), full_matrices=True)
+        _ = (u[:, :rank] @ torch.diag(s[:rank]), vh[:rank])
+    torch.cuda.synchronize()
+
+
 def breakdown(adapters) -> dict:
     """Where TIES's time goes (N adapters): thresholds alone, the merge kernel alone (its launch
     included), and the whole API call, cold and cached."""
@@ -203,8 +286,10 @@ def breakdown(adapters) -> dict:
 
 
 MERGE_CONFIGS = [(512, 4), (1024, 2), (1024, 4), (1024, 8), (2048, 4)]  # (BLOCK, num_warps)
-THRESHOLD_CONFIGS = [(4096, 8, 8), (8192, 8, 8), (4096, 4, 8), (4096, 8, 5)]
-# (BLOCK, num_warps, digit bits)
+THRESHOLD_CONFIGS = [
+    (4096, 8, 8, 16384), (4096, 8, 8, 4096), (4096, 8, 8, 65536), (2048, 4, 8, 16384),
+    (8192, 8, 8, 32768),
+]  # (BLOCK, num_warps, digit bits, elements a program) # fmt: skip
 
 
 def tune(adapters) -> list[dict]:
@@ -233,14 +318,15 @@ def tune(adapters) -> list[dict]:
         rows.append(row)
         print("tune:", _fmt_dict(row), flush=True)
     want = [t.clone() for t in thresholds]
-    for block, warps, digit in THRESHOLD_CONFIGS:
+    for block, warps, digit, chunk in THRESHOLD_CONFIGS:
         fn = functools.partial(
             triton_merge.segment_thresholds, adapters, DENSITY, block=block, num_warps=warps,
-            digit_bits=digit,
+            digit_bits=digit, chunk=chunk,
         )  # fmt: skip
         same = all(torch.equal(g, w) for g, w in zip(fn(), want, strict=True))
         ms = do_bench(fn, warmup=20, rep=100, return_mode="median")
         row = {"kernel": "thresholds", "block": block, "num_warps": warps, "digit_bits": digit}
+        row["chunk"] = chunk
         row.update(ms=ms, same=same)
         rows.append(row)
         print("tune:", _fmt_dict(row), flush=True)
@@ -281,6 +367,10 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     p.add_argument("--quick", action="store_true", help="N = 3, rank 16, every strategy")
     p.add_argument("--tune", action="store_true", help="also time a few launch shapes")
+    p.add_argument("--svd-reps", type=int, default=2, help="timed runs of a ΔW-space merge")
+    p.add_argument(
+        "--svd-accuracy-modules", type=int, default=14, help="modules checked against exact SVD"
+    )
     args = p.parse_args()
     if args.quick:
         args.ranks, args.ns = [16], [3]
@@ -318,7 +408,8 @@ def main() -> None:
                 if strategy is Strategy.SLERP and n != 2:
                     continue
                 t0 = time.perf_counter()
-                row = run_case(pool[:n], strategy, args)
+                case = run_svd_case if strategy.in_delta_space else run_case
+                row = case(pool[:n], strategy, args)
                 row["case_s"] = time.perf_counter() - t0
                 out_bytes = n * nbytes if strategy is Strategy.CAT else nbytes
                 row["floor_ms"] = (n * nbytes + out_bytes) / bandwidth
@@ -346,7 +437,8 @@ def _write(out: Path, meta: dict) -> None:
 
 
 COLUMNS = ["strategy", "n_adapters", "rank", "floor_ms", "peft_ms", "torch_ms",
-           "hotmerge_cold_ms", "hotmerge_cached_ms", "mismatches"]  # fmt: skip
+           "hotmerge_cold_ms", "hotmerge_cached_ms", "mismatches", "svd_error_ratio_max",
+           "peft_note"]  # fmt: skip
 
 
 def _fmt(v):

@@ -156,3 +156,31 @@ def peft_greedy(
         for step, t in zip(out.logits, tokens, strict=True)
     ]
     return tokens, logprobs
+
+
+def philox_pruning(model, adapter_names: Sequence[str], seed: int):
+    """A stand-in for PEFT's ``merge_utils.random_pruning`` (a torch.bernoulli DARE mask) that
+    draws hotmerge's Philox stream, so PEFT's dare_*_svd can be compared exactly: each ΔW it
+    prunes is found among the adapters' ΔWs (``model``: a PeftModel holding them), which names
+    its (module index in its adapter, adapter position in the merge)."""
+    from hotmerge_kernels.reference import dare_uniform
+
+    known = []
+    for position, name in enumerate(adapter_names):
+        modules = sorted(
+            path.removeprefix("base_model.model.")
+            for path, m in model.named_modules()
+            if hasattr(m, "lora_A") and name in m.lora_A
+        )
+        for k, module in enumerate(modules):
+            layer = model.base_model.model.get_submodule(module)
+            known.append((layer.get_delta_weight(name), position, k))
+
+    def random_pruning(tensor, density, rescale):
+        position, k = next((p, k) for d, p, k in known if torch.equal(d, tensor))
+        local = torch.arange(tensor.numel())
+        keep = dare_uniform(seed, position, torch.tensor(k), local) < density
+        pruned = tensor * keep.view(tensor.shape)
+        return torch.div(input=pruned, other=density) if rescale else pruned
+
+    return random_pruning

@@ -25,6 +25,20 @@
   vᵢ = fᵢ·xᵢ (fᵢ the folded scaling above with wᵢ = 1), the spherical interpolation
   sin((1−t)θ)/sin θ·v₀ + sin(tθ)/sin θ·v₁, θ the angle between v₀ and v₁; when |cos θ| > 0.9995
   or either tensor is zero, the linear (1−t)·v₀ + t·v₁.
+- ΔW space (``svd``, ``ties_svd``, ``dare_linear_svd``, ``dare_ties_svd``,
+  ``magnitude_prune_svd``; PEFT's ``_svd_generalized_task_arithmetic_weighted_adapter``): per
+  module of the union, over the adapters that have it, ΔWᵢ = sᵢ·Bᵢ·Aᵢ in float32; the
+  element-wise combination above (linear / ties / dare_linear / dare_ties / magnitude_prune)
+  with the raw weights wᵢ (no folding) over the ΔWᵢ; then B' = U·S, A' = Vᴴ of the rank-r
+  truncation, r = ``params.svd_rank`` or the largest input rank (zero-padded where r exceeds
+  min(out, in)); with ``svd_clamp`` c, both clamped to ±quantile(B' ∪ A', c). Ranks may differ;
+  scaling 1. The factorisation (``delta_merge.low_rank``) is an exact SVD for small modules and
+  a seeded randomized range finder otherwise; **contract: the rank-r reconstruction's Frobenius
+  error is within 0.1% of the exact truncated SVD's**. Singular vectors' signs are free, so
+  factors (and a clamp, which sees signed entries) may differ from PEFT's where PEFT's SVD
+  picks other signs; B'·A' does not. DARE's counter in ΔW space: (element index in ΔW // 4,
+  module index among the adapter's modules, adapter position, 0). ``progress(done, total,
+  module)`` is called after each module.
 - A single adapter is merged as ``linear`` whatever the strategy (PEFT does the same), except
   ``slerp``, which needs two.
 - Arithmetic is float32 whatever the storage dtype; the result is rounded once to the adapters'
@@ -33,9 +47,10 @@
   ``reference.dare_uniform``. Same inputs and seed give the same result on every device and
   backend (up to float32 rounding between the torch and Triton engines).
 
-``ValueError`` for: no adapters, a weight count that differs from the adapter count, different
-ranks (except ``cat``), ``slerp`` without exactly two adapters, different shapes of one module,
-different dtypes or devices, a negative density, an unknown backend.
+``ValueError`` for: no adapters, a weight count that differs from the adapter count, different ranks
+(except ``cat`` and ΔW space), ``svd_rank`` < 1, ``svd_clamp`` outside [0, 1], ``slerp`` without
+exactly two adapters, different shapes of one module, different dtypes or devices, a negative
+density, an unknown backend.
 
 ``backend``: ``"triton"`` runs the Triton kernels (on CUDA, or anywhere under
 ``TRITON_INTERPRET=1``), ``"torch"`` the torch reference twins, ``"auto"`` Triton for CUDA
@@ -54,6 +69,7 @@ from dataclasses import dataclass
 import torch
 
 from . import reference
+from .delta_merge import Progress, delta_merge
 from .layout import FlatAdapter
 from .params import MergeParams, SignMethod, Strategy
 from .plan import MergePlan, get_plan
@@ -69,7 +85,11 @@ class MergeResult:
 
 
 def merge_adapters(
-    adapters: Sequence[FlatAdapter], params: MergeParams, *, backend: str = "auto"
+    adapters: Sequence[FlatAdapter],
+    params: MergeParams,
+    *,
+    backend: str = "auto",
+    progress: Progress | None = None,
 ) -> MergeResult:
     adapters = list(adapters)
     _validate(adapters, params, backend)
@@ -89,6 +109,9 @@ def merge_adapters(
     strategy = params.strategy
     if len(adapters) == 1 and strategy is not Strategy.SLERP:
         strategy = Strategy.LINEAR
+    if strategy.in_delta_space:
+        merged = delta_merge(adapters, params, engine, progress=progress)
+        return MergeResult(merged, _elapsed(t0, start_event, end_event, stream), backend)
     plan = get_plan(adapters, cat=strategy is Strategy.CAT)
     out = _new_buffer(plan.total, adapters[0].dtype, device)
     buffers = [a.buffer for a in adapters]
@@ -111,13 +134,17 @@ def merge_adapters(
             seed=params.seed,
         )  # fmt: skip
 
-    if end_event is not None:
-        end_event.record(stream)
-        end_event.synchronize()
-        merge_ms = start_event.elapsed_time(end_event)
-    else:
-        merge_ms = (time.perf_counter() - t0) * 1e3
+    merge_ms = _elapsed(t0, start_event, end_event, stream)
     return MergeResult(adapter=plan.merged_adapter(out), merge_ms=merge_ms, backend=backend)
+
+
+def _elapsed(t0: float, start_event, end_event, stream) -> float:
+    """Milliseconds since the merge began, the device synchronised."""
+    if end_event is None:
+        return (time.perf_counter() - t0) * 1e3
+    end_event.record(stream)
+    end_event.synchronize()
+    return start_event.elapsed_time(end_event)
 
 
 def trim_thresholds(
@@ -235,3 +262,7 @@ def _validate(adapters: list[FlatAdapter], params: MergeParams, backend: str) ->
             )
     if strategy.uses_density and not params.density >= 0:
         raise ValueError(f"density must be >= 0, got {params.density}")
+    if params.svd_rank is not None and params.svd_rank < 1:
+        raise ValueError(f"svd_rank must be >= 1, got {params.svd_rank}")
+    if params.svd_clamp is not None and not 0 <= params.svd_clamp <= 1:
+        raise ValueError(f"svd_clamp must be in [0, 1], got {params.svd_clamp}")

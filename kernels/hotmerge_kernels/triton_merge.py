@@ -1,9 +1,10 @@
 """Triton kernels of the merge engine; ``reference`` holds their torch twins.
 
-- ``_segment_threshold_kernel``: exact k-th largest |x| of every tensor of every adapter, by
-  radix select over the magnitude bits of the storage dtype, 8 bits a pass (2 passes for
-  bf16/fp16, 4 for fp32), one persistent program per tensor holding its histogram in
-  registers: one launch, no global atomics.
+- ``_threshold_hist_kernel`` / ``_threshold_select_kernel``: exact k-th largest |x| of every
+  tensor of every adapter, by radix select over the magnitude bits of the storage dtype, 8 bits
+  a pass (2 passes for bf16/fp16, 4 for fp32): per pass, every chunk of every tensor histograms
+  its digit in registers and adds it to its tensor's global histogram, then one program per
+  tensor picks the digit.
 - ``_merge_kernel``: per element across N inputs, trim or DARE, then weighted sum or TIES
   (sign election and disjoint mean), float32 inside, written once in the output dtype.
 - ``_cat_kernel``: the rank concatenation, each input tensor copied (scaled) to its block of
@@ -40,6 +41,9 @@ MERGE_WARPS = 4
 CAT_BLOCK = 2048
 THRESHOLD_BLOCK = 4096
 THRESHOLD_WARPS = 8
+# Elements one threshold program histograms before its atomic flush: 7B shapes, N = 3, bf16 give
+# ~7.7k programs a pass. Not yet measured on a GPU (issue 11).
+THRESHOLD_CHUNK = 16384
 # Radix digit bits a pass: 8 (2 passes for bf16/fp16, 4 for fp32). H100, N = 3 rank 16: 8 bits
 # 1.05 ms; an 11 + 4 split (2048 bins first) 3.7-4.8 ms; 5 bits (3 passes) as slow as 8 bits.
 THRESHOLD_DIGIT_BITS = 8
@@ -89,22 +93,30 @@ def _magnitude_key(x, KEY_BITS: tl.constexpr):
 
 
 @triton.jit
-def _radix_pass(
-    base, n, prefix, remaining, SHIFT: tl.constexpr, WIDTH: tl.constexpr,
-    KEY_BITS: tl.constexpr, BLOCK: tl.constexpr,
+def _threshold_hist_kernel(
+    tasks, T, chunk_task, chunk_start, state, hist, x_ptrs, ref_ptr, SHIFT: tl.constexpr,
+    WIDTH: tl.constexpr, KEY_BITS: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    """One WIDTH-bit digit: histogram (in registers) of (key >> SHIFT) & (2^WIDTH - 1) over the
-    keys whose bits above SHIFT + WIDTH equal the prefix's, then the digit that holds the
-    remaining-th largest key; returns the prefix with that digit added and the new rank.
+    """One radix pass over one CHUNK of one tensor: a WIDTH-bit histogram of (key >> SHIFT)
+    over the keys whose bits above SHIFT + WIDTH equal the tensor's prefix so far, summed in
+    registers and flushed to the tensor's global histogram with one atomic per non-empty bin.
 
-    tl.histogram lowers to one shared-memory atomic add per element, so elements of other
-    prefixes are masked out of it (no atomic) rather than counted in bin 0 and subtracted, which
-    sent most elements of a later pass to one address (H100: 1.25 -> 1.05 ms, N = 3 rank 16)."""
+    Long tensors are split over many programs (the old one-program-per-tensor sweep left most
+    of the device idle on 7B shapes: 1.05 ms for 2 x 252 MB on an H100). tl.histogram lowers to
+    one shared-memory atomic per element, so keys of other prefixes are masked out of it."""
     BINS: tl.constexpr = 1 << WIDTH
+    c = tl.program_id(0)
+    t = tl.load(chunk_task + c)
+    base = _load_input(x_ptrs, tl.load(tasks + t), ref_ptr) + tl.load(tasks + T + t)
+    n = tl.load(tasks + 2 * T + t)
+    start = tl.load(chunk_start + c).to(tl.int64)
+    prefix = tl.zeros([], dtype=tl.int32)
+    if SHIFT + WIDTH < KEY_BITS:
+        prefix = tl.load(state + t)
     bins = tl.arange(0, BINS)
     counts = tl.zeros([BINS], dtype=tl.int32)
-    for start in range(0, n, BLOCK):
-        idx = start + tl.arange(0, BLOCK)
+    for off in tl.static_range(0, CHUNK, BLOCK):
+        idx = start + off + tl.arange(0, BLOCK)
         inb = idx < n
         key = _magnitude_key(tl.load(base + idx, mask=inb, other=0), KEY_BITS)
         valid = inb
@@ -117,46 +129,49 @@ def _radix_pass(
             digit = tl.where(valid, digit, 0)
             n_invalid = BLOCK - tl.sum(valid.to(tl.int32), axis=0)
             counts += tl.histogram(digit, BINS) - tl.where(bins == 0, n_invalid, 0)
-    from_top = tl.sum(counts, axis=0) - tl.cumsum(counts, axis=0) + counts
-    digit = tl.max(tl.where(from_top >= remaining, bins, -1), axis=0)
-    remaining -= tl.sum(tl.where(bins > digit, counts, 0), axis=0)
-    return prefix | (digit << SHIFT), remaining
+    tl.atomic_add(hist + t * BINS + bins, counts, mask=counts > 0, sem="relaxed")
 
 
 @triton.jit
-def _segment_threshold_kernel(
-    tasks, T, order, thr_out, x_ptrs, ref_ptr, KEY_BITS: tl.constexpr, DIGIT: tl.constexpr,
-    BLOCK: tl.constexpr,
+def _threshold_select_kernel(
+    tasks, T, state, hist, thr_out, ref_ptr, SHIFT: tl.constexpr, WIDTH: tl.constexpr,
+    KEY_BITS: tl.constexpr, LAST: tl.constexpr,
 ):  # fmt: skip
-    """One program per tensor (longest first): the exact k-th largest |x| by radix select, DIGIT
-    bits a pass, every pass a sweep over the tensor (from L2 where it stayed) that histograms
-    the digit of the keys whose higher bits match the prefix chosen so far, in registers; then
-    the digit holding the k-th largest is chosen in-program. No global atomics, one launch."""
-    t = tl.load(order + tl.program_id(0))
-    base = _load_input(x_ptrs, tl.load(tasks + t), ref_ptr) + tl.load(tasks + T + t)
-    n = tl.load(tasks + 2 * T + t)
+    """Per tensor, after a pass: the digit holding the remaining-th largest key among those
+    matching the prefix; state = (prefix, remaining rank). After the last pass, the threshold
+    (inf when k = 0)."""
+    BINS: tl.constexpr = 1 << WIDTH
+    t = tl.program_id(0)
     k = tl.load(tasks + 3 * T + t)
-    prefix = tl.zeros([], dtype=tl.int32)
-    remaining = k.to(tl.int32)  # rank of the k-th largest among the keys matching the prefix
-    PASSES: tl.constexpr = (KEY_BITS + DIGIT - 1) // DIGIT  # the top digit may be narrower
-    for p in tl.static_range(PASSES):
-        prefix, remaining = _radix_pass(
-            base, n, prefix, remaining, DIGIT * (PASSES - 1 - p), DIGIT, KEY_BITS, BLOCK
-        )
-    if KEY_BITS == 15:
-        thr = prefix.to(tl.int16).to(ref_ptr.dtype.element_ty, bitcast=True).to(tl.float32)
-    else:
-        thr = prefix.to(tl.float32, bitcast=True)
-    thr = tl.where(k == 0, float("inf"), thr)
-    tl.store(thr_out + t, thr)
+    if SHIFT + WIDTH < KEY_BITS:
+        prefix = tl.load(state + t)
+        remaining = tl.load(state + T + t)
+    else:  # the first pass
+        prefix = tl.zeros([], dtype=tl.int32)
+        remaining = k.to(tl.int32)
+    bins = tl.arange(0, BINS)
+    counts = tl.load(hist + t * BINS + bins)
+    from_top = tl.sum(counts, axis=0) - tl.cumsum(counts, axis=0) + counts
+    digit = tl.max(tl.where(from_top >= remaining, bins, -1), axis=0)
+    remaining -= tl.sum(tl.where(bins > digit, counts, 0), axis=0)
+    prefix = prefix | (digit << SHIFT)
+    tl.store(state + t, prefix)
+    tl.store(state + T + t, remaining)
+    if LAST:
+        if KEY_BITS == 15:
+            thr = prefix.to(tl.int16).to(ref_ptr.dtype.element_ty, bitcast=True).to(tl.float32)
+        else:
+            thr = prefix.to(tl.float32, bitcast=True)
+        thr = tl.where(k == 0, float("inf"), thr)
+        tl.store(thr_out + t, thr)
 
 
 _threshold_tables: OrderedDict[tuple, tuple] = OrderedDict()
 
 
-def _threshold_table(adapters: list[FlatAdapter], density: float):
-    """(tasks [4, T] int64: input, offset, numel, k; order of the programs, longest first), on
-    the device, built once per (layouts, density) and kept."""
+def _threshold_table(adapters: list[FlatAdapter], density: float, chunk: int):
+    """(tasks [4, T] int64: input, offset, numel, k; chunk task [C] and chunk start [C] int32),
+    on the device, built once per (layouts, density, chunk) and kept."""
     device = adapters[0].device
 
     def build():
@@ -165,34 +180,57 @@ def _threshold_table(adapters: list[FlatAdapter], density: float):
             [[i, s.offset, s.numel, trim_k(s.numel, density)] for i, s in segments],
             dtype=torch.int64,
         ).reshape(-1, 4)
-        order = torch.argsort(tasks[:, 2], descending=True, stable=True).to(torch.int32)
-        return _to_device(tasks.T.contiguous(), device), _to_device(order, device)
+        numel = tasks[:, 2]
+        per_task = (numel + chunk - 1) // chunk
+        task = torch.repeat_interleave(torch.arange(len(numel)), per_task)
+        first = torch.cumsum(per_task, 0) - per_task
+        start = (torch.arange(len(task)) - first[task]) * chunk
+        return (
+            _to_device(tasks.T.contiguous(), device),
+            _to_device(task.to(torch.int32), device),
+            _to_device(start.to(torch.int32), device),
+        )
 
-    key = (tuple(layout_signature(a) for a in adapters), float(density), str(device))
-    return lru_get(_threshold_tables, key, build, 32)
+    key = (tuple(layout_signature(a) for a in adapters), float(density), chunk, str(device))
+    return lru_get(_threshold_tables, key, build, 64)
 
 
 def segment_thresholds(
     adapters: list[FlatAdapter], density: float, block: int = THRESHOLD_BLOCK,
     num_warps: int = THRESHOLD_WARPS, digit_bits: int | None = None,
+    chunk: int = THRESHOLD_CHUNK,
 ) -> list[torch.Tensor]:  # fmt: skip
     """Per adapter, float32 [segments]: the k-th largest |x| of each tensor (inf when k = 0).
 
-    One launch, one program per tensor of every adapter (``_segment_threshold_kernel``).
+    Radix select, DIGIT bits a pass (2 passes for bf16/fp16, 4 for fp32): each pass is one
+    launch over every ``chunk`` of every tensor (``_threshold_hist_kernel``) and one over the
+    tensors (``_threshold_select_kernel``).
     """
     device = adapters[0].device
-    tasks, order = _threshold_table(adapters, density)
+    chunk = max(block, chunk // block * block)
+    tasks, chunk_task, chunk_start = _threshold_table(adapters, density, chunk)
     n_tasks = tasks.shape[1]
     thr = torch.empty(n_tasks, dtype=torch.float32, device=device)
     if n_tasks:
         key_bits = 31 if adapters[0].buffer.element_size() == 4 else 15
-        if digit_bits is None:
-            digit_bits = THRESHOLD_DIGIT_BITS
-        _segment_threshold_kernel[(n_tasks,)](
-            tasks, n_tasks, order, thr, _address_table([a.buffer for a in adapters], device),
-            adapters[0].buffer, KEY_BITS=key_bits, DIGIT=digit_bits, BLOCK=block,
-            num_warps=num_warps,
-        )  # fmt: skip
+        digit = digit_bits or THRESHOLD_DIGIT_BITS
+        passes = (key_bits + digit - 1) // digit  # the top digit may be narrower
+        hist = torch.zeros(passes, n_tasks << digit, dtype=torch.int32, device=device)
+        state = torch.empty(2, n_tasks, dtype=torch.int32, device=device)
+        x_ptrs = _address_table([a.buffer for a in adapters], device)
+        ref = adapters[0].buffer
+        for p in range(passes):
+            shift = digit * (passes - 1 - p)
+            if len(chunk_task):
+                _threshold_hist_kernel[(len(chunk_task),)](
+                    tasks, n_tasks, chunk_task, chunk_start, state, hist[p], x_ptrs, ref,
+                    SHIFT=shift, WIDTH=digit, KEY_BITS=key_bits, CHUNK=chunk, BLOCK=block,
+                    num_warps=num_warps,
+                )  # fmt: skip
+            _threshold_select_kernel[(n_tasks,)](
+                tasks, n_tasks, state, hist[p], thr, ref, SHIFT=shift, WIDTH=digit,
+                KEY_BITS=key_bits, LAST=p == passes - 1, num_warps=1,
+            )  # fmt: skip
     return list(thr.split([len(a.segments) for a in adapters]))
 
 

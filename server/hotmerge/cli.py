@@ -4,7 +4,9 @@
     hotmerge generate --adapter demo-a "hello" [--max-new-tokens N] [--stream]
     hotmerge generate --merge demo-a,demo-b --weights 1,0.5 --strategy ties --density 0.5 "hi"
     hotmerge merge demo-a,demo-b --strategy dare_ties --density 0.5 --seed 7
-    hotmerge info | adapters | load ID | unload ID        [--target host:port]
+    hotmerge info | adapters | merges | load ID | unload ID        [--target host:port]
+    hotmerge export demo-a,demo-b --strategy ties_svd --density 0.5 --out merged/ \
+        [--adapter-root DIR] [--device cuda] [--dtype bfloat16]    (offline, no server)
 
 ``generate`` writes the generated text to stdout and the finish reason and timings to stderr,
 so ``hotmerge generate ... > out.txt`` keeps the text alone.
@@ -17,6 +19,7 @@ import dataclasses
 import logging
 import os
 import sys
+import time
 import unicodedata
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,6 +34,7 @@ from hotmerge.errors import HotmergeError
 from hotmerge.v1 import hotmerge_pb2 as pb
 
 TARGET_ENV = "HOTMERGE_TARGET"
+ADAPTER_ROOT_ENV = "HOTMERGE_ADAPTER_ROOT"
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(ServerConfig)}
 
 
@@ -109,6 +113,10 @@ def _merge_spec(args: argparse.Namespace) -> dict | None:
         spec["weights"] = [float(w) for w in args.weights.split(",")]
     if args.density is not None:
         spec["density"] = args.density
+    if args.svd_rank is not None:
+        spec["svd_rank"] = args.svd_rank
+    if args.svd_clamp is not None:
+        spec["svd_clamp"] = args.svd_clamp
     return spec
 
 
@@ -176,6 +184,71 @@ def cmd_merge(args: argparse.Namespace, client: HotmergeClient) -> int:
     print(
         f"{reply.merge_key} (affinity {reply.affinity_key}): rank {reply.rank}, "
         f"{reply.bytes / 2**20:.2f} MiB, {state}, adapter load {reply.adapter_load_ms:.1f} ms"
+    )
+    return 0
+
+
+def cmd_merges(args: argparse.Namespace, client: HotmergeClient) -> int:
+    reply = client.list_merges()
+    print(
+        f"{len(reply.merges)} merged adapters, {reply.used_bytes / 2**20:.2f} of "
+        f"{reply.budget_bytes / 2**20:.2f} MiB"
+    )
+    if not reply.merges:
+        return 0
+    now = time.time()
+    rows = [
+        (
+            m.merge_key,
+            m.affinity_key,
+            _spec_text(m.spec),
+            m.rank,
+            f"{m.bytes / 2**20:.2f}",
+            m.hits,
+            f"{now - m.last_used_unix_s:.0f} s ago",
+            "yes" if m.in_use else "no",
+        )
+        for m in reply.merges
+    ]
+    header = ("cache key", "affinity key", "spec", "rank", "MiB", "hits", "last use", "in use")
+    print(format_table(header, rows))
+    return 0
+
+
+def _spec_text(spec: pb.MergedAdapters) -> str:
+    """``ties(a:1, b:0.5) density=0.5``: the spec in one short line."""
+    strategy = pb.MergeStrategy.Name(spec.merge_strategy).lower()
+    weights = ", ".join(f"{i}:{w:g}" for i, w in zip(spec.ids, spec.weights, strict=False))
+    extra = []
+    if spec.HasField("density") and spec.density != 1.0:
+        extra.append(f"density={spec.density:g}")
+    if strategy.startswith("dare"):
+        extra.append(f"seed={spec.seed}")
+    if spec.HasField("svd_rank"):
+        extra.append(f"svd_rank={spec.svd_rank}")
+    if spec.HasField("svd_clamp"):
+        extra.append(f"svd_clamp={spec.svd_clamp:g}")
+    return " ".join([f"{strategy}({weights})", *extra])
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from hotmerge.export import export_merge
+    from hotmerge.merge_spec import parse_merge_spec
+
+    args.merge = args.ids
+    root = args.adapter_root or os.environ.get(ADAPTER_ROOT_ENV) or "."
+    import torch  # only export runs the engine here
+
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    try:
+        spec = parse_merge_spec(pb.MergedAdapters(**_merge_spec(args)), max_adapters=None)
+        result = export_merge(spec, root, args.out, device=args.device, dtype=dtype)
+    except (OSError, HotmergeError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(
+        f"wrote {result.directory}: rank {result.rank}, {result.modules} modules, "
+        f"{result.nbytes / 2**20:.2f} MiB (merged in {result.merge_ms:.1f} ms, {result.backend})"
     )
     return 0
 
@@ -293,6 +366,23 @@ def _merge_arguments(p: argparse.ArgumentParser, ids: str, ids_help: str) -> Non
     p.add_argument("--density", type=float, help="fraction kept by trim / DARE, in (0, 1]")
     p.add_argument("--sign-method", choices=["total", "frequency"], default="total")
     p.add_argument("--merge-seed", type=int, default=0, help="DARE's seed (default: 0)")
+    p.add_argument("--svd-rank", type=int, help="*_svd: merged rank (default: largest input)")
+    p.add_argument("--svd-clamp", type=float, help="*_svd: clamp quantile of the factors")
+
+
+def _export_parser(sub) -> None:
+    p = sub.add_parser(
+        "export", help="merge a spec offline and write it as a PEFT adapter directory"
+    )
+    p.set_defaults(run=cmd_export)
+    _merge_arguments(p, "ids", "comma-separated adapter ids (directories under the root)")
+    p.add_argument("--out", required=True, help="directory to write the PEFT adapter to")
+    p.add_argument(
+        "--adapter-root", help=f"where the adapters are (default: ${ADAPTER_ROOT_ENV} or .)"
+    )
+    p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="merged dtype (default: the first adapter's)")  # fmt: skip
 
 
 def _client_parsers(sub) -> None:
@@ -325,6 +415,9 @@ def _client_parsers(sub) -> None:
     p.set_defaults(run=cmd_merge)
     _merge_arguments(p, "ids", "comma-separated adapter ids")
 
+    sub.add_parser("merges", parents=[common], help="list cached merged adapters").set_defaults(
+        run=cmd_merges
+    )
     sub.add_parser("info", parents=[common], help="model, limits, version").set_defaults(
         run=cmd_info
     )
@@ -346,13 +439,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"hotmerge {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _serve_parser(sub)
+    _export_parser(sub)
     _client_parsers(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "serve":
+    if args.command in ("serve", "export"):
         return args.run(args)
     with HotmergeClient(args.target, timeout=args.timeout) as client:
         try:

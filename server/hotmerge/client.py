@@ -195,6 +195,10 @@ class HotmergeClient:
         reply = self._stub.ListAdapters(pb.ListAdaptersRequest(), timeout=self._timeout(timeout))
         return list(reply.adapters)
 
+    def list_merges(self, *, timeout: float | None = None) -> pb.ListMergesResponse:
+        """The merged adapters the server's merge cache holds, most recently used first."""
+        return self._stub.ListMerges(pb.ListMergesRequest(), timeout=self._timeout(timeout))
+
     def load_adapter(
         self, adapter_id: str, *, timeout: float | None = None
     ) -> pb.LoadAdapterResponse:
@@ -273,6 +277,9 @@ class AsyncHotmergeClient:
             pb.ListAdaptersRequest(), timeout=self._timeout(timeout)
         )
         return list(reply.adapters)
+
+    async def list_merges(self, *, timeout: float | None = None) -> pb.ListMergesResponse:
+        return await self._stub.ListMerges(pb.ListMergesRequest(), timeout=self._timeout(timeout))
 
     async def load_adapter(
         self, adapter_id: str, *, timeout: float | None = None

@@ -40,7 +40,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
 from hotmerge_kernels.layout import FlatAdapter
@@ -65,6 +65,9 @@ class MergeEntry:
     nbytes: int
     merge_ms: float  # how long the merge that made it took
     refs: int = 0  # requests using it now; > 0 pins it
+    spec: object = None  # what was merged (the caller's; for listing)
+    hits: int = 0  # lookups that found it ready
+    last_used: float = field(default_factory=time.time)  # seconds since the epoch
 
 
 class CacheLookup(NamedTuple):
@@ -112,24 +115,33 @@ class MergeCache:
 
     # -- lookups ---------------------------------------------------------------------------
 
-    def get_or_merge(self, key: str, merge_fn: Callable[[], FlatAdapter]) -> CacheLookup:
+    def get_or_merge(
+        self, key: str, merge_fn: Callable[[], FlatAdapter], *, spec: object = None
+    ) -> CacheLookup:
         """The merged adapter of ``key``, merging it with ``merge_fn`` if absent (not pinned)."""
-        return self._get_or_merge(key, merge_fn, pin=False)
+        return self._get_or_merge(key, merge_fn, pin=False, spec=spec)
 
-    def acquire(self, key: str, merge_fn: Callable[[], FlatAdapter] | None = None) -> CacheLookup:
+    def acquire(
+        self,
+        key: str,
+        merge_fn: Callable[[], FlatAdapter] | None = None,
+        *,
+        spec: object = None,
+    ) -> CacheLookup:
         """Like ``get_or_merge`` but pins the entry; ``release`` it when done.
 
-        Without ``merge_fn`` the key must be cached (``KeyError`` otherwise).
+        Without ``merge_fn`` the key must be cached (``KeyError`` otherwise). ``spec`` is kept
+        with a new entry, for ``entries()``.
         """
         if merge_fn is None:
             with self._lock:
                 entry = self._entries[key]
                 entry.refs += 1
-                self._entries.move_to_end(key)
+                self._touch(entry)
                 self._counts["hit"] += 1
             self._emit(["hit"])
             return CacheLookup(entry, True, 0.0)
-        return self._get_or_merge(key, merge_fn, pin=True)
+        return self._get_or_merge(key, merge_fn, pin=True, spec=spec)
 
     def release(self, entry: MergeEntry) -> None:
         with self._lock:
@@ -179,6 +191,11 @@ class MergeCache:
                 budget_bytes=self.budget_bytes,
             )
 
+    def entries(self) -> list[MergeEntry]:
+        """Snapshots of the cached entries, most recently used first."""
+        with self._lock:
+            return [replace(e) for e in reversed(self._entries.values())]
+
     def clear(self) -> int:
         """Evict every unpinned entry; returns how many were evicted."""
         with self._lock:
@@ -191,12 +208,12 @@ class MergeCache:
     # -- internals -------------------------------------------------------------------------
 
     def _get_or_merge(
-        self, key: str, merge_fn: Callable[[], FlatAdapter], *, pin: bool
+        self, key: str, merge_fn: Callable[[], FlatAdapter], *, pin: bool, spec: object = None
     ) -> CacheLookup:
         with self._lock:
             entry = self._entries.get(key)
             if entry is not None:
-                self._entries.move_to_end(key)
+                self._touch(entry)
                 entry.refs += pin
                 self._counts["hit"] += 1
             else:
@@ -222,7 +239,7 @@ class MergeCache:
             merge_ms = _ms_since(start)
             give_up = time.monotonic() + self.wait_for_room_s
             with self._room:
-                while (inserted := self._insert(key, adapter, merge_ms, flight.pins)) is None:
+                while (inserted := self._insert(key, adapter, merge_ms, flight.pins, spec)) is None:
                     if not self._room.wait(timeout=give_up - time.monotonic()):
                         raise ResourceExhausted(
                             f"merged adapter {key} needs {adapter.nbytes} bytes but the merge "
@@ -245,7 +262,7 @@ class MergeCache:
         return CacheLookup(entry, False, merge_ms)
 
     def _insert(
-        self, key: str, adapter: FlatAdapter, merge_ms: float, refs: int
+        self, key: str, adapter: FlatAdapter, merge_ms: float, refs: int, spec: object = None
     ) -> tuple[MergeEntry, list[str]] | None:
         """Add an entry, evicting LRU unpinned ones to make room (lock held).
 
@@ -267,10 +284,18 @@ class MergeCache:
                 break
             self._evict(k)
             evicted.append(k)
-        entry = MergeEntry(key=key, adapter=adapter, nbytes=nbytes, merge_ms=merge_ms, refs=refs)
+        entry = MergeEntry(
+            key=key, adapter=adapter, nbytes=nbytes, merge_ms=merge_ms, refs=refs, spec=spec
+        )
         self._entries[key] = entry
         self._bytes += nbytes
         return entry, evicted
+
+    def _touch(self, entry: MergeEntry) -> None:
+        """A hit (lock held): most recently used, counted."""
+        self._entries.move_to_end(entry.key)
+        entry.hits += 1
+        entry.last_used = time.time()
 
     def _evict(self, key: str) -> None:
         entry = self._entries.pop(key)

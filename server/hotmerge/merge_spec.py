@@ -27,7 +27,9 @@ Canonicalisation rules (change them only together with ``KEY_VERSION``):
 - weights and density are rounded to float32 (the wire type) and written as Python's shortest
   round-trip repr, with -0.0 written as 0.0.
 - only the parameters the strategy uses are included: density for the trimming and DARE
-  strategies, the majority sign method for ties and dare_ties, the seed for the DARE strategies.
+  strategies, the majority sign method for ties and dare_ties, the seed for the DARE strategies
+  (their ``_svd`` forms alike), ``svd_rank`` (0 for the default) and ``svd_clamp`` (null for
+  none) for the ΔW-space strategies.
   A linear spec with a density set is the same spec as one without.
 - defaults are applied before hashing: an unspecified strategy is linear, no weights is 1.0
   each, unset density is 1.0, an unspecified sign method is total.
@@ -64,6 +66,11 @@ _STRATEGIES = {
     pb.MAGNITUDE_PRUNE: Strategy.MAGNITUDE_PRUNE,
     pb.CAT: Strategy.CAT,
     pb.SLERP: Strategy.SLERP,
+    pb.SVD: Strategy.SVD,
+    pb.TIES_SVD: Strategy.TIES_SVD,
+    pb.DARE_LINEAR_SVD: Strategy.DARE_LINEAR_SVD,
+    pb.DARE_TIES_SVD: Strategy.DARE_TIES_SVD,
+    pb.MAGNITUDE_PRUNE_SVD: Strategy.MAGNITUDE_PRUNE_SVD,
 }
 _STRATEGY_TO_WIRE = {
     strategy: wire
@@ -99,6 +106,10 @@ class MergeSpec:
             seed=self.params.seed,
         )
         msg.density = self.params.density
+        if self.params.svd_rank is not None:
+            msg.svd_rank = self.params.svd_rank
+        if self.params.svd_clamp is not None:
+            msg.svd_clamp = self.params.svd_clamp
         return msg
 
 
@@ -167,9 +178,21 @@ def parse_merge_spec(msg: pb.MergedAdapters, *, max_adapters: int | None = 16) -
             )
 
     seed = msg.seed if strategy.uses_seed else 0
+    svd_rank = svd_clamp = None
+    if strategy.in_delta_space:
+        if msg.HasField("svd_rank") and msg.svd_rank > 0:
+            svd_rank = msg.svd_rank
+        if msg.HasField("svd_clamp"):
+            svd_clamp = _f32(msg.svd_clamp)
+            if not (0.0 <= svd_clamp <= 1.0):  # also false for nan
+                raise InvalidArgument(
+                    f"{FIELD}.svd_clamp: {svd_clamp} is outside [0, 1]; give the quantile of "
+                    "the factors' entries to clamp them to, or leave it unset for no clamp"
+                )
     params = MergeParams(
-        strategy=strategy, weights=weights, density=density, sign_method=sign_method, seed=seed
-    )
+        strategy=strategy, weights=weights, density=density, sign_method=sign_method, seed=seed,
+        svd_rank=svd_rank, svd_clamp=svd_clamp,
+    )  # fmt: skip
     return MergeSpec(adapter_ids=ids, params=params)
 
 
@@ -198,6 +221,9 @@ def canonical_spec(
         doc["sign_method"] = p.sign_method.value
     if p.strategy.uses_seed:
         doc["seed"] = int(p.seed)
+    if p.strategy.in_delta_space:  # 0: the largest input rank; null: no clamp
+        doc["svd_rank"] = int(p.svd_rank or 0)
+        doc["svd_clamp"] = None if p.svd_clamp is None else _float_text(p.svd_clamp)
     if dtype is not None:
         doc["dtype"] = str(dtype).removeprefix("torch.")
     return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
@@ -223,13 +249,16 @@ def affinity_key(msg_or_spec: pb.MergedAdapters | MergeSpec) -> str:
 def is_identity(spec: MergeSpec) -> bool:
     """True when the merge of ``spec`` is exactly its one adapter, so the server serves that.
 
-    One adapter at weight 1 with linear or cat, or with a trimming/DARE strategy at density 1
-    (trim and drop keep everything, and a ties election of one adapter keeps every element).
+    One adapter at weight 1 with linear, cat or a ΔW-space strategy (one adapter merges as
+    linear there, as in PEFT), or with a trimming/DARE strategy at density 1 (trim and drop keep
+    everything, and a ties election of one adapter keeps every element).
     """
     p = spec.params
     if len(spec.adapter_ids) != 1 or _f32(p.weights[0]) != 1.0:
         return False
-    return p.strategy in _IDENTITY_ALWAYS or (p.strategy.uses_density and p.density == 1.0)
+    if p.strategy in _IDENTITY_ALWAYS or p.strategy.in_delta_space:
+        return True
+    return p.strategy.uses_density and p.density == 1.0
 
 
 def _f32(x: float) -> float:

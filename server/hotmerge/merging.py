@@ -80,7 +80,9 @@ class Merger:
                 return lease, self._outcome(key, affinity, True, 0.0, load_ms, only.weights)
             check_compatible(spec, inputs)
             weights = [a.weights for a in inputs]
-            entry, hit, merge_ms = self.cache.acquire(key, lambda: self._merge(spec, weights))
+            entry, hit, merge_ms = self.cache.acquire(
+                key, lambda: self._merge(spec, weights), spec=(spec, affinity)
+            )
         finally:
             for loaded in inputs:  # the merged adapter no longer needs its inputs
                 self.store.release(loaded.info.id)
@@ -137,13 +139,14 @@ def spec_keys(spec: MergeSpec, revisions: tuple[str, ...], dtype: str) -> tuple[
 
 
 def check_compatible(spec: MergeSpec, inputs: Sequence[LoadedAdapter]) -> None:
-    """Equal ranks unless the strategy concatenates them (cat); a clear error otherwise."""
+    """Equal ranks unless the strategy concatenates them (cat) or merges in ΔW space (*_svd);
+    a clear error otherwise."""
     strategy = spec.params.strategy
     ranks = {a.info.id: a.info.rank for a in inputs}
     if strategy.needs_equal_ranks and len(set(ranks.values())) > 1:
         listed = ", ".join(f"{i} (rank {r})" for i, r in ranks.items())
         raise InvalidArgument(
             f"merged_adapters: {strategy.value} merges element by element and needs adapters of "
-            f"one rank, got {listed}; use merge_strategy CAT, which accepts mixed ranks, or "
-            "choose adapters of the same rank"
+            f"one rank, got {listed}; use merge_strategy CAT, which accepts mixed ranks, "
+            "a ΔW-space strategy (SVD, TIES_SVD, ...), or choose adapters of the same rank"
         )

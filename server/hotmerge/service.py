@@ -39,6 +39,7 @@ from hotmerge.generation import (
     SamplingParams,
     TokenEvent,
 )
+from hotmerge.merge_cache import MergeEntry
 from hotmerge.merge_spec import MergeSpec, parse_merge_spec
 from hotmerge.merging import MergeOutcome, Merger
 from hotmerge.metrics import Metrics
@@ -406,6 +407,17 @@ class HotmergeService(pb_grpc.HotmergeServicer):
             adapters = self._engine().store.list()
             return pb.ListAdaptersResponse(adapters=[adapter_message(a) for a in adapters])
 
+    def ListMerges(self, request, context):
+        with self._rpc(context, "ListMerges", _request_id(context)):
+            self._engine()
+            cache = self.merger.cache
+            stats = cache.stats()
+            return pb.ListMergesResponse(
+                merges=[merge_entry_message(e) for e in cache.entries()],
+                used_bytes=stats.used_bytes,
+                budget_bytes=stats.budget_bytes,
+            )
+
     def LoadAdapter(self, request, context):
         request_id = _request_id(context)
         with self._rpc(context, "LoadAdapter", request_id):
@@ -423,3 +435,22 @@ class HotmergeService(pb_grpc.HotmergeServicer):
             unloaded = self._engine().store.unload(request.adapter_id)
             log.info("request %s UnloadAdapter %s: %s", request_id, request.adapter_id, unloaded)
             return pb.UnloadAdapterResponse(unloaded=unloaded)
+
+
+def merge_entry_message(entry: MergeEntry) -> pb.MergeEntryInfo:
+    """A merge-cache entry on the wire; ``entry.spec`` is the (MergeSpec, affinity key) the
+    Merger stored with it."""
+    msg = pb.MergeEntryInfo(
+        merge_key=entry.key,
+        rank=entry.adapter.rank,
+        bytes=entry.nbytes,
+        hits=entry.hits,
+        last_used_unix_s=entry.last_used,
+        in_use=entry.refs > 0,
+        merge_ms=entry.merge_ms,
+    )
+    if entry.spec is not None:
+        spec, affinity = entry.spec
+        msg.affinity_key = affinity
+        msg.spec.CopyFrom(spec.to_message())
+    return msg

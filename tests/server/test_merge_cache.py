@@ -239,3 +239,22 @@ def test_many_threads_many_keys_keep_the_budget():
 def test_split_budget():
     assert split_budget(1000) == (750, 250)
     assert split_budget(1000, 0.5) == (500, 500)
+
+
+def test_entries_record_spec_hits_last_use_and_holders():
+    cache = MergeCache(4 * SIZE)
+    before = time.time()
+    first = cache.acquire("k1", adapter, spec="spec-1")
+    cache.get_or_merge("k2", adapter, spec="spec-2")
+    listed = {e.key: e for e in cache.entries()}
+    assert listed["k1"].spec == "spec-1" and listed["k1"].refs == 1 and listed["k1"].hits == 0
+    assert listed["k2"].spec == "spec-2" and listed["k2"].refs == 0
+    assert [e.key for e in cache.entries()] == ["k2", "k1"]  # most recently used first
+    cache.release(first.entry)
+    time.sleep(0.01)
+    cache.acquire("k1")  # a hit without merge_fn
+    cache.get_or_merge("k1", adapter)  # a hit with one
+    k1 = cache.entries()[0]
+    assert k1.key == "k1" and k1.hits == 2 and k1.refs == 1
+    assert k1.last_used > listed["k1"].last_used >= before
+    assert cache.entries()[0] is not cache.entries()[0]  # snapshots, not the live entries

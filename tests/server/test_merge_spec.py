@@ -211,7 +211,13 @@ def test_density_is_in_the_key_only_where_used(strategy):
 def test_seed_is_in_the_key_only_for_dare(strategy):
     wire = pb.MergeStrategy.Value(strategy.name)
     changed = key(spec(merge_strategy=wire, seed=1)) != key(spec(merge_strategy=wire, seed=2))
-    assert changed == (strategy in (Strategy.DARE_LINEAR, Strategy.DARE_TIES))
+    dare = (
+        Strategy.DARE_LINEAR,
+        Strategy.DARE_TIES,
+        Strategy.DARE_LINEAR_SVD,
+        Strategy.DARE_TIES_SVD,
+    )
+    assert changed == (strategy in dare)
 
 
 @pytest.mark.parametrize("strategy", list(Strategy))
@@ -219,7 +225,8 @@ def test_sign_method_is_in_the_key_only_for_ties_family(strategy):
     wire = pb.MergeStrategy.Value(strategy.name)
     total = key(spec(merge_strategy=wire, majority_sign_method=pb.TOTAL))
     frequency = key(spec(merge_strategy=wire, majority_sign_method=pb.FREQUENCY))
-    assert (total != frequency) == (strategy in (Strategy.TIES, Strategy.DARE_TIES))
+    ties = (Strategy.TIES, Strategy.DARE_TIES, Strategy.TIES_SVD, Strategy.DARE_TIES_SVD)
+    assert (total != frequency) == (strategy in ties)
     unspecified = key(spec(merge_strategy=wire))
     assert unspecified == total
 
@@ -311,3 +318,24 @@ def test_identity_detection():
     assert not is_identity(spec(["a"], weights=[-1.0]))
     assert not is_identity(spec(["a", "b"]))
     assert not is_identity(spec(["a", "b"], weights=[1.0, 0.0]))
+
+
+@pytest.mark.parametrize("strategy", list(Strategy))
+def test_svd_rank_and_clamp_are_in_the_key_only_for_delta_strategies(strategy):
+    wire = pb.MergeStrategy.Value(strategy.name)
+    plain = key(spec(merge_strategy=wire))
+    ranked = key(spec(merge_strategy=wire, svd_rank=3))
+    clamped = key(spec(merge_strategy=wire, svd_clamp=0.9))
+    delta = strategy.name.endswith("SVD")
+    assert (plain != ranked) == delta and (plain != clamped) == delta
+    assert key(spec(merge_strategy=wire, svd_rank=0)) == plain  # 0: the default rank
+    parsed = spec(merge_strategy=wire, svd_rank=3, svd_clamp=0.9)
+    assert parse_merge_spec(parsed.to_message()) == parsed
+    if delta:
+        assert parsed.params.svd_rank == 3 and parsed.params.svd_clamp == pytest.approx(0.9)
+
+
+@pytest.mark.parametrize("clamp", [-0.1, 1.5, float("nan")])
+def test_svd_clamp_outside_the_unit_interval_is_rejected(clamp):
+    with pytest.raises(InvalidArgument, match="merged_adapters.svd_clamp"):
+        spec(merge_strategy=pb.TIES_SVD, svd_clamp=clamp)
