@@ -183,7 +183,9 @@ def main() -> None:
     adapter_bytes = adapters[0].nbytes
     weights = weight_bytes(runner)
     cfg = runner.model.config
-    kv_token_bytes = 2 * cfg.num_hidden_layers * runner.model.num_kv_heads * runner.model.head_dim * 2
+    kv_token_bytes = (
+        2 * cfg.num_hidden_layers * runner.model.num_kv_heads * runner.model.head_dim * 2
+    )
     blocks_per_row = -(-(args.context + 1) // runner.block_size)
     greedy = SamplingParams(max_new_tokens=1)
     for batch in args.batches:
@@ -214,7 +216,9 @@ def main() -> None:
                 sync(device)
                 graph_ms = start.elapsed_time(end) / args.iters
             used = {"none": 0, "one": 1, "distinct": batch}[mode]
-            floor_bytes = weights + used * adapter_bytes + batch * (args.context + 1) * kv_token_bytes
+            floor_bytes = (
+                weights + used * adapter_bytes + batch * (args.context + 1) * kv_token_bytes
+            )
             floor_ms = floor_bytes / bandwidth * 1000
             row = dict(path="engine", batch=batch, adapters=mode, step_ms=step_ms,
                        graph_ms=graph_ms, floor_ms=floor_ms,
@@ -231,8 +235,9 @@ def main() -> None:
         benchmark="decode_step",
         device=name,
         date=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        versions=dict(torch=torch.__version__, python=platform.python_version(),
-                      cuda=torch.version.cuda),  # fmt: skip
+        versions=dict(
+            torch=torch.__version__, python=platform.python_version(), cuda=torch.version.cuda
+        ),  # fmt: skip
         shape=args.shape,
         context=args.context,
         rank=args.rank,

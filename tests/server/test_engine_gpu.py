@@ -34,7 +34,9 @@ def generate_all(engine, count: int, max_new_tokens: int = 64) -> list[list[int]
         if which == "merge":
             if merged is None:
                 inputs = [engine.store.get(a)[0].weights for a in ("demo-a", "demo-d")]
-                merged = merge_adapters(inputs, MergeParams(Strategy.TIES, density=0.5)).adapter
+                merged = merge_adapters(
+                    inputs, MergeParams(Strategy.TIES, weights=(1.0, 0.5), density=0.5)
+                ).adapter
             adapter = merged
         request = GenerationRequest(f"prompt {i}: the quick brown fox", params, adapter_id=which)
         if adapter is not None:

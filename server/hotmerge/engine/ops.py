@@ -45,9 +45,7 @@ def paged_decode_attention(
     """One query token per row against its blocks; ``kernel`` is the runner's PagedAttention
     (its workspace preallocated, so the call can be captured)."""
     if kernel is not None and triton_enabled(q):
-        return kernel.forward(
-            q, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window
-        )
+        return kernel.forward(q, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window)
     return paged_attention.paged_decode_attention_torch(
         q, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window
     )
