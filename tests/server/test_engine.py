@@ -1,0 +1,207 @@
+"""The engine's own forward against transformers, the paged KV cache's bookkeeping, sampling."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import pytest
+import torch
+from hotmerge.embedded import byte_level_tokenizer
+from hotmerge.engine.batch import DecodeRow, PrefillChunk
+from hotmerge.engine.kv_cache import KVBlockPool
+from hotmerge.engine.runner import EngineLimits, build_runner
+from hotmerge.engine.sampling import RowSampling, sample
+from hotmerge.errors import InvalidArgument
+from hotmerge.generation import GenerationRequest, SamplingParams
+
+from tests.helpers import make_engine, make_peft_adapter, tiny_llama
+
+SMALL = dict(
+    vocab_size=259,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+)
+
+
+def hf_model(kind: str):
+    import transformers
+
+    configs = {
+        "llama": lambda: transformers.LlamaConfig(
+            **SMALL,
+            rope_scaling={
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 32,
+            },
+        ),  # fmt: skip
+        "mistral": lambda: transformers.MistralConfig(**SMALL, sliding_window=7),
+        "qwen2": lambda: transformers.Qwen2Config(**SMALL),
+        "qwen3": lambda: transformers.Qwen3Config(**SMALL, head_dim=24),
+    }
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(configs[kind](), dtype=torch.float32)
+    for p in model.parameters():  # larger weights than the init: differences show
+        p.data.normal_(0, 0.2)
+    return model.eval()
+
+
+def runner_for(model, **limits):
+    limits = EngineLimits(
+        max_batch_size=4, block_size=4, kv_cache_tokens=512, max_loras=2, **limits
+    )
+    return build_runner("test", model, byte_level_tokenizer(), limits)
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2", "qwen3"])
+@pytest.mark.parametrize("chunk", [None, 5])
+def test_forward_logits_equal_transformers(kind, chunk):
+    """Prefill (whole or in chunks) and decode logits equal transformers' full forward."""
+    model = hf_model(kind)
+    with torch.inference_mode():
+        ids = torch.randint(3, 259, (1, 19)).tolist()[0]
+        want = model(torch.tensor([ids])).logits[0].float()  # (19, vocab)
+    runner = runner_for(model)
+    assert runner.kind == "llama"
+    prompt, steps = ids[:14], ids[14:]
+    table = list(range(1, 1 + 5))  # 20 positions in blocks of 4
+    size = chunk or len(prompt)
+    logits = None
+    for start in range(0, len(prompt), size):
+        part = prompt[start : start + size]
+        last = start + size >= len(prompt)
+        logits, _ = runner.prefill([PrefillChunk(0, part, start, table, -1, last)])
+    assert torch.allclose(logits[0], want[len(prompt) - 1], atol=1e-4, rtol=1e-4)
+    for i, token in enumerate(steps):
+        position = len(prompt) + i
+        out = runner.decode([DecodeRow(0, token, position, table, -1)])
+        assert torch.allclose(out[0], want[position], atol=1e-4, rtol=1e-4), position
+
+
+def test_prompt_scores_equal_transformers():
+    model = hf_model("mistral")
+    ids = torch.randint(3, 259, (13,)).tolist()
+    with torch.inference_mode():
+        logprobs = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
+    want = [float(logprobs[i, ids[i + 1]]) for i in range(len(ids) - 1)]
+    runner = runner_for(model)
+    table = [1, 2, 3, 4]
+    _, (first,) = runner.prefill([PrefillChunk(0, ids[:6], 0, table, -1, False, True, ids[6])])
+    _, (second,) = runner.prefill([PrefillChunk(0, ids[6:], 6, table, -1, True, True)])
+    assert first + second == pytest.approx(want, abs=1e-4)
+
+
+def test_batched_rows_equal_rows_alone():
+    """Decode rows of different lengths in one batch give what each gives alone."""
+    model = hf_model("qwen3")
+    runner = runner_for(model)
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [20, 21, 22], [30] * 9]
+    tables = [[1, 2, 3], [4, 5], [6, 7, 8]]
+    runner.prefill(
+        [PrefillChunk(i, p, 0, t, -1, True) for i, (p, t) in enumerate(zip(prompts, tables))]
+    )
+    rows = [DecodeRow(i, 40 + i, len(p), t, -1) for i, (p, t) in enumerate(zip(prompts, tables))]
+    together = runner.decode(rows)
+    for i, row in enumerate(rows):
+        alone = runner.decode([row])  # rewrites the same cache slot with the same values
+        assert torch.allclose(together[i], alone[0], atol=1e-5)
+
+
+def test_unsupported_architecture_runs_eagerly_with_the_same_tokens(tmp_path):
+    model_dir = tiny_llama(tmp_path)
+    make_peft_adapter(model_dir, tmp_path / "adapters" / "a", r=4, seed=3, scale=2.0)
+    outputs = {}
+    for eager in (False, True):
+        engine = make_engine(model_dir, tmp_path / "adapters", eager=eager)
+        try:
+            assert engine.runner.kind == ("transformers" if eager else "llama")
+            params = SamplingParams(max_new_tokens=8, prompt_logprobs=True)
+            result = engine.submit(GenerationRequest("hello there", params, "a")).wait()
+            outputs[eager] = result
+        finally:
+            engine.stop()
+    ours, theirs = outputs[False], outputs[True]
+    assert [t.token_id for t in ours.tokens] == [t.token_id for t in theirs.tokens]
+    assert [t.logprob for t in ours.prompt[1:]] == pytest.approx(
+        [t.logprob for t in theirs.prompt[1:]], abs=1e-4
+    )
+    assert math.isnan(ours.prompt[0].logprob) and ours.prompt_tokens == len(ours.prompt)
+
+
+def test_block_pool_reserves_takes_and_returns():
+    pool = KVBlockPool(num_blocks=5, block_size=4)
+    assert pool.capacity_tokens == 16 and pool.usage == 0.0
+    pool.reserve(3)
+    assert not pool.can_reserve(2) and pool.can_reserve(1)
+    blocks = pool.take(2)
+    assert 0 not in blocks and pool.usage == 0.5
+    with pytest.raises(RuntimeError):
+        pool.take(2)  # only one reserved block left
+    pool.release(blocks, unused_reservation=1)
+    assert pool.usage == 0.0 and pool.can_reserve(4)
+
+
+@pytest.fixture(scope="module")
+def small_cache_engine(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("kv")
+    model_dir = tiny_llama(tmp)
+    engine = make_engine(
+        model_dir, tmp / "adapters", max_batch_size=4, limits=dict(kv_cache_tokens=64, block_size=8)
+    )
+    yield engine
+    engine.stop()
+
+
+def request(prompt="hello", **params):
+    return GenerationRequest(prompt, SamplingParams(**{"max_new_tokens": 8, **params}))
+
+
+def test_blocks_are_freed_on_finish_failure_and_cancel(small_cache_engine):
+    engine = small_cache_engine
+    free = engine.kv.free_blocks
+    engine.submit(request()).wait()
+    assert engine.kv.free_blocks == free
+    handle = engine.submit(request(max_new_tokens=40))
+    next(iter(handle))
+    handle.cancel()
+    deadline = time.monotonic() + 5
+    while engine.running_requests and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert engine.kv.free_blocks == free and engine.kv_cache_usage == 0.0
+
+
+def test_request_that_can_never_fit_is_refused(small_cache_engine):
+    with pytest.raises(InvalidArgument, match="KV cache"):
+        small_cache_engine.submit(request("x" * 30, max_new_tokens=60))
+
+
+def test_requests_wait_for_blocks_then_run(small_cache_engine):
+    """Four requests of 40 tokens each, a cache of 64: they run one or two at a time, all end."""
+    engine = small_cache_engine
+    handles = [engine.submit(request(f"p{i}", max_new_tokens=37)) for i in range(4)]
+    results = [h.wait() for h in handles]
+    assert all(r.generated_tokens == 37 for r in results)
+    assert max(engine.stats.decode_batch_sizes) <= 2
+    assert engine.kv.free_blocks == engine.kv.capacity_blocks
+
+
+def test_seeded_sampling_ignores_the_rest_of_the_batch():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 50)
+    params = SamplingParams(do_sample=True, temperature=0.9, top_k=20, top_p=0.9, seed=7)
+    row = RowSampling(params, seed=7, index=3)
+    other = RowSampling(SamplingParams(), seed=0, index=0)
+    alone, _ = sample(logits[1:2], [row])
+    mixed, _ = sample(logits, [other, row, other])
+    assert mixed[1] == alone[0]
+    draws = {sample(logits[1:2], [RowSampling(params, seed=s, index=3)])[0][0] for s in range(40)}
+    assert len(draws) > 3  # seeds matter
+    kept = torch.topk(logits[1], 20).indices.tolist()
+    assert draws <= set(kept)
