@@ -105,9 +105,15 @@ def test_batched_rows_equal_rows_alone():
     prompts = [[5, 6, 7, 8, 9, 10, 11], [20, 21, 22], [30] * 9]
     tables = [[1, 2, 3], [4, 5], [6, 7, 8]]
     runner.prefill(
-        [PrefillChunk(i, p, 0, t, -1, True) for i, (p, t) in enumerate(zip(prompts, tables))]
+        [
+            PrefillChunk(i, p, 0, t, -1, True)
+            for i, (p, t) in enumerate(zip(prompts, tables, strict=True))
+        ]
     )
-    rows = [DecodeRow(i, 40 + i, len(p), t, -1) for i, (p, t) in enumerate(zip(prompts, tables))]
+    rows = [
+        DecodeRow(i, 40 + i, len(p), t, -1)
+        for i, (p, t) in enumerate(zip(prompts, tables, strict=True))
+    ]
     together = runner.decode(rows)
     for i, row in enumerate(rows):
         alone = runner.decode([row])  # rewrites the same cache slot with the same values
