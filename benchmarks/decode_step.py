@@ -206,7 +206,7 @@ def main() -> None:
             if device.type == "cuda" and runner._graphs:
                 size = next(s for s in runner.sizes if s >= batch)
                 runner.decode(rows)
-                graph = runner._graphs[size][0]
+                graph = runner._graphs[size, mode != "none"][0]
                 start, end = torch.cuda.Event(True), torch.cuda.Event(True)
                 graph.replay()
                 start.record()

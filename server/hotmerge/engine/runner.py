@@ -271,7 +271,8 @@ class LlamaRunner(ModelRunner):
         self.max_blocks = blocks_for(self.max_total_tokens, self.block_size)
         self.buffers = DecodeBuffers(limits.max_batch_size, self.max_blocks, self.device)
         self.sizes = padded_sizes(limits.max_batch_size)
-        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        # (padded batch size, whether any row has an adapter) -> (graph, its logits output)
+        self._graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.attention = None  # the paged decode attention kernel, with its workspace (CUDA)
         if self.device.type == "cuda":
             from hotmerge_kernels.paged_attention import PagedAttention
@@ -303,7 +304,7 @@ class LlamaRunner(ModelRunner):
 
     # -- decode -------------------------------------------------------------------------------
 
-    def _decode_step(self, size: int) -> torch.Tensor:
+    def _decode_step(self, size: int, with_lora: bool = True) -> torch.Tensor:
         buf = self.buffers
         attn = AttentionBatch(
             positions=buf.positions[:size],
@@ -312,7 +313,7 @@ class LlamaRunner(ModelRunner):
             seq_lens=buf.seq_lens[:size],
             kernel=self.attention,
         )
-        lora = LoraBatch(self.adapters, buf.lora_slots[:size])
+        lora = LoraBatch(self.adapters, buf.lora_slots[:size]) if with_lora else None
         hidden = self.model(buf.input_ids[:size], attn, self.kv, lora)
         return self.model.logits(hidden)
 
@@ -340,27 +341,33 @@ class LlamaRunner(ModelRunner):
         log.info("kernels warmed up in %.1f s", time.perf_counter() - started)
         if not capture:
             return
+        # A batch of base-model rows only replays a graph without the LoRA launches.
         pool = torch.cuda.graph_pool_handle()
         for size in reversed(self.sizes):  # largest first: smaller ones reuse its pool memory
             self.buffers.fill([], size, self.block_size)
-            self._decode_step(size)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                logits = self._decode_step(size)
-            self._graphs[size] = (graph, logits)
+            for with_lora in (True, False):
+                self._decode_step(size, with_lora)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    logits = self._decode_step(size, with_lora)
+                self._graphs[size, with_lora] = (graph, logits)
         torch.cuda.synchronize()
         log.info("captured decode graphs for batch sizes %s", self.sizes)
 
     @torch.inference_mode()
     def decode(self, rows: Sequence[DecodeRow]) -> torch.Tensor:
         n = len(rows)
-        size = next(s for s in self.sizes if s >= n) if self._graphs else n
+        # On CUDA, graphs or not, the batch is padded to the same sizes, so that eager and
+        # replayed decode run the very same kernels (and give the same tokens).
+        size = next(s for s in self.sizes if s >= n) if self.device.type == "cuda" else n
+        with_lora = any(r.slot >= 0 for r in rows)
         self.buffers.fill(rows, size, self.block_size)
-        if self._graphs:
-            graph, logits = self._graphs[size]
+        captured = self._graphs.get((size, with_lora))
+        if captured is not None:
+            graph, logits = captured
             graph.replay()
             return logits[:n]
-        return self._decode_step(size)
+        return self._decode_step(size, with_lora)[:n]
 
     # -- prefill ------------------------------------------------------------------------------
 
