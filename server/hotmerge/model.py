@@ -87,6 +87,7 @@ class ModelRunner:
         config = self.model.config
         self.max_position_embeddings: int | None = getattr(config, "max_position_embeddings", None)
         self.eos_token_ids: frozenset[int] = frozenset(self._eos_ids())
+        self.vocab_size: int = self.model.get_input_embeddings().num_embeddings
         # A fast tokenizer may reconfigure itself (a mutable borrow in Rust) on its first call;
         # do that now, before request threads encode while the worker decodes.
         self._encode_lock = threading.Lock()
@@ -138,8 +139,12 @@ class ModelRunner:
         position_ids: torch.Tensor,
         cache,
         slots: Sequence[FlatAdapter | None],
+        *,
+        all_positions: bool = False,
     ) -> torch.Tensor:
-        """One forward over ``(batch, seq)`` tokens; returns the last position's logits, fp32."""
+        """One forward over ``(batch, seq)`` tokens; returns the last position's logits, fp32,
+        ``(batch, vocab)``, or with ``all_positions`` every position's, ``(batch, seq, vocab)``
+        (for prompt logprobs)."""
         with self.adapters(slots):
             out = self.model(
                 input_ids=input_ids,
@@ -147,6 +152,8 @@ class ModelRunner:
                 position_ids=position_ids,
                 past_key_values=cache,
                 use_cache=True,
-                logits_to_keep=1,
+                logits_to_keep=0 if all_positions else 1,
             )
+        if all_positions:
+            return out.logits.float()
         return out.logits[:, -1, :].float()

@@ -62,6 +62,8 @@ class AdapterLease:
     load_ms: float = 0.0
     on_release: Callable[[], None] | None = None  # unpins it; called once
     merge_ms: float = 0.0  # spent merging it (a merged adapter on a cache miss)
+    # What the request asked for: adapter id, named merge or merge key (metrics report it).
+    name: str | None = None
 
     def release(self) -> None:
         on_release, self.on_release = self.on_release, None
@@ -253,6 +255,7 @@ class _Row:
     timings: Timings = field(default_factory=Timings)
     generated: list[int] = field(default_factory=list)
     events: list[TokenEvent] = field(default_factory=list)
+    prompt_events: list[TokenEvent] = field(default_factory=list)  # with prompt_logprobs
     position: int = 0  # position id of the next input token
     next_token: int = 0
     prefill_done: float = 0.0
@@ -343,6 +346,22 @@ class Engine:
     def queue_depth(self) -> int:
         return len(self._pending)
 
+    @property
+    def running_requests(self) -> int:
+        """Requests in the running batch (prefilled, generating)."""
+        return len(self._active)
+
+    @property
+    def kv_cache_usage(self) -> float:
+        """Fraction of the KV cache in use, 0-1; this engine has no block pool, so 0."""
+        return 0.0
+
+    def adapter_names(self) -> tuple[list[str], list[str]]:
+        """(running, waiting): the distinct adapter names of running and queued requests."""
+        running = {r.lease.name for r in list(self._active) if r.lease.name}
+        waiting = {r.lease.name for r in list(self._pending) if r.lease.name}
+        return sorted(running), sorted(waiting)
+
     # -- submit -----------------------------------------------------------------------------
 
     def submit(
@@ -374,16 +393,7 @@ class Engine:
         if not self.running:
             raise Unavailable("the engine is not running")
         validate_params(request.params)
-        if not isinstance(request.inputs, str):
-            raise InvalidArgument("inputs must be a string")
-        prompt_ids = self.runner.encode(request.inputs)
-        if not prompt_ids:
-            raise InvalidArgument("inputs is empty (it must give at least one token)")
-        if len(prompt_ids) > self.max_input_tokens:
-            raise InvalidArgument(
-                f"inputs is {len(prompt_ids)} tokens, more than max_input_tokens="
-                f"{self.max_input_tokens}"
-            )
+        prompt_ids = self._prompt_ids(request)
         params = request.params
         generator = None
         if not is_greedy(params):
@@ -410,6 +420,31 @@ class Engine:
             self._cv.notify_all()
         return handle
 
+    def _prompt_ids(self, request: GenerationRequest) -> list[int]:
+        """The prompt: ``inputs`` encoded, or ``input_ids`` checked and used as given."""
+        if (request.inputs is None) == (request.input_ids is None):
+            raise InvalidArgument("give exactly one of inputs (text) and input_ids (token ids)")
+        if request.input_ids is not None:
+            field_name, prompt_ids = "input_ids", list(request.input_ids)
+            vocab = self.runner.vocab_size
+            bad = [t for t in prompt_ids if not isinstance(t, int) or not 0 <= t < vocab]
+            if bad:
+                raise InvalidArgument(
+                    f"input_ids: {bad[0]!r} is not a token id of this model (0 <= id < {vocab})"
+                )
+        elif not isinstance(request.inputs, str):
+            raise InvalidArgument("inputs must be a string")
+        else:
+            field_name, prompt_ids = "inputs", self.runner.encode(request.inputs)
+        if not prompt_ids:
+            raise InvalidArgument(f"{field_name} is empty (it must give at least one token)")
+        if len(prompt_ids) > self.max_input_tokens:
+            raise InvalidArgument(
+                f"{field_name} is {len(prompt_ids)} tokens, more than max_input_tokens="
+                f"{self.max_input_tokens}"
+            )
+        return prompt_ids
+
     def _resolve_adapter(
         self, request: GenerationRequest, adapter: AdapterLease | FlatAdapter | None
     ) -> AdapterLease:
@@ -422,7 +457,8 @@ class Engine:
             return AdapterLease(None)
         adapter_id = request.adapter_id
         loaded, load_ms = self.store.acquire(adapter_id)
-        return AdapterLease(loaded.weights, load_ms, lambda: self.store.release(adapter_id))
+        release = lambda: self.store.release(adapter_id)  # noqa: E731
+        return AdapterLease(loaded.weights, load_ms, release, name=adapter_id)
 
     # -- worker -----------------------------------------------------------------------------
 
@@ -543,7 +579,15 @@ class Engine:
         )
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=self.runner.model.config)
-        logits = self.runner.forward(ids, mask, pos, cache, self._slots(rows))
+        want_prompt = [r.params.prompt_logprobs for r in rows]
+        logits = self.runner.forward(
+            ids, mask, pos, cache, self._slots(rows), all_positions=any(want_prompt)
+        )
+        if any(want_prompt):
+            for i, row in enumerate(rows):
+                if want_prompt[i]:
+                    row.prompt_events = self._prompt_events(row.prompt_ids, logits[i])
+            logits = logits[:, -1, :]
         done = time.perf_counter()
         for r in rows:
             r.position = len(r.prompt_ids)
@@ -560,6 +604,21 @@ class Engine:
             len(self._active),
         )
         return logits
+
+    def _prompt_events(self, prompt_ids: list[int], logits: torch.Tensor) -> list[TokenEvent]:
+        """Each prompt token's logprob given the ones before it (the first has none: nan).
+
+        ``logits`` is one row of a left-padded prefill: the prompt sits at its last columns.
+        """
+        n = len(prompt_ids)
+        ids = torch.tensor(prompt_ids[1:], dtype=torch.long, device=logits.device)
+        predicted = logits[logits.shape[0] - n : -1]  # position k predicts token k + 1
+        logprobs = torch.log_softmax(predicted, -1).gather(1, ids[:, None]).squeeze(1).tolist()
+        tok = self.runner.tokenizer
+        return [
+            TokenEvent(token_id=t, text=tok.decode([t]), logprob=lp)
+            for t, lp in zip(prompt_ids, [math.nan, *logprobs], strict=True)
+        ]
 
     def _join(self, rows: list[_Row], cache: DynamicCache, mask: torch.Tensor) -> None:
         """Append prefilled rows to the running batch, left-padding the shorter KV cache."""
@@ -670,6 +729,8 @@ class Engine:
             generated_tokens=len(row.generated),
             tokens=row.events,
             timings=row.timings,
+            prompt_tokens=len(row.prompt_ids),
+            prompt=row.prompt_events,
         )
         self._end(row)
         self.stats.requests_finished += 1
