@@ -80,9 +80,7 @@ class NamedMerges:
             message = merged_adapters_from_dict(fields, where=f"{path}: {name}")
             try:
                 checked.append((name, message))
-                NamedMerges(self.is_adapter, max_adapters=self.max_adapters).register(
-                    name, message
-                )
+                NamedMerges(self.is_adapter, max_adapters=self.max_adapters).register(name, message)
             except InvalidArgument as err:
                 raise InvalidArgument(f"merges file {path}: {err}") from None
         for name, message in checked:

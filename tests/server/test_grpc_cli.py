@@ -27,7 +27,7 @@ def data_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def target(data_dir):
-    config = ServerConfig(data_dir=data_dir, host="127.0.0.1", port=0, default_max_new_tokens=8)
+    config = ServerConfig(data_dir=data_dir, host="127.0.0.1", port=0, http_port=0, default_max_new_tokens=8)
     server = start_server(config)
     yield server.target
     server.stop(0)

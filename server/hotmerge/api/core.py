@@ -237,4 +237,3 @@ def log_done(request_id: str, method: str, sub: Submission, result: GenerationRe
 def finite_or_none(x: float) -> float | None:
     """JSON has no NaN: the first prompt token's logprob goes out as null."""
     return x if math.isfinite(x) else None
-
