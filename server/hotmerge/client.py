@@ -116,18 +116,23 @@ def generate_request(
     if adapter_id is not None:
         request.adapter_id = adapter_id
     elif merged is not None:
-        if isinstance(merged, Mapping):
-            merged = pb.MergedAdapters(**merged)
-        request.merged_adapters.CopyFrom(merged)
+        request.merged_adapters.CopyFrom(_spec_message(merged))
     return request
 
 
 def merge_request(
     merged_adapters: pb.MergedAdapters | Mapping[str, Any], name: str = ""
 ) -> pb.MergeRequest:
-    if isinstance(merged_adapters, Mapping):
-        merged_adapters = pb.MergedAdapters(**merged_adapters)
-    return pb.MergeRequest(merged_adapters=merged_adapters, name=name)
+    return pb.MergeRequest(merged_adapters=_spec_message(merged_adapters), name=name)
+
+
+def _spec_message(spec: pb.MergedAdapters | Mapping[str, Any]) -> pb.MergedAdapters:
+    """A mapping takes the message's field names; strategy names in any case ("ties")."""
+    if not isinstance(spec, Mapping):
+        return spec
+    from hotmerge.merge_spec import merged_adapters_from_dict
+
+    return merged_adapters_from_dict(spec)
 
 
 def spec_metadata(spec: pb.MergedAdapters) -> tuple[tuple[str, str], ...]:

@@ -47,13 +47,11 @@ class NamedMerges:
                 f"name {name!r}: use 1-128 letters, digits and . _ : @ / -, starting with a "
                 "letter or digit"
             )
-        spec = parse_merge_spec(message, max_adapters=self.max_adapters)
-        if name in spec.adapter_ids:
-            raise InvalidArgument(f"name {name!r}: a named merge cannot list itself in ids")
         if self.is_adapter(name):
             raise InvalidArgument(
                 f"name {name!r} is an adapter id; a named merge cannot shadow it: pick another"
             )
+        spec = parse_merge_spec(message, max_adapters=self.max_adapters)
         merge = NamedMerge(name, spec, message)
         with self._lock:
             self._merges[name] = merge
