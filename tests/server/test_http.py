@@ -380,3 +380,60 @@ def test_running_and_waiting_adapter_names(server):
     assert seen_running <= {"ad-a", "ad-b", "mix-file"}  # named: by its name; no base model
     assert seen_waiting <= {"ad-a", "ad-b", "mix-file"}
     assert engine.adapter_names() == ([], [])
+
+
+# -- lm-eval-harness ----------------------------------------------------------------------------
+
+ITEMS = [
+    {"question": "The sky is", "choices": ["blue", "green", "loud"], "answer": 0},
+    {"question": "Two plus two is", "choices": ["four", "five"], "answer": 0},
+    {"question": "Cats say", "choices": ["woof", "meow", "moo"], "answer": 1},
+]
+
+
+@pytest.mark.parametrize("model", [None, "mix-file"])
+def test_lm_eval_local_completions_loglikelihoods(setup, server, tmp_path, monkeypatch, model):
+    import json
+
+    lm_eval = pytest.importorskip("lm_eval")
+    from lm_eval.tasks import TaskManager
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    data = tmp_path / "items.jsonl"
+    data.write_text("\n".join(json.dumps(i) for i in ITEMS))
+    (tmp_path / "tiny.yaml").write_text(
+        "task: hotmerge_tiny\n"
+        "dataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {data}\n"
+        "test_split: test\n"
+        "output_type: multiple_choice\n"
+        'doc_to_text: "{{question}}"\n'
+        'doc_to_choice: "{{choices}}"\n'
+        'doc_to_target: "{{answer}}"\n'
+        "metric_list:\n  - metric: acc\n"
+    )
+    _, model_dir, _ = setup
+    out = lm_eval.simple_evaluate(
+        model="local-completions",
+        model_args={
+            "model": model or model_name(server),
+            "base_url": f"{server.http_url}/v1/completions",
+            "tokenizer": str(model_dir),
+            "tokenizer_backend": "huggingface",
+            "num_concurrent": 1,
+            "max_retries": 1,
+        },
+        tasks=["hotmerge_tiny"],
+        task_manager=TaskManager(include_path=str(tmp_path)),
+        log_samples=True,
+    )
+    tokenizer = server.engine.runner.tokenizer
+    samples = out["samples"]["hotmerge_tiny"]
+    assert len(samples) == len(ITEMS)
+    for sample in samples:
+        for (context, continuation), resp in zip(sample["arguments"], sample["resps"], strict=True):
+            ctx = tokenizer(context, add_special_tokens=False)["input_ids"]
+            whole = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
+            direct = sum(direct_logprobs(setup, whole, "mix" if model else None)[len(ctx) - 1 :])
+            assert float(resp[0][0]) == pytest.approx(direct, abs=1e-3)
