@@ -73,14 +73,12 @@ class NamedMerges:
             raise InvalidArgument(f"merges file {path}: {err}") from None
         if not isinstance(data, dict):
             raise InvalidArgument(f'merges file {path}: give an object {{"name": {{spec}}}}')
-        checked = []
-        for name, fields in data.items():
-            message = merged_adapters_from_dict(fields, where=f"{path}: {name}")
+        staged = NamedMerges(self.is_adapter, max_adapters=self.max_adapters)
+        for name, fields in data.items():  # all checked before any is registered here
             try:
-                checked.append((name, message))
-                NamedMerges(self.is_adapter, max_adapters=self.max_adapters).register(name, message)
+                staged.register(name, merged_adapters_from_dict(fields))
             except InvalidArgument as err:
-                raise InvalidArgument(f"merges file {path}: {err}") from None
-        for name, message in checked:
-            self.register(name, message)
-        return [name for name, _ in checked]
+                raise InvalidArgument(f"merges file {path}, {name!r}: {err}") from None
+        with self._lock:
+            self._merges.update(staged._merges)
+        return list(staged._merges)

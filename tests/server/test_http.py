@@ -6,6 +6,7 @@ and against each front's error shapes."""
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import time
 
@@ -16,6 +17,8 @@ import pytest
 import torch
 from hotmerge.api.core import generation_request
 from hotmerge.client import HotmergeClient
+from hotmerge.v1 import hotmerge_pb2 as pb
+from hotmerge.v1 import hotmerge_pb2_grpc as pb_grpc
 
 from tests.helpers import make_peft_adapter, tiny_llama, tiny_server_config
 
@@ -393,8 +396,6 @@ ITEMS = [
 
 @pytest.mark.parametrize("model", [None, "mix-file"])
 def test_lm_eval_local_completions_loglikelihoods(setup, server, tmp_path, monkeypatch, model):
-    import json
-
     lm_eval = pytest.importorskip("lm_eval")
     from lm_eval.tasks import TaskManager
 
@@ -437,3 +438,49 @@ def test_lm_eval_local_completions_loglikelihoods(setup, server, tmp_path, monke
             whole = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
             direct = sum(direct_logprobs(setup, whole, "mix" if model else None)[len(ctx) - 1 :])
             assert float(resp[0][0]) == pytest.approx(direct, abs=1e-3)
+
+
+# -- gRPC additions ------------------------------------------------------------------------------
+
+
+def test_grpc_inputs_and_input_ids_together_are_refused(server, grpc_client):
+    import grpc
+
+    request = pb.GenerateRequest(inputs=PROMPT, input_ids=[1, 2, 3])
+    with grpc.insecure_channel(server.target) as channel, pytest.raises(grpc.RpcError) as err:
+        pb_grpc.HotmergeStub(channel).Generate(request, timeout=30)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "not both" in err.value.details()
+
+
+def test_grpc_reflection_v1_beside_v1alpha(server):
+    import grpc
+    from grpc_reflection.v1alpha import reflection_pb2
+
+    with grpc.insecure_channel(server.target) as channel:
+        for version in ("v1", "v1alpha"):
+            call = channel.stream_stream(
+                f"/grpc.reflection.{version}.ServerReflection/ServerReflectionInfo",
+                request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+                response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+            )
+            request = reflection_pb2.ServerReflectionRequest(list_services="")
+            (reply,) = list(call(iter([request]), timeout=10))
+            names = {s.name for s in reply.list_services_response.service}
+            assert {"hotmerge.v1.Hotmerge", "grpc.reflection.v1.ServerReflection"} <= names
+
+
+def test_merges_file_errors_name_the_entry(tmp_path):
+    from hotmerge.errors import InvalidArgument
+    from hotmerge.named_merges import NamedMerges
+
+    named = NamedMerges(lambda name: name == "ad-a")
+    bad = tmp_path / "merges.json"
+    broken = {"ids": ["ad-a"], "merge_strategy": "ties", "density": 2}
+    bad.write_text(json.dumps({"ok": {"ids": ["ad-a"]}, "broken": broken}))
+    with pytest.raises(InvalidArgument, match="broken"):
+        named.load_file(bad)
+    assert named.list() == []  # all or none
+    bad.write_text('{"ad-a": {"ids": ["ad-b"]}}')
+    with pytest.raises(InvalidArgument, match="shadow"):
+        named.load_file(bad)

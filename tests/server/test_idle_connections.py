@@ -76,11 +76,19 @@ def test_grpc_connection_closed_when_idle(server):
     with grpc.insecure_channel(server.target) as channel:
         channel.subscribe(states.append)
         pb_grpc.HotmergeStub(channel).Info(pb.InfoRequest(), timeout=10)
-        assert states[-1] == grpc.ChannelConnectivity.READY
-        time.sleep(IDLE_S * 4)
-        # The server's GOAWAY on the idle connection sends the channel back to IDLE.
-        ready_at = states.index(grpc.ChannelConnectivity.READY)
-        assert grpc.ChannelConnectivity.IDLE in states[ready_at:]
+        called = time.monotonic()
+
+        def idle_after_ready() -> bool:  # callbacks arrive on gRPC's thread, a little later
+            ready = grpc.ChannelConnectivity.READY
+            return (
+                ready in states and grpc.ChannelConnectivity.IDLE in states[states.index(ready) :]
+            )
+
+        while not idle_after_ready() and time.monotonic() < called + IDLE_S * 10:
+            time.sleep(0.05)
+        # The server's GOAWAY on the idle connection sent the channel back to IDLE.
+        assert idle_after_ready()
+        assert time.monotonic() - called >= IDLE_S * 0.8  # not before it was idle that long
         pb_grpc.HotmergeStub(channel).Info(pb.InfoRequest(), timeout=10)  # reconnects
 
 

@@ -217,13 +217,13 @@ def log_done(request_id: str, method: str, sub: Submission, result: GenerationRe
         adapter = f"{adapter if sub.adapter else ''}{merge.merge_key}"
         adapter += f"({'hit' if merge.cache_hit else 'miss'})"
     log.info(
-        "request %s %s adapter=%s prompt=%d tokens=%d finish=%s queue=%.1fms load=%.1fms "
+        "request %s %s adapter=%s tokens=%d prompt=%d finish=%s queue=%.1fms load=%.1fms "
         "merge=%.2fms prefill=%.1fms decode=%.1fms total=%.1fms",
         request_id,
         method,
         adapter,
-        result.prompt_tokens,
         result.generated_tokens,
+        result.prompt_tokens,
         result.finish_reason.value,
         t.queue_ms,
         t.adapter_load_ms,

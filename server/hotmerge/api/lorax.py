@@ -9,7 +9,6 @@ ignore. Errors are ``{"error": ..., "error_type": ...}``.
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict
 from typing import Any
 
@@ -129,8 +128,9 @@ def hotmerge_extras(sub: Submission, result: GenerationResult) -> dict[str, Any]
 
 
 def _seed(sub: Submission) -> int | None:
+    """The sampling seed (None when greedy), as LoRAX reports it."""
     p = sub.request.params
-    return p.seed if p.do_sample and not (p.temperature == 0 or math.isnan(p.temperature)) else None
+    return p.seed if p.do_sample and p.temperature != 0 else None
 
 
 def response(sub: Submission, result: GenerationResult, *, full_text: bool) -> dict[str, Any]:
