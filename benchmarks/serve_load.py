@@ -373,6 +373,7 @@ def main() -> None:
         data_dir=work / "data",
         host="127.0.0.1",
         port=0,
+        http_port=None,
         max_batch_size=args.max_batch_size,
         max_workers=max(64, 2 * args.concurrency),
         merge_budget_bytes=8 * 1024**3,

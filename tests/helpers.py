@@ -32,13 +32,15 @@ def free_port() -> int:
 
 
 def tiny_server_config(tmp: Path, model_dir: Path, adapter_root: Path, **overrides) -> ServerConfig:
-    """A server on a free loopback port, on the CPU in float32, for a model built by the test."""
+    """A server on free loopback ports (gRPC and HTTP), on the CPU in float32, for a model
+    built by the test."""
     base = dict(
         model=str(model_dir),
         adapter_root=adapter_root,
         data_dir=Path(tmp) / "data",
         host="127.0.0.1",
         port=0,
+        http_port=0,
         device="cpu",
         dtype="float32",
     )

@@ -1,6 +1,7 @@
 """The ``hotmerge`` command: ``serve`` runs a server; the other commands are its clients.
 
-    hotmerge serve [--model PATH] [--port 50051] [--metrics-port 9090] ...
+    hotmerge serve [--model PATH] [--port 50051] [--http-port 8080] [--merges FILE] ...
+    hotmerge merge demo-a,demo-b --strategy ties --density 0.5 --name my-merge
     hotmerge generate --adapter demo-a "hello" [--max-new-tokens N] [--stream]
     hotmerge generate --merge demo-a,demo-b --weights 1,0.5 --strategy ties --density 0.5 "hi"
     hotmerge merge demo-a,demo-b --strategy dare_ties --density 0.5 --seed 7
@@ -78,6 +79,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     options = {
         name: getattr(args, name) for name in _DEFAULTS if getattr(args, name, None) is not None
     }
+    if args.merges is not None:
+        options["merges_file"] = args.merges
+    if options.get("http_port") == -1:
+        options["http_port"] = None
     if args.adapter_budget_mib is not None:
         options["adapter_budget_bytes"] = int(args.adapter_budget_mib * 2**20)
     if args.merge_budget_mib is not None:
@@ -179,7 +184,7 @@ def cmd_generate(args: argparse.Namespace, client: HotmergeClient) -> int:
 
 def cmd_merge(args: argparse.Namespace, client: HotmergeClient) -> int:
     args.merge = args.ids
-    reply = client.merge(_merge_spec(args))
+    reply = client.merge(_merge_spec(args), name=args.name)
     state = "cache hit" if reply.cache_hit else f"merged in {reply.merge_ms:.2f} ms"
     print(
         f"{reply.merge_key} (affinity {reply.affinity_key}): rank {reply.rank}, "
@@ -339,8 +344,14 @@ def _serve_parser(sub) -> None:
          f"(default: {d['max_merge_adapters']})"),
         ("--max-workers", int, f"RPC threads = concurrent requests (default: {d['max_workers']})"),
         ("--grace-s", float, f"on shutdown, time for in-flight requests (default: {d['grace_s']})"),
-        ("--metrics-port", int, "serve /metrics, /readyz, /healthz over HTTP on this port "
-         "(0: any free port; default: off)"),
+        ("--http-port", int, "LoRAX REST, OpenAI API, /metrics, /healthz, /readyz over HTTP "
+         f"(0: any free port, -1: off; default: {d['http_port']})"),
+        ("--merges", Path, "JSON file of named merges to register at start: "
+         '{"name": {"ids": [...], "weights": [...], "merge_strategy": "ties", ...}}'),
+        ("--max-connection-idle-s", float, "close gRPC connections idle this long "
+         f"(default: {d['max_connection_idle_s']})"),
+        ("--http-keep-alive-s", float, "close idle HTTP keep-alive connections after this long "
+         f"(default: {d['http_keep_alive_s']})"),
         ("--keepalive-time-s", float, f"(default: {d['keepalive_time_s']})"),
         ("--max-connection-age-s", float, "close client connections after this long, so they "
          f"rebalance (default: {d['max_connection_age_s']})"),
@@ -414,6 +425,7 @@ def _client_parsers(sub) -> None:
     p = sub.add_parser("merge", parents=[common], help="merge a spec without generating")
     p.set_defaults(run=cmd_merge)
     _merge_arguments(p, "ids", "comma-separated adapter ids")
+    p.add_argument("--name", default="", help="also register the spec under this name")
 
     sub.add_parser("merges", parents=[common], help="list cached merged adapters").set_defaults(
         run=cmd_merges

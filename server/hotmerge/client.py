@@ -90,12 +90,16 @@ class GenerateOptions(TypedDict, total=False):
     repetition_penalty: float | None
     stop: Sequence[str] | None
     details: bool | None
+    prompt_logprobs: bool | None  # also return each prompt token's logprob (reply.prompt)
 
 
 _PARAMETER_NAMES = set(GenerateOptions.__annotations__) - {"adapter_id", "merged_adapters"}
 
 
-def generate_request(inputs: str, **options: Unpack[GenerateOptions]) -> pb.GenerateRequest:
+def generate_request(
+    inputs: str | Sequence[int], **options: Unpack[GenerateOptions]
+) -> pb.GenerateRequest:
+    """``inputs`` is the prompt text, or its token ids (sent as ``input_ids``, used as given)."""
     unknown = set(options) - set(GenerateOptions.__annotations__)
     if unknown:
         names = ", ".join(sorted(GenerateOptions.__annotations__))
@@ -104,20 +108,31 @@ def generate_request(inputs: str, **options: Unpack[GenerateOptions]) -> pb.Gene
     if adapter_id is not None and merged is not None:
         raise ValueError("give adapter_id or merged_adapters, not both")
     params = {k: v for k, v in options.items() if k in _PARAMETER_NAMES and v is not None}
-    request = pb.GenerateRequest(inputs=inputs, parameters=pb.GenerationParameters(**params))
+    request = pb.GenerateRequest(parameters=pb.GenerationParameters(**params))
+    if isinstance(inputs, str):
+        request.inputs = inputs
+    else:
+        request.input_ids.extend(inputs)
     if adapter_id is not None:
         request.adapter_id = adapter_id
     elif merged is not None:
-        if isinstance(merged, Mapping):
-            merged = pb.MergedAdapters(**merged)
-        request.merged_adapters.CopyFrom(merged)
+        request.merged_adapters.CopyFrom(_spec_message(merged))
     return request
 
 
-def merge_request(merged_adapters: pb.MergedAdapters | Mapping[str, Any]) -> pb.MergeRequest:
-    if isinstance(merged_adapters, Mapping):
-        merged_adapters = pb.MergedAdapters(**merged_adapters)
-    return pb.MergeRequest(merged_adapters=merged_adapters)
+def merge_request(
+    merged_adapters: pb.MergedAdapters | Mapping[str, Any], name: str = ""
+) -> pb.MergeRequest:
+    return pb.MergeRequest(merged_adapters=_spec_message(merged_adapters), name=name)
+
+
+def _spec_message(spec: pb.MergedAdapters | Mapping[str, Any]) -> pb.MergedAdapters:
+    """A mapping takes the message's field names; strategy names in any case ("ties")."""
+    if not isinstance(spec, Mapping):
+        return spec
+    from hotmerge.merge_spec import merged_adapters_from_dict
+
+    return merged_adapters_from_dict(spec)
 
 
 def spec_metadata(spec: pb.MergedAdapters) -> tuple[tuple[str, str], ...]:
@@ -160,7 +175,11 @@ class HotmergeClient:
         return self.timeout if timeout is None else timeout
 
     def generate(
-        self, inputs: str, *, timeout: float | None = None, **options: Unpack[GenerateOptions]
+        self,
+        inputs: str | Sequence[int],
+        *,
+        timeout: float | None = None,
+        **options: Unpack[GenerateOptions],
     ) -> pb.GenerateResponse:
         request = generate_request(inputs, **options)
         return self._stub.Generate(
@@ -168,7 +187,11 @@ class HotmergeClient:
         )
 
     def generate_stream(
-        self, inputs: str, *, timeout: float | None = None, **options: Unpack[GenerateOptions]
+        self,
+        inputs: str | Sequence[int],
+        *,
+        timeout: float | None = None,
+        **options: Unpack[GenerateOptions],
     ) -> Iterator[pb.GenerateStreamResponse]:
         """One message per token, then one with ``done``. The returned call has ``cancel()``."""
         request = generate_request(inputs, **options)
@@ -180,10 +203,12 @@ class HotmergeClient:
         self,
         merged_adapters: pb.MergedAdapters | Mapping[str, Any],
         *,
+        name: str = "",
         timeout: float | None = None,
     ) -> pb.MergeResponse:
-        """Merge a spec without generating (warms the server's merge cache)."""
-        request = merge_request(merged_adapters)
+        """Merge a spec without generating (warms the server's merge cache); with ``name``,
+        also register it as a named merge, usable wherever an adapter id is."""
+        request = merge_request(merged_adapters, name)
         return self._stub.Merge(
             request, timeout=self._timeout(timeout), metadata=spec_metadata(request.merged_adapters)
         )
@@ -242,7 +267,11 @@ class AsyncHotmergeClient:
         return self.timeout if timeout is None else timeout
 
     async def generate(
-        self, inputs: str, *, timeout: float | None = None, **options: Unpack[GenerateOptions]
+        self,
+        inputs: str | Sequence[int],
+        *,
+        timeout: float | None = None,
+        **options: Unpack[GenerateOptions],
     ) -> pb.GenerateResponse:
         request = generate_request(inputs, **options)
         return await self._stub.Generate(
@@ -250,7 +279,11 @@ class AsyncHotmergeClient:
         )
 
     def generate_stream(
-        self, inputs: str, *, timeout: float | None = None, **options: Unpack[GenerateOptions]
+        self,
+        inputs: str | Sequence[int],
+        *,
+        timeout: float | None = None,
+        **options: Unpack[GenerateOptions],
     ) -> AsyncIterator[pb.GenerateStreamResponse]:
         """``async for msg in client.generate_stream(...)``; the returned call has ``cancel()``."""
         request = generate_request(inputs, **options)
@@ -262,9 +295,10 @@ class AsyncHotmergeClient:
         self,
         merged_adapters: pb.MergedAdapters | Mapping[str, Any],
         *,
+        name: str = "",
         timeout: float | None = None,
     ) -> pb.MergeResponse:
-        request = merge_request(merged_adapters)
+        request = merge_request(merged_adapters, name)
         return await self._stub.Merge(
             request, timeout=self._timeout(timeout), metadata=spec_metadata(request.merged_adapters)
         )

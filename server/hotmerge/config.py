@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 DEFAULT_PORT = 50051
+DEFAULT_HTTP_PORT = 8080
 DATA_DIR_ENV = "HOTMERGE_DATA_DIR"
 
 
@@ -42,6 +43,9 @@ class ServerConfig:
     keepalive_timeout_s: float = 10.0
     max_connection_age_s: float | None = 300.0  # None: connections live forever
     max_connection_age_grace_s: float = 30.0  # for calls in flight on an aged connection
+    # A client connection with no call for this long is closed (GOAWAY), so idle clients do
+    # not hold server resources; None: never.
+    max_connection_idle_s: float | None = 300.0
 
     max_batch_size: int = 8
     max_input_tokens: int | None = None  # None: the engine derives it from the model
@@ -63,8 +67,15 @@ class ServerConfig:
     max_prefill_tokens: int = 2048  # prompt tokens one step prefills (longer prompts: chunks)
     cuda_graphs: bool = True  # decode replayed from captured graphs (CUDA only)
     eager_model: bool = False  # run the model through transformers' forward (any architecture)
-    # Prometheus /metrics over HTTP on its own port; None: off.
-    metrics_port: int | None = None
+    # The HTTP server (LoRAX REST, OpenAI, /metrics, /healthz, /readyz) on ``host``; None: off,
+    # 0: any free port (RunningServer.http_port says which).
+    http_port: int | None = DEFAULT_HTTP_PORT
+    # A keep-alive HTTP connection idle this long is closed; beyond ``http_max_connections``
+    # concurrent connections (and requests) new ones are answered 503.
+    http_keep_alive_s: float = 5.0
+    http_max_connections: int = 1024
+    # Named merges to register at start: a JSON file {"name": {merge spec fields}}.
+    merges_file: Path | None = None
 
     log_level: str = "INFO"
 
@@ -72,11 +83,13 @@ class ServerConfig:
         self.data_dir = Path(self.data_dir)
         if self.adapter_root is not None:
             self.adapter_root = Path(self.adapter_root)
+        if self.merges_file is not None:
+            self.merges_file = Path(self.merges_file)
         if not isinstance(logging.getLevelName(self.log_level.upper()), int):
             raise ValueError(
                 f"log_level must be DEBUG, INFO, WARNING or ERROR, got {self.log_level!r}"
             )
-        for name in ("port", "metrics_port"):
+        for name in ("port", "http_port"):
             port = getattr(self, name)
             if port is not None and not 0 <= port <= 65535:
                 raise ValueError(f"{name} must be in [0, 65535], got {port}")
@@ -84,6 +97,9 @@ class ServerConfig:
             "keepalive_time_s": self.keepalive_time_s,
             "keepalive_timeout_s": self.keepalive_timeout_s,
             "max_connection_age_s": self.max_connection_age_s,
+            "max_connection_idle_s": self.max_connection_idle_s,
+            "http_keep_alive_s": self.http_keep_alive_s,
+            "http_max_connections": self.http_max_connections,
             "max_workers": self.max_workers,
             "max_batch_size": self.max_batch_size,
             "default_max_new_tokens": self.default_max_new_tokens,
@@ -107,7 +123,7 @@ class ServerConfig:
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
 
     def grpc_options(self) -> list[tuple[str, int]]:
-        """grpc.Server channel args: keepalive and connection age."""
+        """grpc.Server channel args: keepalive, connection age and idle timeout."""
         options = [
             # Without this, Linux lets a second server bind the same port and steal half the calls.
             ("grpc.so_reuseport", 0),
@@ -122,6 +138,8 @@ class ServerConfig:
                 ("grpc.max_connection_age_ms", _ms(self.max_connection_age_s)),
                 ("grpc.max_connection_age_grace_ms", _ms(self.max_connection_age_grace_s)),
             ]
+        if self.max_connection_idle_s is not None:
+            options.append(("grpc.max_connection_idle_ms", _ms(self.max_connection_idle_s)))
         return options
 
     @property

@@ -3,6 +3,7 @@
 ``Lifecycle`` owns the state and mirrors it into gRPC health (``grpc.health.v1``: NOT_SERVING
 while loading and draining, SERVING when ready) and into ``ready`` (HTTP ``/readyz``).
 
+The HTTP app counts its generation requests with ``enter``/``exit`` the same way.
 ``Lifecycle.interceptor()`` is a server interceptor that counts in-flight RPCs of the Hotmerge
 service and, once draining, refuses new ones with UNAVAILABLE (health and reflection stay open),
 so a balancer or the client's retry policy sends them to another replica. ``drain(grace_s)``
@@ -88,6 +89,13 @@ class Lifecycle:
         self.state = State.STOPPED
 
     # -- request accounting ------------------------------------------------------------------
+
+    def enter(self) -> bool:
+        """Count one request in (False, not counted, when draining: refuse it)."""
+        return self._enter()
+
+    def exit(self) -> None:
+        self._exit()
 
     def _enter(self) -> bool:
         with self._idle:

@@ -45,8 +45,9 @@ import hashlib
 import json
 import math
 import struct
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from hotmerge_kernels.params import MergeParams, SignMethod, Strategy
 
@@ -194,6 +195,46 @@ def parse_merge_spec(msg: pb.MergedAdapters, *, max_adapters: int | None = 16) -
         svd_rank=svd_rank, svd_clamp=svd_clamp,
     )  # fmt: skip
     return MergeSpec(adapter_ids=ids, params=params)
+
+
+_SPEC_FIELDS = ("ids", "weights", "merge_strategy", "density", "majority_sign_method", "seed")
+
+
+def merged_adapters_from_dict(data: Mapping[str, Any], *, where: str = FIELD) -> pb.MergedAdapters:
+    """A merge spec written as JSON (LoRAX's ``merged_adapters`` object, a ``--merges`` file
+    entry) as the wire message; ``parse_merge_spec`` then validates it.
+
+    Strategy and sign-method names are case-insensitive (``"ties"``, ``"TIES"``); null fields
+    are unset. Raises InvalidArgument naming the field (prefixed by ``where``).
+    """
+    if not isinstance(data, Mapping):
+        raise InvalidArgument(f"{where} must be an object with ids, weights, merge_strategy, ...")
+    unknown = sorted(set(data) - set(_SPEC_FIELDS))
+    if unknown:
+        raise InvalidArgument(f"{where}: unknown field(s) {unknown}; known: {list(_SPEC_FIELDS)}")
+    msg = pb.MergedAdapters()
+    try:
+        msg.ids.extend(data.get("ids") or [])
+        msg.weights.extend(data.get("weights") or [])
+        if data.get("density") is not None:
+            msg.density = data["density"]
+        if data.get("seed") is not None:
+            msg.seed = data["seed"]
+    except (TypeError, ValueError) as err:
+        raise InvalidArgument(f"{where}: {err}") from None
+    for name, enum in (
+        ("merge_strategy", pb.MergeStrategy),
+        ("majority_sign_method", pb.MajoritySignMethod),
+    ):
+        value = data.get(name)
+        if value is None:
+            continue
+        names = [k for k in enum.keys() if "UNSPECIFIED" not in k]  # noqa: SIM118 - not a dict
+        if not isinstance(value, str) or value.upper() not in names:
+            choices = ", ".join(k.lower() for k in names)
+            raise InvalidArgument(f"{where}.{name}: unknown {value!r}; use one of {choices}")
+        setattr(msg, name, enum.Value(value.upper()))
+    return msg
 
 
 def canonical_spec(

@@ -5,6 +5,12 @@ not collide on the global one; ``start_http(port)`` serves it at ``/metrics`` on
 Every name starts with ``hotmerge_``; times are in seconds, sizes in bytes (Prometheus
 conventions). The instruments are public attributes; the methods below cover the common calls.
 
+For LLM-aware balancers (the Kubernetes Gateway API Inference Extension's model-server protocol,
+whose endpoint picker reads vLLM-shaped metrics under names it is given): queue size
+``hotmerge_queue_depth``, ``hotmerge_num_requests_running``, ``hotmerge_kv_cache_usage_perc``
+(0-1) and the info metric ``hotmerge_lora_requests_info{running_lora_adapters,
+waiting_lora_adapters, max_lora}`` (value: the scrape time), set up by ``watch_adapters``.
+
 Wiring the merge cache: ``MergeCache(budget, on_event=metrics.merge_cache_event)`` counts its
 hits, misses, waits and evictions, and ``metrics.merged_adapter_bytes.set_function(lambda:
 cache.used_bytes)`` reads its size at scrape time. The adapter store can do the same with
@@ -12,6 +18,9 @@ cache.used_bytes)`` reads its size at scrape time. The adapter store can do the 
 """
 
 from __future__ import annotations
+
+import time
+from collections.abc import Callable
 
 import grpc
 from prometheus_client import (
@@ -21,6 +30,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.core import GaugeMetricFamily
 
 
 def _log_buckets(lo_exp: int, hi_exp: int) -> tuple[float, ...]:
@@ -98,7 +108,20 @@ class Metrics:
         self.generated_tokens = Counter(
             "hotmerge_generated_tokens", "Tokens generated, over all requests", registry=r
         )
+        self.requests_running = Gauge(
+            "hotmerge_num_requests_running", "Requests in the running batch", registry=r
+        )
+        self.kv_cache_usage = Gauge(
+            "hotmerge_kv_cache_usage_perc", "Fraction of the KV cache in use (0-1)", registry=r
+        )
         self._cache_children: dict[tuple[str, str], Counter] = {}
+
+    def watch_adapters(
+        self, adapter_names: Callable[[], tuple[list[str], list[str]]], max_lora: int
+    ) -> None:
+        """Serve ``hotmerge_lora_requests_info``: ``adapter_names()`` gives (running, waiting)
+        adapter names at scrape time; ``max_lora`` is how many adapters one batch can hold."""
+        self.registry.register(_LoraInfo(adapter_names, max_lora))
 
     # -- observations ----------------------------------------------------------------------
 
@@ -139,3 +162,24 @@ class Metrics:
     def exposition(self) -> bytes:
         """The registry in Prometheus text format (what ``/metrics`` serves)."""
         return generate_latest(self.registry)
+
+
+class _LoraInfo:
+    """The vLLM-format LoRA info metric (one sample whose labels list the adapters)."""
+
+    def __init__(self, adapter_names: Callable[[], tuple[list[str], list[str]]], max_lora: int):
+        self.adapter_names = adapter_names
+        self.max_lora = max_lora
+
+    def describe(self):
+        return []  # labels change at every scrape: nothing to check at registration
+
+    def collect(self):
+        running, waiting = self.adapter_names()
+        family = GaugeMetricFamily(
+            "hotmerge_lora_requests_info",
+            "Adapters of running and waiting requests (labels); value: when it was read",
+            labels=["running_lora_adapters", "waiting_lora_adapters", "max_lora"],
+        )
+        family.add_metric([",".join(running), ",".join(waiting), str(self.max_lora)], time.time())
+        yield family

@@ -5,8 +5,9 @@ model loads), then the model, adapter store and engine are built, then health tu
 ``start_server`` returns a RunningServer for tests and embedding; ``serve`` blocks until
 SIGINT/SIGTERM, then drains (``lifecycle.py``): health NOT_SERVING and /readyz 503, new Hotmerge
 RPCs refused with UNAVAILABLE, in-flight ones get ``grace_s`` to finish; then it stops, and the
-process exits 0. With ``metrics_port`` set, /healthz, /readyz and /metrics are served over HTTP
-on that port (``http_endpoint.py``).
+process exits 0. With ``http_port`` set (the default), the HTTP fronts (LoRAX REST, OpenAI) and
+/healthz, /readyz, /metrics are served on that port by the same process (``api/http_app.py``);
+both fronts call one ``RequestPath``. gRPC server reflection is served as v1 and v1alpha.
 """
 
 from __future__ import annotations
@@ -20,22 +21,25 @@ from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from hotmerge.adapters import AdapterStore
+from hotmerge.api.core import RequestPath
+from hotmerge.api.http_app import HttpServer, create_app
 from hotmerge.config import ServerConfig
 from hotmerge.engine import Engine, EngineLimits, load_runner
-from hotmerge.http_endpoint import HttpEndpoint
 from hotmerge.lifecycle import Lifecycle
 from hotmerge.merge_cache import MergeCache
 from hotmerge.merging import Merger
 from hotmerge.metrics import Metrics
+from hotmerge.named_merges import NamedMerges
 from hotmerge.service import HotmergeService
 from hotmerge.v1 import hotmerge_pb2, hotmerge_pb2_grpc
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = hotmerge_pb2.DESCRIPTOR.services_by_name["Hotmerge"].full_name
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
 
 
 @dataclass
@@ -47,12 +51,22 @@ class RunningServer:
     config: ServerConfig
     metrics: Metrics
     lifecycle: Lifecycle
-    http: HttpEndpoint | None = None  # /healthz, /readyz, /metrics, when config.metrics_port
+    http: HttpServer | None = None  # the HTTP fronts, /metrics, /healthz, /readyz
 
     @property
-    def metrics_port(self) -> int | None:
-        """Where /metrics (and /readyz, /healthz) are served; None when off."""
+    def http_port(self) -> int | None:
+        """Where the HTTP server listens; None when off."""
         return None if self.http is None else self.http.port
+
+    @property
+    def http_url(self) -> str | None:
+        if self.http is None:
+            return None
+        return f"http://{self.target.rsplit(':', 1)[0]}:{self.http.port}"
+
+    @property
+    def path(self) -> RequestPath:
+        return self.service.path
 
     @property
     def engine(self) -> Engine | None:
@@ -67,7 +81,8 @@ class RunningServer:
         return f"{host}:{self.port}"
 
     def set_serving(self, engine: Engine) -> None:
-        self.service.attach(engine, build_merger(engine, self.config, self.metrics))
+        named = build_named_merges(engine, self.config)
+        self.service.attach(engine, build_merger(engine, self.config, self.metrics), named)
         watch_engine(self.metrics, engine)
         self.lifecycle.set_serving()
 
@@ -151,9 +166,26 @@ def build_merger(engine: Engine, config: ServerConfig, metrics: Metrics) -> Merg
     return Merger(engine.store, cache, dtype=dtype, metrics=metrics)
 
 
+def build_named_merges(engine: Engine, config: ServerConfig) -> NamedMerges:
+    """The registry, with the merges of ``config.merges_file`` (a bad file stops the start)."""
+    store = engine.store
+
+    def is_adapter(name: str) -> bool:
+        return store.is_loaded(name) or (store.root / name).is_dir()
+
+    named = NamedMerges(is_adapter, max_adapters=config.max_merge_adapters)
+    if config.merges_file is not None:
+        names = named.load_file(config.merges_file)
+        log.info("named merges from %s: %s", config.merges_file, ", ".join(names) or "none")
+    return named
+
+
 def watch_engine(metrics: Metrics, engine: Engine) -> None:
     """Gauges read at scrape time from the engine and its adapter store."""
     metrics.queue_depth.set_function(lambda: engine.queue_depth)
+    metrics.requests_running.set_function(lambda: engine.running_requests)
+    metrics.kv_cache_usage.set_function(lambda: engine.kv_cache_usage)
+    metrics.watch_adapters(engine.adapter_names, max_lora=engine.max_batch_size)
     metrics.adapter_bytes.set_function(lambda: engine.store.used_bytes)
     metrics.adapters_loaded.set_function(lambda: engine.store.loaded_count)
 
@@ -161,11 +193,12 @@ def watch_engine(metrics: Metrics, engine: Engine) -> None:
 def open_port(config: ServerConfig) -> RunningServer:
     """A started grpc.Server with every service registered; health NOT_SERVING, no engine yet."""
     metrics = Metrics()
-    service = HotmergeService(
+    path = RequestPath(
         default_max_new_tokens=config.default_max_new_tokens,
         max_merge_adapters=config.max_merge_adapters,
         metrics=metrics,
     )
+    service = HotmergeService(path=path)
     health_servicer = health.HealthServicer()
     # "" is the whole server, as probes ask by default; NOT_SERVING until the model is loaded.
     lifecycle = Lifecycle(health_servicer, ("", SERVICE_NAME), guarded=SERVICE_NAME)
@@ -176,9 +209,9 @@ def open_port(config: ServerConfig) -> RunningServer:
     )
     hotmerge_pb2_grpc.add_HotmergeServicer_to_server(service, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-    )
+    names = (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME, REFLECTION_V1)
+    reflection.enable_server_reflection(names, server)
+    enable_reflection_v1(names, server)
     try:
         port = server.add_insecure_port(config.address)
     except RuntimeError as exc:  # grpc raises RuntimeError("Failed to bind ...")
@@ -187,16 +220,41 @@ def open_port(config: ServerConfig) -> RunningServer:
         raise OSError(f"cannot listen on {config.address} (port in use?)")
     server.start()
     running = RunningServer(server, port, service, health_servicer, config, metrics, lifecycle)
-    if config.metrics_port is not None:
-        running.http = HttpEndpoint(
-            metrics.registry,
-            ready=lambda: lifecycle.ready,
-            state=lambda: lifecycle.state.value,
-            host=config.host,
-            port=config.metrics_port,
+    if config.http_port is not None:
+        try:
+            running.http = HttpServer(
+                create_app(path, lifecycle, metrics),
+                host=config.host,
+                port=config.http_port,
+                keep_alive_s=config.http_keep_alive_s,
+                max_connections=config.http_max_connections,
+            )
+        except BaseException:
+            server.stop(0)
+            raise
+        log.info(
+            "HTTP (LoRAX REST, OpenAI, /metrics, /readyz) on http://%s:%d",
+            config.host,
+            running.http_port,
         )
-        log.info("/healthz, /readyz, /metrics on http://%s:%d", config.host, running.metrics_port)
     return running
+
+
+def enable_reflection_v1(service_names, server: grpc.Server) -> None:
+    """Serve reflection as ``grpc.reflection.v1`` too (grpcio-reflection ships v1alpha only).
+
+    The two protocols have the same messages, field for field, so v1alpha's servicer answers
+    v1 requests as they are.
+    """
+    servicer = reflection.ReflectionServicer(service_names)
+    handler = grpc.stream_stream_rpc_method_handler(
+        servicer.ServerReflectionInfo,
+        request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
+    )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(REFLECTION_V1, {"ServerReflectionInfo": handler}),)
+    )
 
 
 def start_server(config: ServerConfig) -> RunningServer:

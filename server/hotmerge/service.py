@@ -1,8 +1,9 @@
-"""The gRPC servicer: protobuf messages in, generation types to the engine, protobuf out.
+"""The gRPC servicer: protobuf messages in, the request path's calls, protobuf out.
 
-``generation_request`` is the one place a GenerateRequest is checked and turned into a
-GenerationRequest; what needs the tokenizer (prompt length) and the adapter store (unknown or
-incompatible adapters) is checked by ``Engine.submit``, which raises the same error types.
+``generation_request`` turns a GenerateRequest into the engine's GenerationRequest (proto3's
+unset values become None for ``api.core.sampling_params``, the one place parameters are checked);
+``RequestPath`` (``api/core.py``), which the HTTP fronts call too, resolves the adapter, named
+merge or merge spec and submits to the engine.
 
 Every RPC runs inside ``_rpc``, which turns a HotmergeError into its status code and message and
 any other exception into INTERNAL with only a request id for the client (the traceback goes to
@@ -11,9 +12,7 @@ the log). A deadline or a client cancel ends the RPC; a callback then cancels th
 
 from __future__ import annotations
 
-import functools
 import logging
-import secrets
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,24 +24,16 @@ from hotmerge_kernels.params import Strategy
 
 from hotmerge import __version__
 from hotmerge.adapters import AdapterInfo
-from hotmerge.engine import Engine, validate_params
-from hotmerge.errors import (
-    Cancelled,
-    HotmergeError,
-    InvalidArgument,
-    Unavailable,
-)
-from hotmerge.generation import (
-    FinishReason,
-    GenerationRequest,
-    GenerationResult,
-    SamplingParams,
-    TokenEvent,
-)
+from hotmerge.api import core
+from hotmerge.api.core import RequestPath, Submission
+from hotmerge.engine import Engine
+from hotmerge.errors import Cancelled, HotmergeError, InvalidArgument
+from hotmerge.generation import FinishReason, GenerationRequest, GenerationResult, TokenEvent
 from hotmerge.merge_cache import MergeEntry
-from hotmerge.merge_spec import MergeSpec, parse_merge_spec
+from hotmerge.merge_spec import MergeSpec
 from hotmerge.merging import MergeOutcome, Merger
 from hotmerge.metrics import Metrics
+from hotmerge.named_merges import NamedMerge, NamedMerges
 from hotmerge.v1 import hotmerge_pb2 as pb
 from hotmerge.v1 import hotmerge_pb2_grpc as pb_grpc
 
@@ -53,7 +44,6 @@ REQUEST_ID_HEADER = "x-request-id"
 # x-merge-key request metadata for a balancer to hash on) and the merge cache's key.
 MERGE_KEY_HEADER = "x-merge-key"
 MERGE_CACHE_KEY_HEADER = "x-merge-cache-key"
-MAX_STOP_SEQUENCES = 16
 # gRPC reports "no deadline" as a deadline far in the future.
 _NO_DEADLINE_S = 1e7
 
@@ -77,51 +67,29 @@ def generation_request(
 ) -> GenerationRequest:
     """Check ``msg`` and build the engine's request; raises InvalidArgument.
 
-    Unset fields take their defaults. As in LoRAX, a sampling knob implies sampling: a
-    temperature other than 0 (unset) and 1, top_p < 1 or top_k > 0 turn do_sample on.
-    A merge spec (``merged_adapters``) is not part of the result: the service resolves it.
+    Unset fields take their defaults (``api.core.sampling_params``). A merge spec
+    (``merged_adapters``) is not part of the result: the request path resolves it.
     """
-    adapter_id = None
-    if msg.WhichOneof("adapter") == "adapter_id":
-        if not msg.adapter_id:
-            raise InvalidArgument(
-                "adapter_id is empty: name an adapter, or leave adapter_id unset for the base model"
-            )
-        adapter_id = msg.adapter_id
-    if not msg.inputs:
-        raise InvalidArgument("inputs is empty: give the prompt text")
-
     p = msg.parameters
-    max_new_tokens = default_max_new_tokens
-    if p.HasField("max_new_tokens"):
-        if p.max_new_tokens == 0:
-            raise InvalidArgument(
-                "parameters.max_new_tokens must be >= 1, got 0 (leave it unset for the server "
-                f"default of {default_max_new_tokens})"
-            )
-        max_new_tokens = p.max_new_tokens
-    temperature = _wire_float(p.temperature) or 1.0  # proto3: 0 is unset
-    top_p = _wire_float(p.top_p) if p.HasField("top_p") else 1.0
-    repetition_penalty = (
-        _wire_float(p.repetition_penalty) if p.HasField("repetition_penalty") else 1.0
-    )
-    if len(p.stop) > MAX_STOP_SEQUENCES:
-        raise InvalidArgument(
-            f"parameters.stop has {len(p.stop)} sequences; give at most {MAX_STOP_SEQUENCES}"
-        )
-    params = SamplingParams(
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        top_p=top_p,
+    params = core.sampling_params(
+        default_max_new_tokens=default_max_new_tokens,
+        max_new_tokens=p.max_new_tokens if p.HasField("max_new_tokens") else None,
+        temperature=_wire_float(p.temperature) or None,  # proto3: 0 is unset
+        top_p=_wire_float(p.top_p) if p.HasField("top_p") else None,
         top_k=p.top_k,
-        do_sample=p.do_sample or temperature != 1.0 or top_p < 1.0 or p.top_k > 0,
+        do_sample=p.do_sample,
         seed=p.seed if p.HasField("seed") else None,
-        repetition_penalty=repetition_penalty,
+        repetition_penalty=(
+            _wire_float(p.repetition_penalty) if p.HasField("repetition_penalty") else None
+        ),
         stop=tuple(p.stop),
         details=p.details,
+        prompt_logprobs=p.prompt_logprobs,
     )
-    validate_params(params)  # the engine's rules, so the messages are the same everywhere
-    return GenerationRequest(inputs=msg.inputs, params=params, adapter_id=adapter_id)
+    adapter_id = msg.adapter_id if msg.WhichOneof("adapter") == "adapter_id" else None
+    return core.generation_request(
+        params, inputs=msg.inputs, input_ids=list(msg.input_ids), adapter_id=adapter_id
+    )
 
 
 def _send_merge_keys(context: grpc.ServicerContext, outcome: MergeOutcome | None) -> None:
@@ -134,11 +102,9 @@ def _send_merge_keys(context: grpc.ServicerContext, outcome: MergeOutcome | None
         )
 
 
-@functools.lru_cache(maxsize=4096)
 def parse_spec_cached(serialized: bytes, max_adapters: int) -> MergeSpec:
-    """``parse_merge_spec`` memoised on the message's bytes: repeated specs skip validation."""
-    msg = pb.MergedAdapters.FromString(serialized)
-    return parse_merge_spec(msg, max_adapters=max_adapters)
+    """``parse_merge_spec`` memoised on the message's bytes (the request path's cache)."""
+    return core._parse_spec_cached(serialized, max_adapters)
 
 
 # -- generation types -> proto ------------------------------------------------------------------
@@ -168,6 +134,8 @@ def generate_response(
         tokens=[token_message(t) for t in result.tokens] if details else [],
         timings=pb.Timings(**asdict(result.timings)),
         merge=merge_info(merge),
+        prompt_tokens=result.prompt_tokens,
+        prompt=[token_message(t) for t in result.prompt],
     )
 
 
@@ -181,7 +149,13 @@ def final_stream_message(
         generated_tokens=result.generated_tokens,
         timings=pb.Timings(**asdict(result.timings)),
         merge=merge_info(merge),
+        prompt_tokens=result.prompt_tokens,
+        prompt=[token_message(t) for t in result.prompt],
     )
+
+
+def named_merge_message(merge: NamedMerge) -> pb.AdapterInfo:
+    return pb.AdapterInfo(id=merge.name, named_merge=merge.message)
 
 
 def adapter_message(info: AdapterInfo) -> pb.AdapterInfo:
@@ -205,7 +179,7 @@ def _request_id(context: grpc.ServicerContext) -> str:
     for key, value in context.invocation_metadata() or ():
         if key == REQUEST_ID_HEADER and value:
             return str(value)[:64]
-    return secrets.token_hex(6)
+    return core.new_request_id()
 
 
 def _deadline(context: grpc.ServicerContext) -> float | None:
@@ -254,35 +228,6 @@ def _rpc(
     context.abort(code, message)
 
 
-def _log_done(
-    request_id: str,
-    method: str,
-    request: GenerationRequest,
-    result: GenerationResult,
-    merge: MergeOutcome | None,
-) -> None:
-    t = result.timings
-    if merge is not None:
-        adapter = f"{merge.merge_key}({'hit' if merge.cache_hit else 'miss'})"
-    else:
-        adapter = request.adapter_id or "-"
-    log.info(
-        "request %s %s adapter=%s tokens=%d finish=%s queue=%.1fms load=%.1fms merge=%.2fms "
-        "prefill=%.1fms decode=%.1fms total=%.1fms",
-        request_id,
-        method,
-        adapter,
-        result.generated_tokens,
-        result.finish_reason.value,
-        t.queue_ms,
-        t.adapter_load_ms,
-        t.merge_ms,
-        t.prefill_ms,
-        t.decode_ms,
-        t.total_ms,
-    )
-
-
 class HotmergeService(pb_grpc.HotmergeServicer):
     """Serves one engine. Until ``attach`` (the model is loading) every RPC is UNAVAILABLE."""
 
@@ -292,82 +237,73 @@ class HotmergeService(pb_grpc.HotmergeServicer):
         default_max_new_tokens: int = 64,
         max_merge_adapters: int = 16,
         metrics: Metrics | None = None,
+        path: RequestPath | None = None,
     ) -> None:
-        self.default_max_new_tokens = default_max_new_tokens
-        self.max_merge_adapters = max_merge_adapters
-        self.metrics = metrics or Metrics()
-        self.engine: Engine | None = None
-        self.merger: Merger | None = None
+        self.path = path or RequestPath(
+            default_max_new_tokens=default_max_new_tokens,
+            max_merge_adapters=max_merge_adapters,
+            metrics=metrics,
+        )
+        self.metrics = self.path.metrics
 
-    def attach(self, engine: Engine, merger: Merger) -> None:
-        self.merger = merger
-        self.engine = engine
+    @property
+    def engine(self) -> Engine | None:
+        return self.path.engine
 
-    def _engine(self) -> Engine:
-        if self.engine is None or self.merger is None:
-            raise Unavailable("the model is still loading; retry when health reports SERVING")
-        return self.engine
+    @property
+    def merger(self) -> Merger | None:
+        return self.path.merger
+
+    def attach(self, engine: Engine, merger: Merger, named: NamedMerges) -> None:
+        self.path.attach(engine, merger, named)
 
     def _rpc(self, context: grpc.ServicerContext, method: str, request_id: str):
         return _rpc(context, method, request_id, self.metrics)
 
-    def _merge(self, msg: pb.MergedAdapters):
-        """Resolve a merge spec to a pinned merged adapter."""
-        self._engine()
-        spec = parse_spec_cached(msg.SerializeToString(deterministic=True), self.max_merge_adapters)
-        return self.merger.acquire(spec)
-
-    def _submit(self, msg: pb.GenerateRequest, context: grpc.ServicerContext):
-        request = generation_request(msg, default_max_new_tokens=self.default_max_new_tokens)
-        engine = self._engine()
-        lease = outcome = None
-        if msg.WhichOneof("adapter") == "merged_adapters":
-            lease, outcome = self._merge(msg.merged_adapters)
-        handle = engine.submit(request, deadline=_deadline(context), adapter=lease)
+    def _submit(self, msg: pb.GenerateRequest, context: grpc.ServicerContext) -> Submission:
+        request = generation_request(msg, default_max_new_tokens=self.path.default_max_new_tokens)
+        merged = msg.merged_adapters if msg.WhichOneof("adapter") == "merged_adapters" else None
+        sub = self.path.submit(request, merged_adapters=merged, deadline=_deadline(context))
         # Runs when the RPC ends for any reason: on a cancel or deadline it stops the work.
-        if not context.add_callback(handle.cancel):
-            handle.cancel()  # the RPC had already ended
-        return request, handle, outcome
-
-    def _done(self, request_id, method, request, result, outcome) -> None:
-        self.metrics.generated_tokens.inc(result.generated_tokens)
-        _log_done(request_id, method, request, result, outcome)
+        if not context.add_callback(sub.handle.cancel):
+            sub.handle.cancel()  # the RPC had already ended
+        return sub
 
     def Generate(self, request, context):
         request_id = _request_id(context)
         with self._rpc(context, "Generate", request_id):
-            gen_request, handle, outcome = self._submit(request, context)
-            result = handle.wait()
-            self._done(request_id, "Generate", gen_request, result, outcome)
-            _send_merge_keys(context, outcome)
-            return generate_response(result, details=gen_request.params.details, merge=outcome)
+            sub = self._submit(request, context)
+            result = sub.handle.wait()
+            self.path.finished(request_id, "Generate", sub)
+            _send_merge_keys(context, sub.merge)
+            return generate_response(result, details=sub.request.params.details, merge=sub.merge)
 
     def GenerateStream(self, request, context):
         request_id = _request_id(context)
         with self._rpc(context, "GenerateStream", request_id):
-            gen_request, handle, outcome = self._submit(request, context)
+            sub = self._submit(request, context)
             keys_sent = False
-            for event in handle:
+            for event in sub.handle:
                 if not keys_sent:
-                    _send_merge_keys(context, outcome)
+                    _send_merge_keys(context, sub.merge)
                     keys_sent = True
                 yield pb.GenerateStreamResponse(token=token_message(event), text=event.text)
-            self._done(request_id, "GenerateStream", gen_request, handle.result, outcome)
+            self.path.finished(request_id, "GenerateStream", sub)
             if not keys_sent:
-                _send_merge_keys(context, outcome)
-            yield final_stream_message(handle.result, merge=outcome)
+                _send_merge_keys(context, sub.merge)
+            yield final_stream_message(sub.handle.result, merge=sub.merge)
 
     def Merge(self, request, context):
         request_id = _request_id(context)
         with self._rpc(context, "Merge", request_id):
             if not request.HasField("merged_adapters"):
                 raise InvalidArgument("merged_adapters is unset: give the merge spec to warm")
-            lease, outcome = self._merge(request.merged_adapters)
-            lease.release()
+            outcome, _ = self.path.merge(request.merged_adapters, request.name)
             _send_merge_keys(context, outcome)
             log.info(
-                "request %s Merge %s: hit=%s merge=%.2fms load=%.1fms",
+                "request %s Merge %s%s: hit=%s merge=%.2fms load=%.1fms",
                 request_id,
+                f"{request.name}=" if request.name else "",
                 outcome.merge_key,
                 outcome.cache_hit,
                 outcome.merge_ms,
@@ -381,11 +317,12 @@ class HotmergeService(pb_grpc.HotmergeServicer):
                 cache_hit=outcome.cache_hit,
                 merge_ms=outcome.merge_ms,
                 adapter_load_ms=outcome.adapter_load_ms,
+                name=request.name,
             )
 
     def Info(self, request, context):
         with self._rpc(context, "Info", _request_id(context)):
-            engine = self._engine()
+            engine = self.path.ready_engine()
             runner, store = engine.runner, engine.store
             hub = "hub ids allowed" if store.allow_hub else "local only"
             return pb.InfoResponse(
@@ -395,8 +332,8 @@ class HotmergeService(pb_grpc.HotmergeServicer):
                 max_input_tokens=engine.max_input_tokens,
                 max_total_tokens=engine.max_total_tokens,
                 max_batch_size=engine.max_batch_size,
-                default_max_new_tokens=self.default_max_new_tokens,
-                max_merge_adapters=self.max_merge_adapters,
+                default_max_new_tokens=self.path.default_max_new_tokens,
+                max_merge_adapters=self.path.max_merge_adapters,
                 merge_strategies=[s.value for s in Strategy],
                 version=__version__,
                 adapter_source=f"{store.root} ({hub})",
@@ -404,13 +341,14 @@ class HotmergeService(pb_grpc.HotmergeServicer):
 
     def ListAdapters(self, request, context):
         with self._rpc(context, "ListAdapters", _request_id(context)):
-            adapters = self._engine().store.list()
-            return pb.ListAdaptersResponse(adapters=[adapter_message(a) for a in adapters])
+            adapters = [adapter_message(a) for a in self.path.ready_engine().store.list()]
+            adapters += [named_merge_message(m) for m in self.path.named.list()]
+            return pb.ListAdaptersResponse(adapters=adapters)
 
     def ListMerges(self, request, context):
         with self._rpc(context, "ListMerges", _request_id(context)):
-            self._engine()
-            cache = self.merger.cache
+            self.path.ready_engine()
+            cache = self.path.merger.cache
             stats = cache.stats()
             return pb.ListMergesResponse(
                 merges=[merge_entry_message(e) for e in cache.entries()],
@@ -423,7 +361,7 @@ class HotmergeService(pb_grpc.HotmergeServicer):
         with self._rpc(context, "LoadAdapter", request_id):
             if not request.adapter_id:
                 raise InvalidArgument("adapter_id is empty: name the adapter to load")
-            info, load_ms = self._engine().store.load(request.adapter_id)
+            info, load_ms = self.path.ready_engine().store.load(request.adapter_id)
             log.info("request %s LoadAdapter %s: %.1f ms", request_id, info.id, load_ms)
             return pb.LoadAdapterResponse(adapter=adapter_message(info), load_ms=load_ms)
 
@@ -432,7 +370,7 @@ class HotmergeService(pb_grpc.HotmergeServicer):
         with self._rpc(context, "UnloadAdapter", request_id):
             if not request.adapter_id:
                 raise InvalidArgument("adapter_id is empty: name the adapter to unload")
-            unloaded = self._engine().store.unload(request.adapter_id)
+            unloaded = self.path.ready_engine().store.unload(request.adapter_id)
             log.info("request %s UnloadAdapter %s: %s", request_id, request.adapter_id, unloaded)
             return pb.UnloadAdapterResponse(unloaded=unloaded)
 

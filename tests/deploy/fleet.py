@@ -60,7 +60,7 @@ def http_get(url: str, timeout: float = 2.0) -> tuple[int, str]:
 class Replica:
     name: str
     port: int
-    metrics_port: int
+    http_port: int
     data_dir: Path
     log_path: Path
     proc: subprocess.Popen | None = None
@@ -72,7 +72,7 @@ class Replica:
 
     def start(self, *extra: str) -> None:
         args = [sys.executable, "-m", "hotmerge.cli", "serve", "--host", "127.0.0.1"]
-        args += ["--port", str(self.port), "--metrics-port", str(self.metrics_port)]
+        args += ["--port", str(self.port), "--http-port", str(self.http_port)]
         args += ["--data-dir", str(self.data_dir), "--log-level", "INFO", *extra]
         with open(self.log_path, "w") as log:
             self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
@@ -93,7 +93,7 @@ class Replica:
         wait_until(serving, timeout, f"{self.name} to serve", interval=0.02)
 
     def metric(self, name: str, labels: str = "") -> float:
-        code, text = http_get(f"http://127.0.0.1:{self.metrics_port}/metrics")
+        code, text = http_get(f"http://127.0.0.1:{self.http_port}/metrics")
         assert code == 200, f"{self.name} /metrics: {code}"
         pattern = re.compile(rf"^{re.escape(name + labels)} (\S+)$", re.M)
         match = pattern.search(text)
@@ -131,7 +131,7 @@ class Balancer:
 
     def start(self, replicas: list[Replica]) -> None:
         lines = [
-            f"    server {r.name} {r.target} proto h2 check check-proto h1 port {r.metrics_port}\n"
+            f"    server {r.name} {r.target} proto h2 check check-proto h1 port {r.http_port}\n"
             for r in replicas
         ]
         self.cfg_path.write_text(HAPROXY_CFG.read_text() + "".join(lines))

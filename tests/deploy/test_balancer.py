@@ -86,7 +86,7 @@ def test_health_and_http_endpoints_while_serving(fleet):
     for r in replicas:
         assert r.health_seen == ["NOT_SERVING", "SERVING"], r.log()
     r1 = replicas[0]
-    base = f"http://127.0.0.1:{r1.metrics_port}"
+    base = f"http://127.0.0.1:{r1.http_port}"
     assert http_get(f"{base}/healthz") == (200, "ok\n")
     assert http_get(f"{base}/readyz") == (200, "serving\n")
     assert http_get(f"{base}/nope")[0] == 404
@@ -183,7 +183,7 @@ def test_failover_sigterm_drains_sigkill_fails_over(fleet):
             lambda: health_status(drained.target) == "NOT_SERVING", 10, "NOT_SERVING on drain"
         )
         drained.health_seen.append("NOT_SERVING")
-        code, body = http_get(f"http://127.0.0.1:{drained.metrics_port}/readyz")
+        code, body = http_get(f"http://127.0.0.1:{drained.http_port}/readyz")
         assert (code, body) == (503, "draining\n")
         time.sleep(0.3)
         killed.signal(signal.SIGKILL)

@@ -27,13 +27,13 @@ def data_dir(tmp_path_factory):
 
 
 def start(data_dir, **overrides):
-    config = ServerConfig(data_dir=data_dir, host="127.0.0.1", port=0, metrics_port=0, **overrides)
+    config = ServerConfig(data_dir=data_dir, host="127.0.0.1", port=0, http_port=0, **overrides)
     return start_server(config)
 
 
 def test_drain_finishes_in_flight_refuses_new_and_reports_not_serving(data_dir):
     running = start(data_dir)
-    readyz = f"http://127.0.0.1:{running.metrics_port}/readyz"
+    readyz = f"http://127.0.0.1:{running.http_port}/readyz"
     try:
         assert health_status(running.target) == "SERVING"
         assert http_get(readyz) == (200, "serving\n")

@@ -414,7 +414,7 @@ def test_load_errors(client, adapter_id, code, text):
 
 
 def test_unavailable_until_the_model_is_loaded(tmp_path):
-    running = open_port(ServerConfig(host="127.0.0.1", port=0, data_dir=tmp_path))
+    running = open_port(ServerConfig(host="127.0.0.1", port=0, http_port=0, data_dir=tmp_path))
     try:
         with grpc.insecure_channel(running.target) as channel:
             status = health_pb2_grpc.HealthStub(channel).Check(
@@ -432,7 +432,7 @@ def test_unavailable_until_the_model_is_loaded(tmp_path):
 
 
 def test_port_in_use_is_a_clear_error(server):
-    config = ServerConfig(host="127.0.0.1", port=server.port)
+    config = ServerConfig(host="127.0.0.1", port=server.port, http_port=0)
     with pytest.raises(OSError, match=f"127.0.0.1:{server.port}"):
         open_port(config)
 

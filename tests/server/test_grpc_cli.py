@@ -27,7 +27,9 @@ def data_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def target(data_dir):
-    config = ServerConfig(data_dir=data_dir, host="127.0.0.1", port=0, default_max_new_tokens=8)
+    config = ServerConfig(
+        data_dir=data_dir, host="127.0.0.1", port=0, http_port=0, default_max_new_tokens=8
+    )
     server = start_server(config)
     yield server.target
     server.stop(0)
@@ -116,6 +118,8 @@ def test_serve_process_serves_then_drains_on_sigterm(data_dir, target):
             "127.0.0.1",
             "--port",
             str(port),
+            "--http-port",
+            "0",
             "--default-max-new-tokens",
             "4",
         ],

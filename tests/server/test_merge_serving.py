@@ -57,7 +57,7 @@ def config(setup, **overrides) -> ServerConfig:
 
 @pytest.fixture(scope="module")
 def server(setup):
-    running = start_server(config(setup, metrics_port=0))
+    running = start_server(config(setup, http_port=0))
     yield running
     running.stop(0)
 
@@ -241,7 +241,7 @@ def test_incompatible_ranks_name_the_adapters_and_the_fix(client):
 
 def test_metrics_endpoint_serves_the_counters(server, client):
     client.generate(PROMPT, merged_adapters=spec(("ad-a", "ad-c"), (1, 1)), max_new_tokens=1)
-    url = f"http://127.0.0.1:{server.metrics_port}/metrics"
+    url = f"http://127.0.0.1:{server.http_port}/metrics"
     with urllib.request.urlopen(url, timeout=10) as response:
         text = response.read().decode()
     for name in (

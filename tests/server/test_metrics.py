@@ -1,10 +1,6 @@
-import urllib.error
-import urllib.request
-
 import grpc
 import pytest
 import torch
-from hotmerge.http_endpoint import HttpEndpoint
 from hotmerge.merge_cache import MergeCache
 from hotmerge.metrics import MERGE_BUCKETS, Metrics
 from hotmerge_kernels.layout import FlatAdapter
@@ -85,22 +81,22 @@ def test_requests_queue_and_store_gauges():
     assert value(m, "hotmerge_adapter_bytes") == 12345
 
 
-def test_http_endpoint_serves_metrics_and_readiness_on_a_free_port():
+def test_balancer_gauges_and_lora_info():
     m = Metrics()
-    m.observe_request("Info", grpc.StatusCode.OK, 0.01)
-    ready = {"now": False}
-    endpoint = HttpEndpoint(m.registry, lambda: ready["now"], lambda: "loading", "127.0.0.1", 0)
-    base = f"http://127.0.0.1:{endpoint.port}"
-    try:
-        assert endpoint.port > 0
-        with urllib.request.urlopen(f"{base}/metrics", timeout=5) as response:
-            body = response.read().decode()
-        assert 'hotmerge_requests_total{code="OK",method="Info"} 1.0' in body
-        with pytest.raises(urllib.error.HTTPError) as not_ready:
-            urllib.request.urlopen(f"{base}/readyz", timeout=5)
-        assert not_ready.value.code == 503
-        ready["now"] = True
-        with urllib.request.urlopen(f"{base}/readyz", timeout=5) as response:
-            assert response.status == 200
-    finally:
-        endpoint.stop()
+    adapters = {"now": (["ad-a", "m-123"], ["ad-b"])}
+    m.watch_adapters(lambda: adapters["now"], max_lora=8)
+    m.requests_running.set(3)
+    m.kv_cache_usage.set(0.25)
+    assert value(m, "hotmerge_num_requests_running") == 3
+    assert value(m, "hotmerge_kv_cache_usage_perc") == 0.25
+    info = {k: v for k, v in samples(m).items() if k[0] == "hotmerge_lora_requests_info"}
+    ((_, labels),) = info
+    assert dict(labels) == {
+        "running_lora_adapters": "ad-a,m-123",
+        "waiting_lora_adapters": "ad-b",
+        "max_lora": "8",
+    }
+    assert info[("hotmerge_lora_requests_info", labels)] > 1.7e9  # a timestamp: the newest wins
+    adapters["now"] = ([], [])  # read at scrape time
+    labels = dict(next(k[1] for k in samples(m) if k[0] == "hotmerge_lora_requests_info"))
+    assert labels["running_lora_adapters"] == "" and labels["waiting_lora_adapters"] == ""

@@ -221,26 +221,27 @@ class Engine:
         return self._submit(request, deadline, adapter, submitted)
 
     def prompt_ids(self, request: GenerationRequest) -> list[int]:
-        """The request's prompt as token ids (given, or encoded here); checked."""
+        """The prompt: ``inputs`` encoded, or ``input_ids`` checked and used as given."""
         if (request.inputs is None) == (request.input_ids is None):
             raise InvalidArgument("give exactly one of inputs (text) and input_ids (token ids)")
         if request.input_ids is not None:
-            ids = list(request.input_ids)
+            field_name, ids = "input_ids", list(request.input_ids)
             vocab = self.runner.vocab_size
-            bad = next((t for t in ids if not isinstance(t, int) or not 0 <= t < vocab), None)
-            if bad is not None:
+            bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < vocab]
+            if bad:
                 raise InvalidArgument(
-                    f"input_ids: {bad!r} is not a token id of this model (0..{vocab - 1})"
+                    f"input_ids: {bad[0]!r} is not a token id of this model (0 <= id < {vocab})"
                 )
         elif not isinstance(request.inputs, str):
             raise InvalidArgument("inputs must be a string")
         else:
-            ids = self.runner.encode(request.inputs)
+            field_name, ids = "inputs", self.runner.encode(request.inputs)
         if not ids:
-            raise InvalidArgument("inputs is empty (it must give at least one token)")
+            raise InvalidArgument(f"{field_name} is empty (it must give at least one token)")
         if len(ids) > self.max_input_tokens:
             raise InvalidArgument(
-                f"inputs is {len(ids)} tokens, more than max_input_tokens={self.max_input_tokens}"
+                f"{field_name} is {len(ids)} tokens, more than max_input_tokens="
+                f"{self.max_input_tokens}"
             )
         return ids
 

@@ -1,0 +1,239 @@
+"""The one request path every front calls: gRPC, LoRAX REST and OpenAI translate their wire
+format into these calls and the results back, and nothing else.
+
+``sampling_params`` is the one place sampling parameters are defaulted and checked (with the
+engine's ``validate_params``); ``RequestPath.submit`` resolves the adapter (an adapter id, a
+named merge, or an inline merge spec through the Merger), hands the request to
+``Engine.submit`` with its deadline, and returns the handle (iterate it, ``wait()``, or
+``cancel()`` it when the caller goes away). What needs the tokenizer or the adapter store is
+checked by the engine, which raises the same error types.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from hotmerge.engine import AdapterLease, Engine, GenerationHandle, validate_params
+from hotmerge.errors import InvalidArgument, Unavailable
+from hotmerge.generation import GenerationRequest, GenerationResult, SamplingParams
+from hotmerge.merge_spec import MergeSpec, parse_merge_spec
+from hotmerge.merging import MergeOutcome, Merger
+from hotmerge.metrics import Metrics
+from hotmerge.named_merges import NamedMerge, NamedMerges
+from hotmerge.v1 import hotmerge_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+MAX_STOP_SEQUENCES = 16
+
+
+def new_request_id() -> str:
+    return secrets.token_hex(6)
+
+
+def sampling_params(
+    *,
+    default_max_new_tokens: int,
+    max_new_tokens: int | None = None,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    top_k: int | None = None,
+    do_sample: bool = False,
+    seed: int | None = None,
+    repetition_penalty: float | None = None,
+    stop: Sequence[str] = (),
+    details: bool = False,
+    prompt_logprobs: bool = False,
+) -> SamplingParams:
+    """Defaults applied and checked; None means unset. Raises InvalidArgument.
+
+    As in LoRAX, a sampling knob implies sampling: a temperature other than 1, top_p < 1 or
+    top_k > 0 turn do_sample on (a temperature of 0 is greedy).
+    """
+    if max_new_tokens is not None and max_new_tokens < 1:
+        raise InvalidArgument(
+            f"parameters.max_new_tokens must be >= 1, got {max_new_tokens} (leave it unset for "
+            f"the server default of {default_max_new_tokens})"
+        )
+    if len(stop) > MAX_STOP_SEQUENCES:
+        raise InvalidArgument(
+            f"parameters.stop has {len(stop)} sequences; give at most {MAX_STOP_SEQUENCES}"
+        )
+    if seed is not None and not 0 <= seed < 2**64:
+        raise InvalidArgument(f"parameters.seed must be in [0, 2**64), got {seed}")
+    temp = 1.0 if temperature is None else float(temperature)
+    p = 1.0 if top_p is None else float(top_p)
+    k = top_k or 0
+    params = SamplingParams(
+        max_new_tokens=default_max_new_tokens if max_new_tokens is None else max_new_tokens,
+        temperature=temp,
+        top_p=p,
+        top_k=k,
+        do_sample=bool(do_sample) or (temp not in (0.0, 1.0)) or p < 1.0 or k > 0,
+        seed=seed,
+        repetition_penalty=1.0 if repetition_penalty is None else float(repetition_penalty),
+        stop=tuple(stop),
+        details=details,
+        prompt_logprobs=prompt_logprobs,
+    )
+    validate_params(params)  # the engine's rules, so the messages are the same everywhere
+    return params
+
+
+def generation_request(
+    params: SamplingParams,
+    *,
+    inputs: str | None = None,
+    input_ids: Sequence[int] | None = None,
+    adapter_id: str | None = None,
+) -> GenerationRequest:
+    """The engine's request; exactly one of ``inputs`` and ``input_ids`` (non-empty)."""
+    if inputs and input_ids:
+        raise InvalidArgument("give inputs (text) or input_ids (token ids), not both")
+    if not inputs and not input_ids:
+        raise InvalidArgument("inputs is empty: give the prompt text (or input_ids)")
+    if adapter_id is not None and not adapter_id:
+        raise InvalidArgument(
+            "adapter_id is empty: name an adapter, or leave adapter_id unset for the base model"
+        )
+    return GenerationRequest(
+        inputs=inputs or None,
+        input_ids=tuple(input_ids) if input_ids else None,
+        params=params,
+        adapter_id=adapter_id,
+    )
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_spec_cached(serialized: bytes, max_adapters: int) -> MergeSpec:
+    """``parse_merge_spec`` memoised on the message's bytes: repeated specs skip validation."""
+    return parse_merge_spec(pb.MergedAdapters.FromString(serialized), max_adapters=max_adapters)
+
+
+@dataclass
+class Submission:
+    """A request handed to the engine: iterate ``handle`` or ``handle.wait()``."""
+
+    request: GenerationRequest
+    handle: GenerationHandle
+    merge: MergeOutcome | None  # set for an inline spec or a named merge
+    adapter: str | None  # the adapter id or named merge it asked for (logs, model names)
+
+
+class RequestPath:
+    """The engine, merger and named merges every front uses. Until ``attach`` (the model is
+    loading) every call raises Unavailable."""
+
+    def __init__(
+        self,
+        *,
+        default_max_new_tokens: int = 64,
+        max_merge_adapters: int = 16,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.default_max_new_tokens = default_max_new_tokens
+        self.max_merge_adapters = max_merge_adapters
+        self.metrics = metrics or Metrics()
+        self.engine: Engine | None = None
+        self.merger: Merger | None = None
+        self.named: NamedMerges | None = None
+
+    def attach(self, engine: Engine, merger: Merger, named: NamedMerges) -> None:
+        self.merger, self.named = merger, named
+        self.engine = engine
+
+    def ready_engine(self) -> Engine:
+        if self.engine is None or self.merger is None or self.named is None:
+            raise Unavailable("the model is still loading; retry when health reports SERVING")
+        return self.engine
+
+    def params(self, **kwargs) -> SamplingParams:
+        return sampling_params(default_max_new_tokens=self.default_max_new_tokens, **kwargs)
+
+    def parse_spec(self, msg: pb.MergedAdapters) -> MergeSpec:
+        wire = msg.SerializeToString(deterministic=True)
+        return _parse_spec_cached(wire, self.max_merge_adapters)
+
+    def _acquire(self, spec: MergeSpec, name: str | None) -> tuple[AdapterLease, MergeOutcome]:
+        lease, outcome = self.merger.acquire(spec)
+        lease.name = name or outcome.merge_key
+        return lease, outcome
+
+    def named_merge(self, name: str | None) -> NamedMerge | None:
+        self.ready_engine()
+        return self.named.get(name) if name else None
+
+    def submit(
+        self,
+        request: GenerationRequest,
+        *,
+        merged_adapters: pb.MergedAdapters | None = None,
+        deadline: float | None = None,
+    ) -> Submission:
+        """Resolve the adapter, submit to the engine (which checks the prompt and adapter).
+
+        ``request.adapter_id`` may name an adapter or a named merge; ``merged_adapters`` is an
+        inline spec (not with an adapter_id). ``deadline`` is on the time.monotonic() clock.
+        """
+        engine = self.ready_engine()
+        if merged_adapters is not None and request.adapter_id is not None:
+            raise InvalidArgument("give adapter_id or merged_adapters, not both")
+        lease = outcome = None
+        adapter = request.adapter_id
+        if merged_adapters is not None:
+            lease, outcome = self._acquire(self.parse_spec(merged_adapters), None)
+        elif (named := self.named.get(adapter or "")) is not None:
+            lease, outcome = self._acquire(named.spec, named.name)
+        handle = engine.submit(request, deadline=deadline, adapter=lease)
+        return Submission(request, handle, outcome, adapter)
+
+    def merge(
+        self, merged_adapters: pb.MergedAdapters, name: str = ""
+    ) -> tuple[MergeOutcome, NamedMerge | None]:
+        """Merge a spec (warm the cache); with a name, also register it as a named merge."""
+        self.ready_engine()
+        named = self.named.register(name, merged_adapters) if name else None
+        spec = named.spec if named else self.parse_spec(merged_adapters)
+        lease, outcome = self.merger.acquire(spec)
+        lease.release()
+        return outcome, named
+
+    def finished(self, request_id: str, method: str, sub: Submission) -> None:
+        """Count and log a request that completed."""
+        result = sub.handle.result
+        self.metrics.generated_tokens.inc(result.generated_tokens)
+        log_done(request_id, method, sub, result)
+
+
+def log_done(request_id: str, method: str, sub: Submission, result: GenerationResult) -> None:
+    t, merge = result.timings, sub.merge
+    adapter = sub.adapter or "-"
+    if merge is not None:
+        adapter = f"{adapter if sub.adapter else ''}{merge.merge_key}"
+        adapter += f"({'hit' if merge.cache_hit else 'miss'})"
+    log.info(
+        "request %s %s adapter=%s tokens=%d prompt=%d finish=%s queue=%.1fms load=%.1fms "
+        "merge=%.2fms prefill=%.1fms decode=%.1fms total=%.1fms",
+        request_id,
+        method,
+        adapter,
+        result.generated_tokens,
+        result.prompt_tokens,
+        result.finish_reason.value,
+        t.queue_ms,
+        t.adapter_load_ms,
+        t.merge_ms,
+        t.prefill_ms,
+        t.decode_ms,
+        t.total_ms,
+    )
+
+
+def finite_or_none(x: float) -> float | None:
+    """JSON has no NaN: the first prompt token's logprob goes out as null."""
+    return x if math.isfinite(x) else None
