@@ -20,8 +20,9 @@ running request to unpin one: under a small budget requests queue rather than fa
 (for room, for another request's merge of the same key) ends by the request's ``deadline``
 (DeadlineExceeded) and by ``wait_for_room_s`` (ResourceExhausted); an entry larger than the
 whole budget fails at once. Pinning, eviction, single flight and the waits are
-``pinned_lru.PinnedLRU``, shared with the adapter store. The budget counts cached entries only: while
-``merge_fn`` runs (and while its result waits for room), its output is on the device uncounted.
+``pinned_lru.PinnedLRU``, shared with the adapter store. The budget counts cached entries only:
+while ``merge_fn`` runs (and while its result waits for room), its output is on the device
+uncounted.
 
 Sharing the device with the adapter store: each takes its own byte budget from the memory left
 for LoRA after the model and the KV cache. A merge of k adapters needs its k inputs resident in
