@@ -37,6 +37,9 @@
 ranks (except ``cat``), ``slerp`` without exactly two adapters, different shapes of one module,
 different dtypes or devices, a negative density, an unknown backend.
 
+``cancel``: a callable polled between chunks (torch engine) and between launches (Triton); when
+it returns True the merge stops with ``MergeCancelled`` and its output is dropped.
+
 ``backend``: ``"triton"`` runs the Triton kernels (on CUDA, or anywhere under
 ``TRITON_INTERPRET=1``), ``"torch"`` the torch reference twins, ``"auto"`` Triton for CUDA
 tensors and torch otherwise. ``MergeResult.merge_ms`` is the wall time of the merge, the device
@@ -48,7 +51,7 @@ from __future__ import annotations
 import functools
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -57,6 +60,9 @@ from . import reference
 from .layout import FlatAdapter
 from .params import MergeParams, SignMethod, Strategy
 from .plan import MergePlan, get_plan
+from .reference import MergeCancelled
+
+__all__ = ["MergeCancelled", "MergeResult", "merge_adapters", "trim_thresholds"]
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -69,7 +75,11 @@ class MergeResult:
 
 
 def merge_adapters(
-    adapters: Sequence[FlatAdapter], params: MergeParams, *, backend: str = "auto"
+    adapters: Sequence[FlatAdapter],
+    params: MergeParams,
+    *,
+    backend: str = "auto",
+    cancel: Callable[[], bool] | None = None,
 ) -> MergeResult:
     adapters = list(adapters)
     _validate(adapters, params, backend)
@@ -77,6 +87,9 @@ def merge_adapters(
     if backend == "auto":
         backend = "triton" if device.type == "cuda" else "torch"
     engine = _engine(backend)
+    # The torch engine polls between its chunks; a Triton launch runs whole (milliseconds).
+    stop = {"cancel": cancel} if engine is reference else {}
+    reference.check_cancel(cancel)
 
     start_event = end_event = stream = None
     if device.type == "cuda":
@@ -95,20 +108,22 @@ def merge_adapters(
     if strategy is Strategy.CAT:
         w1 = tuple((w, 1.0) for w in params.weights)  # PEFT: A * weight * scaling, in that order
         w2 = tuple((a.scaling, 1.0) for a in adapters)
-        engine.cat_merge(out, plan, buffers, _table(w1), _table(w2))
+        engine.cat_merge(out, plan, buffers, _table(w1), _table(w2), **stop)
     elif strategy is Strategy.SLERP:
-        weights = _slerp_weights(plan, engine.pair_stats(plan, buffers), adapters, params)
+        weights = _slerp_weights(plan, engine.pair_stats(plan, buffers, **stop), adapters, params)
+        reference.check_cancel(cancel)
         engine.elementwise_merge(
             out, plan, buffers, weights, per_segment=True, thresholds=None,
-            mode=reference.MODE_NONE, elect=reference.ELECT_NONE, density=1.0, seed=0,
+            mode=reference.MODE_NONE, elect=reference.ELECT_NONE, density=1.0, seed=0, **stop,
         )  # fmt: skip
     else:
         folded = tuple(_fold(w, a.scaling) for w, a in zip(params.weights, adapters, strict=True))
         mode, elect, thresholds = _mode(strategy, params, adapters, backend)
+        reference.check_cancel(cancel)
         engine.elementwise_merge(
             out, plan, buffers, _table(folded), per_segment=False,
             thresholds=thresholds, mode=mode, elect=elect, density=params.density,
-            seed=params.seed,
+            seed=params.seed, **stop,
         )  # fmt: skip
 
     if end_event is not None:
