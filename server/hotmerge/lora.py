@@ -70,6 +70,11 @@ class AdapterSlots:
     def clear(self) -> None:
         self.groups = []
 
+    def reset(self) -> None:
+        """Drop every reference to adapters, the reused grouping too (the batch is empty)."""
+        self.groups, self.rows, self.mixed, self.row_index = [], [], (), None
+        self._last = ((), [])
+
 
 class LoraLinear(nn.Module):
     """A base nn.Linear plus the LoRA delta of each row's adapter slot."""

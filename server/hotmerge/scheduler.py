@@ -30,8 +30,15 @@ from hotmerge_kernels.layout import FlatAdapter
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from hotmerge import limits
 from hotmerge.adapters import AdapterStore
-from hotmerge.errors import Cancelled, HotmergeError, InvalidArgument, Unavailable
+from hotmerge.errors import (
+    Cancelled,
+    HotmergeError,
+    InvalidArgument,
+    ResourceExhausted,
+    Unavailable,
+)
 from hotmerge.generation import (
     FinishReason,
     GenerationRequest,
@@ -228,6 +235,7 @@ def validate_params(params: SamplingParams) -> None:
         raise bad("max_new_tokens", "must be >= 1", params.max_new_tokens)
     if not math.isfinite(params.temperature) or params.temperature < 0:
         raise bad("temperature", "must be a finite number >= 0", params.temperature)
+    limits.check_temperature(params.temperature)
     if not 0 < params.top_p <= 1:
         raise bad("top_p", "must be in (0, 1]", params.top_p)
     if params.top_k < 0:
@@ -250,6 +258,7 @@ class _Row:
     generator: torch.Generator | None
     submitted: float  # perf_counter at submit
     queued: float  # perf_counter when it entered the queue
+    queue_until: float | None = None  # monotonic: fails if still queued then (limits.py)
     timings: Timings = field(default_factory=Timings)
     generated: list[int] = field(default_factory=list)
     events: list[TokenEvent] = field(default_factory=list)
@@ -376,6 +385,7 @@ class Engine:
         validate_params(request.params)
         if not isinstance(request.inputs, str):
             raise InvalidArgument("inputs must be a string")
+        limits.check_prompt_bytes(request.inputs, self.max_input_tokens)
         prompt_ids = self.runner.encode(request.inputs)
         if not prompt_ids:
             raise InvalidArgument("inputs is empty (it must give at least one token)")
@@ -385,6 +395,7 @@ class Engine:
                 f"{self.max_input_tokens}"
             )
         params = request.params
+        limits.check_max_new_tokens(params.max_new_tokens, len(prompt_ids), self.max_total_tokens)
         generator = None
         if not is_greedy(params):
             seed = params.seed if params.seed is not None else secrets.randbits(63)
@@ -399,6 +410,7 @@ class Engine:
             generator=generator,
             submitted=submitted,
             queued=time.perf_counter(),
+            queue_until=limits.queue_deadline(deadline, time.monotonic()),
         )
         row.timings.adapter_load_ms = lease.load_ms
         row.timings.merge_ms = lease.merge_ms
@@ -465,7 +477,12 @@ class Engine:
             if self._stopping:
                 return None
             # Queued requests cancelled or past their deadline leave now (and unpin adapters).
-            gone = [r for r in self._pending if r.handle.cancelled or r.handle.expired()]
+            now = time.monotonic()
+            gone = [
+                r
+                for r in self._pending
+                if r.handle.cancelled or r.handle.expired(now) or now >= r.queue_until
+            ]
             for row in gone:
                 self._pending.remove(row)
                 self._still_wanted(row)
@@ -487,6 +504,11 @@ class Engine:
             self._fail(row, Cancelled("cancelled"))
         elif row.handle.expired():
             self._fail(row, Cancelled("deadline exceeded"))
+        elif row.position == 0 and time.monotonic() >= row.queue_until:  # still queued
+            self._fail(row, ResourceExhausted(
+                f"waited {limits.MAX_QUEUE_WAIT_S:g} s (the server maximum) in the queue; the "
+                "server is busy: retry later or on another replica"
+            ))  # fmt: skip
         return not row.done
 
     def _step(self, new: list[_Row]) -> None:
@@ -602,6 +624,7 @@ class Engine:
 
     def _reset_batch(self) -> None:
         self._active, self._cache, self._mask = [], None, None
+        self.runner.slots.reset()  # idle: hold no adapter (an unloaded one's memory goes back)
 
     # -- tokens -----------------------------------------------------------------------------
 

@@ -71,7 +71,8 @@ def test_single_flight(pin):
     assert not any(r.hit for r in results)  # nobody found it ready
     s = cache.stats()
     assert (s.misses, s.waits, s.hits, s.failures) == (1, n - 1, 0, 0)
-    assert cache.pins(results[0].entry.key) == (n if pin else 0)  # the leader pinned for every waiter
+    # the leader pinned for every waiter
+    assert cache.pins(results[0].entry.key) == (n if pin else 0)
     for r in results if pin else []:
         cache.release(r.entry)
     assert cache.pins(results[0].entry.key) == 0
