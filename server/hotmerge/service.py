@@ -24,9 +24,11 @@ import numpy as np
 from hotmerge_kernels.params import Strategy
 
 from hotmerge import __version__
+from hotmerge.adapter_files import short
 from hotmerge.adapters import AdapterInfo
 from hotmerge.errors import (
     Cancelled,
+    DeadlineExceeded,
     HotmergeError,
     InvalidArgument,
     Unavailable,
@@ -127,10 +129,13 @@ def _send_merge_keys(context: grpc.ServicerContext, outcome: MergeOutcome | None
     """The merge keys as initial metadata, sent with the first response message and not
     before: a replica that dies before answering has then sent nothing, so a balancer can
     still replay the request on another replica."""
-    if outcome is not None:
-        context.send_initial_metadata(
-            ((MERGE_KEY_HEADER, outcome.affinity_key), (MERGE_CACHE_KEY_HEADER, outcome.merge_key))
-        )
+    if outcome is None:
+        return
+    if not context.is_active():  # the deadline passed or the client left (e.g. mid-merge)
+        raise Cancelled("the RPC ended before its response")
+    context.send_initial_metadata(
+        ((MERGE_KEY_HEADER, outcome.affinity_key), (MERGE_CACHE_KEY_HEADER, outcome.merge_key))
+    )
 
 
 @functools.lru_cache(maxsize=4096)
@@ -232,12 +237,15 @@ def _rpc(
         yield
         metrics.observe_request(method, grpc.StatusCode.OK, time.perf_counter() - started)
         return
-    except Cancelled as err:
-        if _deadline_passed(context):
-            code, message = grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded; stopped"
-        else:
-            code, message = grpc.StatusCode.CANCELLED, str(err)
-        log.info("request %s %s: %s", request_id, method, code.name)
+    except GeneratorExit:  # a stream whose client went away (or whose deadline passed)
+        code = _ended_code(context)
+        log.info("request %s %s: %s (stream closed)", request_id, method, code.name)
+        metrics.observe_request(method, code, time.perf_counter() - started)
+        raise
+    except (Cancelled, DeadlineExceeded) as err:
+        code = _ended_code(context) if isinstance(err, Cancelled) else err.code
+        message = "deadline exceeded; stopped" if code is DEADLINE else str(err)
+        log.info("request %s %s: %s: %s", request_id, method, code.name, err)
     except HotmergeError as err:
         code, message = err.code, str(err)
         if code == grpc.StatusCode.INTERNAL:  # a failure inside the engine: details stay here
@@ -245,12 +253,24 @@ def _rpc(
             message = f"internal error (request id {request_id}); the server log has details"
         else:
             log.info("request %s %s: %s: %s", request_id, method, code.name, message)
-    except Exception:
-        log.exception("request %s %s failed", request_id, method)
-        code = grpc.StatusCode.INTERNAL
-        message = f"internal error (request id {request_id}); the server log has details"
+    except Exception as exc:
+        if not context.is_active():  # grpc refused to act on an RPC that had already ended
+            code, message = _ended_code(context), "the RPC ended"
+            log.info("request %s %s: %s (%s)", request_id, method, code.name, exc)
+        else:
+            log.exception("request %s %s failed", request_id, method)
+            code = grpc.StatusCode.INTERNAL
+            message = f"internal error (request id {request_id}); the server log has details"
     metrics.observe_request(method, code, time.perf_counter() - started)
     context.abort(code, message)
+
+
+DEADLINE = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def _ended_code(context: grpc.ServicerContext) -> grpc.StatusCode:
+    """Why an RPC ended early: its deadline passed, or else its client cancelled it."""
+    return DEADLINE if _deadline_passed(context) else grpc.StatusCode.CANCELLED
 
 
 def _log_done(
@@ -310,18 +330,21 @@ class HotmergeService(pb_grpc.HotmergeServicer):
     def _rpc(self, context: grpc.ServicerContext, method: str, request_id: str):
         return _rpc(context, method, request_id, self.metrics)
 
-    def _merge(self, msg: pb.MergedAdapters):
-        """Resolve a merge spec to a pinned merged adapter."""
+    def _merge(self, msg: pb.MergedAdapters, context: grpc.ServicerContext):
+        """Resolve a merge spec to a pinned merged adapter; waits and the merge end with the
+        RPC's deadline or its client."""
         self._engine()
         spec = parse_spec_cached(msg.SerializeToString(deterministic=True), self.max_merge_adapters)
-        return self.merger.acquire(spec)
+        return self.merger.acquire(
+            spec, deadline=_deadline(context), cancelled=lambda: not context.is_active()
+        )
 
     def _submit(self, msg: pb.GenerateRequest, context: grpc.ServicerContext):
         request = generation_request(msg, default_max_new_tokens=self.default_max_new_tokens)
         engine = self._engine()
         lease = outcome = None
         if msg.WhichOneof("adapter") == "merged_adapters":
-            lease, outcome = self._merge(msg.merged_adapters)
+            lease, outcome = self._merge(msg.merged_adapters, context)
         handle = engine.submit(request, deadline=_deadline(context), adapter=lease)
         # Runs when the RPC ends for any reason: on a cancel or deadline it stops the work.
         if not context.add_callback(handle.cancel):
@@ -361,7 +384,7 @@ class HotmergeService(pb_grpc.HotmergeServicer):
         with self._rpc(context, "Merge", request_id):
             if not request.HasField("merged_adapters"):
                 raise InvalidArgument("merged_adapters is unset: give the merge spec to warm")
-            lease, outcome = self._merge(request.merged_adapters)
+            lease, outcome = self._merge(request.merged_adapters, context)
             lease.release()
             _send_merge_keys(context, outcome)
             log.info(
@@ -411,8 +434,10 @@ class HotmergeService(pb_grpc.HotmergeServicer):
         with self._rpc(context, "LoadAdapter", request_id):
             if not request.adapter_id:
                 raise InvalidArgument("adapter_id is empty: name the adapter to load")
-            info, load_ms = self._engine().store.load(request.adapter_id)
-            log.info("request %s LoadAdapter %s: %.1f ms", request_id, info.id, load_ms)
+            info, load_ms = self._engine().store.load(
+                request.adapter_id, deadline=_deadline(context)
+            )
+            log.info("request %s LoadAdapter %s: %.1f ms", request_id, short(info.id), load_ms)
             return pb.LoadAdapterResponse(adapter=adapter_message(info), load_ms=load_ms)
 
     def UnloadAdapter(self, request, context):
@@ -421,5 +446,6 @@ class HotmergeService(pb_grpc.HotmergeServicer):
             if not request.adapter_id:
                 raise InvalidArgument("adapter_id is empty: name the adapter to unload")
             unloaded = self._engine().store.unload(request.adapter_id)
-            log.info("request %s UnloadAdapter %s: %s", request_id, request.adapter_id, unloaded)
+            adapter = short(request.adapter_id)
+            log.info("request %s UnloadAdapter %s: %s", request_id, adapter, unloaded)
             return pb.UnloadAdapterResponse(unloaded=unloaded)
