@@ -6,16 +6,28 @@ PY := $(VENV)/bin/python
 # `make setup TORCH_SPEC=torch` keeps (or installs) a CUDA build instead.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup proto serve test test-gpu bench lint format clean
+.PHONY: setup setup-test proto serve test test-gpu bench lint format clean
 
+# Serving needs only the package's dependencies; tests, lint and benchmarks add the test extras.
+# pip runs without -q (a few minutes the first time: its progress is the feedback).
 $(VENV)/.installed: pyproject.toml setup.py
+	@echo "== hotmerge set-up: virtual environment in $(VENV)"
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install --upgrade pip
+	@echo "== installing torch ($(TORCH_SPEC))"
+	$(PY) -m pip install "$(TORCH_SPEC)"
+	@echo "== installing hotmerge and what serving needs"
+	$(PY) -m pip install -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	@echo "== installing the test extras (pytest, peft, hypothesis, ruff, ...)"
+	$(PY) -m pip install -e ".[test]"
 	touch $@
 
 setup: $(VENV)/.installed proto
+
+setup-test: $(VENV)/.installed-test proto
 
 proto: $(VENV)/.installed
 	$(PY) proto/generate.py
@@ -23,20 +35,20 @@ proto: $(VENV)/.installed
 serve: setup
 	$(VENV)/bin/hotmerge serve $(ARGS)
 
-test: setup
+test: setup-test
 	TRITON_INTERPRET=1 $(PY) -m pytest -q $(ARGS)
 
-test-gpu: setup
+test-gpu: setup-test
 	$(PY) -m pytest -q -m gpu $(ARGS)
 
-bench: setup
+bench: setup-test
 	$(PY) benchmarks/merge_latency.py $(ARGS)
 
-lint: setup
+lint: setup-test
 	$(VENV)/bin/ruff check server kernels tests benchmarks proto
 	$(VENV)/bin/ruff format --check server kernels tests benchmarks proto
 
-format: setup
+format: setup-test
 	$(VENV)/bin/ruff format server kernels tests benchmarks proto
 	$(VENV)/bin/ruff check --fix server kernels tests benchmarks proto
 

@@ -52,6 +52,9 @@
 exactly two adapters, different shapes of one module, different dtypes or devices, a negative
 density, an unknown backend.
 
+``cancel``: a callable polled between chunks (torch engine) and between launches (Triton); when
+it returns True the merge stops with ``MergeCancelled`` and its output is dropped.
+
 ``backend``: ``"triton"`` runs the Triton kernels (on CUDA, or anywhere under
 ``TRITON_INTERPRET=1``), ``"torch"`` the torch reference twins, ``"auto"`` Triton for CUDA
 tensors and torch otherwise. ``MergeResult.merge_ms`` is the wall time of the merge, the device
@@ -63,7 +66,7 @@ from __future__ import annotations
 import functools
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -73,6 +76,9 @@ from .delta_merge import Progress, delta_merge
 from .layout import FlatAdapter
 from .params import MergeParams, SignMethod, Strategy
 from .plan import MergePlan, get_plan
+from .reference import MergeCancelled
+
+__all__ = ["MergeCancelled", "MergeResult", "merge_adapters", "trim_thresholds"]
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -90,6 +96,7 @@ def merge_adapters(
     *,
     backend: str = "auto",
     progress: Progress | None = None,
+    cancel: Callable[[], bool] | None = None,
 ) -> MergeResult:
     adapters = list(adapters)
     _validate(adapters, params, backend)
@@ -97,6 +104,9 @@ def merge_adapters(
     if backend == "auto":
         backend = "triton" if device.type == "cuda" else "torch"
     engine = _engine(backend)
+    # The torch engine polls between its chunks; a Triton launch runs whole (milliseconds).
+    stop = {"cancel": cancel} if engine is reference else {}
+    reference.check_cancel(cancel)
 
     start_event = end_event = stream = None
     if device.type == "cuda":
@@ -110,7 +120,13 @@ def merge_adapters(
     if len(adapters) == 1 and strategy is not Strategy.SLERP:
         strategy = Strategy.LINEAR
     if strategy.in_delta_space:
-        merged = delta_merge(adapters, params, engine, progress=progress)
+
+        def step(done: int, total: int, module: str) -> None:  # between modules
+            reference.check_cancel(cancel)
+            if progress is not None:
+                progress(done, total, module)
+
+        merged = delta_merge(adapters, params, engine, progress=step)
         return MergeResult(merged, _elapsed(t0, start_event, end_event, stream), backend)
     plan = get_plan(adapters, cat=strategy is Strategy.CAT)
     out = _new_buffer(plan.total, adapters[0].dtype, device)
@@ -118,20 +134,22 @@ def merge_adapters(
     if strategy is Strategy.CAT:
         w1 = tuple((w, 1.0) for w in params.weights)  # PEFT: A * weight * scaling, in that order
         w2 = tuple((a.scaling, 1.0) for a in adapters)
-        engine.cat_merge(out, plan, buffers, _table(w1), _table(w2))
+        engine.cat_merge(out, plan, buffers, _table(w1), _table(w2), **stop)
     elif strategy is Strategy.SLERP:
-        weights = _slerp_weights(plan, engine.pair_stats(plan, buffers), adapters, params)
+        weights = _slerp_weights(plan, engine.pair_stats(plan, buffers, **stop), adapters, params)
+        reference.check_cancel(cancel)
         engine.elementwise_merge(
             out, plan, buffers, weights, per_segment=True, thresholds=None,
-            mode=reference.MODE_NONE, elect=reference.ELECT_NONE, density=1.0, seed=0,
+            mode=reference.MODE_NONE, elect=reference.ELECT_NONE, density=1.0, seed=0, **stop,
         )  # fmt: skip
     else:
         folded = tuple(_fold(w, a.scaling) for w, a in zip(params.weights, adapters, strict=True))
         mode, elect, thresholds = _mode(strategy, params, adapters, backend)
+        reference.check_cancel(cancel)
         engine.elementwise_merge(
             out, plan, buffers, _table(folded), per_segment=False,
             thresholds=thresholds, mode=mode, elect=elect, density=params.density,
-            seed=params.seed,
+            seed=params.seed, **stop,
         )  # fmt: skip
 
     merge_ms = _elapsed(t0, start_event, end_event, stream)

@@ -8,6 +8,9 @@ chunks of output elements to bound memory, never tensor by tensor.
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Callable
+
 import torch
 
 from .layout import FlatAdapter
@@ -110,6 +113,15 @@ def _chunks(plan: MergePlan, total: int | None = None):
         yield e0, min(e0 + step, total)
 
 
+class MergeCancelled(Exception):
+    """``cancel()`` returned True between two chunks of a merge: it stopped there."""
+
+
+def check_cancel(cancel: Callable[[], bool] | None) -> None:
+    if cancel is not None and cancel():
+        raise MergeCancelled("merge cancelled")
+
+
 def _locate(plan: MergePlan, e0: int, e1: int):
     e = torch.arange(e0, e1, device=plan.seg_out_off.device)
     seg = torch.searchsorted(plan.seg_out_off, e, right=True) - 1
@@ -133,6 +145,7 @@ def elementwise_merge(
     density: float,
     seed: int,
     block: int | None = None,  # unused: the kernel's launch shape, for a uniform signature
+    cancel: Callable[[], bool] | None = None,
 ) -> None:
     """out = merge over inputs of (trim | DARE | nothing) then (weighted sum | TIES).
 
@@ -143,6 +156,7 @@ def elementwise_merge(
     weights = weights.to(out.device)
     divisor = density if density > 0 else 1.0  # DARE at density 0 keeps nothing: never x / 0
     for e0, e1 in _chunks(plan):
+        check_cancel(cancel)
         seg, local = _locate(plan, e0, e1)
         is_b = plan.seg_is_b[seg]
         xs = []
@@ -183,32 +197,45 @@ def cat_merge(
     w1: torch.Tensor,
     w2: torch.Tensor,
     block: int | None = None,
+    cancel: Callable[[], bool] | None = None,
 ) -> None:
     """Concatenate ranks: each input tensor, times w1·w2, to its block of rows (A) or columns
     (B) of the output, as ``plan.copies`` lays out; uncovered elements are zero.
 
-    ``w1``, ``w2``: float32 [2, N], row 0 for A, row 1 for B.
+    ``w1``, ``w2``: float32 [2, N], row 0 for A, row 1 for B. Input by input, so that the work
+    is linear in the number of elements copied whatever the number of adapters.
     """
     w1, w2 = w1.to(out.device), w2.to(out.device)
     out.zero_()
-    inp, src, numel, dst, width, stride, is_b = plan.copies
-    first = torch.cumsum(numel, 0) - numel  # where each copy starts among all copied elements
-    for e0, e1 in _chunks(plan, int(numel.sum())):
-        g = torch.arange(e0, e1, device=out.device)
-        c = torch.searchsorted(first, g, right=True) - 1
-        e = g - first[c]
-        at = dst[c] + (e // width[c]) * stride[c] + e % width[c]
-        for i, buffer in enumerate(buffers):
-            mine = inp[c] == i
-            x = buffer[(src[c] + e)[mine]].to(torch.float32)
-            b = is_b[c][mine]
-            out[at[mine]] = (x * w1[b, i] * w2[b, i]).to(out.dtype)
+    inp = plan.copies[0]
+    order = torch.argsort(inp, stable=True)
+    counts = torch.bincount(inp, minlength=len(buffers)).tolist()
+    firsts = [0, *itertools.accumulate(counts)]
+    for i, buffer in enumerate(buffers):
+        mine = plan.copies[:, order[firsts[i] : firsts[i + 1]]]  # this input's copies
+        _, src, numel, dst, width, stride, is_b = mine
+        first = torch.cumsum(numel, 0) - numel  # where each copy starts among them
+        for e0, e1 in _chunks(plan, int(numel.sum())):
+            check_cancel(cancel)
+            g = torch.arange(e0, e1, device=out.device)
+            c = torch.searchsorted(first, g, right=True) - 1
+            e = g - first[c]
+            at = dst[c] + (e // width[c]) * stride[c] + e % width[c]
+            x = buffer[src[c] + e].to(torch.float32)
+            b = is_b[c]
+            out[at] = (x * w1[b, i] * w2[b, i]).to(out.dtype)
 
 
-def pair_stats(plan: MergePlan, buffers: list[torch.Tensor], block: int | None = None):
+def pair_stats(
+    plan: MergePlan,
+    buffers: list[torch.Tensor],
+    block: int | None = None,
+    cancel: Callable[[], bool] | None = None,
+):
     """float32 [S, 3]: per output tensor, (x0·x1, x0·x0, x1·x1) of two inputs (absent = 0)."""
     sums = torch.zeros(len(plan.segments), 3, dtype=torch.float64, device=plan.in_off.device)
     for e0, e1 in _chunks(plan):
+        check_cancel(cancel)
         seg, local = _locate(plan, e0, e1)
         xs = []
         for i in range(2):

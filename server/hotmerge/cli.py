@@ -29,9 +29,10 @@ import grpc
 from hotmerge_kernels.params import Strategy
 
 from hotmerge import __version__
-from hotmerge.client import DEFAULT_TARGET, HotmergeClient
+from hotmerge.client import DEFAULT_TARGET, HotmergeClient, merge_request
 from hotmerge.config import DATA_DIR_ENV, ServerConfig
 from hotmerge.errors import HotmergeError
+from hotmerge.merge_spec import is_identity, parse_merge_spec
 from hotmerge.v1 import hotmerge_pb2 as pb
 
 TARGET_ENV = "HOTMERGE_TARGET"
@@ -184,8 +185,12 @@ def cmd_generate(args: argparse.Namespace, client: HotmergeClient) -> int:
 
 def cmd_merge(args: argparse.Namespace, client: HotmergeClient) -> int:
     args.merge = args.ids
-    reply = client.merge(_merge_spec(args), name=args.name)
-    state = "cache hit" if reply.cache_hit else f"merged in {reply.merge_ms:.2f} ms"
+    spec = merge_request(_merge_spec(args)).merged_adapters
+    reply = client.merge(spec, name=args.name)
+    if is_identity(parse_merge_spec(spec, max_adapters=None)):
+        state = "no merge needed: served as the adapter itself"
+    else:
+        state = "cache hit" if reply.cache_hit else f"merged in {reply.merge_ms:.2f} ms"
     print(
         f"{reply.merge_key} (affinity {reply.affinity_key}): rank {reply.rank}, "
         f"{reply.bytes / 2**20:.2f} MiB, {state}, adapter load {reply.adapter_load_ms:.1f} ms"
@@ -342,6 +347,8 @@ def _serve_parser(sub) -> None:
          f"(default: {d['merge_budget_bytes'] // 2**20})"),
         ("--max-merge-adapters", int, f"adapters in one merge spec "
          f"(default: {d['max_merge_adapters']})"),
+        ("--max-wait-s", float, "longest wait for adapter or merge-cache room, or for another "
+         f"request's load or merge, when the deadline is later (default: {d['max_wait_s']})"),
         ("--max-workers", int, f"RPC threads = concurrent requests (default: {d['max_workers']})"),
         ("--grace-s", float, f"on shutdown, time for in-flight requests (default: {d['grace_s']})"),
         ("--http-port", int, "LoRAX REST, OpenAI API, /metrics, /healthz, /readyz over HTTP "
@@ -456,6 +463,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _unreachable(err: grpc.RpcError) -> bool:
+    """Whether the RPC failed to reach a server at all (connection refused, no such host)."""
+    details = (err.details() or "").lower()
+    return any(s in details for s in ("failed to connect", "connection refused", "dns", "unreach"))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command in ("serve", "export"):
@@ -465,7 +478,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return args.run(args, client)
         except grpc.RpcError as err:
             print(f"error: {err.code().name}: {err.details()}", file=sys.stderr)
-            if err.code() == grpc.StatusCode.UNAVAILABLE:
+            # Not for a server that answered (e.g. "the model is still loading").
+            if err.code() == grpc.StatusCode.UNAVAILABLE and _unreachable(err):
                 print(f"(is `hotmerge serve` running at {args.target}?)", file=sys.stderr)
             return 1
 

@@ -57,6 +57,9 @@ class ServerConfig:
     # merge needs its inputs resident in the store too, so the store gets the larger part).
     merge_budget_bytes: int = 1024**3
     max_merge_adapters: int = 16  # adapters in one merge spec
+    # The longest a request waits for adapter or merge-cache room, or for another request's
+    # load or merge of the same thing, when its own deadline is later (or unset).
+    max_wait_s: float = 30.0
     batch_wait_ms: float = 2.0
     # The engine (see hotmerge.engine): KV cache, adapter slots, prefill chunks, CUDA graphs.
     kv_cache_fraction: float = 0.9  # of device memory free after weights and the LoRA budgets
@@ -106,6 +109,7 @@ class ServerConfig:
             "adapter_budget_bytes": self.adapter_budget_bytes,
             "merge_budget_bytes": self.merge_budget_bytes,
             "max_merge_adapters": self.max_merge_adapters,
+            "max_wait_s": self.max_wait_s,
             "max_input_tokens": self.max_input_tokens,
             "max_total_tokens": self.max_total_tokens,
             "kv_cache_tokens": self.kv_cache_tokens,

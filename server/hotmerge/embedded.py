@@ -7,6 +7,7 @@ The demo adapters are written in PEFT's on-disk format without importing peft.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -167,21 +168,81 @@ def write_peft_adapter(
     return out_dir
 
 
+MARKER = ".embedded-complete"
+_MARKER_VERSION = 2
+
+
+def _file_record(path: Path, *, digest: bool) -> list:
+    size = path.stat().st_size
+    if not digest:
+        return [size, None]
+    return [size, hashlib.sha256(path.read_bytes()).hexdigest()]
+
+
+def _built_files(data_dir: Path) -> dict[str, list]:
+    """What a complete build wrote: every model file by size, demo adapter files by hash too
+    (small, and what a truncated copy would silently change)."""
+    files = {}
+    for path in sorted((data_dir / "model").rglob("*")):
+        if path.is_file():
+            files[path.relative_to(data_dir).as_posix()] = _file_record(path, digest=False)
+    for spec in DEMO_ADAPTERS:
+        for path in sorted((data_dir / "adapters" / spec.name).iterdir()):
+            files[path.relative_to(data_dir).as_posix()] = _file_record(path, digest=True)
+    return files
+
+
+def _intact(data_dir: Path) -> bool:
+    """Whether the marker's build is still whole on disk (sizes, demo adapter hashes)."""
+    try:
+        marker = json.loads((data_dir / MARKER).read_text())
+        if marker.get("version") != _MARKER_VERSION:
+            return False
+        for rel, (size, digest) in marker["files"].items():
+            if _file_record(data_dir / rel, digest=digest is not None) != [size, digest]:
+                log.warning("embedded build: %s changed or is damaged; rebuilding", rel)
+                return False
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return True
+
+
+def _remove_stale_builds(data_dir: Path) -> None:
+    """Temp dirs of builds whose process died (SIGKILL) before it could clean up."""
+    for tmp in data_dir.glob(".embedded-*-*"):
+        pid = tmp.name.split("-")[1]
+        if tmp.is_dir() and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def ensure_embedded(data_dir: Path | str) -> tuple[Path, Path]:
     """Build the embedded model and demo adapters under ``data_dir`` once; return their dirs.
 
-    Idempotent: a complete build is marked by a file and reused; a build is written to a temp
-    dir and renamed into place, so an interrupted one is never mistaken for a complete one.
+    Idempotent: a complete build is marked by a file listing what it wrote (sizes; hashes of the
+    demo adapters), checked at each start, and rebuilt when damaged. A build is written to a
+    temp dir and renamed into place, so an interrupted one is never mistaken for a complete one;
+    temp dirs left by a killed build are removed.
     """
     data_dir = Path(data_dir)
     model_dir, adapter_root = data_dir / "model", data_dir / "adapters"
-    marker = data_dir / ".embedded-complete"
-    if marker.exists() and model_dir.is_dir() and adapter_root.is_dir():
+    if _intact(data_dir):
         return model_dir, adapter_root
 
     data_dir.mkdir(parents=True, exist_ok=True)
+    _remove_stale_builds(data_dir)
+    (data_dir / MARKER).unlink(missing_ok=True)
     log.info("building the embedded default model and demo adapters under %s", data_dir)
-    tmp = Path(tempfile.mkdtemp(prefix=".embedded-", dir=data_dir))
+    tmp = Path(tempfile.mkdtemp(prefix=f".embedded-{os.getpid()}-", dir=data_dir))
     try:
         save_tiny_llama(tmp / "model")
         shapes = linear_shapes(tmp / "model")
@@ -201,7 +262,10 @@ def ensure_embedded(data_dir: Path | str) -> tuple[Path, Path]:
             if target.exists():
                 shutil.rmtree(target)
             os.replace(src, target)
-        marker.write_text("1\n")
+        marker = {"version": _MARKER_VERSION, "files": _built_files(data_dir)}
+        partial = data_dir / f"{MARKER}.{os.getpid()}"
+        partial.write_text(json.dumps(marker, indent=1) + "\n")
+        os.replace(partial, data_dir / MARKER)  # the marker appears whole or not at all
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return model_dir, adapter_root

@@ -37,3 +37,9 @@ class Cancelled(HotmergeError):
     """The client cancelled or its deadline passed; the work for it was stopped."""
 
     code = grpc.StatusCode.CANCELLED
+
+
+class DeadlineExceeded(HotmergeError):
+    """The request's deadline passed while it waited or worked; the work for it was stopped."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED

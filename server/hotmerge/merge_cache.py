@@ -15,11 +15,14 @@ waiter, and the next lookup of that key merges again.
 Entries are evicted least recently used first, by bytes (``FlatAdapter.nbytes``). An entry in
 use is pinned and never evicted: ``use(key, merge_fn)`` (or ``acquire``/``release``) looks up or
 merges and pins in one step, so a running request keeps its merged adapter. When the new entry
-does not fit even after evicting every unpinned one, nothing is evicted and the merge waits (up
-to ``wait_for_room_s``) for a running request to unpin one: under a small budget requests queue
-rather than fail. It raises ``ResourceExhausted`` when that wait runs out, or at once when the
-entry is larger than the whole budget. The budget counts cached entries only: while
-``merge_fn`` runs (and while its result waits for room), its output is on the device uncounted.
+does not fit even after evicting every unpinned one, nothing is evicted and the merge waits for a
+running request to unpin one: under a small budget requests queue rather than fail. Every wait
+(for room, for another request's merge of the same key) ends by the request's ``deadline``
+(DeadlineExceeded) and by ``wait_for_room_s`` (ResourceExhausted); an entry larger than the
+whole budget fails at once. Pinning, eviction, single flight and the waits are
+``pinned_lru.PinnedLRU``, shared with the adapter store. The budget counts cached entries only:
+while ``merge_fn`` runs (and while its result waits for room), its output is on the device
+uncounted.
 
 Sharing the device with the adapter store: each takes its own byte budget from the memory left
 for LoRA after the model and the KV cache. A merge of k adapters needs its k inputs resident in
@@ -34,18 +37,15 @@ Observers: ``on_event(event)`` is called, outside the lock, with ``"hit"``, ``"m
 from __future__ import annotations
 
 import logging
-import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
 from hotmerge_kernels.layout import FlatAdapter
 
-from hotmerge.errors import ResourceExhausted
+from hotmerge.pinned_lru import PinnedLRU
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,6 @@ class MergeEntry:
     adapter: FlatAdapter
     nbytes: int
     merge_ms: float  # how long the merge that made it took
-    refs: int = 0  # requests using it now; > 0 pins it
     spec: object = None  # what was merged (the caller's; for listing)
     hits: int = 0  # lookups that found it ready
     last_used: float = field(default_factory=time.time)  # seconds since the epoch
@@ -99,33 +98,41 @@ class MergeCache:
         on_event: Callable[[str], None] | None = None,
         wait_for_room_s: float = 30.0,
     ):
-        if budget_bytes < 0:
-            raise ValueError(f"budget_bytes must be >= 0, got {budget_bytes}")
-        self.budget_bytes = budget_bytes
-        # When every cached entry is pinned, a new merge waits this long for a running request
-        # to release one (backpressure) before failing with ResourceExhausted.
-        self.wait_for_room_s = wait_for_room_s
-        self._on_event = on_event
-        self._lock = threading.Lock()
-        self._room = threading.Condition(self._lock)  # notified when an entry is unpinned
-        self._entries: OrderedDict[str, MergeEntry] = OrderedDict()  # least recent first
-        self._flights: dict[str, _Flight] = {}
-        self._bytes = 0
-        self._counts = dict.fromkeys(("hit", "miss", "wait", "failure", "evict"), 0)
+        self._lru: PinnedLRU[MergeEntry] = PinnedLRU(
+            budget_bytes,
+            what="merged adapter",
+            budget_name="merge cache budget (--merge-budget-mib)",
+            max_wait_s=wait_for_room_s,
+            on_event=on_event,
+        )
+
+    @property
+    def budget_bytes(self) -> int:
+        return self._lru.budget_bytes
+
+    @property
+    def wait_for_room_s(self) -> float:
+        return self._lru.max_wait_s
 
     # -- lookups ---------------------------------------------------------------------------
 
     def get_or_merge(
-        self, key: str, merge_fn: Callable[[], FlatAdapter], *, spec: object = None
+        self,
+        key: str,
+        merge_fn: Callable[[], FlatAdapter],
+        *,
+        deadline: float | None = None,
+        spec: object = None,
     ) -> CacheLookup:
         """The merged adapter of ``key``, merging it with ``merge_fn`` if absent (not pinned)."""
-        return self._get_or_merge(key, merge_fn, pin=False, spec=spec)
+        return self._lookup(key, merge_fn, pin=False, deadline=deadline, spec=spec)
 
     def acquire(
         self,
         key: str,
         merge_fn: Callable[[], FlatAdapter] | None = None,
         *,
+        deadline: float | None = None,
         spec: object = None,
     ) -> CacheLookup:
         """Like ``get_or_merge`` but pins the entry; ``release`` it when done.
@@ -133,23 +140,10 @@ class MergeCache:
         Without ``merge_fn`` the key must be cached (``KeyError`` otherwise). ``spec`` is kept
         with a new entry, for ``entries()``.
         """
-        if merge_fn is None:
-            with self._lock:
-                entry = self._entries[key]
-                entry.refs += 1
-                self._touch(entry)
-                self._counts["hit"] += 1
-            self._emit(["hit"])
-            return CacheLookup(entry, True, 0.0)
-        return self._get_or_merge(key, merge_fn, pin=True, spec=spec)
+        return self._lookup(key, merge_fn, pin=True, deadline=deadline, spec=spec)
 
     def release(self, entry: MergeEntry) -> None:
-        with self._lock:
-            if entry.refs <= 0:
-                raise RuntimeError(f"merged adapter {entry.key} released more often than acquired")
-            entry.refs -= 1
-            if entry.refs == 0:
-                self._room.notify_all()
+        self._lru.release(entry.key)
 
     @contextmanager
     def use(
@@ -165,156 +159,62 @@ class MergeCache:
     # -- inspection and upkeep -------------------------------------------------------------
 
     def __contains__(self, key: str) -> bool:
-        with self._lock:
-            return key in self._entries
+        return key in self._lru
 
     def __len__(self) -> int:
-        with self._lock:
-            return len(self._entries)
+        return len(self._lru)
+
+    def pins(self, key: str) -> int:
+        """How many running requests hold the entry of ``key`` (0 if absent)."""
+        return self._lru.pins(key)
 
     @property
     def used_bytes(self) -> int:
-        return self._bytes
+        return self._lru.used_bytes
 
     def stats(self) -> MergeCacheStats:
-        with self._lock:
-            c = self._counts
-            return MergeCacheStats(
-                hits=c["hit"],
-                misses=c["miss"],
-                waits=c["wait"],
-                failures=c["failure"],
-                evictions=c["evict"],
-                entries=len(self._entries),
-                pinned=sum(1 for e in self._entries.values() if e.refs > 0),
-                used_bytes=self._bytes,
-                budget_bytes=self.budget_bytes,
-            )
+        c = self._lru.counts
+        return MergeCacheStats(
+            hits=c["hit"],
+            misses=c["miss"],
+            waits=c["wait"],
+            failures=c["failure"],
+            evictions=c["evict"],
+            entries=len(self._lru),
+            pinned=self._lru.pinned_count(),
+            used_bytes=self._lru.used_bytes,
+            budget_bytes=self._lru.budget_bytes,
+        )
 
-    def entries(self) -> list[MergeEntry]:
-        """Snapshots of the cached entries, most recently used first."""
-        with self._lock:
-            return [replace(e) for e in reversed(self._entries.values())]
+    def entries(self) -> list[tuple[MergeEntry, int]]:
+        """Snapshots of the cached entries with their pin counts, most recently used first."""
+        snapshot = [(replace(e), self._lru.pins(k)) for k, e in self._lru.items()]
+        return sorted(snapshot, key=lambda item: item[0].last_used, reverse=True)
 
     def clear(self) -> int:
         """Evict every unpinned entry; returns how many were evicted."""
-        with self._lock:
-            victims = [k for k, e in self._entries.items() if e.refs == 0]
-            for k in victims:
-                self._evict(k)
-        self._emit(["evict"] * len(victims))
-        return len(victims)
+        return self._lru.clear()
 
     # -- internals -------------------------------------------------------------------------
 
-    def _get_or_merge(
-        self, key: str, merge_fn: Callable[[], FlatAdapter], *, pin: bool, spec: object = None
+    def _lookup(
+        self, key, merge_fn, *, pin: bool, deadline: float | None, spec: object = None
     ) -> CacheLookup:
-        with self._lock:
-            entry = self._entries.get(key)
-            if entry is not None:
-                self._touch(entry)
-                entry.refs += pin
-                self._counts["hit"] += 1
-            else:
-                flight = self._flights.get(key)
-                leader = flight is None
-                if leader:
-                    flight = self._flights[key] = _Flight()
-                flight.pins += pin  # the leader pins for every waiter that asked to pin
-                self._counts["miss" if leader else "wait"] += 1
-        if entry is not None:
-            self._emit(["hit"])
-            return CacheLookup(entry, True, 0.0)
+        make = None
+        if merge_fn is not None:
 
-        start = time.perf_counter()
-        if not leader:
-            self._emit(["wait"])
-            entry = flight.future.result()  # raises the leader's error
-            return CacheLookup(entry, False, _ms_since(start))
+            def make() -> tuple[MergeEntry, int]:
+                start = time.perf_counter()
+                adapter = merge_fn()
+                entry = MergeEntry(key, adapter, adapter.nbytes, _ms_since(start), spec)
+                return entry, entry.nbytes
 
-        self._emit(["miss"])
-        try:
-            adapter = merge_fn()
-            merge_ms = _ms_since(start)
-            give_up = time.monotonic() + self.wait_for_room_s
-            with self._room:
-                while (inserted := self._insert(key, adapter, merge_ms, flight.pins, spec)) is None:
-                    if not self._room.wait(timeout=give_up - time.monotonic()):
-                        raise ResourceExhausted(
-                            f"merged adapter {key} needs {adapter.nbytes} bytes but the merge "
-                            f"cache's {self.budget_bytes} bytes stayed full of merged adapters "
-                            f"in use for {self.wait_for_room_s:.0f} s; retry later, or raise "
-                            "the merge cache budget"
-                        )
-                del self._flights[key]
-                entry, evicted = inserted
-        except BaseException as exc:
-            with self._lock:
-                if self._flights.get(key) is flight:  # not yet removed, nor replaced by a retry
-                    del self._flights[key]
-                self._counts["failure"] += 1
-            flight.future.set_exception(exc)
-            self._emit(["failure"])
-            raise
-        flight.future.set_result(entry)
-        self._emit(["evict"] * len(evicted))
-        return CacheLookup(entry, False, merge_ms)
-
-    def _insert(
-        self, key: str, adapter: FlatAdapter, merge_ms: float, refs: int, spec: object = None
-    ) -> tuple[MergeEntry, list[str]] | None:
-        """Add an entry, evicting LRU unpinned ones to make room (lock held).
-
-        None: it would fit only once a running request unpins an entry.
-        """
-        nbytes = adapter.nbytes
-        if nbytes > self.budget_bytes:
-            raise ResourceExhausted(
-                f"merged adapter {key} needs {nbytes} bytes, more than the whole merge cache "
-                f"budget of {self.budget_bytes} bytes; raise the merge cache budget"
-            )
-        unpinned = [(k, e.nbytes) for k, e in self._entries.items() if e.refs == 0]
-        freeable = sum(n for _, n in unpinned)
-        if self._bytes - freeable + nbytes > self.budget_bytes:
-            return None
-        evicted = []
-        for k, _ in unpinned:  # least recently used first
-            if self._bytes + nbytes <= self.budget_bytes:
-                break
-            self._evict(k)
-            evicted.append(k)
-        entry = MergeEntry(
-            key=key, adapter=adapter, nbytes=nbytes, merge_ms=merge_ms, refs=refs, spec=spec
-        )
-        self._entries[key] = entry
-        self._bytes += nbytes
-        return entry, evicted
-
-    def _touch(self, entry: MergeEntry) -> None:
-        """A hit (lock held): most recently used, counted."""
-        self._entries.move_to_end(entry.key)
-        entry.hits += 1
+        entry, event, ms = self._lru.acquire(key, make, pin=pin, deadline=deadline)
         entry.last_used = time.time()
-
-    def _evict(self, key: str) -> None:
-        entry = self._entries.pop(key)
-        self._bytes -= entry.nbytes
-        self._counts["evict"] += 1
-        log.debug("merge cache: evicted %s (%d bytes)", key, entry.nbytes)
-
-    def _emit(self, events: list[str]) -> None:
-        if self._on_event is not None:
-            for event in events:
-                self._on_event(event)
-
-
-class _Flight:
-    """A merge in progress: its waiters block on ``future``."""
-
-    def __init__(self) -> None:
-        self.future: Future[MergeEntry] = Future()
-        self.pins = 0
+        if event == "hit":
+            entry.hits += 1
+            return CacheLookup(entry, True, 0.0)
+        return CacheLookup(entry, False, entry.merge_ms if event == "miss" else ms)
 
 
 def _ms_since(start: float) -> float:

@@ -55,6 +55,8 @@ from hotmerge.errors import InvalidArgument
 from hotmerge.v1 import hotmerge_pb2 as pb
 
 KEY_VERSION = 1
+# Weights beyond this are not a meaningful merge, and overflow the merged adapter's dtype.
+MAX_WEIGHT = 1000.0
 KEY_HEX_DIGITS = 16
 FIELD = "merged_adapters"
 
@@ -147,6 +149,11 @@ def parse_merge_spec(msg: pb.MergedAdapters, *, max_adapters: int | None = 16) -
         for i, w in enumerate(weights):
             if not math.isfinite(w):
                 raise InvalidArgument(f"{FIELD}.weights[{i}] is {w}: weights must be finite")
+            if abs(w) > MAX_WEIGHT:
+                raise InvalidArgument(
+                    f"{FIELD}.weights[{i}] is {w:g}: weights must be within "
+                    f"[-{MAX_WEIGHT:g}, {MAX_WEIGHT:g}]"
+                )
 
     strategy = _STRATEGIES.get(msg.merge_strategy)
     if strategy is None:

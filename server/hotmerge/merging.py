@@ -8,21 +8,36 @@ is an ``AdapterLease`` that keeps the merged adapter pinned in the cache until t
 
 A spec of one adapter at weight 1 that leaves it unchanged (``merge_spec.is_identity``) is
 served as that adapter: no merge, nothing cached.
+
+Bounds: every wait (adapter room, merge room, another request's merge of the same key) ends by
+the request's deadline and the stores' server maximum; inputs that together exceed the adapter
+budget fail at once (no retry can help); a running merge stops between chunks when the request's
+deadline passes, its client goes away or the server stops (``stop``); a merged adapter that is
+not finite (weights too large for the dtype) is refused.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Sequence
+import threading
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import torch
 from hotmerge_kernels.layout import FlatAdapter
-from hotmerge_kernels.merge import merge_adapters
+from hotmerge_kernels.merge import MergeCancelled, merge_adapters
 
 from hotmerge.adapters import AdapterStore, LoadedAdapter
 from hotmerge.engine import AdapterLease
-from hotmerge.errors import InvalidArgument
+from hotmerge.errors import (
+    Cancelled,
+    DeadlineExceeded,
+    InvalidArgument,
+    ResourceExhausted,
+    Unavailable,
+)
 from hotmerge.merge_cache import MergeCache
 from hotmerge.merge_spec import MergeSpec, affinity_key, is_identity, merge_key
 from hotmerge.metrics import Metrics
@@ -58,17 +73,34 @@ class Merger:
         self.cache = cache
         self.dtype = dtype  # part of the key: the same spec merged in another dtype differs
         self.metrics = metrics
+        self._stopping = threading.Event()
 
-    def acquire(self, spec: MergeSpec) -> tuple[AdapterLease, MergeOutcome]:
-        """The merged adapter of ``spec``, pinned until the lease is released."""
+    def stop(self) -> None:
+        """Stop running merges at their next chunk (shutdown); new merges fail UNAVAILABLE."""
+        self._stopping.set()
+
+    def acquire(
+        self,
+        spec: MergeSpec,
+        *,
+        deadline: float | None = None,
+        cancelled: Callable[[], bool] | None = None,
+    ) -> tuple[AdapterLease, MergeOutcome]:
+        """The merged adapter of ``spec``, pinned until the lease is released.
+
+        ``deadline`` (``time.monotonic()``) bounds every wait and the merge itself;
+        ``cancelled()`` True (the client went away) stops the merge too."""
         hit = self._cached(spec)
         if hit is not None:
             return hit
+        if self._stopping.is_set():
+            raise Unavailable("the server is shutting down; retry on another replica")
+        self._check_inputs_fit(spec)
         inputs: list[LoadedAdapter] = []
         load_ms = 0.0
         try:
             for adapter_id in spec.adapter_ids:
-                loaded, ms = self.store.acquire(adapter_id)
+                loaded, ms = self.store.acquire(adapter_id, deadline=deadline)
                 inputs.append(loaded)
                 load_ms += ms
             key, affinity = spec_keys(spec, tuple(a.info.revision for a in inputs), self.dtype)
@@ -80,8 +112,12 @@ class Merger:
                 return lease, self._outcome(key, affinity, True, 0.0, load_ms, only.weights)
             check_compatible(spec, inputs)
             weights = [a.weights for a in inputs]
+            stop = self._stop_check(deadline, cancelled)
             entry, hit, merge_ms = self.cache.acquire(
-                key, lambda: self._merge(spec, weights), spec=(spec, affinity)
+                key,
+                lambda: self._merge(spec, weights, stop, deadline),
+                deadline=deadline,
+                spec=(spec, affinity),
             )
         finally:
             for loaded in inputs:  # the merged adapter no longer needs its inputs
@@ -106,11 +142,54 @@ class Merger:
         lease = AdapterLease(entry.adapter, 0.0, lambda: self.cache.release(entry))
         return lease, self._outcome(key, affinity, True, 0.0, 0.0, entry.adapter)
 
-    def _merge(self, spec: MergeSpec, weights: list[FlatAdapter]) -> FlatAdapter:
+    def _check_inputs_fit(self, spec: MergeSpec) -> None:
+        """Inputs must be resident together: more than the budget can never work."""
+        if len(spec.adapter_ids) < 2:
+            return
+        needed = sum(self.store.size_of(i) for i in spec.adapter_ids)
+        if needed > self.store.budget_bytes:
+            raise ResourceExhausted(
+                f"merged_adapters: the {len(spec.adapter_ids)} adapters together need {needed} "
+                f"bytes resident while they merge, more than the adapter budget of "
+                f"{self.store.budget_bytes} bytes; this merge can never run here: merge fewer "
+                "adapters or raise the adapter budget (--adapter-budget-mib)"
+            )
+
+    def _stop_check(
+        self, deadline: float | None, cancelled: Callable[[], bool] | None
+    ) -> Callable[[], bool]:
+        def stop() -> bool:
+            return (
+                self._stopping.is_set()
+                or (deadline is not None and time.monotonic() >= deadline)
+                or (cancelled is not None and cancelled())
+            )
+
+        return stop
+
+    def _merge(
+        self,
+        spec: MergeSpec,
+        weights: list[FlatAdapter],
+        stop: Callable[[], bool],
+        deadline: float | None,
+    ) -> FlatAdapter:
         try:
-            return merge_adapters(weights, spec.params).adapter
+            merged = merge_adapters(weights, spec.params, cancel=stop).adapter
         except ValueError as err:  # inputs the engine cannot merge together
             raise InvalidArgument(f"merged_adapters {list(spec.adapter_ids)}: {err}") from None
+        except MergeCancelled:
+            if self._stopping.is_set():
+                raise Unavailable("the server is shutting down; merge stopped") from None
+            if deadline is not None and time.monotonic() >= deadline:
+                raise DeadlineExceeded("deadline exceeded while merging; merge stopped") from None
+            raise Cancelled("cancelled while merging; merge stopped") from None
+        if not bool(torch.isfinite(merged.buffer).all()):
+            raise InvalidArgument(
+                f"merged_adapters: the merge overflows {merged.dtype} (values not finite); "
+                "use smaller weights"
+            )
+        return merged
 
     def _outcome(
         self,

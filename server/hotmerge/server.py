@@ -35,6 +35,7 @@ from hotmerge.metrics import Metrics
 from hotmerge.named_merges import NamedMerges
 from hotmerge.service import HotmergeService
 from hotmerge.v1 import hotmerge_pb2, hotmerge_pb2_grpc
+from hotmerge.wire import DecodeErrorInterceptor
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,8 @@ class RunningServer:
         """Drain: refuse new RPCs (UNAVAILABLE), give in-flight ones ``grace`` seconds, then stop
         the server and the engine. True if every in-flight RPC finished within the grace."""
         drained = self.lifecycle.drain(grace or 0.0)
+        if self.service.merger is not None:  # merges still running stop at their next chunk
+            self.service.merger.stop()
         # A handler that has returned may still be sending its status: a second for that, when
         # all finished; otherwise cancel whatever is still in flight now.
         self.server.stop(1.0 if drained and grace else 0).wait()
@@ -146,6 +149,7 @@ def build_engine(config: ServerConfig) -> Engine:
         budget_bytes=config.adapter_budget_bytes,
         module_shapes=runner.module_shapes(),
         allow_hub=config.allow_hub,
+        max_wait_s=config.max_wait_s,
     )
     engine = Engine(
         runner,
@@ -160,7 +164,11 @@ def build_engine(config: ServerConfig) -> Engine:
 
 
 def build_merger(engine: Engine, config: ServerConfig, metrics: Metrics) -> Merger:
-    cache = MergeCache(config.merge_budget_bytes, on_event=metrics.merge_cache_event)
+    cache = MergeCache(
+        config.merge_budget_bytes,
+        on_event=metrics.merge_cache_event,
+        wait_for_room_s=config.max_wait_s,
+    )
     metrics.merged_adapter_bytes.set_function(lambda: cache.used_bytes)
     dtype = str(engine.runner.dtype).removeprefix("torch.")
     return Merger(engine.store, cache, dtype=dtype, metrics=metrics)
@@ -204,7 +212,8 @@ def open_port(config: ServerConfig) -> RunningServer:
     lifecycle = Lifecycle(health_servicer, ("", SERVICE_NAME), guarded=SERVICE_NAME)
     server = grpc.server(
         ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="hotmerge-rpc"),
-        interceptors=[lifecycle.interceptor()],
+        # The decode check runs inside the drain check: a draining replica refuses first.
+        interceptors=[lifecycle.interceptor(), DecodeErrorInterceptor()],
         options=config.grpc_options(),
     )
     hotmerge_pb2_grpc.add_HotmergeServicer_to_server(service, server)

@@ -23,11 +23,12 @@ import numpy as np
 from hotmerge_kernels.params import Strategy
 
 from hotmerge import __version__
+from hotmerge.adapter_files import short
 from hotmerge.adapters import AdapterInfo
 from hotmerge.api import core
 from hotmerge.api.core import RequestPath, Submission
 from hotmerge.engine import Engine
-from hotmerge.errors import Cancelled, HotmergeError, InvalidArgument
+from hotmerge.errors import Cancelled, DeadlineExceeded, HotmergeError, InvalidArgument
 from hotmerge.generation import FinishReason, GenerationRequest, GenerationResult, TokenEvent
 from hotmerge.merge_cache import MergeEntry
 from hotmerge.merge_spec import MergeSpec
@@ -96,10 +97,13 @@ def _send_merge_keys(context: grpc.ServicerContext, outcome: MergeOutcome | None
     """The merge keys as initial metadata, sent with the first response message and not
     before: a replica that dies before answering has then sent nothing, so a balancer can
     still replay the request on another replica."""
-    if outcome is not None:
-        context.send_initial_metadata(
-            ((MERGE_KEY_HEADER, outcome.affinity_key), (MERGE_CACHE_KEY_HEADER, outcome.merge_key))
-        )
+    if outcome is None:
+        return
+    if not context.is_active():  # the deadline passed or the client left (e.g. mid-merge)
+        raise Cancelled("the RPC ended before its response")
+    context.send_initial_metadata(
+        ((MERGE_KEY_HEADER, outcome.affinity_key), (MERGE_CACHE_KEY_HEADER, outcome.merge_key))
+    )
 
 
 def parse_spec_cached(serialized: bytes, max_adapters: int) -> MergeSpec:
@@ -207,12 +211,15 @@ def _rpc(
         yield
         metrics.observe_request(method, grpc.StatusCode.OK, time.perf_counter() - started)
         return
-    except Cancelled as err:
-        if _deadline_passed(context):
-            code, message = grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded; stopped"
-        else:
-            code, message = grpc.StatusCode.CANCELLED, str(err)
-        log.info("request %s %s: %s", request_id, method, code.name)
+    except GeneratorExit:  # a stream whose client went away (or whose deadline passed)
+        code = _ended_code(context)
+        log.info("request %s %s: %s (stream closed)", request_id, method, code.name)
+        metrics.observe_request(method, code, time.perf_counter() - started)
+        raise
+    except (Cancelled, DeadlineExceeded) as err:
+        code = _ended_code(context) if isinstance(err, Cancelled) else err.code
+        message = "deadline exceeded; stopped" if code is DEADLINE else str(err)
+        log.info("request %s %s: %s: %s", request_id, method, code.name, err)
     except HotmergeError as err:
         code, message = err.code, str(err)
         if code == grpc.StatusCode.INTERNAL:  # a failure inside the engine: details stay here
@@ -220,12 +227,24 @@ def _rpc(
             message = f"internal error (request id {request_id}); the server log has details"
         else:
             log.info("request %s %s: %s: %s", request_id, method, code.name, message)
-    except Exception:
-        log.exception("request %s %s failed", request_id, method)
-        code = grpc.StatusCode.INTERNAL
-        message = f"internal error (request id {request_id}); the server log has details"
+    except Exception as exc:
+        if not context.is_active():  # grpc refused to act on an RPC that had already ended
+            code, message = _ended_code(context), "the RPC ended"
+            log.info("request %s %s: %s (%s)", request_id, method, code.name, exc)
+        else:
+            log.exception("request %s %s failed", request_id, method)
+            code = grpc.StatusCode.INTERNAL
+            message = f"internal error (request id {request_id}); the server log has details"
     metrics.observe_request(method, code, time.perf_counter() - started)
     context.abort(code, message)
+
+
+DEADLINE = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def _ended_code(context: grpc.ServicerContext) -> grpc.StatusCode:
+    """Why an RPC ended early: its deadline passed, or else its client cancelled it."""
+    return DEADLINE if _deadline_passed(context) else grpc.StatusCode.CANCELLED
 
 
 class HotmergeService(pb_grpc.HotmergeServicer):
@@ -263,7 +282,12 @@ class HotmergeService(pb_grpc.HotmergeServicer):
     def _submit(self, msg: pb.GenerateRequest, context: grpc.ServicerContext) -> Submission:
         request = generation_request(msg, default_max_new_tokens=self.path.default_max_new_tokens)
         merged = msg.merged_adapters if msg.WhichOneof("adapter") == "merged_adapters" else None
-        sub = self.path.submit(request, merged_adapters=merged, deadline=_deadline(context))
+        sub = self.path.submit(
+            request,
+            merged_adapters=merged,
+            deadline=_deadline(context),
+            cancelled=lambda: not context.is_active(),
+        )
         # Runs when the RPC ends for any reason: on a cancel or deadline it stops the work.
         if not context.add_callback(sub.handle.cancel):
             sub.handle.cancel()  # the RPC had already ended
@@ -298,7 +322,12 @@ class HotmergeService(pb_grpc.HotmergeServicer):
         with self._rpc(context, "Merge", request_id):
             if not request.HasField("merged_adapters"):
                 raise InvalidArgument("merged_adapters is unset: give the merge spec to warm")
-            outcome, _ = self.path.merge(request.merged_adapters, request.name)
+            outcome, _ = self.path.merge(
+                request.merged_adapters,
+                request.name,
+                deadline=_deadline(context),
+                cancelled=lambda: not context.is_active(),
+            )
             _send_merge_keys(context, outcome)
             log.info(
                 "request %s Merge %s%s: hit=%s merge=%.2fms load=%.1fms",
@@ -351,7 +380,7 @@ class HotmergeService(pb_grpc.HotmergeServicer):
             cache = self.path.merger.cache
             stats = cache.stats()
             return pb.ListMergesResponse(
-                merges=[merge_entry_message(e) for e in cache.entries()],
+                merges=[merge_entry_message(e, pins) for e, pins in cache.entries()],
                 used_bytes=stats.used_bytes,
                 budget_bytes=stats.budget_bytes,
             )
@@ -361,8 +390,10 @@ class HotmergeService(pb_grpc.HotmergeServicer):
         with self._rpc(context, "LoadAdapter", request_id):
             if not request.adapter_id:
                 raise InvalidArgument("adapter_id is empty: name the adapter to load")
-            info, load_ms = self.path.ready_engine().store.load(request.adapter_id)
-            log.info("request %s LoadAdapter %s: %.1f ms", request_id, info.id, load_ms)
+            info, load_ms = self.path.ready_engine().store.load(
+                request.adapter_id, deadline=_deadline(context)
+            )
+            log.info("request %s LoadAdapter %s: %.1f ms", request_id, short(info.id), load_ms)
             return pb.LoadAdapterResponse(adapter=adapter_message(info), load_ms=load_ms)
 
     def UnloadAdapter(self, request, context):
@@ -371,11 +402,12 @@ class HotmergeService(pb_grpc.HotmergeServicer):
             if not request.adapter_id:
                 raise InvalidArgument("adapter_id is empty: name the adapter to unload")
             unloaded = self.path.ready_engine().store.unload(request.adapter_id)
-            log.info("request %s UnloadAdapter %s: %s", request_id, request.adapter_id, unloaded)
+            adapter = short(request.adapter_id)
+            log.info("request %s UnloadAdapter %s: %s", request_id, adapter, unloaded)
             return pb.UnloadAdapterResponse(unloaded=unloaded)
 
 
-def merge_entry_message(entry: MergeEntry) -> pb.MergeEntryInfo:
+def merge_entry_message(entry: MergeEntry, pins: int) -> pb.MergeEntryInfo:
     """A merge-cache entry on the wire; ``entry.spec`` is the (MergeSpec, affinity key) the
     Merger stored with it."""
     msg = pb.MergeEntryInfo(
@@ -384,7 +416,7 @@ def merge_entry_message(entry: MergeEntry) -> pb.MergeEntryInfo:
         bytes=entry.nbytes,
         hits=entry.hits,
         last_used_unix_s=entry.last_used,
-        in_use=entry.refs > 0,
+        in_use=pins > 0,
         merge_ms=entry.merge_ms,
     )
     if entry.spec is not None:

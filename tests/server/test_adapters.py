@@ -84,16 +84,25 @@ def test_loads_peft_tensors_with_scaling(built, root):
     assert len(rs.weights.modules) == 14
 
 
-def test_revision_is_a_content_hash(built, root):
+def test_revision_is_a_content_hash_computed_on_load(built, root):
     store = store_for(built, root)
     h = hashlib.sha256()
     h.update((root / "a" / "adapter_model.safetensors").read_bytes())
     h.update((root / "a" / "adapter_config.json").read_bytes())
     listed = {i.id: i for i in store.list()}
-    assert listed["a"].revision == h.hexdigest()[:16] and not listed["a"].loaded
+    # Listing reads headers only: no revision before the first load.
+    assert listed["a"].revision == "" and not listed["a"].loaded
     info, _ = store.load("a")
-    assert info.revision == listed["a"].revision and info.nbytes == listed["a"].nbytes
+    assert info.revision == h.hexdigest()[:16] and info.nbytes == listed["a"].nbytes
+    store.load("b")
+    assert store.unload("a")
+    listed = {i.id: i for i in store.list()}
+    assert listed["a"].revision == info.revision and not listed["a"].loaded  # remembered
     assert listed["a"].revision != listed["b"].revision
+    (root / "a" / "adapter_config.json").write_text(
+        (root / "a" / "adapter_config.json").read_text() + " "
+    )
+    assert {i.id: i for i in store.list()}["a"].revision == ""  # changed since: unknown
 
 
 def test_list_shows_loaded_and_found(built, root):
@@ -168,7 +177,7 @@ def test_module_missing_from_the_model_is_rejected(built, root):
         ({"bias": "all"}, "bias"),
         ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
         ({"peft_type": "IA3"}, "only LoRA"),
-        ({"r": 0}, "positive"),
+        ({"r": 0}, "r must be an integer in"),
     ],
 )
 def test_unsupported_configs_are_rejected(built, root, change, match):
@@ -195,7 +204,7 @@ def test_lru_eviction_by_bytes(built, root):
 def test_adapter_in_use_is_not_evicted(built, root):
     probe = store_for(built, root)
     size = probe.get("a")[0].info.nbytes
-    store = store_for(built, root, budget=size + size // 2)  # room for one
+    store = store_for(built, root, budget=size + size // 2, max_wait_s=0.2)  # room for one
     with store.use("a"):
         with pytest.raises(ResourceExhausted, match="in use"):
             store.get("b")
@@ -212,9 +221,9 @@ def test_concurrent_gets_load_once(built, root):
     store = store_for(built, root)
     real_read = store._read
 
-    def slow_read(adapter_id):
+    def slow_read(*args):
         time.sleep(0.2)  # keep the load in flight while the others ask
-        return real_read(adapter_id)
+        return real_read(*args)
 
     store._read = slow_read
     got = []

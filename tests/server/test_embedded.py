@@ -82,3 +82,36 @@ def test_demo_adapters_visibly_differ(embedded):
         request = GenerationRequest(PROMPT, SamplingParams(max_new_tokens=N_TOKENS), adapter_id)
         outputs.add(tuple(t.token_id for t in engine.submit(request).wait().tokens))
     assert len(outputs) == 1 + len(DEMO_ADAPTERS)
+
+
+def test_truncated_demo_adapter_is_rebuilt_at_start(tmp_path):
+    model_dir, adapter_root = ensure_embedded(tmp_path)
+    weights = adapter_root / "demo-b" / "adapter_model.safetensors"
+    whole = weights.read_bytes()
+    weights.write_bytes(whole[: len(whole) // 2])  # e.g. a disk filled mid-copy
+    (adapter_root / "mine").mkdir()  # a user's adapter next to the demos stays
+    assert ensure_embedded(tmp_path) == (model_dir, adapter_root)
+    assert weights.read_bytes() == whole and (adapter_root / "mine").is_dir()
+
+
+def test_killed_build_leaves_nothing_that_counts(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import os, hotmerge.embedded as e\n"
+        "real = e.write_peft_adapter\n"
+        "def dies(*a, **k):\n"
+        "    real(*a, **k)\n"
+        "    os.kill(os.getpid(), 9)\n"  # SIGKILL mid-build, after one adapter
+        "e.write_peft_adapter = dies\n"
+        f"e.ensure_embedded({str(tmp_path)!r})\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, timeout=300)
+    assert proc.returncode == -9
+    assert list(tmp_path.glob(".embedded-*-*")) and not (tmp_path / ".embedded-complete").exists()
+    model_dir, adapter_root = ensure_embedded(tmp_path)  # builds, and clears the dead temp dir
+    assert not list(tmp_path.glob(".embedded-*-*")) and (tmp_path / ".embedded-complete").exists()
+    assert sorted(p.name for p in adapter_root.iterdir()) == [a.name for a in DEMO_ADAPTERS]

@@ -71,10 +71,11 @@ def test_single_flight(pin):
     assert not any(r.hit for r in results)  # nobody found it ready
     s = cache.stats()
     assert (s.misses, s.waits, s.hits, s.failures) == (1, n - 1, 0, 0)
-    assert results[0].entry.refs == (n if pin else 0)  # the leader pinned for every waiter
+    # the leader pinned for every waiter
+    assert cache.pins(results[0].entry.key) == (n if pin else 0)
     for r in results if pin else []:
         cache.release(r.entry)
-    assert results[0].entry.refs == 0
+    assert cache.pins(results[0].entry.key) == 0
 
 
 def test_failed_merge_reaches_all_waiters_and_is_not_cached():
@@ -128,16 +129,16 @@ def test_lru_eviction_by_bytes():
 def test_pinned_entry_is_not_evicted():
     cache = MergeCache(2 * SIZE)
     with cache.use("pinned", adapter) as (entry, hit, _):
-        assert not hit and entry.refs == 1
+        assert not hit and cache.pins(entry.key) == 1
         cache.get_or_merge("x", adapter)
         cache.get_or_merge("y", adapter)  # evicts x, the only unpinned entry
         cache.get_or_merge("z", adapter)
         assert "pinned" in cache and "x" not in cache and "y" not in cache and "z" in cache
         # pinned again by a second request, through the key alone
         with cache.use("pinned") as second:
-            assert second.hit and second.entry is entry and entry.refs == 2
-        assert entry.refs == 1
-    assert entry.refs == 0
+            assert second.hit and second.entry is entry and cache.pins(entry.key) == 2
+        assert cache.pins(entry.key) == 1
+    assert cache.pins(entry.key) == 0
     cache.get_or_merge("w", adapter)  # evicts z: the second use made pinned more recent
     assert "z" not in cache and "pinned" in cache
     cache.get_or_merge("v", adapter)  # unpinned now, it can go
@@ -148,7 +149,7 @@ def test_resource_exhausted_when_everything_stays_pinned():
     cache = MergeCache(2 * SIZE, wait_for_room_s=0.05)
     a = cache.acquire("a", adapter)
     b = cache.acquire("b", adapter)
-    with pytest.raises(ResourceExhausted, match="stayed full of merged adapters in use"):
+    with pytest.raises(ResourceExhausted, match="held by merged adapters in use"):
         cache.get_or_merge("c", adapter)
     assert "c" not in cache and cache.used_bytes == 2 * SIZE
     assert cache.stats().failures == 1
@@ -246,15 +247,15 @@ def test_entries_record_spec_hits_last_use_and_holders():
     before = time.time()
     first = cache.acquire("k1", adapter, spec="spec-1")
     cache.get_or_merge("k2", adapter, spec="spec-2")
-    listed = {e.key: e for e in cache.entries()}
-    assert listed["k1"].spec == "spec-1" and listed["k1"].refs == 1 and listed["k1"].hits == 0
-    assert listed["k2"].spec == "spec-2" and listed["k2"].refs == 0
-    assert [e.key for e in cache.entries()] == ["k2", "k1"]  # most recently used first
+    listed = {e.key: (e, pins) for e, pins in cache.entries()}
+    assert listed["k1"][0].spec == "spec-1" and listed["k1"][1] == 1 and listed["k1"][0].hits == 0
+    assert listed["k2"][0].spec == "spec-2" and listed["k2"][1] == 0
+    assert [e.key for e, _ in cache.entries()] == ["k2", "k1"]  # most recently used first
     cache.release(first.entry)
     time.sleep(0.01)
     cache.acquire("k1")  # a hit without merge_fn
     cache.get_or_merge("k1", adapter)  # a hit with one
-    k1 = cache.entries()[0]
-    assert k1.key == "k1" and k1.hits == 2 and k1.refs == 1
-    assert k1.last_used > listed["k1"].last_used >= before
-    assert cache.entries()[0] is not cache.entries()[0]  # snapshots, not the live entries
+    k1, pins = cache.entries()[0]
+    assert k1.key == "k1" and k1.hits == 2 and pins == 1
+    assert k1.last_used > listed["k1"][0].last_used >= before
+    assert cache.entries()[0][0] is not cache.entries()[0][0]  # snapshots, not the live entries

@@ -267,7 +267,9 @@ def test_revisions_must_match_ids():
         merge_key(spec(), ["r1"], "bfloat16")
 
 
-finite_weights = st.floats(min_value=-1e6, max_value=1e6, allow_nan=False, width=32)
+finite_weights = st.floats(
+    min_value=-400, max_value=400, allow_nan=False, width=32
+)  # bumped <= 1000
 adapter_ids = st.lists(st.text(min_size=1).filter(str.strip), min_size=1, max_size=6, unique=True)
 
 
@@ -339,3 +341,10 @@ def test_svd_rank_and_clamp_are_in_the_key_only_for_delta_strategies(strategy):
 def test_svd_clamp_outside_the_unit_interval_is_rejected(clamp):
     with pytest.raises(InvalidArgument, match="merged_adapters.svd_clamp"):
         spec(merge_strategy=pb.TIES_SVD, svd_clamp=clamp)
+
+
+@pytest.mark.parametrize("bad", [3.4e38, -1e4, 1000.5])
+def test_absurdly_large_weights_are_refused(bad):
+    with pytest.raises(InvalidArgument, match=r"weights\[1\] is .* within \[-1000, 1000\]"):
+        parse_merge_spec(msg(ids=["a", "b"], weights=[1.0, bad]))
+    assert parse_merge_spec(msg(ids=["a", "b"], weights=[1.0, 1000.0])).params.weights[1] == 1000

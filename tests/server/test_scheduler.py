@@ -50,10 +50,12 @@ def test_max_new_tokens(engine):
     assert "".join(t.text for t in result.tokens) == result.generated_text
 
 
-def test_max_total_tokens_caps_generation(engine, monkeypatch):
+def test_max_new_tokens_over_max_total_tokens_is_refused(engine, monkeypatch):
     prompt_len = len(engine.runner.tokenizer(PROMPT)["input_ids"])
     monkeypatch.setattr(engine, "max_total_tokens", prompt_len + 3)
-    result = run(engine, max_new_tokens=50)
+    with pytest.raises(InvalidArgument, match="give max_new_tokens <= 3"):
+        run(engine, max_new_tokens=50)
+    result = run(engine, max_new_tokens=3)
     assert result.finish_reason is FinishReason.LENGTH and result.generated_tokens == 3
 
 
@@ -131,7 +133,7 @@ def test_cancel_stops_the_row(engine):
         for _ in tokens:
             pass
     time.sleep(0.1)
-    assert engine.store._entries["qv"].pins == 0  # its adapter pin was released
+    assert engine.store.pins("qv") == 0  # its adapter pin was released
     assert run(engine, max_new_tokens=3).generated_tokens == 3  # the worker goes on
 
 
@@ -261,9 +263,9 @@ def test_cancelled_queued_request_leaves_while_the_batch_is_full(engine):
     queued = submit(engine, adapter_id="qv", max_new_tokens=5)
     queued.cancel()
     deadline = time.monotonic() + 5
-    while engine.store._entries["qv"].pins and time.monotonic() < deadline:
+    while engine.store.pins("qv") and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert engine.store._entries["qv"].pins == 0
+    assert engine.store.pins("qv") == 0
     assert engine.queue_depth == 0
     with pytest.raises(Cancelled):
         queued.wait()

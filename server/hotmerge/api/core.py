@@ -15,7 +15,7 @@ import functools
 import logging
 import math
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from hotmerge.engine import AdapterLease, Engine, GenerationHandle, validate_params
@@ -159,8 +159,10 @@ class RequestPath:
         wire = msg.SerializeToString(deterministic=True)
         return _parse_spec_cached(wire, self.max_merge_adapters)
 
-    def _acquire(self, spec: MergeSpec, name: str | None) -> tuple[AdapterLease, MergeOutcome]:
-        lease, outcome = self.merger.acquire(spec)
+    def _acquire(
+        self, spec: MergeSpec, name: str | None, deadline: float | None, cancelled
+    ) -> tuple[AdapterLease, MergeOutcome]:
+        lease, outcome = self.merger.acquire(spec, deadline=deadline, cancelled=cancelled)
         lease.name = name or outcome.merge_key
         return lease, outcome
 
@@ -174,11 +176,13 @@ class RequestPath:
         *,
         merged_adapters: pb.MergedAdapters | None = None,
         deadline: float | None = None,
+        cancelled: Callable[[], bool] | None = None,
     ) -> Submission:
         """Resolve the adapter, submit to the engine (which checks the prompt and adapter).
 
         ``request.adapter_id`` may name an adapter or a named merge; ``merged_adapters`` is an
-        inline spec (not with an adapter_id). ``deadline`` is on the time.monotonic() clock.
+        inline spec (not with an adapter_id). ``deadline`` is on the time.monotonic() clock;
+        it and ``cancelled`` (the client went away) bound the waits and the merge.
         """
         engine = self.ready_engine()
         if merged_adapters is not None and request.adapter_id is not None:
@@ -186,20 +190,26 @@ class RequestPath:
         lease = outcome = None
         adapter = request.adapter_id
         if merged_adapters is not None:
-            lease, outcome = self._acquire(self.parse_spec(merged_adapters), None)
+            spec = self.parse_spec(merged_adapters)
+            lease, outcome = self._acquire(spec, None, deadline, cancelled)
         elif (named := self.named.get(adapter or "")) is not None:
-            lease, outcome = self._acquire(named.spec, named.name)
+            lease, outcome = self._acquire(named.spec, named.name, deadline, cancelled)
         handle = engine.submit(request, deadline=deadline, adapter=lease)
         return Submission(request, handle, outcome, adapter)
 
     def merge(
-        self, merged_adapters: pb.MergedAdapters, name: str = ""
+        self,
+        merged_adapters: pb.MergedAdapters,
+        name: str = "",
+        *,
+        deadline: float | None = None,
+        cancelled: Callable[[], bool] | None = None,
     ) -> tuple[MergeOutcome, NamedMerge | None]:
         """Merge a spec (warm the cache); with a name, also register it as a named merge."""
         self.ready_engine()
         named = self.named.register(name, merged_adapters) if name else None
         spec = named.spec if named else self.parse_spec(merged_adapters)
-        lease, outcome = self.merger.acquire(spec)
+        lease, outcome = self.merger.acquire(spec, deadline=deadline, cancelled=cancelled)
         lease.release()
         return outcome, named
 

@@ -16,6 +16,7 @@ the adapter has no module in the group) so the kernels read nothing more.
 from __future__ import annotations
 
 import logging
+import weakref
 from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -34,33 +35,44 @@ class SlotTable:
 
     def __init__(self, num_slots: int) -> None:
         self.num_slots = num_slots
-        self._adapter: list[FlatAdapter | None] = [None] * num_slots
+        # Weak references: an idle slot keeps its copy on the device for a later request, but
+        # never keeps an unloaded or evicted adapter's own memory alive.
+        self._adapter: list[weakref.ref | None] = [None] * num_slots
         self._refs = [0] * num_slots
         self._slot_of: dict[int, int] = {}  # id(adapter) -> slot (the slot holds the adapter)
         self._idle: OrderedDict[int, None] = OrderedDict((s, None) for s in range(num_slots))
 
     def adapter_in(self, slot: int) -> FlatAdapter | None:
-        return self._adapter[slot] if slot >= 0 else None
+        ref = self._adapter[slot] if slot >= 0 else None
+        return None if ref is None else ref()
+
+    def _lookup(self, adapter: FlatAdapter) -> int | None:
+        """The slot holding this very adapter (an id of a dead one may have been reused)."""
+        slot = self._slot_of.get(id(adapter))
+        if slot is not None and self.adapter_in(slot) is not adapter:
+            del self._slot_of[id(adapter)]  # stale: that slot now holds another (or nothing)
+            return None
+        return slot
 
     def check(self, adapter: FlatAdapter) -> str | None:
         """Why ``adapter`` cannot go into a slot (None: it can)."""
         return None
 
     def can_take(self, adapter: FlatAdapter) -> bool:
-        return id(adapter) in self._slot_of or bool(self._idle)
+        return self._lookup(adapter) is not None or bool(self._idle)
 
     def take(self, adapter: FlatAdapter) -> tuple[int, bool]:
         """(slot, whether it must be written); raises LookupError when every slot is in use."""
-        slot = self._slot_of.get(id(adapter))
+        slot = self._lookup(adapter)
         fresh = slot is None
         if fresh:
             if not self._idle:
                 raise LookupError("every adapter slot is in use")
             slot, _ = self._idle.popitem(last=False)  # least recently used idle slot
-            old = self._adapter[slot]
+            old = self.adapter_in(slot)
             if old is not None:
                 del self._slot_of[id(old)]
-            self._adapter[slot] = adapter
+            self._adapter[slot] = weakref.ref(adapter)
             self._slot_of[id(adapter)] = slot
         elif self._refs[slot] == 0:
             del self._idle[slot]
@@ -74,10 +86,10 @@ class SlotTable:
 
     def forget(self, slot: int) -> None:
         """The slot's contents are invalid (a failed write): never reuse them."""
-        adapter = self._adapter[slot]
+        adapter = self.adapter_in(slot)
         if adapter is not None:
             del self._slot_of[id(adapter)]
-            self._adapter[slot] = None
+        self._adapter[slot] = None
 
     @property
     def in_use(self) -> int:

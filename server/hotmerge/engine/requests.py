@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from hotmerge_kernels.layout import FlatAdapter
 
+from hotmerge import limits
 from hotmerge.errors import Cancelled, HotmergeError, InvalidArgument
 from hotmerge.generation import GenerationRequest, GenerationResult, SamplingParams, TokenEvent
 
@@ -102,6 +103,7 @@ def validate_params(params: SamplingParams) -> None:
         raise bad("max_new_tokens", f"must be >= {least}", params.max_new_tokens)
     if not math.isfinite(params.temperature) or params.temperature < 0:
         raise bad("temperature", "must be a finite number >= 0", params.temperature)
+    limits.check_temperature(params.temperature)
     if not 0 < params.top_p <= 1:
         raise bad("top_p", "must be in (0, 1]", params.top_p)
     if params.top_k < 0:

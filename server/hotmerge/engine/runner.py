@@ -163,7 +163,14 @@ def load_runner(
             f"model {model_id!r}: no such directory (hub downloads are off; "
             "enable them to fetch from the Hugging Face Hub)"
         )
-    tokenizer = AutoTokenizer.from_pretrained(model_id, local_files_only=local)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_id, local_files_only=local)
+    except (OSError, ValueError, TypeError, KeyError) as exc:  # transformers' many ways
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InvalidArgument(
+            f"model {model_id!r}: no usable tokenizer ({reason[:200]}); save the "
+            "tokenizer with the model (tokenizer.json, tokenizer_config.json)"
+        ) from None
     model = AutoModelForCausalLM.from_pretrained(
         model_id, dtype=torch_dtype, local_files_only=local
     )

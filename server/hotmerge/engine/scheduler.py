@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 from hotmerge_kernels.layout import FlatAdapter
 
+from hotmerge import limits
 from hotmerge.adapters import AdapterStore
 from hotmerge.engine.batch import DecodeRow, PrefillChunk
 from hotmerge.engine.detok import TextStream
@@ -38,7 +39,13 @@ from hotmerge.engine.kv_cache import KVBlockPool, blocks_for
 from hotmerge.engine.requests import AdapterLease, GenerationHandle, validate_params
 from hotmerge.engine.runner import ModelRunner
 from hotmerge.engine.sampling import RowSampling
-from hotmerge.errors import Cancelled, HotmergeError, InvalidArgument, Unavailable
+from hotmerge.errors import (
+    Cancelled,
+    HotmergeError,
+    InvalidArgument,
+    ResourceExhausted,
+    Unavailable,
+)
 from hotmerge.generation import (
     FinishReason,
     GenerationRequest,
@@ -67,6 +74,7 @@ class _Row:
     submitted: float  # perf_counter at submit
     queued: float
     worst_tokens: int  # prompt + the most it may generate: what admission reserves
+    queue_until: float  # monotonic: fails if still queued then (limits.queue_deadline)
     timings: Timings = field(default_factory=Timings)
     generated: list[int] = field(default_factory=list)
     events: list[TokenEvent] = field(default_factory=list)
@@ -235,6 +243,7 @@ class Engine:
         elif not isinstance(request.inputs, str):
             raise InvalidArgument("inputs must be a string")
         else:
+            limits.check_prompt_bytes(request.inputs, self.max_input_tokens)
             field_name, ids = "inputs", self.runner.encode(request.inputs)
         if not ids:
             raise InvalidArgument(f"{field_name} is empty (it must give at least one token)")
@@ -257,7 +266,8 @@ class Engine:
         params = request.params
         validate_params(params)
         prompt_ids = self.prompt_ids(request)
-        worst = min(len(prompt_ids) + params.max_new_tokens, self.max_total_tokens)
+        limits.check_max_new_tokens(params.max_new_tokens, len(prompt_ids), self.max_total_tokens)
+        worst = len(prompt_ids) + params.max_new_tokens
         if blocks_for(worst, self.kv.block_size) > self.kv.capacity_blocks:
             raise InvalidArgument(
                 f"the request needs up to {worst} tokens of KV cache (prompt {len(prompt_ids)} + "
@@ -282,6 +292,7 @@ class Engine:
             submitted=submitted,
             queued=time.perf_counter(),
             worst_tokens=worst,
+            queue_until=limits.queue_deadline(deadline, time.monotonic()),
         )
         row.timings.adapter_load_ms = lease.load_ms
         row.timings.merge_ms = lease.merge_ms
@@ -349,7 +360,12 @@ class Engine:
             if self._stopping:
                 return False
             # Queued requests cancelled or past their deadline leave now (and unpin adapters).
-            gone = [r for r in self._pending if r.handle.cancelled or r.handle.expired()]
+            now = time.monotonic()
+            gone = [
+                r
+                for r in self._pending
+                if r.handle.cancelled or r.handle.expired(now) or now >= r.queue_until
+            ]
             for row in gone:
                 self._pending.remove(row)
             admitted = []
@@ -382,6 +398,11 @@ class Engine:
             self._fail(row, Cancelled("cancelled"))
         elif row.handle.expired():
             self._fail(row, Cancelled("deadline exceeded"))
+        elif row not in self._running and time.monotonic() >= row.queue_until:  # still queued
+            self._fail(row, ResourceExhausted(
+                f"waited {limits.MAX_QUEUE_WAIT_S:g} s (the server maximum) in the queue; the "
+                "server is busy: retry later or on another replica"
+            ))  # fmt: skip
         return not row.done
 
     def _grow(self, row: _Row, tokens: int) -> None:
