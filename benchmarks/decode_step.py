@@ -228,7 +228,8 @@ def main() -> None:
             print(
                 f"engine batch {batch:3d} {mode:8s}: step {step_ms:7.2f} ms, graph "
                 f"{graph_ms if graph_ms is None else round(graph_ms, 2)} ms, floor "
-                f"{floor_ms:6.2f} ms ({step_ms / floor_ms:.2f}x), {batch / step_ms * 1000:7.0f} tok/s"
+                f"{floor_ms:6.2f} ms ({step_ms / floor_ms:.2f}x), "
+                f"{batch / step_ms * 1000:7.0f} tok/s"
             )
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
     result = dict(

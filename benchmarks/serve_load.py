@@ -223,10 +223,10 @@ def load_mix(client, running, prompt, adapter_ids, args) -> dict:
     profile = cProfile.Profile() if args.profile else None
     step = engine._step  # timed (and profiled) on the engine thread during the load only
 
-    def timed_step(new):
+    def timed_step():
         t = time.perf_counter()
         try:
-            return profile.runcall(step, new) if profile is not None else step(new)
+            return profile.runcall(step) if profile is not None else step()
         finally:
             step_s.append(time.perf_counter() - t)
 
@@ -346,13 +346,15 @@ def main() -> None:
     parser.add_argument("--adapters", type=int, default=8)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--requests", type=int, default=400)
-    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--single", type=float, default=0.4, help="share of named-adapter requests")
     parser.add_argument("--repeated", type=float, default=0.4, help="share of repeated specs")
-    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--cold-runs", type=int, default=10)
     parser.add_argument("--hit-reps", type=int, default=2000)
-    parser.add_argument("--max-batch-size", type=int, default=16)
+    parser.add_argument("--max-batch-size", type=int, default=32)
+    parser.add_argument("--max-loras", type=int, default=48, help="adapter slots")
+    parser.add_argument("--max-total-tokens", type=int, default=1024)
     parser.add_argument("--profile", action="store_true", help="cProfile the engine thread")
     parser.add_argument("--work-dir", type=Path, default=None)
     parser.add_argument("--out-dir", type=Path, default=Path(__file__).parent / "results")
@@ -375,6 +377,9 @@ def main() -> None:
         port=0,
         http_port=None,
         max_batch_size=args.max_batch_size,
+        max_loras=args.max_loras,
+        max_lora_rank=args.rank,
+        max_total_tokens=args.max_total_tokens,
         max_workers=max(64, 2 * args.concurrency),
         merge_budget_bytes=8 * 1024**3,
         adapter_budget_bytes=16 * 1024**3,

@@ -204,7 +204,16 @@ def parse_merge_spec(msg: pb.MergedAdapters, *, max_adapters: int | None = 16) -
     return MergeSpec(adapter_ids=ids, params=params)
 
 
-_SPEC_FIELDS = ("ids", "weights", "merge_strategy", "density", "majority_sign_method", "seed")
+_SPEC_FIELDS = (
+    "ids",
+    "weights",
+    "merge_strategy",
+    "density",
+    "majority_sign_method",
+    "seed",
+    "svd_rank",
+    "svd_clamp",
+)
 
 
 def merged_adapters_from_dict(data: Mapping[str, Any], *, where: str = FIELD) -> pb.MergedAdapters:
@@ -225,8 +234,9 @@ def merged_adapters_from_dict(data: Mapping[str, Any], *, where: str = FIELD) ->
         msg.weights.extend(data.get("weights") or [])
         if data.get("density") is not None:
             msg.density = data["density"]
-        if data.get("seed") is not None:
-            msg.seed = data["seed"]
+        for name in ("seed", "svd_rank", "svd_clamp"):
+            if data.get(name) is not None:
+                setattr(msg, name, data[name])
     except (TypeError, ValueError) as err:
         raise InvalidArgument(f"{where}: {err}") from None
     for name, enum in (
