@@ -98,18 +98,22 @@ def test_prompt_scores_equal_transformers():
     assert first + second == pytest.approx(want, abs=1e-4)
 
 
-def test_batched_rows_equal_rows_alone():
-    """Decode rows of different lengths in one batch give what each gives alone."""
-    model = hf_model("qwen3")
+@pytest.mark.parametrize("kind", ["qwen3", "mistral"])
+def test_batched_rows_equal_rows_alone(kind):
+    """Prompts prefilled together (two of one length: attended as a batch; one longer than
+    Mistral's window) and decode rows of different lengths give what each gives alone."""
+    model = hf_model(kind)
     runner = runner_for(model)
-    prompts = [[5, 6, 7, 8, 9, 10, 11], [20, 21, 22], [30] * 9]
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [20, 21, 22, 23, 24, 25, 26], [30, 31, 32] * 3]
     tables = [[1, 2, 3], [4, 5], [6, 7, 8]]
-    runner.prefill(
-        [
-            PrefillChunk(i, p, 0, t, -1, True)
-            for i, (p, t) in enumerate(zip(prompts, tables, strict=True))
-        ]
-    )
+    chunks = [
+        PrefillChunk(i, p, 0, t, -1, True)
+        for i, (p, t) in enumerate(zip(prompts, tables, strict=True))
+    ]
+    together, _ = runner.prefill(chunks)
+    for i, chunk in enumerate(chunks):
+        alone, _ = runner.prefill([chunk])
+        assert torch.allclose(together[i], alone[0], atol=1e-5)
     rows = [
         DecodeRow(i, 40 + i, len(p), t, -1)
         for i, (p, t) in enumerate(zip(prompts, tables, strict=True))

@@ -398,7 +398,17 @@ class LlamaRunner(ModelRunner):
         def tensor(values, dtype=torch.int64):
             return torch.tensor(values, dtype=dtype, device=device)
 
-        attn = AttentionBatch(positions=tensor(positions), slot_mapping=tensor(slots), chunks=spans)
+        # Whole prompts (start 0) of one length are attended as one batch.
+        by_length: dict[int, list[int]] = {}
+        for first, n, start, _ in spans:
+            if start == 0:
+                by_length.setdefault(n, []).extend(range(first, first + n))
+        fresh = [
+            (tensor(index), len(index) // n, n) for n, index in by_length.items() if len(index) > n
+        ]
+        attn = AttentionBatch(
+            positions=tensor(positions), slot_mapping=tensor(slots), chunks=spans, fresh=fresh
+        )
         lora = LoraBatch(self.adapters, tensor(token_slots, torch.int32), segments)
         hidden = self.model(tensor(ids), attn, self.kv, lora)
         last = [f + n - 1 for (f, n, _, _), c in zip(spans, chunks, strict=True) if c.last]

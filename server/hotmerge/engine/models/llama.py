@@ -17,7 +17,7 @@ slot index.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -53,7 +53,9 @@ class AttentionBatch:
 
     Decode: ``block_tables (B, max_blocks)``, ``seq_lens (B,)`` (incl. the new token).
     Prefill: ``chunks``: per sequence (first token index in the flat batch, chunk length,
-    start position, block table as a device tensor).
+    start position, block table as a device tensor), for chunks that continue a cached prefix
+    or cross a sliding window; ``fresh``: whole prompts of one length, attended as one batch
+    (their flat token indices, how many, the length).
     """
 
     positions: torch.Tensor  # (T,) int64
@@ -61,6 +63,7 @@ class AttentionBatch:
     block_tables: torch.Tensor | None = None
     seq_lens: torch.Tensor | None = None
     chunks: list[tuple[int, int, int, torch.Tensor]] | None = None
+    fresh: list[tuple[torch.Tensor, int, int]] = field(default_factory=list)
     kernel: object | None = None  # the runner's PagedAttention (decode on CUDA)
 
     @property
@@ -133,7 +136,7 @@ class LlamaLayer(nn.Module):
                 attn.kernel,
             )
         else:
-            out = self._prefill_attention(q, k_cache, v_cache, attn)
+            out = self._prefill_attention(q, k, v, k_cache, v_cache, attn)
         out = out.reshape(tokens, self.num_heads * self.head_dim)
         o = F.linear(out, self.o_weight, self.o_bias)
         if lora is not None:
@@ -150,13 +153,35 @@ class LlamaLayer(nn.Module):
             lora.apply(self.index, "down", act, down)
         return down, residual
 
-    def _prefill_attention(self, q, k_cache, v_cache, attn: AttentionBatch) -> torch.Tensor:
+    def _prefill_attention(self, q, k, v, k_cache, v_cache, attn: AttentionBatch) -> torch.Tensor:
         """Each chunk's queries against its sequence's cached prefix plus the chunk itself
-        (already written to the cache), causal, windowed where the layer is."""
+        (already written to the cache), causal, windowed where the layer is. Whole prompts of
+        one length go as one batch, from their own k and v (a few launches per layer however
+        many prompts); the other chunks one by one, from the cache."""
         out = torch.empty_like(q)
         group = self.num_heads // self.num_kv_heads
         block_size = k_cache.shape[1]
+        for index, batch, length in attn.fresh:
+            if self.window and length > self.window:
+                continue  # in attn.chunks too (see below): it needs the window's mask
+
+            def gather(t, heads):
+                t = t.index_select(0, index).view(batch, length, heads, self.head_dim)
+                return t.transpose(1, 2)
+
+            keys = gather(k, self.num_kv_heads).repeat_interleave(group, dim=1)
+            values = gather(v, self.num_kv_heads).repeat_interleave(group, dim=1)
+            o = F.scaled_dot_product_attention(
+                gather(q, self.num_heads), keys, values, is_causal=True, scale=self.scale
+            )
+            out.index_copy_(0, index, o.transpose(1, 2).reshape(-1, self.num_heads, self.head_dim))
         for first, length, start, table in attn.chunks:
+            if (
+                start == 0
+                and any(length == n for _, _, n in attn.fresh)
+                and not (self.window and length > self.window)
+            ):
+                continue  # done with its batch above
             total = start + length
             blocks = table[: (total + block_size - 1) // block_size]
             keys = k_cache[blocks].flatten(0, 1)[:total]  # (total, Hkv, D)
