@@ -165,14 +165,14 @@ class LlamaLayer(nn.Module):
             if self.window and length > self.window:
                 continue  # in attn.chunks too (see below): it needs the window's mask
 
-            def gather(t, heads):
-                t = t.index_select(0, index).view(batch, length, heads, self.head_dim)
-                return t.transpose(1, 2)
-
-            keys = gather(k, self.num_kv_heads).repeat_interleave(group, dim=1)
-            values = gather(v, self.num_kv_heads).repeat_interleave(group, dim=1)
+            shape = (batch, length, -1, self.head_dim)
+            query = q.index_select(0, index).view(shape).transpose(1, 2)
+            keys = k.index_select(0, index).view(shape).transpose(1, 2)
+            values = v.index_select(0, index).view(shape).transpose(1, 2)
+            keys = keys.repeat_interleave(group, dim=1)
+            values = values.repeat_interleave(group, dim=1)
             o = F.scaled_dot_product_attention(
-                gather(q, self.num_heads), keys, values, is_causal=True, scale=self.scale
+                query, keys, values, is_causal=True, scale=self.scale
             )
             out.index_copy_(0, index, o.transpose(1, 2).reshape(-1, self.num_heads, self.head_dim))
         for first, length, start, table in attn.chunks:
