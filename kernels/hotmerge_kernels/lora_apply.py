@@ -104,7 +104,11 @@ def _t_bucket(t: int) -> int:
 
 
 def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
+    return _INTERPRETING
+
+
+# Read once, as Triton itself does at import: this sits on every launch's path.
+_INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _shrink_configs() -> list[triton.Config]:

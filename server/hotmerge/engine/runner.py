@@ -403,13 +403,13 @@ class LlamaRunner(ModelRunner):
         for first, n, start, _ in spans:
             if start == 0:
                 by_length.setdefault(n, []).extend(range(first, first + n))
-        fresh = [
-            (tensor(index), len(index) // n, n) for n, index in by_length.items() if len(index) > n
-        ]
+        fresh = [(tensor(index), len(index) // n, n) for n, index in by_length.items()]
         attn = AttentionBatch(
             positions=tensor(positions), slot_mapping=tensor(slots), chunks=spans, fresh=fresh
         )
-        lora = LoraBatch(self.adapters, tensor(token_slots, torch.int32), segments)
+        lora = None
+        if any(c.slot >= 0 for c in chunks):  # base-model prompts only: no LoRA launches
+            lora = LoraBatch(self.adapters, tensor(token_slots, torch.int32), segments)
         hidden = self.model(tensor(ids), attn, self.kv, lora)
         last = [f + n - 1 for (f, n, _, _), c in zip(spans, chunks, strict=True) if c.last]
         logits = self.model.logits(hidden[last]) if last else None

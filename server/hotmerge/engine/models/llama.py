@@ -176,11 +176,7 @@ class LlamaLayer(nn.Module):
             )
             out.index_copy_(0, index, o.transpose(1, 2).reshape(-1, self.num_heads, self.head_dim))
         for first, length, start, table in attn.chunks:
-            if (
-                start == 0
-                and any(length == n for _, _, n in attn.fresh)
-                and not (self.window and length > self.window)
-            ):
+            if start == 0 and not (self.window and length > self.window):
                 continue  # done with its batch above
             total = start + length
             blocks = table[: (total + block_size - 1) // block_size]
