@@ -68,5 +68,5 @@ def test_graph_decode_equals_eager_decode(embedded, batch):
                 assert engine.stats.max_batch_size == batch
         finally:
             engine.stop()
-    assert all(len(t) == 64 for t in tokens[True])
+    assert max(len(t) for t in tokens[True]) == 64  # (a random model's row may draw EOS)
     assert tokens[True] == tokens[False]
