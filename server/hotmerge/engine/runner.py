@@ -113,6 +113,21 @@ class ModelRunner:
     block_size: int
     kind: str  # "llama" (our forward) or "transformers" (eager fallback)
 
+    def __init__(self, model_id: str, hf_model, tok: Tokenizer, limits: EngineLimits) -> None:
+        """What both kinds take from the loaded model and its tokenizer."""
+        config = hf_model.config
+        self.model_id = model_id
+        self.device = next(hf_model.parameters()).device
+        self.dtype = next(hf_model.parameters()).dtype
+        self._tok = tok
+        self.tokenizer = tok.tokenizer
+        self.eos_token_ids = tok.eos_token_ids
+        self.pad_token_id = tok.pad_token_id
+        self.max_position_embeddings = getattr(config, "max_position_embeddings", None)
+        self.vocab_size: int = config.vocab_size
+        self.limits = limits
+        self.max_total_tokens = limits.max_total_tokens or self.max_position_embeddings or 4096
+
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text)
 
@@ -228,17 +243,8 @@ class LlamaRunner(ModelRunner):
     kind = "llama"
 
     def __init__(self, model_id: str, hf_model, tok: Tokenizer, limits: EngineLimits) -> None:
+        super().__init__(model_id, hf_model, tok, limits)
         config = hf_model.config
-        self.model_id = model_id
-        self.device = next(hf_model.parameters()).device
-        self.dtype = next(hf_model.parameters()).dtype
-        self._tok = tok
-        self.tokenizer = tok.tokenizer
-        self.eos_token_ids = tok.eos_token_ids
-        self.pad_token_id = tok.pad_token_id
-        self.max_position_embeddings = getattr(config, "max_position_embeddings", None)
-        self.vocab_size: int = config.vocab_size
-        self.limits = limits
         self._paths = module_paths(hf_model)
         self._shapes = {}
         lora_shapes = None
@@ -260,7 +266,6 @@ class LlamaRunner(ModelRunner):
             dtype=self.dtype,
             device=self.device,
         )
-        self.max_total_tokens = limits.max_total_tokens or self.max_position_embeddings or 4096
         self.block_size = limits.block_size
         per_block = block_bytes(
             num_layers, self.block_size, self.model.num_kv_heads, self.model.head_dim, self.dtype

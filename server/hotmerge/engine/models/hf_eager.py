@@ -63,19 +63,9 @@ class EagerRunner(ModelRunner):
     kind = "transformers"
 
     def __init__(self, model_id: str, hf_model, tok, limits) -> None:
+        super().__init__(model_id, hf_model, tok, limits)
         config = hf_model.config
-        self.model_id = model_id
         self.model = hf_model
-        self.device = next(hf_model.parameters()).device
-        self.dtype = next(hf_model.parameters()).dtype
-        self._tok = tok
-        self.tokenizer = tok.tokenizer
-        self.eos_token_ids = tok.eos_token_ids
-        self.pad_token_id = tok.pad_token_id
-        self.max_position_embeddings = getattr(config, "max_position_embeddings", None)
-        self.vocab_size: int = config.vocab_size
-        self.limits = limits
-        self.max_total_tokens = limits.max_total_tokens or self.max_position_embeddings or 4096
         self._current: list = [None]
         self._shapes = wrap_linears(hf_model, self._current)
         self.adapters = SlotTable(limits.max_loras)
