@@ -20,9 +20,14 @@ $(VENV)/.installed: pyproject.toml setup.py
 	$(PY) -m pip install -e .
 	touch $@
 
+# lorax-client without its declared dependencies: its huggingface-hub<1 pin would make pip
+# downgrade transformers 5 to 4.x (pyproject.toml says more).
+LORAX_CLIENT_SPEC ?= lorax-client>=0.6,<1
+
 $(VENV)/.installed-test: $(VENV)/.installed
 	@echo "== installing the test extras (pytest, peft, hypothesis, ruff, ...)"
 	$(PY) -m pip install -e ".[test]"
+	$(PY) -m pip install --no-deps "$(LORAX_CLIENT_SPEC)"
 	touch $@
 
 setup: $(VENV)/.installed proto
