@@ -123,6 +123,10 @@ class ServerConfig:
                 raise ValueError(f"{name} must be positive, got {value}")
         if not 0 < self.kv_cache_fraction <= 1:
             raise ValueError(f"kv_cache_fraction must be in (0, 1], got {self.kv_cache_fraction}")
+        if self.max_lora_rank > 128:
+            raise ValueError(
+                f"max_lora_rank must be <= 128 (the LoRA kernels' widest), got {self.max_lora_rank}"
+            )
         if self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
 
