@@ -112,3 +112,29 @@ def validate_params(params: SamplingParams) -> None:
         raise bad("repetition_penalty", "must be a finite number > 0", params.repetition_penalty)
     if any(not s for s in params.stop):
         raise bad("stop", "must not contain empty strings", params.stop)
+
+
+def prompt_token_ids(request: GenerationRequest, runner, max_input_tokens: int) -> list[int]:
+    """The prompt: ``inputs`` encoded by ``runner``, or ``input_ids`` checked and used as given."""
+    if (request.inputs is None) == (request.input_ids is None):
+        raise InvalidArgument("give exactly one of inputs (text) and input_ids (token ids)")
+    if request.input_ids is not None:
+        field_name, ids = "input_ids", list(request.input_ids)
+        vocab = runner.vocab_size
+        bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < vocab]
+        if bad:
+            raise InvalidArgument(
+                f"input_ids: {bad[0]!r} is not a token id of this model (0 <= id < {vocab})"
+            )
+    elif not isinstance(request.inputs, str):
+        raise InvalidArgument("inputs must be a string")
+    else:
+        limits.check_prompt_bytes(request.inputs, max_input_tokens)
+        field_name, ids = "inputs", runner.encode(request.inputs)
+    if not ids:
+        raise InvalidArgument(f"{field_name} is empty (it must give at least one token)")
+    if len(ids) > max_input_tokens:
+        raise InvalidArgument(
+            f"{field_name} is {len(ids)} tokens, more than max_input_tokens={max_input_tokens}"
+        )
+    return ids

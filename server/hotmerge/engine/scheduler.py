@@ -36,7 +36,12 @@ from hotmerge.adapters import AdapterStore
 from hotmerge.engine.batch import DecodeRow, PrefillChunk
 from hotmerge.engine.detok import TextStream
 from hotmerge.engine.kv_cache import KVBlockPool, blocks_for
-from hotmerge.engine.requests import AdapterLease, GenerationHandle, validate_params
+from hotmerge.engine.requests import (
+    AdapterLease,
+    GenerationHandle,
+    prompt_token_ids,
+    validate_params,
+)
 from hotmerge.engine.runner import ModelRunner
 from hotmerge.engine.sampling import RowSampling
 from hotmerge.errors import (
@@ -228,32 +233,6 @@ class Engine:
                 raise
         return self._submit(request, deadline, adapter, submitted)
 
-    def prompt_ids(self, request: GenerationRequest) -> list[int]:
-        """The prompt: ``inputs`` encoded, or ``input_ids`` checked and used as given."""
-        if (request.inputs is None) == (request.input_ids is None):
-            raise InvalidArgument("give exactly one of inputs (text) and input_ids (token ids)")
-        if request.input_ids is not None:
-            field_name, ids = "input_ids", list(request.input_ids)
-            vocab = self.runner.vocab_size
-            bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < vocab]
-            if bad:
-                raise InvalidArgument(
-                    f"input_ids: {bad[0]!r} is not a token id of this model (0 <= id < {vocab})"
-                )
-        elif not isinstance(request.inputs, str):
-            raise InvalidArgument("inputs must be a string")
-        else:
-            limits.check_prompt_bytes(request.inputs, self.max_input_tokens)
-            field_name, ids = "inputs", self.runner.encode(request.inputs)
-        if not ids:
-            raise InvalidArgument(f"{field_name} is empty (it must give at least one token)")
-        if len(ids) > self.max_input_tokens:
-            raise InvalidArgument(
-                f"{field_name} is {len(ids)} tokens, more than max_input_tokens="
-                f"{self.max_input_tokens}"
-            )
-        return ids
-
     def _submit(
         self,
         request: GenerationRequest,
@@ -265,7 +244,7 @@ class Engine:
             raise Unavailable("the engine is not running")
         params = request.params
         validate_params(params)
-        prompt_ids = self.prompt_ids(request)
+        prompt_ids = prompt_token_ids(request, self.runner, self.max_input_tokens)
         limits.check_max_new_tokens(params.max_new_tokens, len(prompt_ids), self.max_total_tokens)
         worst = len(prompt_ids) + params.max_new_tokens
         if blocks_for(worst, self.kv.block_size) > self.kv.capacity_blocks:
