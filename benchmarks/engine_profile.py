@@ -86,7 +86,9 @@ def main() -> None:
     runner = build_runner("profile", model, byte_level_tokenizer(), limits)
     del model
     shapes = runner.module_shapes()
-    slots = [runner.adapters.take(random_adapter(shapes, args.rank, s))[0] for s in range(args.batch)]
+    slots = [
+        runner.adapters.take(random_adapter(shapes, args.rank, s))[0] for s in range(args.batch)
+    ]
     blocks = -(-per_row // runner.block_size)
     tables = [list(range(1 + i * blocks, 1 + (i + 1) * blocks)) for i in range(2 * args.batch)]
     report: dict[str, dict] = {}

@@ -1,14 +1,17 @@
-"""On the GPU: decode replayed from captured CUDA graphs gives the eager decode's tokens."""
+"""On the GPU: the kernels' forward gives transformers' logits, and prefill and decode replayed
+from captured CUDA graphs give the eager path's tokens."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from hotmerge.engine.batch import DecodeRow, PrefillChunk
 from hotmerge.generation import GenerationRequest, SamplingParams
 from hotmerge_kernels.merge import merge_adapters
 from hotmerge_kernels.params import MergeParams, Strategy
 
 from tests.helpers import make_engine
+from tests.server.test_engine import hf_model, runner_for
 
 pytestmark = pytest.mark.gpu
 
@@ -47,6 +50,34 @@ def generate_all(engine, count: int, max_new_tokens: int = 64) -> list[list[int]
     return [[t.token_id for t in h.wait().tokens] for h in handles]
 
 
+@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2", "qwen3"])
+@pytest.mark.parametrize("chunk", [None, 5])
+def test_graph_forward_logits_equal_transformers(kind, chunk):
+    """float32 on the GPU (the Triton kernels, replayed graphs): prefill, whole or in chunks
+    after a cached prefix, and decode logits equal transformers' full forward."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    model = hf_model(kind).cuda()
+    with torch.inference_mode():
+        ids = torch.randint(3, 259, (1, 19)).tolist()[0]
+        want = model(torch.tensor([ids], device="cuda")).logits[0].float()
+    runner = runner_for(model)
+    assert runner._prefill_graphs and runner._graphs
+    prompt, steps = ids[:14], ids[14:]
+    table = list(range(1, 1 + 5))
+    size = chunk or len(prompt)
+    logits = None
+    for start in range(0, len(prompt), size):
+        part = prompt[start : start + size]
+        last = start + size >= len(prompt)
+        logits, _ = runner.prefill([PrefillChunk(0, part, start, table, -1, last)])
+    torch.testing.assert_close(logits[0], want[len(prompt) - 1], atol=1e-3, rtol=1e-3)
+    for i, token in enumerate(steps):
+        position = len(prompt) + i
+        out = runner.decode([DecodeRow(0, token, position, table, -1)])
+        torch.testing.assert_close(out[0], want[position], atol=1e-3, rtol=1e-3)
+
+
 @pytest.mark.parametrize("batch", [1, 32])
 def test_graph_decode_equals_eager_decode(embedded, batch):
     model_dir, root = embedded
@@ -63,6 +94,7 @@ def test_graph_decode_equals_eager_decode(embedded, batch):
         )
         try:
             assert bool(engine.runner._graphs) == graphs
+            assert bool(engine.runner._prefill_graphs) == graphs
             tokens[graphs] = generate_all(engine, batch)
             if batch > 1:
                 assert engine.stats.max_batch_size == batch

@@ -1,11 +1,12 @@
 """What one forward runs over: prefill chunks and decode rows (plain data from the scheduler),
-and the fixed-address device buffers a captured decode graph reads them from."""
+and the fixed-address device buffers a captured graph reads them from."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
@@ -77,10 +78,66 @@ class DecodeBuffers:
         self.block_tables[:padded].copy_(self._host_tables[:padded], non_blocking=True)
 
 
-def padded_sizes(max_batch: int) -> list[int]:
-    """Batch sizes a decode graph is captured for: powers of two, and the maximum."""
-    sizes, size = [], 1
-    while size < max_batch:
+class PrefillBuffers:
+    """Inputs of a prefill forward at fixed addresses: up to ``max_tokens`` prompt tokens of up
+    to ``max_seqs`` sequences (one chunk each), filled with one host-to-device copy each."""
+
+    def __init__(self, max_tokens: int, max_seqs: int, max_blocks: int, device) -> None:
+        self.max_tokens, self.max_seqs = max_tokens, max_seqs
+        pin = device.type == "cuda"
+
+        def pair(shape, dtype):
+            host = torch.zeros(shape, dtype=dtype, pin_memory=pin)
+            return host, torch.zeros(shape, dtype=dtype, device=device)
+
+        self._host_tokens, self.tokens = pair((3, max_tokens), torch.int64)
+        self._host_slots, self.lora_slots = pair(max_tokens, torch.int32)
+        self._host_seqs, self.seqs = pair((3, max_seqs), torch.int32)
+        self._host_last, self.last = pair(max_seqs, torch.int64)
+        self._host_tables, self.block_tables = pair((max_seqs, max_blocks), torch.int32)
+        self.input_ids, self.positions, self.slot_mapping = self.tokens
+        self.query_start, self.query_lens, self.query_pos = self.seqs
+
+    def fill(self, chunks: Sequence[PrefillChunk], padded: int, block_size: int) -> int:
+        """Chunks' tokens first, then padding tokens (no adapter, KV not written); sequences
+        past the chunks have no queries. Returns the sequence entries the forward reads."""
+        seqs = min(self.max_seqs, padded)  # every chunk holds a token
+        tokens, slots = self._host_tokens.numpy(), self._host_slots.numpy()
+        per_seq, last = self._host_seqs.numpy(), self._host_last.numpy()
+        tables = self._host_tables.numpy()
+        tokens[:, :padded] = 0
+        tokens[2, :padded] = -1
+        slots[:padded] = -1
+        per_seq[:, :seqs] = 0
+        last[:seqs] = 0
+        tables[:seqs] = 0
+        first = 0
+        for s, c in enumerate(chunks):
+            n, end = len(c.token_ids), first + len(c.token_ids)
+            table = np.asarray(c.block_table, dtype=np.int64)
+            positions = np.arange(c.start, c.start + n)
+            tokens[0, first:end] = c.token_ids
+            tokens[1, first:end] = positions
+            tokens[2, first:end] = table[positions // block_size] * block_size + (
+                positions % block_size
+            )
+            slots[first:end] = c.slot
+            per_seq[:, s] = (first, n, c.start)
+            last[s] = end - 1
+            tables[s, : len(table)] = table
+            first = end
+        self.tokens[:, :padded].copy_(self._host_tokens[:, :padded], non_blocking=True)
+        self.lora_slots[:padded].copy_(self._host_slots[:padded], non_blocking=True)
+        self.seqs[:, :seqs].copy_(self._host_seqs[:, :seqs], non_blocking=True)
+        self.last[:seqs].copy_(self._host_last[:seqs], non_blocking=True)
+        self.block_tables[:seqs].copy_(self._host_tables[:seqs], non_blocking=True)
+        return seqs
+
+
+def padded_sizes(max_size: int, smallest: int = 1) -> list[int]:
+    """Sizes a graph is captured for: powers of two from ``smallest``, and the maximum."""
+    sizes, size = [], smallest
+    while size < max_size:
         sizes.append(size)
         size *= 2
-    return [*sizes, max_batch]
+    return [*sizes, max_size]

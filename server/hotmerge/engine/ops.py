@@ -12,6 +12,7 @@ import os
 
 import torch
 from hotmerge_kernels import fused_ops, lora_apply, paged_attention
+from hotmerge_kernels import prefill_attention as prefill_kernels
 
 use_triton = os.environ.get("HOTMERGE_TRITON", "1") != "0"
 
@@ -49,6 +50,20 @@ def paged_decode_attention(
     return paged_attention.paged_decode_attention_torch(
         q, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window
     )
+
+
+def prefill_attention(
+    q, k_cache, v_cache, block_tables, query_start, query_lens, query_pos, scale, sliding_window
+):
+    """Each sequence's query tokens against its cached prefix and themselves (already in the
+    cache), causal and windowed; one launch for the batch on CUDA."""
+    fn = (
+        prefill_kernels.paged_prefill_attention
+        if triton_enabled(q)
+        else prefill_kernels.paged_prefill_attention_torch
+    )
+    args = (q, k_cache, v_cache, block_tables, query_start, query_lens, query_pos, scale)
+    return fn(*args, sliding_window)
 
 
 def lora(x, y, lora_a, lora_b, slot_ranks, token_slots, slice_offsets, buf, meta=None) -> None:

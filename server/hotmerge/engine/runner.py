@@ -2,13 +2,14 @@
 
 ``load_runner`` loads the tokenizer and the transformers model, then runs Llama-family models
 (Llama, Mistral, Qwen2, Qwen3) through our own forward (:class:`LlamaRunner`: paged KV cache,
-eager prefill, decode replayed from a CUDA graph per padded batch size) and any other
+prefill and decode replayed from CUDA graphs, per padded token count and batch size) and any other
 architecture through transformers, eagerly (:class:`~hotmerge.engine.models.hf_eager.EagerRunner`),
 behind the same interface. Only the scheduler's worker thread calls ``prefill``/``decode``.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -18,7 +19,13 @@ from pathlib import Path
 
 import torch
 
-from hotmerge.engine.batch import DecodeBuffers, DecodeRow, PrefillChunk, padded_sizes, slot_of
+from hotmerge.engine.batch import (
+    DecodeBuffers,
+    DecodeRow,
+    PrefillBuffers,
+    PrefillChunk,
+    padded_sizes,
+)
 from hotmerge.engine.kv_cache import allocate_kv, block_bytes, blocks_for
 from hotmerge.engine.lora import AdapterPool, LoraBatch, SlotTable
 from hotmerge.engine.models.llama import (
@@ -285,6 +292,14 @@ class LlamaRunner(ModelRunner):
         self.sizes = padded_sizes(limits.max_batch_size)
         # (padded batch size, whether any row has an adapter) -> (graph, its logits output)
         self._graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        # A prefill never holds more tokens than all its sequences can.
+        max_prefill = min(limits.max_prefill_tokens, limits.max_batch_size * self.max_total_tokens)
+        self.prefill_buffers = PrefillBuffers(
+            max_prefill, limits.max_batch_size, self.max_blocks, self.device
+        )
+        self.prefill_sizes = padded_sizes(max_prefill, smallest=min(16, max_prefill))
+        # (padded token count, whether any token has an adapter) -> (graph, (hidden, logits))
+        self._prefill_graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, tuple]] = {}
         self.attention = None  # the paged decode attention kernel, with its workspace (CUDA)
         if self.device.type == "cuda":
             from hotmerge_kernels.paged_attention import PagedAttention
@@ -329,10 +344,20 @@ class LlamaRunner(ModelRunner):
         hidden = self.model(buf.input_ids[:size], attn, self.kv, lora)
         return self.model.logits(hidden)
 
+    def _warm_chunks(self, size: int) -> list[PrefillChunk]:
+        """About four prompts of ``size`` tokens in all, each fitting one sequence, each with
+        its own adapter slot: a prefill of that padded size with LoRA on every token."""
+        per = max(1, min(self.max_total_tokens, -(-size // 4)))
+        lengths = [per] * (size // per) + ([size % per] if size % per else [])
+        table = [0] * self.max_blocks  # the null block: warm-up output is never read
+        slots = self.adapters.num_slots
+        return [PrefillChunk(-1, [0] * n, 0, table, i % slots, True) for i, n in enumerate(lengths)]
+
     @torch.inference_mode()
     def _warm_up(self, *, capture: bool) -> None:
         """Run every shape once (the kernels autotune per shape, outside any graph), then
-        capture one decode graph per padded batch size, sharing one memory pool."""
+        capture one decode graph per padded batch size and one prefill graph per padded token
+        count, all sharing one memory pool."""
         started = time.perf_counter()
         slots = self.adapters.num_slots
         with self.adapters.every_slot_full():
@@ -340,31 +365,42 @@ class LlamaRunner(ModelRunner):
                 rows = [DecodeRow(-1, 0, 0, [0], i % slots) for i in range(size)]
                 self.buffers.fill(rows, size, self.block_size)
                 self._decode_step(size)
-            tokens = 1
-            while tokens <= self.limits.max_prefill_tokens:
-                runs = min(tokens, 4)
-                chunks = [
-                    PrefillChunk(-1, [0] * (tokens // runs), 0, [0] * self.max_blocks, i, True)
-                    for i in range(runs)
-                ]
-                self.prefill(chunks)
-                tokens *= 2
+            for size in self.prefill_sizes:
+                self.prefill(self._warm_chunks(size))
         torch.cuda.synchronize()
         log.info("kernels warmed up in %.1f s", time.perf_counter() - started)
         if not capture:
             return
         # A batch of base-model rows only replays a graph without the LoRA launches.
+        started = time.perf_counter()
         pool = torch.cuda.graph_pool_handle()
         for size in reversed(self.sizes):  # largest first: smaller ones reuse its pool memory
             self.buffers.fill([], size, self.block_size)
             for with_lora in (True, False):
-                self._decode_step(size, with_lora)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
-                    logits = self._decode_step(size, with_lora)
-                self._graphs[size, with_lora] = (graph, logits)
+                step = functools.partial(self._decode_step, size, with_lora)
+                self._graphs[size, with_lora] = self._capture(pool, step)
+        for size in reversed(self.prefill_sizes):
+            seqs = self.prefill_buffers.fill([], size, self.block_size)
+            for with_lora in (True, False):
+                step = functools.partial(self._prefill_step, size, seqs, with_lora)
+                self._prefill_graphs[size, with_lora] = self._capture(pool, step)
         torch.cuda.synchronize()
-        log.info("captured decode graphs for batch sizes %s", self.sizes)
+        log.info(
+            "captured CUDA graphs in %.1f s: decode for batch sizes %s, prefill for token "
+            "counts %s",
+            time.perf_counter() - started,
+            self.sizes,
+            self.prefill_sizes,
+        )
+
+    @staticmethod
+    def _capture(pool, step):
+        """(graph, outputs) of ``step`` captured once it has run eagerly."""
+        step()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            outputs = step()
+        return graph, outputs
 
     @torch.inference_mode()
     def decode(self, rows: Sequence[DecodeRow]) -> torch.Tensor:
@@ -383,45 +419,52 @@ class LlamaRunner(ModelRunner):
 
     # -- prefill ------------------------------------------------------------------------------
 
+    def _prefill_step(self, size: int, seqs: int, with_lora: bool):
+        """The forward over the prefill buffers' first ``size`` tokens and ``seqs`` sequences:
+        (final hidden states (size, H), logits of each sequence's last token (seqs, V))."""
+        buf = self.prefill_buffers
+        attn = AttentionBatch(
+            positions=buf.positions[:size],
+            slot_mapping=buf.slot_mapping[:size],
+            block_tables=buf.block_tables[:seqs],
+            query_start=buf.query_start[:seqs],
+            query_lens=buf.query_lens[:seqs],
+            query_pos=buf.query_pos[:seqs],
+        )
+        lora = LoraBatch(self.adapters, buf.lora_slots[:size]) if with_lora else None
+        hidden = self.model(buf.input_ids[:size], attn, self.kv, lora)
+        return hidden, self.model.logits(hidden.index_select(0, buf.last[:seqs]))
+
     @torch.inference_mode()
     def prefill(self, chunks: Sequence[PrefillChunk]):
-        device, bs = self.device, self.block_size
-        ids, positions, slots, token_slots = [], [], [], []
-        spans, segments = [], []
-        first = 0
+        n = sum(len(c.token_ids) for c in chunks)
+        buf = self.prefill_buffers
+        if n > buf.max_tokens or len(chunks) > buf.max_seqs:
+            raise ValueError(
+                f"a prefill of {n} tokens in {len(chunks)} chunks; this runner takes at most "
+                f"{buf.max_tokens} tokens in {buf.max_seqs} chunks"
+            )
+        # On CUDA, graphs or not, the tokens are padded to the same sizes, so that eager and
+        # replayed prefill run the very same kernels.
+        size = next(s for s in self.prefill_sizes if s >= n) if self.device.type == "cuda" else n
+        seqs = buf.fill(chunks, size, self.block_size)
+        with_lora = any(c.slot >= 0 for c in chunks)  # base-model prompts: no LoRA launches
+        captured = self._prefill_graphs.get((size, with_lora))
+        if captured is not None:
+            graph, (hidden, logits) = captured
+            graph.replay()
+        else:
+            hidden, logits = self._prefill_step(size, seqs, with_lora)
+        last = [i for i, c in enumerate(chunks) if c.last]
+        if len(last) < len(chunks):
+            logits = logits[torch.tensor(last, device=self.device)] if last else None
+        else:
+            logits = logits[: len(chunks)]
+        scores, first = [], 0
         for c in chunks:
-            n = len(c.token_ids)
-            ids.extend(c.token_ids)
-            positions.extend(range(c.start, c.start + n))
-            slots.extend(slot_of(c.block_table, p, bs) for p in range(c.start, c.start + n))
-            token_slots.extend([c.slot] * n)
-            table = torch.tensor(list(c.block_table), dtype=torch.int64, device=device)
-            spans.append((first, n, c.start, table))
-            segments.append((first, first + n, c.slot))
-            first += n
-
-        def tensor(values, dtype=torch.int64):
-            return torch.tensor(values, dtype=dtype, device=device)
-
-        # Whole prompts (start 0) of one length are attended as one batch.
-        by_length: dict[int, list[int]] = {}
-        for first, n, start, _ in spans:
-            if start == 0:
-                by_length.setdefault(n, []).extend(range(first, first + n))
-        fresh = [(tensor(index), len(index) // n, n) for n, index in by_length.items()]
-        attn = AttentionBatch(
-            positions=tensor(positions), slot_mapping=tensor(slots), chunks=spans, fresh=fresh
-        )
-        lora = None
-        if any(c.slot >= 0 for c in chunks):  # base-model prompts only: no LoRA launches
-            lora = LoraBatch(self.adapters, tensor(token_slots, torch.int32), segments)
-        hidden = self.model(tensor(ids), attn, self.kv, lora)
-        last = [f + n - 1 for (f, n, _, _), c in zip(spans, chunks, strict=True) if c.last]
-        logits = self.model.logits(hidden[last]) if last else None
-        scores = [
-            self._score(hidden[f : f + n], c) if c.score else []
-            for (f, n, _, _), c in zip(spans, chunks, strict=True)
-        ]
+            end = first + len(c.token_ids)
+            scores.append(self._score(hidden[first:end], c) if c.score else [])
+            first = end
         return logits, scores
 
     def _score(self, hidden: torch.Tensor, chunk: PrefillChunk) -> list[float]:

@@ -6,10 +6,11 @@ where the config has them, Qwen3's per-head q/k norms, RoPE from the model's own
 (every static RoPE variant: default, linear, llama3, yarn, ...), GQA, and a sliding window on
 the layers the config gives one.
 
-One forward serves both phases over a flat batch of tokens; only attention differs:
-- decode: one token per row, paged attention over that row's block table (this is the
-  function the runner captures in a CUDA graph);
-- prefill: each sequence's chunk attends to its cached prefix and itself (eager).
+One forward serves both phases over a flat batch of tokens; only attention differs (the runner
+captures both in CUDA graphs, per padded size):
+- decode: one token per row, paged attention over that row's block table;
+- prefill: each sequence's chunk attends to its cached prefix and itself, through the same
+  paged cache (its own K/V are written first), one launch for every sequence.
 LoRA is added to each projection group from the adapter pool's stacked slots, by each token's
 slot index.
 """
@@ -17,7 +18,7 @@ slot index.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -49,26 +50,28 @@ def unsupported_reason(model: nn.Module) -> str | None:
 
 @dataclass
 class AttentionBatch:
-    """Where each token's K/V goes and what it attends to.
+    """Where each token's K/V goes and what it attends to (device tensors only, so a forward
+    can be captured in a CUDA graph).
 
-    Decode: ``block_tables (B, max_blocks)``, ``seq_lens (B,)`` (incl. the new token).
-    Prefill: ``chunks``: per sequence (first token index in the flat batch, chunk length,
-    start position, block table as a device tensor), for chunks that continue a cached prefix
-    or cross a sliding window; ``fresh``: whole prompts of one length, attended as one batch
-    (their flat token indices, how many, the length).
+    Decode (one token per row): ``block_tables (B, max_blocks)``, ``seq_lens (B,)`` tokens in
+    the cache including the new one. Prefill (chunks of prompts, flat): per sequence
+    ``block_tables (S, max_blocks)``, ``query_start``, ``query_lens`` and ``query_pos`` (its
+    first token's index in the batch, its token count, its first token's position); see
+    ``hotmerge_kernels.prefill_attention``.
     """
 
     positions: torch.Tensor  # (T,) int64
     slot_mapping: torch.Tensor  # (T,) int64 flat cache slot, -1: do not write
-    block_tables: torch.Tensor | None = None
+    block_tables: torch.Tensor
     seq_lens: torch.Tensor | None = None
-    chunks: list[tuple[int, int, int, torch.Tensor]] | None = None
-    fresh: list[tuple[torch.Tensor, int, int]] = field(default_factory=list)
+    query_start: torch.Tensor | None = None
+    query_lens: torch.Tensor | None = None
+    query_pos: torch.Tensor | None = None
     kernel: object | None = None  # the runner's PagedAttention (decode on CUDA)
 
     @property
     def is_decode(self) -> bool:
-        return self.chunks is None
+        return self.query_lens is None
 
 
 class LlamaLayer(nn.Module):
@@ -136,7 +139,17 @@ class LlamaLayer(nn.Module):
                 attn.kernel,
             )
         else:
-            out = self._prefill_attention(q, k, v, k_cache, v_cache, attn)
+            out = ops.prefill_attention(
+                q,
+                k_cache,
+                v_cache,
+                attn.block_tables,
+                attn.query_start,
+                attn.query_lens,
+                attn.query_pos,
+                self.scale,
+                self.window,
+            )
         out = out.reshape(tokens, self.num_heads * self.head_dim)
         o = F.linear(out, self.o_weight, self.o_bias)
         if lora is not None:
@@ -152,51 +165,6 @@ class LlamaLayer(nn.Module):
         if lora is not None:
             lora.apply(self.index, "down", act, down)
         return down, residual
-
-    def _prefill_attention(self, q, k, v, k_cache, v_cache, attn: AttentionBatch) -> torch.Tensor:
-        """Each chunk's queries against its sequence's cached prefix plus the chunk itself
-        (already written to the cache), causal, windowed where the layer is. Whole prompts of
-        one length go as one batch, from their own k and v (a few launches per layer however
-        many prompts); the other chunks one by one, from the cache."""
-        out = torch.empty_like(q)
-        group = self.num_heads // self.num_kv_heads
-        block_size = k_cache.shape[1]
-        for index, batch, length in attn.fresh:
-            if self.window and length > self.window:
-                continue  # in attn.chunks too (see below): it needs the window's mask
-
-            shape = (batch, length, -1, self.head_dim)
-            query = q.index_select(0, index).view(shape).transpose(1, 2)
-            keys = k.index_select(0, index).view(shape).transpose(1, 2)
-            values = v.index_select(0, index).view(shape).transpose(1, 2)
-            keys = keys.repeat_interleave(group, dim=1)
-            values = values.repeat_interleave(group, dim=1)
-            o = F.scaled_dot_product_attention(
-                query, keys, values, is_causal=True, scale=self.scale
-            )
-            out.index_copy_(0, index, o.transpose(1, 2).reshape(-1, self.num_heads, self.head_dim))
-        for first, length, start, table in attn.chunks:
-            if start == 0 and not (self.window and length > self.window):
-                continue  # done with its batch above
-            total = start + length
-            blocks = table[: (total + block_size - 1) // block_size]
-            keys = k_cache[blocks].flatten(0, 1)[:total]  # (total, Hkv, D)
-            values = v_cache[blocks].flatten(0, 1)[:total]
-            keys = keys.repeat_interleave(group, dim=1).transpose(0, 1)
-            values = values.repeat_interleave(group, dim=1).transpose(0, 1)
-            query = q[first : first + length].transpose(0, 1)  # (H, L, D)
-            mask = None
-            if start > 0 or (self.window and total > self.window):
-                qpos = torch.arange(start, total, device=q.device)[:, None]
-                kpos = torch.arange(total, device=q.device)[None, :]
-                mask = kpos <= qpos
-                if self.window:
-                    mask &= kpos > qpos - self.window
-            o = F.scaled_dot_product_attention(
-                query, keys, values, attn_mask=mask, is_causal=mask is None, scale=self.scale
-            )
-            out[first : first + length] = o.transpose(0, 1)
-        return out
 
 
 class LlamaModel(nn.Module):
