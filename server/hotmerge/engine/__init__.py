@@ -4,9 +4,9 @@
 | --- | --- |
 | requests | the adapter lease, the handle a caller waits on, parameter rules |
 | scheduler | queue, admission (KV blocks, batch size, adapter slots), the step loop; no tensors |
-| batch | prefill chunks / decode rows, and the fixed-address buffers of a captured decode |
+| batch | prefill chunks / decode rows, and the fixed-address buffers captured graphs read |
 | kv_cache | the paged block pool: reservations, blocks, usage; the cache tensors |
-| runner | loading; eager prefill; decode replayed from a CUDA graph per padded batch size |
+| runner | loading; prefill and decode replayed from CUDA graphs per padded size |
 | models | our Llama-family forward; transformers' eager forward for other architectures |
 | lora | the adapter pool (stacked slots) and the per-batch LoRA call |
 | ops | each operator dispatched to its Triton kernel (CUDA) or torch twin |
