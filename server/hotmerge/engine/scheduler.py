@@ -66,6 +66,20 @@ def _ms(start: float, end: float) -> float:
     return (end - start) * 1000.0
 
 
+class _Lap:
+    """Adds the time since the previous lap to a phase's total: where a step's time goes."""
+
+    __slots__ = ("totals", "last")
+
+    def __init__(self, totals: Counter) -> None:
+        self.totals, self.last = totals, time.perf_counter()
+
+    def __call__(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.totals[phase] += now - self.last
+        self.last = now
+
+
 @dataclass(eq=False)
 class _Row:
     """One request's state in the engine."""
@@ -109,6 +123,8 @@ class EngineStats:
     decode_batch_sizes: Counter = field(default_factory=Counter)
     requests_finished: int = 0
     requests_failed: int = 0
+    steps: int = 0
+    step_phase_s: Counter = field(default_factory=Counter)  # seconds per phase of the steps
 
     @property
     def max_batch_size(self) -> int:
@@ -338,6 +354,7 @@ class Engine:
                     self._cv.wait(left)
             if self._stopping:
                 return False
+            lap = _Lap(self.stats.step_phase_s)  # after the waits: only the work is counted
             # Queued requests cancelled or past their deadline leave now (and unpin adapters).
             now = time.monotonic()
             gone = [
@@ -370,6 +387,7 @@ class Engine:
             except Exception as exc:
                 log.exception("writing an adapter into its slot failed")
                 self._fail(row, HotmergeError(f"internal error while loading the adapter: {exc}"))
+        lap("admit")
         return True
 
     def _still_wanted(self, row: _Row) -> bool:
@@ -392,6 +410,8 @@ class Engine:
             row.reserved -= missing
 
     def _step(self) -> None:
+        self.stats.steps += 1
+        lap = _Lap(self.stats.step_phase_s)
         for row in list(self._running):  # clients gone or deadlines passed: leave before work
             self._still_wanted(row)
         decoding = [r for r in self._running if not r.prefilling]
@@ -405,9 +425,11 @@ class Engine:
                 position = len(r.prompt_ids) + len(r.generated) - 1
                 self._grow(r, position + 1)
                 batch.append(DecodeRow(r.seq_id, r.generated[-1], position, r.blocks, r.slot))
+            lap("prepare")
             decode_logits = self.runner.decode(batch)
             self.stats.decode_batch_sizes[len(batch)] += 1
             rows_out.extend(decoding)
+            lap("decode")
         if chunks:
             for r in chunk_rows:
                 if not r.prefill_started:
@@ -419,6 +441,7 @@ class Engine:
                 r.prefilled += len(c.token_ids)
                 r.prompt_scores.extend(score)
             rows_out.extend(r for r, c in zip(chunk_rows, chunks, strict=True) if c.last)
+            lap("prefill")
         sampling = [
             RowSampling(
                 r.params,
@@ -428,7 +451,9 @@ class Engine:
             )
             for r in rows_out
         ]
+        lap("prepare")
         tokens, logprobs = self.runner.sample([decode_logits, prefill_logits], sampling)
+        lap("sample")
         done = time.perf_counter()
         for r in chunk_rows:
             if not r.prefilling:
@@ -442,6 +467,7 @@ class Engine:
             except Exception as exc:  # one row's failure is that row's alone
                 log.exception("request failed while emitting a token")
                 self._fail(r, HotmergeError(f"internal error while generating: {exc}"))
+        lap("emit")
 
     def _plan_prefill(self) -> tuple[list[PrefillChunk], list[_Row]]:
         """The next prompt chunks, up to ``max_prefill_tokens`` (at least one chunk)."""
