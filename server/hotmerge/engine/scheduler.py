@@ -34,7 +34,7 @@ from hotmerge_kernels.layout import FlatAdapter
 from hotmerge import limits
 from hotmerge.adapters import AdapterStore
 from hotmerge.engine.batch import DecodeRow, PrefillChunk
-from hotmerge.engine.detok import TextStream
+from hotmerge.engine.detok import TextStream, text_decoder
 from hotmerge.engine.kv_cache import KVBlockPool, blocks_for
 from hotmerge.engine.requests import (
     AdapterLease,
@@ -172,6 +172,7 @@ class Engine:
             )
         self.batch_wait_ms = batch_wait_ms
         self.kv = KVBlockPool(runner.num_blocks, runner.block_size)
+        self._decode_text = text_decoder(runner.tokenizer)
         self.stats = EngineStats()
         self._pending: deque[_Row] = deque()
         self._cv = threading.Condition()
@@ -282,7 +283,7 @@ class Engine:
             handle=handle,
             prompt_ids=list(prompt_ids),
             lease=lease,
-            stream=TextStream(self.runner.tokenizer, prompt_ids, params.stop),
+            stream=TextStream(self._decode_text, prompt_ids, params.stop),
             seed=seed,
             submitted=submitted,
             queued=time.perf_counter(),
