@@ -453,8 +453,10 @@ class Engine:
             for r in rows_out
         ]
         lap("prepare")
-        tokens, logprobs = self.runner.sample([decode_logits, prefill_logits], sampling)
+        sampled = self.runner.sample([decode_logits, prefill_logits], sampling)
         lap("sample")
+        tokens, logprobs = sampled.wait()
+        lap("wait")
         done = time.perf_counter()
         for r in chunk_rows:
             if not r.prefilling:
