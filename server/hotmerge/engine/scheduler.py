@@ -396,7 +396,7 @@ class Engine:
             self._fail(row, Cancelled("cancelled"))
         elif row.handle.expired():
             self._fail(row, Cancelled("deadline exceeded"))
-        elif row not in self._running and time.monotonic() >= row.queue_until:  # still queued
+        elif time.monotonic() >= row.queue_until and row not in self._running:  # still queued
             self._fail(row, ResourceExhausted(
                 f"waited {limits.MAX_QUEUE_WAIT_S:g} s (the server maximum) in the queue; the "
                 "server is busy: retry later or on another replica"
