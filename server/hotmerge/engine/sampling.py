@@ -96,7 +96,6 @@ class Sampler:
 
     def __init__(self, max_rows: int, device: torch.device) -> None:
         pin = device.type == "cuda"
-        self.device, self.max_rows = device, max_rows
         # Tokens (int64) then logprobs (float32): 12 bytes a row.
         self._out = torch.empty(12 * max_rows, dtype=torch.uint8, device=device)
         self._out_host = torch.empty(12 * max_rows, dtype=torch.uint8, pin_memory=pin)
