@@ -199,7 +199,7 @@ def main() -> None:
 
             def step(rows=rows, sampling=sampling):
                 logits = runner.decode(rows)
-                runner.sample([logits], sampling)
+                runner.sample([logits], sampling).wait()
 
             step_ms = timed(step, device, args.iters)
             graph_ms = None

@@ -232,6 +232,7 @@ def load_mix(client, running, prompt, adapter_ids, args) -> dict:
 
     prefills = sum(engine.stats.prefill_batch_sizes.values())
     decodes = sum(engine.stats.decode_batch_sizes.values())
+    phases_before, steps_before = dict(engine.stats.step_phase_s), engine.stats.steps
     engine._step = timed_step
     start = time.perf_counter()
     try:
@@ -240,6 +241,11 @@ def load_mix(client, running, prompt, adapter_ids, args) -> dict:
     finally:
         engine._step = step
     wall = time.perf_counter() - start
+    counted = max(engine.stats.steps - steps_before, 1)
+    phase_ms = {
+        phase: 1000 * (total - phases_before.get(phase, 0.0)) / counted
+        for phase, total in sorted(engine.stats.step_phase_s.items())
+    }
     steps = {
         "steps": len(step_s),
         "prefills": sum(engine.stats.prefill_batch_sizes.values()) - prefills,
@@ -247,6 +253,8 @@ def load_mix(client, running, prompt, adapter_ids, args) -> dict:
         "step_ms_p50": pct([1000 * s for s in step_s], 50),
         "step_ms_p99": pct([1000 * s for s in step_s], 99),
         "engine_busy_share": sum(step_s) / wall,
+        # Mean ms a step spends in each phase (the engine's own timers; "wait" is the device).
+        "phase_ms_per_step": phase_ms,
     }
     if profile is not None:
         out = io.StringIO()
@@ -297,7 +305,7 @@ def versions() -> dict:
 
 def write_results(result: dict, out_dir: Path) -> Path:
     device = result["device"].replace(" ", "_")
-    stem = out_dir / f"serve_load-{device}-{result['date'][:10]}"
+    stem = out_dir / f"serve_load-{device}-{result['date'][:10]}{result['tag']}"
     profile = result["load"]["engine"].pop("profile_top", None)
     if profile is not None:
         stem.with_suffix(".profile.txt").write_text(profile)
@@ -324,6 +332,9 @@ def write_results(result: dict, out_dir: Path) -> Path:
         f"{load['engine']['decodes']} decodes), step p50 {load['engine']['step_ms_p50']:.1f} ms, "
         f"p99 {load['engine']['step_ms_p99']:.1f} ms, busy "
         f"{100 * load['engine']['engine_busy_share']:.0f}% of the wall time",
+        "",
+        "Mean ms per step by phase: "
+        + ", ".join(f"{k} {v:.3f}" for k, v in load["engine"]["phase_ms_per_step"].items()),
         "",
         "| class | count | TTFT p50 ms | TTFT p99 ms | total p50 ms | total p99 ms | "
         "merge share of TTFT p50 |",
@@ -357,6 +368,7 @@ def main() -> None:
     parser.add_argument("--max-total-tokens", type=int, default=1024)
     parser.add_argument("--profile", action="store_true", help="cProfile the engine thread")
     parser.add_argument("--work-dir", type=Path, default=None)
+    parser.add_argument("--tag", default="", help="suffix of the result files' names")
     parser.add_argument("--out-dir", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
 
@@ -428,6 +440,7 @@ def main() -> None:
         "hit_overhead": hit,
         "cold_ties": cold,
         "load": load,
+        "tag": args.tag,
     }
     args.out_dir.mkdir(parents=True, exist_ok=True)
     write_results(result, args.out_dir)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import time
 
 import grpc
 import pytest
 from hotmerge.embedded import byte_level_tokenizer
-from hotmerge.engine.detok import TextStream
+from hotmerge.engine.detok import TextStream, text_decoder
 from hotmerge.errors import Cancelled, HotmergeError, InvalidArgument, NotFound, Unavailable
 from hotmerge.generation import FinishReason, GenerationRequest, SamplingParams
 from hypothesis import given, settings
@@ -84,7 +85,7 @@ def test_stop_sequence_spanning_tokens_is_cut(engine):
 def test_text_stream_multibyte_and_held_back_stop():
     tok = byte_level_tokenizer()
     prompt = tok("x")["input_ids"]
-    stream = TextStream(tok, prompt, stop=("ab!",))
+    stream = TextStream(text_decoder(tok), prompt, stop=("ab!",))
     pieces = [stream.push(t) for t in tok("é", add_special_tokens=False)["input_ids"]]
     assert pieces == [("", False), ("é", False)]  # one character from two byte tokens
     assert [stream.push(t) for t in tok("ab", add_special_tokens=False)["input_ids"]] == [
@@ -237,7 +238,7 @@ def test_a_given_adapter_overrides_the_id(engine):
 )
 def test_text_stream_emits_exactly_the_text_up_to_the_first_stop(text, stops):
     tok = _BYTE_TOKENIZER
-    stream = TextStream(tok, tok("x")["input_ids"], stops)
+    stream = TextStream(text_decoder(tok), tok("x")["input_ids"], stops)
     emitted, stopped = "", False
     for token in tok(text, add_special_tokens=False)["input_ids"]:
         piece, stopped = stream.push(token)
@@ -285,3 +286,22 @@ def test_engine_limits_are_checked(engine):
         Engine(runner, store, max_batch_size=0)
     small = Engine(runner, store, max_total_tokens=64)
     assert (small.max_input_tokens, small.max_total_tokens) == (63, 64)
+
+
+@settings(max_examples=100, deadline=None)
+@given(ids=st.lists(st.integers(0, len(_BYTE_TOKENIZER) - 1), max_size=20))
+def test_text_stream_on_the_rust_tokenizer_matches_transformers_decode(ids):
+    """The worker's direct call into the Rust tokenizer gives transformers' pieces exactly
+    (special tokens skipped, bytes of split characters held)."""
+    tok = _BYTE_TOKENIZER
+    decode = text_decoder(tok)
+    assert decode.func == tok.backend_tokenizer.decode  # the fast path is the one tested
+    fast = TextStream(decode, [1, 120], ())
+    slow = TextStream(functools.partial(tok.decode, skip_special_tokens=True), [1, 120], ())
+    assert [fast.push(t) for t in ids] == [slow.push(t) for t in ids]
+
+
+def test_text_decoder_keeps_transformers_clean_up():
+    tok = byte_level_tokenizer()
+    tok.clean_up_tokenization_spaces = True  # transformers rewrites the text: let it
+    assert text_decoder(tok).func == tok.decode

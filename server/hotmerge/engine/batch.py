@@ -38,44 +38,55 @@ def slot_of(block_table: Sequence[int], position: int, block_size: int) -> int:
 
 
 class DecodeBuffers:
-    """Inputs of a decode step at fixed addresses, filled with one host-to-device copy each."""
+    """Inputs of a decode step at fixed addresses, filled with one host-to-device copy.
+
+    One int32 block holds them all, on the host (pinned) and on the device: the int64 inputs
+    (token ids, positions, slot mapping), the int32 ones (sequence lengths, adapter slots),
+    then the block tables; each part is a view, so the captured graphs read fixed addresses.
+    """
 
     def __init__(self, max_batch: int, max_blocks: int, device: torch.device) -> None:
         self.max_batch, self.max_blocks = max_batch, max_blocks
-        pin = device.type == "cuda"
+        words = _aligned(6 * max_batch), _aligned(2 * max_batch)
+        self._header = sum(words)  # int32 words before the block tables
+        size = self._header + max_batch * max_blocks
+        self._host = torch.zeros(size, dtype=torch.int32, pin_memory=device.type == "cuda")
+        self._device = torch.zeros(size, dtype=torch.int32, device=device)
 
-        def pair(shape, dtype):
-            host = torch.zeros(shape, dtype=dtype, pin_memory=pin)
-            return host, torch.zeros(shape, dtype=dtype, device=device)
+        def views(block: torch.Tensor):
+            i64 = block[: 6 * max_batch].view(torch.int64).view(3, max_batch)
+            i32 = block[words[0] : words[0] + 2 * max_batch].view(2, max_batch)
+            return i64, i32, block[self._header :].view(max_batch, max_blocks)
 
-        self._host_i64, self.i64 = pair((4, max_batch), torch.int64)
-        self._host_i32, self.i32 = pair((2, max_batch), torch.int32)
-        self._host_tables, self.block_tables = pair((max_batch, max_blocks), torch.int32)
-        self.input_ids, self.positions, self.slot_mapping, _ = self.i64
-        self.seq_lens, self.lora_slots = self.i32
-        self._tables = self._host_tables.numpy()
+        self._i64, self._i32, self._tables = (t.numpy() for t in views(self._host))
+        (self.input_ids, self.positions, self.slot_mapping), i32, self.block_tables = views(
+            self._device
+        )
+        self.seq_lens, self.lora_slots = i32
 
     def fill(self, rows: Sequence[DecodeRow], padded: int, block_size: int) -> None:
         """Rows first, then padding rows (length 0, no adapter, KV written to the null block)."""
         n = len(rows)
-        i64 = self._host_i64.numpy()
-        i32 = self._host_i32.numpy()
-        i64[:, :padded] = 0
-        i32[:, :padded] = 0
+        i64, i32, tables = self._i64, self._i32, self._tables
+        i64[0, :n] = [r.token_id for r in rows]
+        i64[1, :n] = [r.position for r in rows]
+        i64[2, :n] = [slot_of(r.block_table, r.position, block_size) for r in rows]
+        i32[0, :n] = i64[1, :n] + 1
+        i32[1, :n] = [r.slot for r in rows]
+        i64[:2, n:padded] = 0
         i64[2, n:padded] = -1
+        i32[0, n:padded] = 0
         i32[1, n:padded] = -1
-        tables = self._tables
         tables[:padded] = 0
         for i, row in enumerate(rows):
-            i64[0, i] = row.token_id
-            i64[1, i] = row.position
-            i64[2, i] = slot_of(row.block_table, row.position, block_size)
-            i32[0, i] = row.position + 1
-            i32[1, i] = row.slot
             tables[i, : len(row.block_table)] = row.block_table
-        self.i64[:, :padded].copy_(self._host_i64[:, :padded], non_blocking=True)
-        self.i32[:, :padded].copy_(self._host_i32[:, :padded], non_blocking=True)
-        self.block_tables[:padded].copy_(self._host_tables[:padded], non_blocking=True)
+        used = self._header + padded * self.max_blocks
+        self._device[:used].copy_(self._host[:used], non_blocking=True)
+
+
+def _aligned(words: int) -> int:
+    """Int32 words rounded up to 16 bytes, so every part of the block starts aligned."""
+    return -(-words // 4) * 4
 
 
 class PrefillBuffers:

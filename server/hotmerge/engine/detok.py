@@ -2,9 +2,27 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 
 PROMPT_CONTEXT = 5  # prompt tokens kept as decode context, so the first token's spacing is right
+
+
+def text_decoder(tokenizer) -> Callable[[Sequence[int]], str]:
+    """``tokenizer.decode(ids, skip_special_tokens=True)``, calling the Rust tokenizer directly
+    when that is all transformers would do (its Python wrapper costs 3x the decode itself, and
+    the worker decodes twice per generated token)."""
+    from transformers import PreTrainedTokenizerFast as Fast
+
+    cls = type(tokenizer)
+    plain = (
+        isinstance(tokenizer, Fast)
+        and cls.decode is Fast.decode
+        and cls._decode is Fast._decode
+        and not tokenizer.clean_up_tokenization_spaces
+    )
+    decode = tokenizer.backend_tokenizer.decode if plain else tokenizer.decode
+    return functools.partial(decode, skip_special_tokens=True)
 
 
 class TextStream:
@@ -15,26 +33,29 @@ class TextStream:
     back until it is known not to be; a found stop sequence and everything after it are cut.
     """
 
-    def __init__(self, tokenizer, prompt_ids: Sequence[int], stop: Sequence[str]) -> None:
-        self.tokenizer = tokenizer
+    def __init__(
+        self,
+        decode: Callable[[Sequence[int]], str],
+        prompt_ids: Sequence[int],
+        stop: Sequence[str],
+    ) -> None:
+        self._decode = decode
         self.ids = list(prompt_ids[-PROMPT_CONTEXT:])
         self.prefix = 0
         self.read = len(self.ids)
+        self.before = decode(self.ids)  # the text of ids[prefix:read], kept between pushes
         self.text = ""  # generated text so far (stop sequence cut)
         self.emitted = 0  # characters of self.text already handed out
         self.stop = tuple(s for s in stop if s)
 
-    def _decode(self, ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
-
     def push(self, token_id: int) -> tuple[str, bool]:
         """Add a token; return (text to emit now, whether a stop sequence was found)."""
         self.ids.append(token_id)
-        before = self._decode(self.ids[self.prefix : self.read])
         after = self._decode(self.ids[self.prefix :])
-        if len(after) > len(before) and not after.endswith("\ufffd"):
-            self.text += after[len(before) :]
+        if len(after) > len(self.before) and not after.endswith("\ufffd"):
+            self.text += after[len(self.before) :]
             self.prefix, self.read = self.read, len(self.ids)
+            self.before = self._decode(self.ids[self.prefix :])
         if not self.stop:
             return self.flush(), False
         # Text before `emitted` was checked to start no stop sequence, so search from there.

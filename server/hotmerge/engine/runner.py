@@ -34,7 +34,7 @@ from hotmerge.engine.models.llama import (
     module_paths,
     unsupported_reason,
 )
-from hotmerge.engine.sampling import RowSampling, sample
+from hotmerge.engine.sampling import RowSampling, Sampler
 from hotmerge.errors import InvalidArgument, NotFound
 
 log = logging.getLogger(__name__)
@@ -134,6 +134,7 @@ class ModelRunner:
         self.vocab_size: int = config.vocab_size
         self.limits = limits
         self.max_total_tokens = limits.max_total_tokens or self.max_position_embeddings or 4096
+        self.sampler = Sampler(limits.max_batch_size, self.device)  # a step samples <= a batch
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text)
@@ -151,12 +152,13 @@ class ModelRunner:
         """One token per row; returns the next-token logits (rows, vocab) float32."""
         raise NotImplementedError
 
-    def sample(self, logits: Sequence[torch.Tensor], rows: Sequence[RowSampling]):
-        """Tokens and logprobs for the rows of the concatenated logits (one host sync)."""
+    @torch.inference_mode()
+    def sample(self, logits: Sequence[torch.Tensor], rows: Sequence[RowSampling]) -> Sampler:
+        """Queue sampling for the rows of the concatenated logits; ``.wait()`` on the result
+        gives their tokens and logprobs (the step's one host sync)."""
         parts = [t for t in logits if t is not None and t.shape[0]]
-        if not parts:
-            return [], []
-        return sample(torch.cat(parts) if len(parts) > 1 else parts[0], rows)
+        self.sampler.launch(torch.cat(parts) if len(parts) > 1 else next(iter(parts), None), rows)
+        return self.sampler
 
     def release(self, seq_id: int) -> None:
         """A sequence ended (the eager runner drops its cache; the paged one has nothing to do)."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from hotmerge.generation import SamplingParams
@@ -83,30 +84,82 @@ def filter_top_k_top_p(
     return torch.empty_like(logits).scatter_(1, order, ordered)
 
 
-def sample(logits: torch.Tensor, rows: Sequence[RowSampling]) -> tuple[list[int], list[float]]:
-    """One token and its logprob per row of ``logits`` (rows, vocab) float32."""
-    device = logits.device
-    raw_logprobs = torch.log_softmax(logits, dim=-1)
-    logits = apply_repetition_penalty(logits, rows)
-    tokens = logits.argmax(dim=-1)
-    logprobs = raw_logprobs.gather(1, tokens[:, None]).squeeze(1)
-    sampled = [i for i, r in enumerate(rows) if not is_greedy(r.params)]
-    if sampled:
-        picked = [rows[i] for i in sampled]
-        index = torch.tensor(sampled, device=device)
-        sub = logits[index]
-        temperature = torch.tensor([r.params.temperature for r in picked], device=device)
-        sub = sub / temperature[:, None]
+class Sampler:
+    """Sampling's fixed buffers: per-row parameters staged in (pinned) host memory and sent with
+    one copy, the tokens and logprobs written into one block brought back with one copy.
+
+    ``launch`` queues the work and returns at once; ``wait`` blocks until the results are on
+    the host. One launch at a time: the host buffers are reused by the next.
+    """
+
+    _PARAMS = 6  # per sampled row: row, top_k, seed, index, temperature, top_p (float64 bits)
+
+    def __init__(self, max_rows: int, device: torch.device) -> None:
+        pin = device.type == "cuda"
+        # Tokens (int64) then logprobs (float32): 12 bytes a row.
+        self._out = torch.empty(12 * max_rows, dtype=torch.uint8, device=device)
+        self._out_host = torch.empty(12 * max_rows, dtype=torch.uint8, pin_memory=pin)
+        self._params = torch.empty((max_rows, self._PARAMS), dtype=torch.int64, device=device)
+        self._params_host = torch.empty((max_rows, self._PARAMS), dtype=torch.int64, pin_memory=pin)
+        self._ready = torch.cuda.Event() if pin else None
+        self._rows = 0
+
+    @staticmethod
+    def _split(block: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return block[: 8 * rows].view(torch.int64), block[8 * rows : 12 * rows].view(torch.float32)
+
+    def launch(self, logits: torch.Tensor | None, rows: Sequence[RowSampling]) -> None:
+        """Queue sampling of one token per row of ``logits`` (rows, vocab) float32."""
+        n = self._rows = len(rows)
+        if not n:
+            return
+        tokens, logprobs = self._split(self._out, n)
+        raw_logprobs = torch.log_softmax(logits, dim=-1)
+        logits = apply_repetition_penalty(logits, rows)
+        torch.argmax(logits, dim=-1, out=tokens)
+        torch.gather(raw_logprobs, 1, tokens[:, None], out=logprobs[:, None])
+        sampled = [i for i, r in enumerate(rows) if not is_greedy(r.params)]
+        if sampled:
+            self._draw(logits, [rows[i] for i in sampled], sampled, tokens, logprobs)
+        self._out_host[: 12 * n].copy_(self._out[: 12 * n], non_blocking=True)
+        if self._ready is not None:
+            self._ready.record()
+
+    def _draw(self, logits, picked, sampled, tokens, logprobs) -> None:
+        """The sampled rows: temperature -> top-k -> top-p, then a seeded Gumbel-max draw."""
+        m = len(picked)
+        host = self._params_host[:m].numpy()
+        host[:, 0] = sampled
+        host[:, 1] = [r.params.top_k for r in picked]
+        host[:, 2] = [r.seed for r in picked]
+        host[:, 3] = [r.index for r in picked]
+        host[:, 4:].view(np.float64)[:] = [(r.params.temperature, r.params.top_p) for r in picked]
+        params = self._params[:m]
+        params.copy_(self._params_host[:m], non_blocking=True)
+        index, top_k, seeds, steps = params[:, 0], params[:, 1], params[:, 2], params[:, 3]
+        # float32, as the parameters were before they were staged as float64
+        temperature, top_p = params[:, 4:].view(torch.float64).float().unbind(1)
+        sub = logits[index] / temperature[:, None]
         if any(r.params.top_k > 0 or r.params.top_p < 1.0 for r in picked):
-            top_k = torch.tensor([r.params.top_k for r in picked], device=device)
-            top_p = torch.tensor([r.params.top_p for r in picked], device=device)
             sub = filter_top_k_top_p(sub, top_k, top_p)
-        seeds = torch.tensor([r.seed for r in picked], device=device, dtype=torch.int64)
-        steps = torch.tensor([r.index for r in picked], device=device, dtype=torch.int64)
         gumbel = -torch.log(-torch.log(uniform_noise(seeds, steps, sub.shape[-1]))).float()
         drawn = (sub + gumbel).argmax(dim=-1)
         processed = torch.log_softmax(sub, dim=-1).gather(1, drawn[:, None]).squeeze(1)
-        tokens = tokens.index_copy(0, index, drawn)
-        logprobs = logprobs.index_copy(0, index, processed)
-    out = torch.stack([tokens.to(torch.float64), logprobs.to(torch.float64)]).cpu()
-    return [int(t) for t in out[0].tolist()], out[1].tolist()
+        tokens.index_copy_(0, index, drawn)
+        logprobs.index_copy_(0, index, processed)
+
+    def wait(self) -> tuple[list[int], list[float]]:
+        """The launched rows' tokens and logprobs, once on the host."""
+        if not self._rows:
+            return [], []
+        if self._ready is not None:
+            self._ready.synchronize()
+        tokens, logprobs = self._split(self._out_host, self._rows)
+        return tokens.tolist(), logprobs.tolist()
+
+
+def sample(logits: torch.Tensor, rows: Sequence[RowSampling]) -> tuple[list[int], list[float]]:
+    """One token and its logprob per row of ``logits`` (rows, vocab) float32."""
+    sampler = Sampler(len(rows), logits.device)
+    sampler.launch(logits, rows)
+    return sampler.wait()

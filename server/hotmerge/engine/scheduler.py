@@ -34,7 +34,7 @@ from hotmerge_kernels.layout import FlatAdapter
 from hotmerge import limits
 from hotmerge.adapters import AdapterStore
 from hotmerge.engine.batch import DecodeRow, PrefillChunk
-from hotmerge.engine.detok import TextStream
+from hotmerge.engine.detok import TextStream, text_decoder
 from hotmerge.engine.kv_cache import KVBlockPool, blocks_for
 from hotmerge.engine.requests import (
     AdapterLease,
@@ -64,6 +64,20 @@ log = logging.getLogger(__name__)
 
 def _ms(start: float, end: float) -> float:
     return (end - start) * 1000.0
+
+
+class _Lap:
+    """Adds the time since the previous lap to a phase's total: where a step's time goes."""
+
+    __slots__ = ("totals", "last")
+
+    def __init__(self, totals: Counter) -> None:
+        self.totals, self.last = totals, time.perf_counter()
+
+    def __call__(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.totals[phase] += now - self.last
+        self.last = now
 
 
 @dataclass(eq=False)
@@ -109,6 +123,8 @@ class EngineStats:
     decode_batch_sizes: Counter = field(default_factory=Counter)
     requests_finished: int = 0
     requests_failed: int = 0
+    steps: int = 0
+    step_phase_s: Counter = field(default_factory=Counter)  # seconds per phase of the steps
 
     @property
     def max_batch_size(self) -> int:
@@ -156,6 +172,7 @@ class Engine:
             )
         self.batch_wait_ms = batch_wait_ms
         self.kv = KVBlockPool(runner.num_blocks, runner.block_size)
+        self._decode_text = text_decoder(runner.tokenizer)
         self.stats = EngineStats()
         self._pending: deque[_Row] = deque()
         self._cv = threading.Condition()
@@ -266,7 +283,7 @@ class Engine:
             handle=handle,
             prompt_ids=list(prompt_ids),
             lease=lease,
-            stream=TextStream(self.runner.tokenizer, prompt_ids, params.stop),
+            stream=TextStream(self._decode_text, prompt_ids, params.stop),
             seed=seed,
             submitted=submitted,
             queued=time.perf_counter(),
@@ -338,6 +355,7 @@ class Engine:
                     self._cv.wait(left)
             if self._stopping:
                 return False
+            lap = _Lap(self.stats.step_phase_s)  # after the waits: only the work is counted
             # Queued requests cancelled or past their deadline leave now (and unpin adapters).
             now = time.monotonic()
             gone = [
@@ -370,6 +388,7 @@ class Engine:
             except Exception as exc:
                 log.exception("writing an adapter into its slot failed")
                 self._fail(row, HotmergeError(f"internal error while loading the adapter: {exc}"))
+        lap("admit")
         return True
 
     def _still_wanted(self, row: _Row) -> bool:
@@ -377,7 +396,7 @@ class Engine:
             self._fail(row, Cancelled("cancelled"))
         elif row.handle.expired():
             self._fail(row, Cancelled("deadline exceeded"))
-        elif row not in self._running and time.monotonic() >= row.queue_until:  # still queued
+        elif time.monotonic() >= row.queue_until and row not in self._running:  # still queued
             self._fail(row, ResourceExhausted(
                 f"waited {limits.MAX_QUEUE_WAIT_S:g} s (the server maximum) in the queue; the "
                 "server is busy: retry later or on another replica"
@@ -392,6 +411,8 @@ class Engine:
             row.reserved -= missing
 
     def _step(self) -> None:
+        self.stats.steps += 1
+        lap = _Lap(self.stats.step_phase_s)
         for row in list(self._running):  # clients gone or deadlines passed: leave before work
             self._still_wanted(row)
         decoding = [r for r in self._running if not r.prefilling]
@@ -405,9 +426,11 @@ class Engine:
                 position = len(r.prompt_ids) + len(r.generated) - 1
                 self._grow(r, position + 1)
                 batch.append(DecodeRow(r.seq_id, r.generated[-1], position, r.blocks, r.slot))
+            lap("prepare")
             decode_logits = self.runner.decode(batch)
             self.stats.decode_batch_sizes[len(batch)] += 1
             rows_out.extend(decoding)
+            lap("decode")
         if chunks:
             for r in chunk_rows:
                 if not r.prefill_started:
@@ -419,6 +442,7 @@ class Engine:
                 r.prefilled += len(c.token_ids)
                 r.prompt_scores.extend(score)
             rows_out.extend(r for r, c in zip(chunk_rows, chunks, strict=True) if c.last)
+            lap("prefill")
         sampling = [
             RowSampling(
                 r.params,
@@ -428,7 +452,11 @@ class Engine:
             )
             for r in rows_out
         ]
-        tokens, logprobs = self.runner.sample([decode_logits, prefill_logits], sampling)
+        lap("prepare")
+        sampled = self.runner.sample([decode_logits, prefill_logits], sampling)
+        lap("sample")
+        tokens, logprobs = sampled.wait()
+        lap("wait")
         done = time.perf_counter()
         for r in chunk_rows:
             if not r.prefilling:
@@ -442,6 +470,7 @@ class Engine:
             except Exception as exc:  # one row's failure is that row's alone
                 log.exception("request failed while emitting a token")
                 self._fail(r, HotmergeError(f"internal error while generating: {exc}"))
+        lap("emit")
 
     def _plan_prefill(self) -> tuple[list[PrefillChunk], list[_Row]]:
         """The next prompt chunks, up to ``max_prefill_tokens`` (at least one chunk)."""
