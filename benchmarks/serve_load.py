@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import dataclasses
 import datetime as dt
 import io
 import json
+import multiprocessing
 import platform
 import pstats
 import random
@@ -30,7 +32,7 @@ import statistics
 import tempfile
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -184,8 +186,9 @@ def cold_ties_share(client, prompt: str, adapter_ids: list[str], runs: int) -> d
     }
 
 
-def load_mix(client, running, prompt, adapter_ids, args) -> dict:
-    """A mixed load at a fixed concurrency; fresh specs never repeat, repeated ones do."""
+def load_plan(adapter_ids: list[str], args) -> list[dict]:
+    """Each request's adapter arguments: the mix drawn once; fresh specs never repeat,
+    repeated ones do."""
     rng = random.Random(0)
     repeated = [
         {
@@ -197,27 +200,45 @@ def load_mix(client, running, prompt, adapter_ids, args) -> dict:
         }
         for s in ("TIES", "DARE_TIES", "LINEAR", "DARE_LINEAR")
     ]
-    fresh_counter = iter(range(10**9))
-
-    def one(_):
+    plan = []
+    for n in range(args.requests):
         r = rng.random()
         if r < args.single:
-            return stream_once(
-                client, prompt, args.max_new_tokens, adapter_id=rng.choice(adapter_ids)
-            )
-        if r < args.single + args.repeated:
-            return stream_once(
-                client, prompt, args.max_new_tokens, merged_adapters=rng.choice(repeated)
-            )
-        n = next(fresh_counter)
-        spec = {
-            "ids": rng.sample(adapter_ids, 3),
-            "weights": [1.0, 1.0 + 1e-3 * n, 0.5],
-            "merge_strategy": "TIES",
-            "density": 0.5,
-        }
-        return stream_once(client, prompt, args.max_new_tokens, merged_adapters=spec)
+            plan.append({"adapter_id": rng.choice(adapter_ids)})
+        elif r < args.single + args.repeated:
+            plan.append({"merged_adapters": rng.choice(repeated)})
+        else:
+            spec = {
+                "ids": rng.sample(adapter_ids, 3),
+                "weights": [1.0, 1.0 + 1e-3 * n, 0.5],
+                "merge_strategy": "TIES",
+                "density": 0.5,
+            }
+            plan.append({"merged_adapters": spec})
+    return plan
 
+
+def run_clients(
+    target: str, prompt: str, plan: list[dict], max_new_tokens: int, concurrency: int
+) -> tuple[list[tuple], float]:
+    """The plan's requests, ``concurrency`` at a time over one channel: (samples as tuples,
+    wall s)."""
+    with HotmergeClient(target, timeout=600) as client:
+        start = time.perf_counter()
+        with ThreadPoolExecutor(concurrency) as pool:
+            samples = list(
+                pool.map(lambda kw: stream_once(client, prompt, max_new_tokens, **kw), plan)
+            )
+        wall = time.perf_counter() - start
+    return [dataclasses.astuple(x) for x in samples], wall  # plain tuples cross processes
+
+
+def load_mix(running, prompt, adapter_ids, args) -> dict:
+    """A mixed load at a fixed concurrency. The clients run in a process of their own (as
+    users' clients do), unless ``--in-process-clients``: then their threads share the
+    server's GIL."""
+    plan = load_plan(adapter_ids, args)
+    clients = (running.target, prompt, plan, args.max_new_tokens, args.concurrency)
     engine = running.engine
     step_s: list[float] = []
     profile = cProfile.Profile() if args.profile else None
@@ -233,14 +254,22 @@ def load_mix(client, running, prompt, adapter_ids, args) -> dict:
     prefills = sum(engine.stats.prefill_batch_sizes.values())
     decodes = sum(engine.stats.decode_batch_sizes.values())
     phases_before, steps_before = dict(engine.stats.step_phase_s), engine.stats.steps
+    if args.in_process_clients:
+        pool = None
+    else:  # started (torch imported) before the load: start-up is not timed
+        pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+        pool.submit(time.sleep, 0).result()
     engine._step = timed_step
-    start = time.perf_counter()
     try:
-        with ThreadPoolExecutor(args.concurrency) as pool:
-            samples = list(pool.map(one, range(args.requests)))
+        if pool is None:
+            rows, wall = run_clients(*clients)
+        else:
+            rows, wall = pool.submit(run_clients, *clients).result()
+        samples = [Sample(*x) for x in rows]
     finally:
         engine._step = step
-    wall = time.perf_counter() - start
+        if pool is not None:
+            pool.shutdown()
     counted = max(engine.stats.steps - steps_before, 1)
     phase_ms = {
         phase: 1000 * (total - phases_before.get(phase, 0.0)) / counted
@@ -280,6 +309,7 @@ def load_mix(client, running, prompt, adapter_ids, args) -> dict:
             "fresh": round(1 - args.single - args.repeated, 3),
         },
         "max_new_tokens": args.max_new_tokens,
+        "clients": "in the server's process" if args.in_process_clients else "own process",
         "wall_s": wall,
         "requests_per_s": len(samples) / wall,
         "tokens_per_s": sum(s.tokens for s in samples) / wall,
@@ -367,6 +397,11 @@ def main() -> None:
     parser.add_argument("--max-loras", type=int, default=48, help="adapter slots")
     parser.add_argument("--max-total-tokens", type=int, default=1024)
     parser.add_argument("--profile", action="store_true", help="cProfile the engine thread")
+    parser.add_argument(
+        "--in-process-clients",
+        action="store_true",
+        help="run the load's clients as threads of the server's process (they share its GIL)",
+    )
     parser.add_argument("--work-dir", type=Path, default=None)
     parser.add_argument("--tag", default="", help="suffix of the result files' names")
     parser.add_argument("--out-dir", type=Path, default=Path(__file__).parent / "results")
@@ -422,7 +457,7 @@ def main() -> None:
             print("hit overhead", hit, flush=True)
             cold = cold_ties_share(client, prompt, adapter_ids, args.cold_runs)
             print("cold ties", cold, flush=True)
-            load = load_mix(client, running, prompt, adapter_ids, args)
+            load = load_mix(running, prompt, adapter_ids, args)
     finally:
         running.stop(0)
 
