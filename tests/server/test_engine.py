@@ -10,12 +10,17 @@ import torch
 from hotmerge.embedded import byte_level_tokenizer
 from hotmerge.engine.batch import DecodeRow, PrefillChunk
 from hotmerge.engine.kv_cache import KVBlockPool
+from hotmerge.engine.lora import AdapterPool
+from hotmerge.engine.models.llama import lora_shapes, module_paths
 from hotmerge.engine.runner import EngineLimits, build_runner
 from hotmerge.engine.sampling import RowSampling, sample
 from hotmerge.errors import InvalidArgument
 from hotmerge.generation import GenerationRequest, SamplingParams
+from hotmerge_kernels.layout import FlatAdapter
 
 from tests.helpers import make_engine, make_peft_adapter, tiny_llama
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 SMALL = dict(
     vocab_size=259,
@@ -143,6 +148,68 @@ def test_unsupported_architecture_runs_eagerly_with_the_same_tokens(tmp_path):
         [t.logprob for t in theirs.prompt[1:]], abs=1e-4
     )
     assert math.isnan(ours.prompt[0].logprob) and ours.prompt_tokens == len(ours.prompt)
+
+
+def write_per_module(pool: AdapterPool, slot: int, adapter: FlatAdapter) -> None:
+    """The slot write spelled out one module at a time: the reference of ``pool._write``."""
+    ranks = dict.fromkeys(pool.a, 0)
+    for group in pool.a:
+        pool.a[group][:, slot].zero_()
+        pool.b[group][:, slot].zero_()
+    for module in adapter.modules:
+        group, name, layer = pool.module_paths[module]
+        a, b = adapter.tensor(module, "A"), adapter.tensor(module, "B")
+        s = pool.slice_of[name]
+        lo, hi = pool.offsets[group][s], pool.offsets[group][s + 1]
+        pool.a[group][layer, slot, s, : a.shape[0]].copy_(a)
+        pool.b[group][layer, slot, lo:hi, : a.shape[0]].copy_(b.float() * adapter.scaling)
+        ranks[group] = max(ranks[group], a.shape[0])
+    for group, r in ranks.items():
+        pool.ranks[group][slot] = r
+
+
+@pytest.mark.parametrize(
+    "device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, needs_cuda])]
+)
+@pytest.mark.parametrize(
+    "pool_dtype,adapter_dtype",
+    [(torch.bfloat16, torch.bfloat16), (torch.float32, torch.float32),
+     (torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16),
+     (torch.float16, torch.float16)],
+)  # fmt: skip
+def test_slot_write_equals_per_module_write(device, pool_dtype, adapter_dtype):
+    """Writing an adapter into a slot (multi-tensor ops, B scaled) gives, bit for bit, what the
+    module-by-module write gives, and leaves the other slots alone."""
+    model = hf_model("qwen2")
+    groups, paths = lora_shapes(model), module_paths(model)
+    gen = torch.Generator().manual_seed(1)
+    tensors = {}
+    for path, (group, name, _) in paths.items():
+        if name == "k_proj":
+            continue  # a module the adapter lacks: its slice stays zero
+        fan_in, fan_out = groups[group][name]
+        tensors[(path, "A")] = torch.randn(6, fan_in, generator=gen)
+        tensors[(path, "B")] = torch.randn(fan_out, 6, generator=gen)
+    adapter = FlatAdapter.from_tensors(
+        tensors, rank=6, scaling=1.7, dtype=adapter_dtype, device=device
+    )
+    pools = []
+    for _ in range(2):
+        pool = AdapterPool(
+            groups, paths, num_layers=2, num_slots=3, max_rank=8, dtype=pool_dtype,
+            device=torch.device(device),
+        )  # fmt: skip
+        torch.manual_seed(5)
+        for t in (*pool.a.values(), *pool.b.values()):
+            t.normal_()  # stale contents of earlier adapters
+        pools.append(pool)
+    write_per_module(pools[0], 1, adapter)
+    pools[1]._write(1, adapter)
+    for group in groups:
+        assert torch.equal(pools[0].a[group], pools[1].a[group]), group
+        assert torch.equal(pools[0].b[group], pools[1].b[group]), group
+        assert torch.equal(pools[0].ranks[group], pools[1].ranks[group]), group
+    assert pools[1].ranks["qkv"][1] == 6 and pools[1].b["qkv"][:, 1].abs().sum() > 0
 
 
 def test_block_pool_reserves_takes_and_returns():

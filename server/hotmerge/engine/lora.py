@@ -112,6 +112,7 @@ class AdapterPool(SlotTable):
     ) -> None:
         super().__init__(num_slots)
         self.max_rank = max_rank
+        self.dtype = dtype
         self.module_paths = module_paths
         self.a: dict[str, torch.Tensor] = {}
         self.b: dict[str, torch.Tensor] = {}
@@ -171,20 +172,29 @@ class AdapterPool(SlotTable):
 
     @torch.inference_mode()
     def _write(self, slot: int, adapter: FlatAdapter) -> None:
+        """Copy ``adapter`` into ``slot``: a few multi-tensor ops, not a few per module (this
+        runs on the engine thread between steps, where each torch call costs host time)."""
         ranks = dict.fromkeys(self.a, 0)
-        for group in self.a:
-            self.a[group][:, slot].zero_()
-            self.b[group][:, slot].zero_()
+        torch._foreach_zero_([t[:, slot] for t in (*self.a.values(), *self.b.values())])
+        dst_a, src_a, dst_b, src_b = [], [], [], []
         for module in adapter.modules:
             group, name, layer = self.module_paths[module]
             a = adapter.tensor(module, "A")  # (r, in)
-            b = adapter.tensor(module, "B")  # (out, r)
             r = a.shape[0]
             s = self.slice_of[name]
             lo, hi = self.offsets[group][s], self.offsets[group][s + 1]
-            self.a[group][layer, slot, s, :r].copy_(a)
-            self.b[group][layer, slot, lo:hi, :r].copy_(b.float() * adapter.scaling)
+            dst_a.append(self.a[group][layer, slot, s, :r])
+            src_a.append(a)
+            dst_b.append(self.b[group][layer, slot, lo:hi, :r])
+            src_b.append(adapter.tensor(module, "B"))  # (out, r)
             ranks[group] = max(ranks[group], r)
+        if dst_a:
+            torch._foreach_copy_(dst_a, src_a)
+            # B times the scaling in float32, rounded once into the pool's dtype.
+            if adapter.dtype == self.dtype:  # the multiply computes in float32 for 16 bits
+                torch._foreach_copy_(dst_b, torch._foreach_mul(src_b, adapter.scaling))
+            else:
+                torch._foreach_copy_(dst_b, [b.float() * adapter.scaling for b in src_b])
         for group, r in ranks.items():
             self.ranks[group][slot] = r
 
