@@ -376,12 +376,17 @@ def _dare_uniform(seed_lo, seed_hi, adapter, segment, start, BLOCK: tl.constexpr
 @triton.jit
 def _transformed_input(
     x_ptrs, thr_ptrs, out_ptr, in_off, in_seg, j, i, N, start, idx, n, density, divisor,
-    seed_lo, seed_hi, MODE: tl.constexpr, BLOCK: tl.constexpr,
+    seed_lo, seed_hi, MODE: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
 ):  # fmt: skip
     """Input i of output tensor j, trimmed or DARE'd, float32 (zeros where absent)."""
     off = tl.load(in_off + j * N + i)
+    limit = tl.where(off >= 0, n, 0)
+    off = tl.maximum(off, 0)
     base = _load_input(x_ptrs, i, out_ptr)
-    x = tl.load(base + off + idx, mask=idx < tl.where(off >= 0, n, 0), other=0).to(tl.float32)
+    if ALIGNED:
+        base = tl.multiple_of(base, 16)
+        off = tl.multiple_of(off, 16)
+    x = tl.load(base + off + idx, mask=idx < limit, other=0).to(tl.float32)
     if MODE == 1:
         seg = tl.maximum(tl.load(in_seg + j * N + i), 0)
         thr = tl.load(tl.load(thr_ptrs + i).to(tl.pointer_type(tl.float32)) + seg)
@@ -398,11 +403,19 @@ def _merge_kernel(
     out_ptr, x_ptrs, thr_ptrs, w_ptr, chunk_seg, chunk_start, seg_out_off, seg_numel, seg_is_b,
     in_off, in_seg, density, divisor, seed_lo, seed_hi, N: tl.constexpr,
     PER_SEGMENT: tl.constexpr, MODE: tl.constexpr, ELECT: tl.constexpr, BLOCK: tl.constexpr,
+    ALIGNED: tl.constexpr,
 ):  # fmt: skip
+    """ALIGNED: every buffer address, tensor offset and numel is a multiple of 16 (the host
+    checked), so loads and stores can be 16 bytes wide."""
     c = tl.program_id(0)
     j = tl.load(chunk_seg + c)
     start = tl.load(chunk_start + c)
     n = tl.load(seg_numel + j)
+    out_off = tl.load(seg_out_off + j)
+    if ALIGNED:
+        start = tl.multiple_of(start, 16)
+        n = tl.multiple_of(n, 16)
+        out_off = tl.multiple_of(out_off, 16)
     w_row = j if PER_SEGMENT else tl.load(seg_is_b + j)
     idx = start + tl.arange(0, BLOCK)
     inb = idx < n
@@ -411,7 +424,7 @@ def _merge_kernel(
         for i in tl.static_range(N):
             x = _transformed_input(
                 x_ptrs, thr_ptrs, out_ptr, in_off, in_seg, j, i, N, start, idx, n,
-                density, divisor, seed_lo, seed_hi, MODE, BLOCK,
+                density, divisor, seed_lo, seed_hi, MODE, BLOCK, ALIGNED,
             )  # fmt: skip
             acc += x * tl.load(w_ptr + w_row * N + i)
     else:
@@ -420,7 +433,7 @@ def _merge_kernel(
         for i in tl.static_range(N):
             x = _transformed_input(
                 x_ptrs, thr_ptrs, out_ptr, in_off, in_seg, j, i, N, start, idx, n,
-                density, divisor, seed_lo, seed_hi, MODE, BLOCK,
+                density, divisor, seed_lo, seed_hi, MODE, BLOCK, ALIGNED,
             )  # fmt: skip
             if N <= 32:
                 nonzero = nonzero | ((x != 0).to(tl.int32) << i)
@@ -434,7 +447,7 @@ def _merge_kernel(
             if N <= 32:  # reload (from L2) and reuse the pass-1 mask instead of recomputing
                 x = _transformed_input(
                     x_ptrs, thr_ptrs, out_ptr, in_off, in_seg, j, i, N, start, idx, n,
-                    density, divisor, seed_lo, seed_hi, 0, BLOCK,
+                    density, divisor, seed_lo, seed_hi, 0, BLOCK, ALIGNED,
                 )  # fmt: skip
                 if MODE == 2:
                     x = x / divisor
@@ -442,13 +455,13 @@ def _merge_kernel(
             else:
                 x = _transformed_input(
                     x_ptrs, thr_ptrs, out_ptr, in_off, in_seg, j, i, N, start, idx, n,
-                    density, divisor, seed_lo, seed_hi, MODE, BLOCK,
+                    density, divisor, seed_lo, seed_hi, MODE, BLOCK, ALIGNED,
                 )  # fmt: skip
             keep = tl.where(positive, x > 0, x < 0)
             acc += tl.where(keep, x * tl.load(w_ptr + w_row * N + i), 0.0)
             count += keep.to(tl.float32)
         acc = acc / tl.maximum(count, 1.0)
-    out = out_ptr + tl.load(seg_out_off + j) + idx
+    out = out_ptr + out_off + idx
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=inb)
 
 
@@ -489,6 +502,8 @@ def elementwise_merge(
     else:
         packed = _to_device(torch.tensor(tables), out.device)
     x_ptrs, thr_ptrs = packed[:n], packed[n : 2 * n]
+    aligned = plan.aligned and block % 16 == 0
+    aligned = aligned and all(p % 16 == 0 for p in (out.data_ptr(), *tables[:n]))
     # DARE divides the survivors by density; at density 0 none survives (u < 0 never holds), so
     # divide by 1 there rather than compute x / 0 for the dropped ones.
     divisor = float(density) if density > 0 else 1.0
@@ -496,7 +511,8 @@ def elementwise_merge(
         out, x_ptrs, thr_ptrs, weights, chunk_seg, chunk_start, plan.seg_out_off, plan.seg_numel,
         plan.seg_is_b, plan.in_off, plan.in_seg, float(density), divisor,
         seed & 0xFFFFFFFF, seed >> 32 & 0xFFFFFFFF, N=len(buffers),
-        PER_SEGMENT=per_segment, MODE=mode, ELECT=elect, BLOCK=block, num_warps=num_warps,
+        PER_SEGMENT=per_segment, MODE=mode, ELECT=elect, BLOCK=block, ALIGNED=aligned,
+        num_warps=num_warps,
     )  # fmt: skip
 
 

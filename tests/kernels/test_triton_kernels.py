@@ -263,3 +263,21 @@ def test_threshold_kernel_on_ties_and_tiny_tensors(dtype):
     for density in (0.0, 0.3, 0.5, 0.99, 1.0):
         _segment_thresholds_equal_reference(ads, density, **SPLIT)
         _segment_thresholds_equal_reference(ads, density)
+
+
+def test_merge_kernel_with_16_element_alignment_equals_reference():
+    # Shapes in multiples of 16 take the kernels' 16-byte access path, absent inputs included.
+    modules = {
+        "model.layers.0.self_attn.q_proj": (64, 48),
+        "model.layers.0.self_attn.k_proj": (32, 16),
+        "model.layers.1.mlp.down_proj": (80, 64),
+    }
+    ads = adapters(3, dtype=torch.bfloat16, modules=modules, ranks=(16, 16, 16))
+    assert get_plan(ads, cat=False).aligned
+    for strategy in (Strategy.TIES, Strategy.DARE_LINEAR):
+        params = MergeParams(strategy, (0.5, -1.0, 0.75), 0.4, seed=77)
+        want = merge_adapters(ads, params, backend="torch").adapter
+        for a in ads:
+            a.cache.clear()
+        got = merge_adapters(ads, params, backend="triton").adapter
+        assert_merge_close(got.buffer, want.buffer)
