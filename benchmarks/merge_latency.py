@@ -287,9 +287,8 @@ def breakdown(adapters) -> dict:
 
 MERGE_CONFIGS = [(512, 4), (1024, 2), (1024, 4), (1024, 8), (2048, 4)]  # (BLOCK, num_warps)
 THRESHOLD_CONFIGS = [
-    (4096, 8, 8, 16384), (4096, 8, 8, 4096), (4096, 8, 8, 65536), (2048, 4, 8, 16384),
-    (8192, 8, 8, 32768),
-]  # (BLOCK, num_warps, digit bits, elements a program) # fmt: skip
+    (1024, 4, 4096), (2048, 8, 4096), (512, 4, 4096), (1024, 4, 8192),
+]  # (BLOCK, num_warps, sample) # fmt: skip
 
 
 def tune(adapters) -> list[dict]:
@@ -318,15 +317,14 @@ def tune(adapters) -> list[dict]:
         rows.append(row)
         print("tune:", _fmt_dict(row), flush=True)
     want = [t.clone() for t in thresholds]
-    for block, warps, digit, chunk in THRESHOLD_CONFIGS:
+    for block, warps, sample in THRESHOLD_CONFIGS:
         fn = functools.partial(
             triton_merge.segment_thresholds, adapters, DENSITY, block=block, num_warps=warps,
-            digit_bits=digit, chunk=chunk,
+            sample=sample,
         )  # fmt: skip
         same = all(torch.equal(g, w) for g, w in zip(fn(), want, strict=True))
         ms = do_bench(fn, warmup=20, rep=100, return_mode="median")
-        row = {"kernel": "thresholds", "block": block, "num_warps": warps, "digit_bits": digit}
-        row["chunk"] = chunk
+        row = {"kernel": "thresholds", "block": block, "num_warps": warps, "sample": sample}
         row.update(ms=ms, same=same)
         rows.append(row)
         print("tune:", _fmt_dict(row), flush=True)

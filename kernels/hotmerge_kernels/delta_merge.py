@@ -215,6 +215,7 @@ def _module_plan(adapters: Sequence[FlatAdapter], module: str, shape) -> MergePl
             seg_is_b=column([0]),
             in_off=column([[0 if k >= 0 else -1 for k in in_seg]]),
             in_seg=column([list(in_seg)]),
+            aligned=numel % 16 == 0,
         )
 
     return lru_get(_plans, key, build, 1024)

@@ -38,6 +38,7 @@ class MergePlan:
     # dst offset, width, stride; element e lands at dst + (e // width) * stride + e % width.
     copies: torch.Tensor | None = None  # int64 [7, C], last row: 1 for B tensors
     has_gaps: bool = False  # cat: some module lacks some adapters, so part of it is zero
+    aligned: bool = False  # every output numel and input offset is a multiple of 16 elements
     _chunks: dict = field(default_factory=dict)
     _template: FlatAdapter | None = None
 
@@ -155,6 +156,8 @@ def build_plan(adapters: Sequence[FlatAdapter], *, cat: bool) -> MergePlan:
         seg_is_b=column([int(s.part == "B") for s in segments]),
         in_off=table("in_off"),
         in_seg=table("in_seg"),
+        aligned=all(s.numel % 16 == 0 for s in segments)
+        and all(o % 16 == 0 for r in rows for o in r["in_off"] if o >= 0),
     )
     if cat:
         plan.copies = torch.tensor(copies, dtype=torch.int64).reshape(-1, 7).T.contiguous()

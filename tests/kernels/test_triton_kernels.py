@@ -6,6 +6,7 @@ import pytest
 import torch
 from hotmerge_kernels import merge as merge_module
 from hotmerge_kernels import reference
+from hotmerge_kernels.layout import FlatAdapter, Segment
 from hotmerge_kernels.merge import merge_adapters, trim_thresholds
 from hotmerge_kernels.params import MergeParams, SignMethod, Strategy
 from hotmerge_kernels.plan import get_plan
@@ -201,15 +202,82 @@ def _local(plan):
     return torch.arange(plan.total, device=start.device) - start
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("density", [0.0, 0.01, 0.5, 0.97])
-def test_threshold_kernel_with_tensors_split_over_many_programs(dtype, density):
-    from hotmerge_kernels import reference, triton_merge
+def _segment_thresholds_equal_reference(ads, density, **launch):
+    from hotmerge_kernels import triton_merge
 
-    ads = adapters(3, dtype=dtype)
-    if dtype == torch.bfloat16:  # many ties at the threshold
-        ads[2].buffer.copy_((ads[2].buffer * 4).round() / 4 - 0.125)
     want = reference.segment_thresholds(ads, density)
-    got = triton_merge.segment_thresholds(ads, density, block=64, num_warps=2, chunk=192)
+    got = triton_merge.segment_thresholds(ads, density, **launch)
     for g, w in zip(got, want, strict=True):
-        assert torch.equal(g, w)
+        assert torch.equal(g, w), (g, w)
+
+
+# Small blocks and samples, so that tensors span many count programs and the guess is a sample.
+SPLIT = {"block": 32, "num_warps": 1, "sample": 64}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("density", [0.0, 0.01, 0.5, 0.97, 1.0])
+def test_threshold_kernel_with_tensors_split_over_many_programs(dtype, density):
+    ads = adapters(3, dtype=dtype)
+    if dtype != torch.float32:  # many ties at the threshold
+        ads[2].buffer.copy_((ads[2].buffer * 4).round() / 4 - 0.125)
+    _segment_thresholds_equal_reference(ads, density, **SPLIT)
+
+
+def _tensor_adapter(values: torch.Tensor) -> FlatAdapter:
+    seg = Segment("model.layers.0.mlp.up_proj", "A", 0, (1, values.numel()))
+    return FlatAdapter(values.to(DEVICE), (seg,), rank=1, scaling=1.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("where", ["above", "below"])
+def test_threshold_kernel_when_the_sample_misleads(dtype, where):
+    # The sampled runs (at 0 and n / 2) hold magnitudes far from the rest, so the first pass's
+    # bins miss the k-th largest and the narrowing passes must find it.
+    gen = torch.Generator().manual_seed(5 if where == "above" else 6)
+    n = 1000
+    x = torch.randn(n, generator=gen) * 0.01
+    runs = torch.zeros(n, dtype=torch.bool)
+    runs[:32] = runs[500:532] = True
+    scale = 100.0 if where == "above" else 1e-4
+    x[runs] = torch.randn(int(runs.sum()), generator=gen) * scale
+    ads = [_tensor_adapter(x.to(dtype))]
+    for density in (0.05, 0.5, 0.9):
+        _segment_thresholds_equal_reference(ads, density, **SPLIT)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_threshold_kernel_on_ties_and_tiny_tensors(dtype):
+    gen = torch.Generator().manual_seed(9)
+    signs = torch.randint(0, 2, (300,), generator=gen) * 2 - 1
+    level = float(torch.rand(1, generator=gen)) + 0.5
+    tensors = [
+        signs * level,  # one magnitude: every element ties with the threshold
+        signs * torch.where(torch.rand(300, generator=gen) < 0.3, level, 2 * level),  # two
+        torch.randn(1, generator=gen),
+        torch.randn(2, generator=gen),
+        torch.randn(3, generator=gen),
+        torch.randn(17, generator=gen) * 1e-30,  # mostly zeros in float16
+    ]
+    ads = [_tensor_adapter(t.to(dtype)) for t in tensors]
+    for density in (0.0, 0.3, 0.5, 0.99, 1.0):
+        _segment_thresholds_equal_reference(ads, density, **SPLIT)
+        _segment_thresholds_equal_reference(ads, density)
+
+
+def test_merge_kernel_with_16_element_alignment_equals_reference():
+    # Shapes in multiples of 16 take the kernels' 16-byte access path, absent inputs included.
+    modules = {
+        "model.layers.0.self_attn.q_proj": (64, 48),
+        "model.layers.0.self_attn.k_proj": (32, 16),
+        "model.layers.1.mlp.down_proj": (80, 64),
+    }
+    ads = adapters(3, dtype=torch.bfloat16, modules=modules, ranks=(16, 16, 16))
+    assert get_plan(ads, cat=False).aligned
+    for strategy in (Strategy.TIES, Strategy.DARE_LINEAR):
+        params = MergeParams(strategy, (0.5, -1.0, 0.75), 0.4, seed=77)
+        want = merge_adapters(ads, params, backend="torch").adapter
+        for a in ads:
+            a.cache.clear()
+        got = merge_adapters(ads, params, backend="triton").adapter
+        assert_merge_close(got.buffer, want.buffer)
