@@ -9,9 +9,12 @@
    distinct adapter per row: ``graph_ms`` (replay alone, back to back), ``step_ms`` (what a
    step costs the engine: filling the batch buffers, replay, greedy sampling, the host sync),
    and ``floor_ms`` = (weights + adapters used + KV actually read) / copy bandwidth.
+5. With adapters, each projection group's LoRA shrink and expand at the step's shapes (layer 0's
+   pool, the batch's slots, L2 flushed: ``lora_kernels.py``'s timing and byte count): µs, GB/s
+   and the fraction of the copy bandwidth above.
 
 JSON rows with ``batch``, ``adapters`` ("none"|"one"|"distinct"), ``step_ms``, ``floor_ms``
-go to benchmarks/results/decode_step-<device>-<date>.json (or --out).
+(and ``lora_kernels``) go to benchmarks/results/decode_step-<device>-<date>.json (or --out).
 
     python benchmarks/decode_step.py                    # 7B shapes, needs a GPU
     python benchmarks/decode_step.py --shape tiny --batches 1 4   # a quick run anywhere
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import itertools
 import json
 import platform
 import statistics
@@ -34,6 +38,8 @@ from hotmerge.engine.runner import EngineLimits, build_runner
 from hotmerge.engine.sampling import RowSampling
 from hotmerge.generation import SamplingParams
 from hotmerge_kernels.layout import FlatAdapter
+from hotmerge_kernels.lora_apply import LoraKernelMeta, lora_expand, lora_shrink, lora_workspace
+from lora_kernels import bench, bytes_moved
 
 SHAPES = {
     "7b": dict(
@@ -144,12 +150,42 @@ def weight_bytes(runner) -> int:
     return total
 
 
+def lora_kernel_rows(pool, slots: torch.Tensor, rank: int, bandwidth: float) -> list[dict]:
+    """Each group's shrink and expand on layer 0's pool for these token slots: µs and the
+    achieved bandwidth, also as a fraction of the copy's."""
+    t, device = slots.shape[0], slots.device
+    meta = LoraKernelMeta(t, pool.num_slots, device)
+    meta.update(slots)
+    rows = []
+    for group, lora_a in pool.a.items():
+        a, b, ranks, offsets = lora_a[0], pool.b[group][0], pool.ranks[group], pool.offsets[group]
+        n_in, ns = a.shape[-1], a.shape[1]
+        x = torch.randn(t, n_in, device=device).to(a.dtype)
+        y = torch.randn(t, offsets[-1], device=device).to(b.dtype)
+        buf = lora_workspace([n_in], ns, t, pool.max_rank, device)
+        us = {
+            "shrink": bench(lambda: lora_shrink(x, a, ranks, slots, buf, meta)),  # noqa: B023
+            "expand": bench(lambda: lora_expand(buf, b, ranks, slots, y, offsets, meta)),  # noqa: B023
+        }
+        widths = [hi - lo for lo, hi in itertools.pairwise(offsets)]
+        moved = dict(zip(us, bytes_moved(n_in, widths, rank, slots, a.element_size()), strict=True))
+        for kernel, time_us in us.items():
+            gbps = moved[kernel] / time_us / 1e3
+            rows.append(dict(group=group, kernel=kernel, us=time_us, bytes=moved[kernel],
+                             gbps=gbps, of_copy=gbps * 1e9 / bandwidth))  # fmt: skip
+    line = " | ".join(f"{r['group']} {r['kernel']} {r['us']:.1f} us {100 * r['of_copy']:.0f}%"
+                      for r in rows)  # fmt: skip
+    print(f"  LoRA kernels (% of copy): {line}")
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default="7b")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16, 32, 64])
     parser.add_argument("--context", type=int, default=512, help="tokens in each row's cache")
     parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--max-lora-rank", type=int, help="the pool's width (default: --rank)")
     parser.add_argument("--iters", type=int, default=30)
     parser.add_argument("--no-eager", action="store_true", help="skip the transformers path")
     parser.add_argument("--out", type=Path)
@@ -172,7 +208,7 @@ def main() -> None:
         max_total_tokens=args.context + 64,
         kv_cache_tokens=max_batch * (args.context + 64),
         max_loras=max_batch,
-        max_lora_rank=args.rank,
+        max_lora_rank=args.max_lora_rank or args.rank,
         cuda_graphs=device.type == "cuda",
     )
     runner = build_runner("bench", model, byte_level_tokenizer(), limits)
@@ -231,6 +267,10 @@ def main() -> None:
                 f"{floor_ms:6.2f} ms ({step_ms / floor_ms:.2f}x), "
                 f"{batch / step_ms * 1000:7.0f} tok/s"
             )
+            if mode != "none" and device.type == "cuda":
+                slots_t = torch.tensor([r.slot for r in rows], dtype=torch.int32, device=device)
+                kernels = lora_kernel_rows(runner.adapters, slots_t, args.rank, bandwidth)
+                row["lora_kernels"] = kernels
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
     result = dict(
         benchmark="decode_step",
@@ -242,6 +282,7 @@ def main() -> None:
         shape=args.shape,
         context=args.context,
         rank=args.rank,
+        max_lora_rank=args.max_lora_rank or args.rank,
         copy_bandwidth_tb_s=bandwidth / 1e12,
         weight_bytes=weights,
         adapter_bytes=adapter_bytes,

@@ -2,16 +2,18 @@
 
 For each projection group (q/k/v fused, o, gate/up fused, down), adapter rank (16, 64) and token
 mix (decode batches 1/16/32/64 with all-distinct slots or one shared slot; a 512-token prefill
-over 2 slots), the kernels are checked against their torch twins, then timed with
-``triton.testing.do_bench`` (median, L2 flushed before every run, so weights come from HBM). The
+over 2 slots), the kernels are checked against their torch twins, then timed as a decode graph
+runs them (``bench``): calls captured in a CUDA graph, so no host launch time is counted, each
+after a read of twice the L2 so that weights come from HBM. The
 pool has 64 slots of max rank 128 (a cat-merged adapter's width), each slot using ``rank``:
 padding past the rank must cost nothing.
 
 Bytes moved count what the kernels must touch: the A (shrink) or B (expand) rows of the ranks
 in use of each distinct slot, once, plus activations (x read, buf written / read, y read and
-written) for the tokens with a slot. Bandwidth is reported as GB/s and as a fraction of a 1 GiB
+written) for the tokens with a slot; shrink's partial sums of a split ``in`` (``buf``'s extra
+splits, a few KB in L2) are not counted. Bandwidth is reported as GB/s and as a fraction of a 1 GiB
 device-to-device copy measured in the same run. ``meta.update`` (once per step, shared by all
-layers) is timed apart. Prints a table; writes JSON (device, versions, date, chosen tile configs).
+layers) is timed apart. Prints a table; writes JSON (device, versions, date, splits and tiles).
 
     PYTHONPATH=kernels python benchmarks/lora_kernels.py --out benchmarks/results/lora.json
         [--ranks 16 64] [--slots 64] [--max-rank 128]
@@ -23,6 +25,7 @@ import argparse
 import json
 import platform
 import sys
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -64,9 +67,8 @@ def token_slots(t: int, mix: str) -> torch.Tensor:
     return slots.to(torch.int32).cuda()
 
 
-def bytes_moved(group, rank, slots, elt) -> tuple[int, int]:
+def bytes_moved(n_in, widths, rank, slots, elt) -> tuple[int, int]:
     """(shrink, expand) bytes: weights of the distinct slots' ranks + the tokens' activations."""
-    n_in, widths = GROUPS[group]
     ns, out_total = len(widths), sum(widths)
     used = int((slots >= 0).sum())
     distinct = int(torch.unique(slots[slots >= 0]).numel())
@@ -75,8 +77,44 @@ def bytes_moved(group, rank, slots, elt) -> tuple[int, int]:
     return shrink, expand
 
 
-def bench(fn) -> float:
-    return do_bench(fn, warmup=25, rep=200, return_mode="median") * 1e3  # microseconds
+def bench(fn, calls: int = 20, replays: int = 10) -> float:
+    """Microseconds per call of ``fn``: ``calls`` calls captured in one CUDA graph, each after a
+    read of twice the L2 (clean lines out, as after a GEMM's weight reads); the same graph of
+    reads alone is subtracted. Median over ``replays`` replays."""
+    flush = torch.empty(2 * torch.cuda.get_device_properties().L2_cache_size // 4, device="cuda")
+    flush.normal_()
+
+    def replay_ms(with_fn: bool) -> float:
+        fn()  # compile, allocate outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(calls):
+                flush.max()
+                if with_fn:
+                    fn()
+        graph.replay()
+        times = []
+        for _ in range(replays):
+            start, end = torch.cuda.Event(True), torch.cuda.Event(True)
+            start.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        return sorted(times)[replays // 2]
+
+    return (replay_ms(True) - replay_ms(False)) / calls * 1e3
+
+
+def host_timed_us(fn, iters: int = 3) -> float:
+    """Median microseconds of ``fn`` with a device sync after each call (for the torch twin)."""
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) * 1e6)
+    return sorted(times)[iters // 2]
 
 
 def run_group(group, rank, args, copy_bw, dtype=torch.bfloat16) -> list[dict]:
@@ -86,7 +124,7 @@ def run_group(group, rank, args, copy_bw, dtype=torch.bfloat16) -> list[dict]:
     gen = torch.Generator(device="cuda").manual_seed(rank)
     shape_a = (args.slots, ns, args.max_rank, n_in)
     lora_a = (torch.randn(shape_a, generator=gen, device="cuda") * 0.02).to(dtype)
-    shape_b = (args.slots, out_total, args.max_rank)
+    shape_b = (args.slots, args.max_rank, out_total)
     lora_b = (torch.randn(shape_b, generator=gen, device="cuda") * 0.02).to(dtype)
     slot_ranks = torch.full((args.slots,), rank, dtype=torch.int32, device="cuda")
     pool = (lora_a, lora_b, slot_ranks, offsets)
@@ -102,11 +140,11 @@ def measure(group, rank, t, mix, pool, args, copy_bw) -> dict:
     slots = token_slots(t, mix)
     x = torch.randn(t, n_in, generator=gen, device="cuda").to(dtype)
     y = torch.randn(t, out_total, generator=gen, device="cuda").to(dtype)
-    buf = torch.zeros(ns, t, args.max_rank, device="cuda")
+    buf = la.lora_workspace([n_in], ns, t, args.max_rank, "cuda").normal_()
     meta = la.LoraKernelMeta(t, args.slots, "cuda")
     meta.update(slots)
 
-    # Correctness on the real sizes first (this call also autotunes both kernels).
+    # Correctness on the real sizes first (this call also compiles both kernels).
     got, want = y.clone(), y.clone()
     la.lora_apply(x, got, lora_a, lora_b, slot_ranks, slots, offsets, buf, meta, use_triton=True)
     want_buf = torch.zeros_like(buf)
@@ -114,16 +152,14 @@ def measure(group, rank, t, mix, pool, args, copy_bw) -> dict:
     err = float((got.float() - want.float()).abs().max() / want.float().abs().max())
 
     shrink_us = bench(lambda: la.lora_shrink(x, lora_a, slot_ranks, slots, buf, meta))
-    shrink_cfg = str(la._shrink_kernel.best_config)
     expand_us = bench(lambda: la.lora_expand(buf, lora_b, slot_ranks, slots, y, offsets, meta))
-    expand_cfg = str(la._expand_kernel.best_config)
-    torch_us = bench(
+    torch_us = host_timed_us(
         lambda: la.lora_apply(
             x, y, lora_a, lora_b, slot_ranks, slots, offsets, buf, use_triton=False
         )
     )
     meta_us = bench(lambda: meta.update(slots))
-    b_shrink, b_expand = bytes_moved(group, rank, slots, lora_a.element_size())
+    b_shrink, b_expand = bytes_moved(n_in, widths, rank, slots, lora_a.element_size())
     row = {
         "group": group,
         "rank": rank,
@@ -140,8 +176,9 @@ def measure(group, rank, t, mix, pool, args, copy_bw) -> dict:
         "expand_of_copy": b_expand / expand_us * 1e6 / copy_bw,
         "torch_apply_us": torch_us,
         "meta_update_us": meta_us,
-        "shrink_config": shrink_cfg,
-        "expand_config": expand_cfg,
+        "splits": buf.shape[0],
+        "shrink_tiles": str(la._shrink_tiles(t)),
+        "expand_tiles": str(la._expand_tiles(t)),
     }
     print(
         f"{group:8} r{rank:<3} {t:4} {mix:9} "

@@ -4,30 +4,44 @@ The engine keeps every loaded adapter in a *slot* of a stacked pool and tags eac
 row or prefill token) with its slot, -1 meaning the base model only:
 
 - ``lora_a (slots, slices, max_rank, in)``: A of each slice (q/k/v: 3, gate/up: 2, o or down: 1).
-- ``lora_b (slots, out_total, max_rank)``: B with the LoRA scaling folded in; slice ``s`` owns the
-  output columns ``slice_offsets[s]:slice_offsets[s + 1]``.
+- ``lora_b (slots, max_rank, out_total)``: B, transposed, with the LoRA scaling folded in; slice
+  ``s`` owns the output columns ``slice_offsets[s]:slice_offsets[s + 1]``. Rank-major, so expand
+  reads each rank row in use as one contiguous run, however wide the pool's ``max_rank``.
 - ``slot_ranks (slots,) int32``: rank used by each slot (0: empty); columns past it are never read.
 
-``lora_shrink`` writes ``buf[s, t, :r] = x[t] @ A[slot_t, s, :r].T`` into a float32
-``buf (slices, T, max_rank)``; ``lora_expand`` adds ``buf[s, t, :r] @ B[slot_t, slice s, :r].T``
-into ``y (T, out_total)`` in place (float32 accumulation, one read-modify-write of ``y``). Rows
-of ``y`` whose slot is -1 (or an empty slot) are not touched. Other ``buf`` entries than those
-defined are unspecified (zero when the chosen config splits K, untouched otherwise). Slots must
-be < the pool's slot count: they are not checked on the device.
+Shrink splits ``in`` into ``splits`` consecutive ranges (``splits = buf.shape[0]``) and writes the
+partial product of range ``p`` into its own place of a float32 workspace
+``buf (splits, slices, T, max_rank)``: ``buf[p, s, t, :r] = x[t, range p] @ A[slot_t, s, :r,
+range p].T``. Expand sums the partials in the fixed order ``p = 0, 1, ...`` as it loads them,
+rounds the sum to B's dtype and adds ``h @ lora_b[slot_t, :r, slice s]`` into ``y (T, out_total)``
+in place (float32 accumulation, one read-modify-write of ``y``). No atomics: a token's result is
+the same at every run, eager or replayed. Rows of ``y`` whose slot is -1 (or an empty slot) are
+not touched; of ``buf``, only the rank prefixes of rows with a slot are written (all splits,
+empty ranges as zeros). Slots must be < the pool's slot count: they are not checked on the device.
 
-Tokens are grouped by slot (``LoraKernelMeta``: a stable sort of the slots and each run's start,
-length and slot), and each program works on up to ``BLOCK_M`` tokens of one group, so prefill
-tokens that share an adapter share its weight reads, and a decode batch of distinct adapters reads
-each adapter once. The grid is sized from shapes only (m tiles x slices or n tiles x
-``min(T, slots + 1)`` groups); programs of absent groups or past a group's length exit at once.
-Nothing syncs with the host and the launches allocate nothing (``meta.update``'s temporaries come
-from the graph's pool when captured), so a call can be captured in a CUDA graph once the
-autotuner has seen its shape bucket (key: next power of two of T, sizes, dtypes); the engine warms
-every shape before capture. Without a ``meta`` argument the launches build one (fine eagerly).
+``lora_splits(in, T)`` is the split count the engine uses, a function of shapes only, so a
+captured graph is fixed: at decode (T <= ``DECODE_MAX_TOKENS``) one split per ``SPLIT_WIDTH``
+features, which gives the GPU hundreds of programs even at batch 1; prefill keeps one split.
+``lora_workspace`` allocates a buffer for every group of a forward; each group uses its leading
+``lora_splits`` splits and slices.
 
-Shrink splits ``in_features`` across programs (``SPLIT_K``, atomics into the zeroed buffer) so
-that a decode batch fills the GPU; expand tiles ``out_total`` across programs (one tile may
-straddle two slices: each slice's B rows are masked to its columns).
+Two kernel pairs, chosen by T:
+
+- Decode (T <= ``DECODE_MAX_TOKENS``): one program per token and (slice, split) for shrink, per
+  token and n tile for expand, reading the token's slot directly: matrix-vector products in
+  float32 (a batch's rows mostly have distinct adapters; rows that share one read it again from
+  L2). Grids: (slices x splits, T) and (n tiles, T).
+- Prefill: tokens grouped by slot (``LoraKernelMeta``: a stable sort of the slots and each run's
+  start, length and slot), each program a tensor-core tile of up to ``BLOCK_M`` tokens of one
+  group, so tokens that share an adapter share its weight reads. Grids: (slices x splits, m
+  tiles, groups) and (n tiles, m tiles, groups), groups being ``min(T, slots + 1)``; programs of
+  absent groups or past a group's length exit at once.
+
+Expand's n tiles never straddle two slices. Tile sizes are fixed per path, not autotuned: the
+same tiles and the same sums in every process. Nothing syncs with the host and the launches
+allocate nothing (``meta.update``'s temporaries come from the graph's pool when captured), so the
+calls can be captured in a CUDA graph once compiled. The prefill launches build a ``meta`` when
+none is passed; decode launches need none.
 """
 
 from __future__ import annotations
@@ -39,7 +53,6 @@ from collections.abc import Sequence
 import torch
 import triton
 import triton.language as tl
-import triton.testing
 
 from .lora_apply_reference import lora_expand_torch, lora_shrink_torch
 
@@ -50,14 +63,38 @@ __all__ = [
     "lora_expand_torch",
     "lora_shrink",
     "lora_shrink_torch",
+    "lora_splits",
+    "lora_workspace",
 ]
 
 MAX_SLICES = 3
-DECODE_MAX_TOKENS = 64  # up to this many tokens, the decode tile configs are tried
+DECODE_MAX_TOKENS = 64  # up to this many tokens: decode tiles and split in_features
+SPLIT_WIDTH = 512  # in_features per shrink split at decode (16 KB of A per rank-16 program)
+
+
+def lora_splits(in_features: int, tokens: int) -> int:
+    """Ranges shrink splits ``in_features`` into for ``tokens`` tokens (shapes only)."""
+    if tokens > DECODE_MAX_TOKENS:
+        return 1
+    return triton.cdiv(in_features, SPLIT_WIDTH)
+
+
+def lora_workspace(
+    in_features: Sequence[int],
+    max_slices: int,
+    tokens: int,
+    max_rank: int,
+    device: torch.device | str,
+) -> torch.Tensor:
+    """Shrink's float32 buffer for projection groups of these ``in_features``; a group of ``k``
+    inputs and ``n`` slices uses ``buf[:lora_splits(k, tokens), :n]``."""
+    splits = max(lora_splits(k, tokens) for k in in_features)
+    return torch.empty((splits, max_slices, tokens, max_rank), dtype=torch.float32, device=device)
 
 
 class LoraKernelMeta:
-    """Tokens grouped by adapter slot, in fixed device buffers (built once, updated every step).
+    """Tokens grouped by adapter slot for the prefill launches, in fixed device buffers (built
+    once, updated every forward).
 
     ``update(token_slots)`` runs device ops only (sort, cumsum, scatter), so it can be captured in
     the same CUDA graph as the kernels; call it once per step, before every layer's
@@ -95,79 +132,36 @@ class LoraKernelMeta:
         torch.cumsum(self.group_count[:-1], 0, dtype=torch.int32, out=self.group_start[1:])
 
 
-def _zero_buf(nargs: dict) -> None:
-    nargs["buf_ptr"].zero_()  # split-K programs add their partial sums into it
-
-
-def _t_bucket(t: int) -> int:
-    return triton.next_power_of_2(t)
-
-
-def _interpreting() -> bool:
-    return _INTERPRETING
-
-
 # Read once, as Triton itself does at import: this sits on every launch's path.
 _INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _shrink_configs() -> list[triton.Config]:
-    if _interpreting():  # one small config: several m tiles, k steps and splits on test shapes
-        return [
-            triton.Config(
-                {"BLOCK_M": 16, "BLOCK_R": 16, "BLOCK_K": 16, "SPLIT_K": 2}, pre_hook=_zero_buf
-            )
-        ]
-    # Decode buckets choose among a few split-K tilings (the engine warms every bucket before
-    # capture, so a short list keeps start-up in seconds); prefill takes one large tile.
-    # No split of K at decode: split-K adds its partial sums with atomics, in no fixed order,
-    # so a row's LoRA output (and a greedy token) could change from one run to the next.
-    decode = [
-        triton.Config(
-            {"BLOCK_M": 16, "BLOCK_R": 16, "BLOCK_K": k, "SPLIT_K": 1},
-            num_warps=w,
-            num_stages=3,
-        )
-        for k, w in itertools.product((128, 256), (4, 8))
-    ]
-    prefill = [
-        triton.Config(
-            {"BLOCK_M": 64, "BLOCK_R": 16, "BLOCK_K": 128, "SPLIT_K": 1}, num_warps=4, num_stages=3
-        )
-    ]
-    return decode + prefill
+def _by_rows(tokens: int) -> bool:
+    """Decode: one program per token (no grouping); prefill: tokens grouped by slot."""
+    return tokens <= DECODE_MAX_TOKENS
 
 
-def _expand_configs() -> list[triton.Config]:
-    if _interpreting():
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16})]
-    decode = [
-        triton.Config({"BLOCK_M": 16, "BLOCK_N": n, "BLOCK_K": 16}, num_warps=4, num_stages=2)
-        for n in (64, 128)
-    ]
-    prefill = [
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 16}, num_warps=4, num_stages=3)
-    ]
-    return decode + prefill
+def _shrink_tiles(tokens: int) -> dict:
+    if _INTERPRETING:  # small tiles: several m tiles, k steps and rank blocks on test shapes
+        return dict(BLOCK_R=16, BLOCK_K=16) | ({} if _by_rows(tokens) else dict(BLOCK_M=16))
+    if _by_rows(tokens):  # a split's whole range in one step: all its loads in flight at once
+        return dict(BLOCK_R=16, BLOCK_K=SPLIT_WIDTH, num_warps=4, num_stages=1)
+    return dict(BLOCK_M=64, BLOCK_R=16, BLOCK_K=128, num_warps=4, num_stages=3)
 
 
-def _tuning_bench(kernel_call, quantiles):
-    """Autotuning timer: the kernels take microseconds, so 25 ms of repeats is plenty."""
-    return triton.testing.do_bench(kernel_call, warmup=2, rep=10, quantiles=quantiles)
-
-
-def _prune_by_tokens(configs: list[triton.Config], nargs: dict, **kwargs) -> list[triton.Config]:
-    """Decode buckets try 16-row tiles, prefill buckets the larger ones."""
-    decode = nargs["T_BUCKET"] <= DECODE_MAX_TOKENS
-    kept = [c for c in configs if (c.kwargs["BLOCK_M"] == 16) == decode]
-    return kept or configs
+def _expand_tiles(tokens: int) -> dict:
+    if _INTERPRETING:
+        return dict(BLOCK_N=16, BLOCK_K=16) | ({} if _by_rows(tokens) else dict(BLOCK_M=16))
+    if _by_rows(tokens):  # 16 KB of B per program at rank 16
+        return dict(BLOCK_N=512, BLOCK_K=16, num_warps=4, num_stages=1)
+    return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=16, num_warps=4, num_stages=3)
 
 
 def _dot_f32(dtype: torch.dtype) -> bool:
     """Dot in float32 (IEEE, not TF32) for float32 data, and under the interpreter, whose
     bfloat16 ``tl.dot`` multiplies bit patterns (triton-lang/triton#11584). Products of 16-bit
     floats are exact in float32, so this matches the tensor-core dot with float32 accumulation."""
-    return dtype == torch.float32 or _interpreting()
+    return dtype == torch.float32 or _INTERPRETING
 
 
 @triton.jit
@@ -188,12 +182,134 @@ def _group_tokens(order_ptr, group_start_ptr, g, m0, count, BLOCK_M: tl.constexp
     return tokens.to(tl.int64), mask
 
 
-@triton.autotune(
-    configs=_shrink_configs(),
-    key=["T_BUCKET", "K", "MAX_RANK", "NUM_SLICES"],
-    prune_configs_by={"early_config_prune": _prune_by_tokens},
-    do_bench=_tuning_bench,
-)
+@triton.jit
+def _split_range(K, p, SPLITS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Range ``p`` of ``SPLITS`` ranges of whole BLOCK_K steps over K (fixed tiles: fixed ranges);
+    ranges past K are empty."""
+    k_len = tl.cdiv(tl.cdiv(K, SPLITS), BLOCK_K) * BLOCK_K
+    k_begin = p * k_len
+    return k_begin, tl.minimum(k_begin + k_len, K)
+
+
+@triton.jit
+def _slice_tile(pid_n, OFF0, OFF1, OFF2, OFF3, BLOCK_N: tl.constexpr):
+    """(slice, its columns, their mask) of n tile ``pid_n``: each slice has its own n tiles, in
+    slice order, so a tile reads one slice's h."""
+    end0 = (OFF1 - OFF0 + BLOCK_N - 1) // BLOCK_N
+    end1 = end0 + (OFF2 - OFF1 + BLOCK_N - 1) // BLOCK_N
+    s = (pid_n >= end0).to(tl.int32) + (pid_n >= end1).to(tl.int32)
+    lo = tl.where(s == 0, OFF0, tl.where(s == 1, OFF1, OFF2))
+    hi = tl.where(s == 0, OFF1, tl.where(s == 1, OFF2, OFF3))
+    first = tl.where(s == 0, 0, tl.where(s == 1, end0, end1))
+    offs_n = lo + (pid_n - first) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return s, offs_n, offs_n < hi
+
+
+@triton.jit
+def _shrink_rows_kernel(
+    x_ptr,
+    a_ptr,
+    ranks_ptr,
+    slots_ptr,
+    buf_ptr,
+    K,
+    stride_xt,
+    stride_xk,
+    stride_as,
+    stride_ai,
+    stride_ar,
+    stride_ak,
+    stride_bp,
+    stride_bi,
+    stride_bt,
+    stride_br,
+    SPLITS: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """One token, slice and split per program: a matrix-vector product (no tensor-core tile of
+    16 rows of which one is used)."""
+    pid_sp = tl.program_id(0)  # slice x split, split fastest: neighbours read neighbouring A
+    t = tl.program_id(1).to(tl.int64)
+    slot = tl.load(slots_ptr + t)
+    if slot < 0:
+        return
+    rank = tl.load(ranks_ptr + slot)
+    s = pid_sp // SPLITS
+    p = pid_sp % SPLITS
+    k_begin, k_end = _split_range(K, p, SPLITS, BLOCK_K)
+    a_base = a_ptr + slot.to(tl.int64) * stride_as + s * stride_ai
+    out = buf_ptr + p * stride_bp + s * stride_bi + t * stride_bt
+    for r0 in range(0, rank, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        r_mask = offs_r < rank
+        acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
+        for k0 in range(k_begin, k_end, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_mask = offs_k < k_end
+            xk = tl.load(x_ptr + t * stride_xt + offs_k * stride_xk, mask=k_mask, other=0.0)
+            at = tl.load(
+                a_base + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
+                mask=r_mask[:, None] & k_mask[None, :],
+                other=0.0,
+            )
+            acc += tl.sum(at.to(tl.float32) * xk.to(tl.float32)[None, :], axis=1)
+        tl.store(out + offs_r * stride_br, acc, mask=r_mask)
+
+
+@triton.jit
+def _expand_rows_kernel(
+    buf_ptr,
+    b_ptr,
+    ranks_ptr,
+    slots_ptr,
+    y_ptr,
+    stride_bp,
+    stride_bi,
+    stride_bt,
+    stride_br,
+    stride_ws,
+    stride_wn,
+    stride_wr,
+    stride_yt,
+    stride_yn,
+    OFF0: tl.constexpr,
+    OFF1: tl.constexpr,
+    OFF2: tl.constexpr,
+    OFF3: tl.constexpr,
+    SPLITS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """One token and n tile per program: a matrix-vector product."""
+    pid_n = tl.program_id(0)
+    t = tl.program_id(1).to(tl.int64)
+    slot = tl.load(slots_ptr + t)
+    if slot < 0:
+        return
+    rank = tl.load(ranks_ptr + slot)
+    s, offs_n, n_mask = _slice_tile(pid_n, OFF0, OFF1, OFF2, OFF3, BLOCK_N)
+    y_row = y_ptr + t * stride_yt + offs_n * stride_yn
+    y = tl.load(y_row, mask=n_mask, other=0.0)  # issued with the rank's load
+    if rank <= 0:
+        return
+    b_rows = b_ptr + slot.to(tl.int64) * stride_ws + offs_n[:, None] * stride_wn
+    h_row = buf_ptr + s * stride_bi + t * stride_bt
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for k0 in range(0, rank, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < rank
+        h = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        for p in tl.static_range(SPLITS):  # shrink's partials, always summed in this order
+            h += tl.load(h_row + p * stride_bp + offs_k * stride_br, mask=k_mask, other=0.0)
+        w = tl.load(
+            b_rows + offs_k[None, :] * stride_wr, mask=n_mask[:, None] & k_mask[None, :], other=0.0
+        )
+        h = h.to(w.dtype).to(tl.float32)  # as the tile kernel feeds the dot
+        acc += tl.sum(w.to(tl.float32) * h[None, :], axis=1)
+    tl.store(y_row, (y.to(tl.float32) + acc).to(y.dtype), mask=n_mask)
+
+
 @triton.jit
 def _shrink_kernel(
     x_ptr,
@@ -205,26 +321,24 @@ def _shrink_kernel(
     group_count_ptr,
     buf_ptr,
     K,
-    T_BUCKET,  # autotune key only
-    MAX_RANK,  # autotune key only
     stride_xt,
     stride_xk,
     stride_as,
     stride_ai,
     stride_ar,
     stride_ak,
+    stride_bp,
     stride_bi,
     stride_bt,
     stride_br,
-    NUM_SLICES: tl.constexpr,
+    SPLITS: tl.constexpr,
     DOT_F32: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    SPLIT_K: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_sk = tl.program_id(1)
+    pid_sp = tl.program_id(0)  # slice x split, split fastest: neighbours read neighbouring A
+    pid_m = tl.program_id(1)
     g = tl.program_id(2)
     slot = tl.load(group_slot_ptr + g)
     if slot < 0:
@@ -235,17 +349,17 @@ def _shrink_kernel(
     if (m0 >= count) | (rank <= 0):
         return
     tokens, m_mask = _group_tokens(order_ptr, group_start_ptr, g, m0, count, BLOCK_M)
-    s = pid_sk // SPLIT_K
-    k_len = tl.cdiv(K, SPLIT_K * BLOCK_K) * BLOCK_K  # in_features of one split
-    k_begin = (pid_sk % SPLIT_K) * k_len
-    k_end = tl.minimum(k_begin + k_len, K)
+    s = pid_sp // SPLITS
+    p = pid_sp % SPLITS
+    k_begin, k_end = _split_range(K, p, SPLITS, BLOCK_K)
     a_base = a_ptr + slot.to(tl.int64) * stride_as + s * stride_ai
     x_rows = x_ptr + tokens[:, None] * stride_xt
+    out_rows = buf_ptr + p * stride_bp + s * stride_bi + tokens[:, None] * stride_bt
     for r0 in range(0, rank, BLOCK_R):
         offs_r = r0 + tl.arange(0, BLOCK_R)
         r_mask = offs_r < rank
         acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-        for k0 in range(k_begin, k_end, BLOCK_K):
+        for k0 in range(k_begin, k_end, BLOCK_K):  # no steps past K: an empty range stores 0
             offs_k = k0 + tl.arange(0, BLOCK_K)
             k_mask = offs_k < k_end
             xt = tl.load(
@@ -259,31 +373,11 @@ def _shrink_kernel(
                 other=0.0,
             )
             acc = _dot_acc(xt, tl.trans(at), acc, DOT_F32)
-        out = buf_ptr + s * stride_bi + tokens[:, None] * stride_bt + offs_r[None, :] * stride_br
-        mask = m_mask[:, None] & r_mask[None, :]
-        if SPLIT_K == 1:
-            tl.store(out, acc, mask=mask)
-        else:
-            tl.atomic_add(out, acc, mask=mask, sem="relaxed")
+        tl.store(
+            out_rows + offs_r[None, :] * stride_br, acc, mask=m_mask[:, None] & r_mask[None, :]
+        )
 
 
-@triton.jit
-def _slice_bounds(s: tl.constexpr, OFF0, OFF1, OFF2, OFF3):
-    if s == 0:
-        return OFF0, OFF1
-    elif s == 1:
-        return OFF1, OFF2
-    else:
-        return OFF2, OFF3
-
-
-@triton.autotune(
-    configs=_expand_configs(),
-    key=["T_BUCKET", "OFF0", "OFF3", "MAX_RANK", "NUM_SLICES"],
-    prune_configs_by={"early_config_prune": _prune_by_tokens},
-    restore_value=["y_ptr"],  # benchmarking adds into y many times
-    do_bench=_tuning_bench,
-)
 @triton.jit
 def _expand_kernel(
     buf_ptr,
@@ -294,8 +388,7 @@ def _expand_kernel(
     group_start_ptr,
     group_count_ptr,
     y_ptr,
-    T_BUCKET,  # autotune key only
-    MAX_RANK,  # autotune key only
+    stride_bp,
     stride_bi,
     stride_bt,
     stride_br,
@@ -308,7 +401,7 @@ def _expand_kernel(
     OFF1: tl.constexpr,
     OFF2: tl.constexpr,
     OFF3: tl.constexpr,
-    NUM_SLICES: tl.constexpr,
+    SPLITS: tl.constexpr,
     DOT_F32: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -326,45 +419,43 @@ def _expand_kernel(
     if (m0 >= count) | (rank <= 0):
         return
     tokens, m_mask = _group_tokens(order_ptr, group_start_ptr, g, m0, count, BLOCK_M)
-    n0 = OFF0 + pid_n * BLOCK_N
-    offs_n = n0 + tl.arange(0, BLOCK_N)
-    b_base = b_ptr + slot.to(tl.int64) * stride_ws + offs_n[:, None] * stride_wn
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for s in tl.static_range(NUM_SLICES):
-        lo, hi = _slice_bounds(s, OFF0, OFF1, OFF2, OFF3)
-        if (n0 < hi) & (n0 + BLOCK_N > lo):  # this tile overlaps slice s
-            n_mask = (offs_n >= lo) & (offs_n < hi)
-            h_rows = buf_ptr + s * stride_bi + tokens[:, None] * stride_bt
-            for k0 in range(0, rank, BLOCK_K):
-                offs_k = k0 + tl.arange(0, BLOCK_K)
-                k_mask = offs_k < rank
-                h = tl.load(
-                    h_rows + offs_k[None, :] * stride_br,
-                    mask=m_mask[:, None] & k_mask[None, :],
-                    other=0.0,
-                )
-                w = tl.load(
-                    b_base + offs_k[None, :] * stride_wr,
-                    mask=n_mask[:, None] & k_mask[None, :],
-                    other=0.0,
-                )
-                acc = _dot_acc(h.to(w.dtype), tl.trans(w), acc, DOT_F32)
+    s, offs_n, n_mask = _slice_tile(pid_n, OFF0, OFF1, OFF2, OFF3, BLOCK_N)
     y_tile = y_ptr + tokens[:, None] * stride_yt + offs_n[None, :] * stride_yn
-    mask = m_mask[:, None] & (offs_n < OFF3)[None, :]
-    y = tl.load(y_tile, mask=mask, other=0.0)
+    mask = m_mask[:, None] & n_mask[None, :]
+    y = tl.load(y_tile, mask=mask, other=0.0)  # first: its latency overlaps B's
+    b_rows = b_ptr + slot.to(tl.int64) * stride_ws + offs_n[:, None] * stride_wn
+    h_rows = buf_ptr + s * stride_bi + tokens[:, None] * stride_bt
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, rank, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < rank
+        w = tl.load(
+            b_rows + offs_k[None, :] * stride_wr, mask=n_mask[:, None] & k_mask[None, :], other=0.0
+        )
+        h = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+        for p in tl.static_range(SPLITS):  # shrink's partials, always summed in this order
+            h += tl.load(
+                h_rows + p * stride_bp + offs_k[None, :] * stride_br,
+                mask=m_mask[:, None] & k_mask[None, :],
+                other=0.0,
+            )
+        acc = _dot_acc(h.to(w.dtype), tl.trans(w), acc, DOT_F32)
     tl.store(y_tile, (y.to(tl.float32) + acc).to(y.dtype), mask=mask)
 
 
 def _ready_meta(
     meta: LoraKernelMeta | None, token_slots: torch.Tensor, num_slots: int
 ) -> LoraKernelMeta:
-    t = token_slots.shape[0]
+    _check_meta(meta, token_slots.shape[0])
     if meta is None:
-        meta = LoraKernelMeta(t, num_slots, token_slots.device)
+        meta = LoraKernelMeta(token_slots.shape[0], num_slots, token_slots.device)
         meta.update(token_slots)
-    elif meta.num_tokens != t:
-        raise ValueError(f"meta was updated for {meta.num_tokens} tokens, this call has {t}")
     return meta
+
+
+def _check_meta(meta: LoraKernelMeta | None, t: int) -> None:
+    if meta is not None and meta.num_tokens != t:
+        raise ValueError(f"meta was updated for {meta.num_tokens} tokens, this call has {t}")
 
 
 def _num_groups(t: int, num_slots: int) -> int:
@@ -387,29 +478,42 @@ def lora_shrink(
     buf: torch.Tensor,
     meta: LoraKernelMeta | None = None,
 ) -> None:
-    """``buf[s, t, :r] = x[t] @ lora_a[slot_t, s, :r].T`` (float32) for every token with a slot.
+    """``buf[p, s, t, :r]`` = range ``p`` of ``x[t] @ lora_a[slot_t, s, :r].T`` (float32) for
+    every token with a slot, ``buf.shape[0]`` ranges (see the module docstring).
 
     ``meta``: a ``LoraKernelMeta`` updated with ``token_slots`` (built here when None, which is
     fine outside CUDA graphs).
     """
     t, k = x.shape
     num_slots, num_slices, max_rank, k_a = lora_a.shape
-    if k_a != k or buf.shape != (num_slices, t, max_rank) or buf.dtype != torch.float32:
+    if (
+        k_a != k
+        or buf.dim() != 4
+        or buf.shape[0] < 1
+        or buf.shape[1:] != (num_slices, t, max_rank)
+        or buf.dtype != torch.float32
+    ):
         raise ValueError(
             f"shapes: x {tuple(x.shape)}, lora_a {tuple(lora_a.shape)}, buf {tuple(buf.shape)} "
-            f"{buf.dtype} (buf must be float32 (slices, T, max_rank))"
+            f"{buf.dtype} (buf must be float32 (splits, slices, T, max_rank))"
         )
     _check_slots(token_slots, t)
     if num_slices > MAX_SLICES or max_rank > 128 or lora_a.dtype != x.dtype:
         raise ValueError(f"at most {MAX_SLICES} slices, rank 128, lora_a in x's dtype")
     if t == 0:
         return
+    splits = buf.shape[0]
+    tiles = _shrink_tiles(t)
+    strides = (*x.stride(), *lora_a.stride(), *buf.stride())
+    if _by_rows(t):
+        _check_meta(meta, t)
+        grid = (num_slices * splits, t)
+        _shrink_rows_kernel[grid](
+            x, lora_a, slot_ranks, token_slots, buf, k, *strides, SPLITS=splits, **tiles
+        )
+        return
     meta = _ready_meta(meta, token_slots, num_slots)
-    groups = _num_groups(t, num_slots)
-
-    def grid(cfg):
-        return (triton.cdiv(t, cfg["BLOCK_M"]), num_slices * cfg["SPLIT_K"], groups)
-
+    grid = (num_slices * splits, triton.cdiv(t, tiles["BLOCK_M"]), _num_groups(t, num_slots))
     _shrink_kernel[grid](
         x,
         lora_a,
@@ -420,13 +524,10 @@ def lora_shrink(
         meta.group_count,
         buf,
         k,
-        _t_bucket(t),
-        max_rank,
-        *x.stride(),
-        *lora_a.stride(),
-        *buf.stride(),
-        NUM_SLICES=num_slices,
+        *strides,
+        SPLITS=splits,
         DOT_F32=_dot_f32(x.dtype),
+        **tiles,
     )
 
 
@@ -439,13 +540,17 @@ def lora_expand(
     slice_offsets: Sequence[int],
     meta: LoraKernelMeta | None = None,
 ) -> None:
-    """``y[t, slice s] += buf[s, t, :r] @ lora_b[slot_t, slice s, :r].T``, in place, for every
-    token with a slot; ``y`` may be a strided view. ``meta`` as for ``lora_shrink``."""
-    num_slices, t, max_rank = buf.shape
-    num_slots, out_total, max_rank_b = lora_b.shape
+    """``y[t, slice s] += (sum over p of buf[p, s, t, :r]) @ lora_b[slot_t, :r, slice s]``, in
+    place, for every token with a slot; ``y`` may be a strided view. ``meta`` as for
+    ``lora_shrink``."""
+    if buf.dim() != 4:
+        raise ValueError(f"buf must be (splits, slices, T, max_rank), got {tuple(buf.shape)}")
+    splits, num_slices, t, max_rank = buf.shape
+    num_slots, max_rank_b, out_total = lora_b.shape
     offsets = tuple(int(o) for o in slice_offsets)
     if (
-        len(offsets) != num_slices + 1
+        splits < 1
+        or len(offsets) != num_slices + 1
         or num_slices > MAX_SLICES
         or list(offsets) != sorted(offsets)
         or offsets[0] < 0
@@ -463,14 +568,19 @@ def lora_expand(
     _check_slots(token_slots, t)
     if t == 0 or offsets[-1] == offsets[0]:
         return
-    meta = _ready_meta(meta, token_slots, num_slots)
     bounds = offsets + (offsets[-1],) * (MAX_SLICES + 1 - len(offsets))
-    groups = _num_groups(t, num_slots)
-
-    def grid(cfg):
-        width = offsets[-1] - offsets[0]
-        return (triton.cdiv(width, cfg["BLOCK_N"]), triton.cdiv(t, cfg["BLOCK_M"]), groups)
-
+    tiles = _expand_tiles(t)
+    n_tiles = sum(triton.cdiv(hi - lo, tiles["BLOCK_N"]) for lo, hi in itertools.pairwise(bounds))
+    slot_stride, rank_stride, col_stride = lora_b.stride()
+    strides = (*buf.stride(), slot_stride, col_stride, rank_stride, *y.stride())
+    if _by_rows(t):
+        _check_meta(meta, t)
+        _expand_rows_kernel[(n_tiles, t)](
+            buf, lora_b, slot_ranks, token_slots, y, *strides, *bounds, SPLITS=splits, **tiles
+        )
+        return
+    meta = _ready_meta(meta, token_slots, num_slots)
+    grid = (n_tiles, triton.cdiv(t, tiles["BLOCK_M"]), _num_groups(t, num_slots))
     _expand_kernel[grid](
         buf,
         lora_b,
@@ -480,14 +590,11 @@ def lora_expand(
         meta.group_start,
         meta.group_count,
         y,
-        _t_bucket(t),
-        max_rank,
-        *buf.stride(),
-        *lora_b.stride(),
-        *y.stride(),
+        *strides,
         *bounds,
-        NUM_SLICES=num_slices,
+        SPLITS=splits,
         DOT_F32=_dot_f32(y.dtype),
+        **tiles,
     )
 
 
@@ -506,7 +613,8 @@ def lora_apply(
 ) -> None:
     """``y += LoRA(x)`` for a projection group: shrink into ``buf``, expand into ``y``."""
     if use_triton:
-        meta = _ready_meta(meta, token_slots, lora_a.shape[0])
+        if not _by_rows(x.shape[0]):  # one grouping for both launches
+            meta = _ready_meta(meta, token_slots, lora_a.shape[0])
         lora_shrink(x, lora_a, slot_ranks, token_slots, buf, meta)
         lora_expand(buf, lora_b, slot_ranks, token_slots, y, slice_offsets, meta)
     else:

@@ -1,12 +1,12 @@
 """Multi-LoRA shrink/expand: the Triton kernels equal their torch twins (Triton interpreter on
 CPU), and the twins equal a plain per-token loop. Pool columns past each slot's rank are NaN, so
-reading them fails; ``buf`` and ``y`` start poisoned or random."""
+reading them fails; ``buf`` and ``y`` start poisoned or random. ``buf`` has one split or several
+(shrink's partial sums over ranges of ``in``, which expand adds up)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-import triton
 from hotmerge_kernels import lora_apply as la
 from hotmerge_kernels.lora_apply import (
     LoraKernelMeta,
@@ -33,10 +33,10 @@ def make_pool(widths, *, dtype, ranks=RANKS, n_in=IN_FEATURES, max_rank=MAX_RANK
     gen = torch.Generator().manual_seed(seed)
     slots, out_total = len(ranks), sum(widths)
     lora_a = torch.randn(slots, len(widths), max_rank, n_in, generator=gen) * 0.3
-    lora_b = torch.randn(slots, out_total, max_rank, generator=gen) * 0.3
+    lora_b = torch.randn(slots, max_rank, out_total, generator=gen) * 0.3
     for i, r in enumerate(ranks):
         lora_a[i, :, r:] = float("nan")
-        lora_b[i, :, r:] = float("nan")
+        lora_b[i, r:] = float("nan")
     offsets = tuple(sum(widths[:i]) for i in range(len(widths) + 1))
     slot_ranks = torch.tensor(ranks, dtype=torch.int32, device=DEVICE)
     return lora_a.to(DEVICE, dtype), lora_b.to(DEVICE, dtype), slot_ranks, offsets
@@ -60,13 +60,22 @@ SLOT_MIXES = {
 }
 
 
+@pytest.fixture(params=["rows", "grouped"])
+def kernel_path(request, monkeypatch):
+    """Both kernel pairs on the same small inputs: per-row decode kernels (T up to
+    DECODE_MAX_TOKENS), and the slot-grouped tile kernels of prefill."""
+    if request.param == "grouped":
+        monkeypatch.setattr(la, "DECODE_MAX_TOKENS", 0)
+    return request.param
+
+
 def random_rows(t, n, dtype, seed):
     gen = torch.Generator().manual_seed(seed)
     return torch.randn(t, n, generator=gen).to(DEVICE, dtype)
 
 
-def poisoned_buf(num_slices, t):
-    return torch.full((num_slices, t, MAX_RANK), float("nan"), device=DEVICE)
+def poisoned_buf(num_slices, t, splits=1):
+    return torch.full((splits, num_slices, t, MAX_RANK), float("nan"), device=DEVICE)
 
 
 def loop_reference(x, y, lora_a, lora_b, slot_ranks, offsets, token_slots):
@@ -79,16 +88,17 @@ def loop_reference(x, y, lora_a, lora_b, slot_ranks, offsets, token_slots):
         for s, (lo, hi) in enumerate(zip(offsets[:-1], offsets[1:], strict=True)):
             h = lora_a[slot, s, :r].float() @ x[t].float()
             buf[s, t] = h
-            y[t, lo:hi] += lora_b[slot, lo:hi, :r].float() @ h
+            y[t, lo:hi] += h @ lora_b[slot, :r, lo:hi].float()
     return buf, y
 
 
 def defined(buf, slot_ranks, token_slots):
-    """The entries of buf that shrink defines, flattened (rank-prefixes of rows with a slot)."""
+    """The sums over splits of the entries that shrink defines, flattened (rank prefixes of rows
+    with a slot); a split left unwritten shows as NaN."""
     parts = []
     for t, slot in enumerate(token_slots.tolist()):
         if slot >= 0:
-            parts.append(buf[:, t, : int(slot_ranks[slot])].reshape(-1))
+            parts.append(buf[:, :, t, : int(slot_ranks[slot])].sum(0).reshape(-1))
     return torch.cat(parts) if parts else buf.new_empty(0)
 
 
@@ -108,9 +118,9 @@ def assert_untouched(y_after, y_before, token_slots, slot_ranks, offsets):
     assert torch.equal(y_after[:, offsets[-1] :], y_before[:, offsets[-1] :])
 
 
-def run_both(x, y, pool, token_slots, *, kernel: bool):
+def run_both(x, y, pool, token_slots, *, kernel: bool, splits=1):
     lora_a, lora_b, slot_ranks, offsets = pool
-    buf = poisoned_buf(lora_a.shape[1], x.shape[0])
+    buf = poisoned_buf(lora_a.shape[1], x.shape[0], splits)
     if kernel:
         lora_shrink(x, lora_a, slot_ranks, token_slots, buf)
     else:
@@ -136,7 +146,7 @@ def test_twins_equal_per_token_loop(mix, dtype, widths):
     buf, y = run_both(x, y0, pool, token_slots, kernel=False)
     want_buf, want_y = loop_reference(x, y0, *pool, token_slots)
     for (s, row), h in want_buf.items():
-        assert_close(buf[s, row, : h.shape[0]], h, TOL[torch.float32])
+        assert_close(buf[0, s, row, : h.shape[0]], h, TOL[torch.float32])
     assert_close(y, want_y, TOL[dtype])
     assert_untouched(y, y0, token_slots, pool[2], pool[3])
 
@@ -145,17 +155,15 @@ def test_twins_equal_per_token_loop(mix, dtype, widths):
 @pytest.mark.parametrize("widths", WIDTHS, ids=lambda w: f"{len(w)}slices")
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("mix", SLOT_MIXES)
-def test_kernels_equal_twins(mix, dtype, widths):
-    pool = make_pool(widths, dtype=dtype, seed=3)
+def test_kernels_equal_twins(kernel_path, mix, dtype, widths, splits=1, seed=3):
+    pool = make_pool(widths, dtype=dtype, seed=seed)
     token_slots = SLOT_MIXES[mix]()
     t = token_slots.shape[0]
-    x = random_rows(t, IN_FEATURES, dtype, seed=4)
-    y0 = random_rows(t, sum(widths), dtype, seed=5)
-    got_buf, got_y = run_both(x, y0, pool, token_slots, kernel=True)
-    want_buf, want_y = run_both(x, y0, pool, token_slots, kernel=False)
+    x = random_rows(t, IN_FEATURES, dtype, seed=seed + 1)
+    y0 = random_rows(t, sum(widths), dtype, seed=seed + 2)
+    got_buf, got_y = run_both(x, y0, pool, token_slots, kernel=True, splits=splits)
+    want_buf, want_y = run_both(x, y0, pool, token_slots, kernel=False, splits=splits)
     slot_ranks = pool[2]
-    if DEVICE == "cpu":  # the interpreter's split-K config zeroes buf: NaN = A read past a rank
-        assert not got_buf.isnan().any()
     assert_close(
         defined(got_buf, slot_ranks, token_slots),
         defined(want_buf, slot_ranks, token_slots),
@@ -168,12 +176,35 @@ def test_kernels_equal_twins(mix, dtype, widths):
 
 
 @needs_triton
-def test_expand_reads_only_rank_prefix_of_buf():
+@pytest.mark.parametrize("splits", [3, 4])  # 37 inputs in 16-wide steps: 3 ranges, 4th empty
+@pytest.mark.parametrize("mix", ["distinct with -1 and empty", "33 mixed repeats"])
+def test_kernels_equal_twins_with_splits(kernel_path, mix, splits):
+    for seed, (dtype, widths) in enumerate(zip(DTYPES, WIDTHS, strict=True)):
+        test_kernels_equal_twins(kernel_path, mix, dtype, widths, splits, seed=100 + 3 * seed)
+
+
+@needs_triton
+def test_expand_sums_random_splits_in_order(kernel_path):
+    """Expand of a buf whose splits all hold random partials (not the twin's total-and-zeros)."""
+    pool = make_pool(WIDTHS[0], dtype=torch.bfloat16, seed=24)
+    lora_a, lora_b, slot_ranks, offsets = pool
+    token_slots = random_slots(21, seed=25)
+    buf = torch.randn(5, 3, 21, MAX_RANK, generator=torch.Generator().manual_seed(26))
+    y0 = random_rows(21, offsets[-1], torch.bfloat16, seed=27)
+    got, want = y0.clone(), y0.clone()
+    lora_expand(buf.to(DEVICE), lora_b, slot_ranks, token_slots, got, offsets)
+    lora_expand_torch(buf.to(DEVICE), lora_b, slot_ranks, token_slots, want, offsets)
+    assert_close(got, want, 2**-7)
+    assert_untouched(got, y0, token_slots, slot_ranks, offsets)
+
+
+@needs_triton
+def test_expand_reads_only_rank_prefix_of_buf(kernel_path):
     """buf past each rank and rows of slot -1 are NaN; expand must not read them."""
     pool = make_pool(WIDTHS[0], dtype=torch.bfloat16, seed=6)
     lora_a, lora_b, slot_ranks, offsets = pool
     token_slots = random_slots(19, seed=8)
-    buf = poisoned_buf(3, 19)
+    buf = poisoned_buf(3, 19, splits=2)
     x = random_rows(19, IN_FEATURES, torch.bfloat16, seed=9)
     lora_shrink_torch(x, lora_a, slot_ranks, token_slots, buf)  # defines only the rank prefixes
     y0 = random_rows(19, offsets[-1], torch.bfloat16, seed=10)
@@ -184,8 +215,9 @@ def test_expand_reads_only_rank_prefix_of_buf():
 
 
 @needs_triton
-def test_strided_views_and_reused_meta():
-    """x, buf and y are views into bigger buffers; one meta serves two steps of different T."""
+def test_strided_views_and_reused_meta(kernel_path):
+    """x, buf and y are views into bigger buffers (buf: leading splits and slices of a larger
+    workspace, as the engine's groups use it); one meta serves two steps of different T."""
     dtype, widths = torch.float16, (11, 6)
     lora_a, lora_b, slot_ranks, offsets = make_pool(widths, dtype=dtype, seed=11)
     meta = LoraKernelMeta(max_tokens=24, num_slots=len(RANKS), device=DEVICE)
@@ -194,8 +226,8 @@ def test_strided_views_and_reused_meta():
         meta.update(token_slots)
         x_big = random_rows(t, IN_FEATURES + 8, dtype, seed=13 + step)
         x = x_big[:, 3 : 3 + IN_FEATURES]
-        buf_big = torch.full((2, 30, MAX_RANK), float("nan"), device=DEVICE)
-        buf = buf_big[:, 2 : 2 + t]
+        buf_big = torch.full((3, 3, 30, MAX_RANK), float("nan"), device=DEVICE)
+        buf = buf_big[:2, :2, 2 : 2 + t]
         y_big = random_rows(t, 40, dtype, seed=15 + step)
         before = y_big.clone()
         y = y_big[:, 7 : 7 + sum(widths)]
@@ -203,7 +235,7 @@ def test_strided_views_and_reused_meta():
         lora_expand(buf, lora_b, slot_ranks, token_slots, y, offsets, meta)
         want_buf, want_y = run_both(
             x, before[:, 7 : 7 + sum(widths)], (lora_a, lora_b, slot_ranks, offsets), token_slots,
-            kernel=False,
+            kernel=False, splits=2,
         )  # fmt: skip
         assert_close(
             defined(buf, slot_ranks, token_slots),
@@ -211,7 +243,8 @@ def test_strided_views_and_reused_meta():
             1e-5,
         )
         assert_close(y, want_y, 2**-10)
-        assert buf_big[:, :2].isnan().all() and buf_big[:, 2 + t :].isnan().all()
+        assert buf_big[:, :, :2].isnan().all() and buf_big[:, :, 2 + t :].isnan().all()
+        assert buf_big[2:].isnan().all() and buf_big[:, 2:].isnan().all()
         assert torch.equal(y_big[:, :7], before[:, :7])
         assert torch.equal(y_big[:, 7 + sum(widths) :], before[:, 7 + sum(widths) :])
 
@@ -232,21 +265,20 @@ def test_meta_groups_tokens_by_slot():
             torch.zeros(6, 1, 8, 8, device=DEVICE),
             torch.ones(6, dtype=torch.int32, device=DEVICE),
             slots_of([0, 1, 2, 3]),
-            torch.zeros(1, 4, 8, device=DEVICE),
+            torch.zeros(1, 1, 4, 8, device=DEVICE),
             meta,
         )
 
 
 @needs_triton
-def test_shrink_without_split_k_writes_only_defined_entries(monkeypatch):
-    """With SPLIT_K = 1 nothing zeroes buf: entries past the rank and rows of -1 keep their
-    sentinel (and A's NaN padding past the rank is never read)."""
-    config = triton.Config({"BLOCK_M": 16, "BLOCK_R": 32, "BLOCK_K": 32, "SPLIT_K": 1})
-    monkeypatch.setattr(la._shrink_kernel, "configs", [config])
+@pytest.mark.parametrize("splits", [1, 4])
+def test_shrink_writes_only_defined_entries(kernel_path, splits):
+    """Entries past the rank and rows of -1 keep their sentinel in every split, and every split
+    of the others is written (an empty range as zeros); A's NaN past the rank is never read."""
     lora_a, _, slot_ranks, _ = make_pool(WIDTHS[1], dtype=torch.bfloat16, seed=17)
     token_slots = random_slots(20, seed=18)
     x = random_rows(20, IN_FEATURES, torch.bfloat16, seed=19)
-    got, want = (torch.full((2, 20, MAX_RANK), 1234.5, device=DEVICE) for _ in range(2))
+    got, want = (torch.full((splits, 2, 20, MAX_RANK), 1234.5, device=DEVICE) for _ in range(2))
     lora_shrink(x, lora_a, slot_ranks, token_slots, got)
     lora_shrink_torch(x, lora_a, slot_ranks, token_slots, want)
     assert torch.equal(got == 1234.5, want == 1234.5)
@@ -257,7 +289,7 @@ def test_shrink_without_split_k_writes_only_defined_entries(monkeypatch):
 
 @needs_triton
 @pytest.mark.parametrize("use_triton", [False, True])
-def test_lora_apply_matches_loop(use_triton):
+def test_lora_apply_matches_loop(kernel_path, use_triton):
     dtype = torch.bfloat16
     pool = make_pool(WIDTHS[0], dtype=dtype, seed=20)
     token_slots = random_slots(9, seed=21)
@@ -265,7 +297,7 @@ def test_lora_apply_matches_loop(use_triton):
     y0 = random_rows(9, sum(WIDTHS[0]), dtype, seed=23)
     y = y0.clone()
     lora_a, lora_b, slot_ranks, offsets = pool
-    buf = poisoned_buf(3, 9)
+    buf = poisoned_buf(3, 9, splits=2)
     lora_apply(x, y, lora_a, lora_b, slot_ranks, token_slots, offsets, buf, use_triton=use_triton)
     _, want = loop_reference(x, y0, *pool, token_slots)
     assert_close(y, want, TOL[dtype])

@@ -162,7 +162,7 @@ def write_per_module(pool: AdapterPool, slot: int, adapter: FlatAdapter) -> None
         s = pool.slice_of[name]
         lo, hi = pool.offsets[group][s], pool.offsets[group][s + 1]
         pool.a[group][layer, slot, s, : a.shape[0]].copy_(a)
-        pool.b[group][layer, slot, lo:hi, : a.shape[0]].copy_(b.float() * adapter.scaling)
+        pool.b[group][layer, slot, : a.shape[0], lo:hi].copy_(b.T.float() * adapter.scaling)
         ranks[group] = max(ranks[group], a.shape[0])
     for group, r in ranks.items():
         pool.ranks[group][slot] = r

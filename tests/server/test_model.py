@@ -153,10 +153,6 @@ def test_adapter_pool_mixes_slots_like_the_formula():
     decode = y.clone()
     LoraBatch(pool, torch.tensor(slots, dtype=torch.int32)).apply(0, "qkv", x, decode)
     assert torch.allclose(decode, want, atol=1e-5)
-    segments = [(0, 1, s1), (1, 2, -1), (2, 3, s2), (3, 4, s1)]
-    prefill = y.clone()
-    LoraBatch(pool, torch.tensor(slots, dtype=torch.int32), segments).apply(0, "qkv", x, prefill)
-    assert torch.allclose(prefill, want, atol=1e-5)
     assert pool.ranks["qkv"].tolist() == [2, 3]
     with pytest.raises(LookupError):  # both slots referenced
         pool.take(adapter(1, 1.0, ("q_proj",)))

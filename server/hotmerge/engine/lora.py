@@ -1,8 +1,9 @@
 """The adapter pool: stacked device slots per projection group, and the per-batch LoRA call.
 
 vLLM's shape: each projection group of each layer holds every slot's A and B stacked
-(``a[group]: (layers, slots, slices, max_rank, in)``, ``b[group]: (layers, slots, out, max_rank)``,
-the LoRA scaling folded into B), and a batch only says which slot each token uses (-1: none).
+(``a[group]: (layers, slots, slices, max_rank, in)``, ``b[group]: (layers, slots, max_rank, out)``:
+B transposed, so the kernels read only the ranks in use, and with the LoRA scaling folded in),
+and a batch only says which slot each token uses (-1: none).
 Changing adapters or rows then changes numbers in a fixed buffer, never a captured graph.
 Fused groups: q/k/v (3 slices of one output), gate/up (2), o and down (1 each).
 
@@ -23,7 +24,12 @@ from contextlib import contextmanager
 
 import torch
 from hotmerge_kernels.layout import FlatAdapter
-from hotmerge_kernels.lora_apply import LoraKernelMeta
+from hotmerge_kernels.lora_apply import (
+    DECODE_MAX_TOKENS,
+    LoraKernelMeta,
+    lora_splits,
+    lora_workspace,
+)
 
 from hotmerge.engine import ops
 
@@ -128,8 +134,8 @@ class AdapterPool(SlotTable):
             self.offsets[group] = tuple(offsets)
             shape_a = (num_layers, num_slots, len(modules), max_rank, fan_in)
             self.a[group] = torch.zeros(shape_a, dtype=dtype, device=device)
-            self.b[group] = torch.zeros(
-                (num_layers, num_slots, offsets[-1], max_rank), dtype=dtype, device=device
+            self.b[group] = torch.zeros(  # rank-major: expand reads only the ranks in use
+                (num_layers, num_slots, max_rank, offsets[-1]), dtype=dtype, device=device
             )
             self.ranks[group] = torch.zeros(num_slots, dtype=torch.int32, device=device)
         self.nbytes = sum(
@@ -148,8 +154,8 @@ class AdapterPool(SlotTable):
 
     @contextmanager
     def every_slot_full(self) -> Iterator[None]:
-        """Every slot reads as a full-rank adapter inside the block: the kernels' autotuning
-        at start-up then times real work, not programs that exit at once."""
+        """Every slot reads as a full-rank adapter inside the block: the warm-up at start-up
+        then runs (and compiles) every kernel's real work, not programs that exit at once."""
         saved = {g: r.clone() for g, r in self.ranks.items()}
         for r in self.ranks.values():
             r.fill_(self.max_rank)
@@ -185,8 +191,8 @@ class AdapterPool(SlotTable):
             lo, hi = self.offsets[group][s], self.offsets[group][s + 1]
             dst_a.append(self.a[group][layer, slot, s, :r])
             src_a.append(a)
-            dst_b.append(self.b[group][layer, slot, lo:hi, :r])
-            src_b.append(adapter.tensor(module, "B"))  # (out, r)
+            dst_b.append(self.b[group][layer, slot, :r, lo:hi])
+            src_b.append(adapter.tensor(module, "B").T)  # (r, out), as the pool stores B
             ranks[group] = max(ranks[group], r)
         if dst_a:
             torch._foreach_copy_(dst_a, src_a)
@@ -203,45 +209,33 @@ class LoraBatch:
     """Which slot each token of one forward uses, and the call each projection group makes.
 
     ``token_slots`` (T,) int32 on the device, -1 for base-model tokens. On CUDA every group is
-    two Triton launches (shrink, expand) reading the tokens grouped by slot once per forward
-    (``LoraKernelMeta``). The torch path takes ``segments`` for prefill: runs of tokens of one
-    slot, each multiplied by its own adapter, instead of a per-token gather.
+    two Triton launches (shrink, expand) into one workspace (``lora_workspace``); decode
+    launches index rows directly, longer forwards read the tokens grouped by slot once per
+    forward (``LoraKernelMeta``). The torch twins (CPU) multiply each slot's tokens by its
+    adapter.
     """
 
-    def __init__(
-        self,
-        pool: AdapterPool,
-        token_slots: torch.Tensor,
-        segments: list[tuple[int, int, int]] | None = None,
-    ) -> None:
+    def __init__(self, pool: AdapterPool, token_slots: torch.Tensor) -> None:
         self.pool = pool
         self.token_slots = token_slots
-        self.segments = segments
         tokens = token_slots.shape[0]
         self.kernels = ops.triton_enabled(token_slots)
         self.meta = None
-        if self.kernels:  # inside a captured graph, these come from the graph's pool
+        if self.kernels and tokens > DECODE_MAX_TOKENS:  # from the graph's pool when captured
             self.meta = LoraKernelMeta(tokens, pool.num_slots, token_slots.device)
             self.meta.update(token_slots)
-        if self.kernels or segments is None:
-            widest = max(len(o) - 1 for o in pool.offsets.values())
-            self.buf = torch.empty(
-                (widest, tokens, pool.max_rank), dtype=torch.float32, device=token_slots.device
-            )
+        self.buf = lora_workspace(
+            [a.shape[-1] for a in pool.a.values()],
+            max(len(o) - 1 for o in pool.offsets.values()),
+            tokens,
+            pool.max_rank,
+            token_slots.device,
+        )
 
     def apply(self, layer: int, group: str, x: torch.Tensor, y: torch.Tensor) -> None:
         a = self.pool.a[group][layer]
         b = self.pool.b[group][layer]
         offsets = self.pool.offsets[group]
-        if self.kernels or self.segments is None:
-            buf = self.buf[: len(offsets) - 1]
-            ranks = self.pool.ranks[group]
-            ops.lora(x, y, a, b, ranks, self.token_slots, offsets, buf, self.meta)
-            return
-        for first, end, slot in self.segments:
-            if slot < 0:
-                continue
-            xs = x[first:end]
-            for s in range(len(offsets) - 1):
-                lo, hi = offsets[s], offsets[s + 1]
-                y[first:end, lo:hi] += (xs @ a[slot, s].T) @ b[slot, lo:hi].T
+        buf = self.buf[: lora_splits(x.shape[1], x.shape[0]), : len(offsets) - 1]
+        ranks = self.pool.ranks[group]
+        ops.lora(x, y, a, b, ranks, self.token_slots, offsets, buf, self.meta)
