@@ -82,6 +82,25 @@ def test_stop_sequence_spanning_tokens_is_cut(engine):
     assert result.generated_tokens <= 8
 
 
+def test_row_ended_by_a_stop_sequence_in_flight_takes_no_more_tokens(engine):
+    """A stop sequence shows only once the row's next step is launched: that step's token is
+    dropped, the other row of the batch runs on as it does alone, and every block comes back."""
+    alone = run(engine, max_new_tokens=24)
+    stop = alone.generated_text[5:8]
+    other = "Another prompt, longer"
+    other_alone = run(engine, other, max_new_tokens=24)
+    stopped, running = (
+        submit(engine, max_new_tokens=24, stop=(stop,)),
+        submit(engine, other, max_new_tokens=24),
+    )
+    first, second = stopped.wait(), running.wait()
+    assert first.finish_reason is FinishReason.STOP_SEQUENCE
+    assert first.generated_text == alone.generated_text[: alone.generated_text.index(stop)]
+    assert ids(first) == ids(alone)[: first.generated_tokens] and len(first.tokens) <= 8
+    assert ids(second) == ids(other_alone)
+    assert engine.kv_cache_usage == 0
+
+
 def test_text_stream_multibyte_and_held_back_stop():
     tok = byte_level_tokenizer()
     prompt = tok("x")["input_ids"]

@@ -11,6 +11,11 @@ of prompt for the rows still prefilling (long prompts go in chunks, so a new pro
 the running rows for long), then one token per row that needs one. Rows that finish, fail or are
 cancelled give their blocks and slot back at once (continuous batching).
 
+The host work of a step overlaps the device's: a step waits for the one in flight and takes
+its tokens (cheap: EOS and length are known at once), launches the next, and only then
+detokenizes and streams the tokens it took and admits new requests while the device runs. A
+row that a stop sequence ends is already in the launched step: that token is dropped.
+
 Errors: :meth:`Engine.submit` raises InvalidArgument for a bad request, and NotFound /
 InvalidArgument / ResourceExhausted from the adapter store (the adapter is resolved and
 pinned at submit). Iterating a :class:`GenerationHandle` raises Cancelled (cancel or deadline),
@@ -104,6 +109,7 @@ class _Row:
     prefilled: int = 0  # prompt tokens in the KV cache
     prefill_started: float = 0.0
     prefill_done: float = 0.0
+    ending: FinishReason | None = None  # its last token ends it (EOS, length): not emitted yet
     done: bool = False
 
     @property
@@ -113,6 +119,18 @@ class _Row:
     @property
     def prefilling(self) -> bool:
         return self.prefilled < len(self.prompt_ids)
+
+
+@dataclass(eq=False)
+class _Group:
+    """One launched step: the rows getting a token (in the order of the logits), the rows whose
+    prompt chunks ran, and the sampler to wait on; then the tokens, until they are emitted."""
+
+    rows_out: list[_Row]
+    chunk_rows: list[_Row]
+    sampled: object  # the runner's Sampler: .wait() -> (tokens, logprobs)
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -180,6 +198,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._ids = itertools.count()
         self._running: list[_Row] = []  # admitted rows, in admission order (worker thread only)
+        self._inflight: _Group | None = None  # the step launched and not yet waited on
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -323,11 +342,13 @@ class Engine:
             if not self._admit():
                 break
             if not self._running:
+                self._inflight = None  # its rows all ended: nothing left to read from it
                 continue
             try:
                 self._step()
             except Exception as exc:  # a failed forward fails its batch, never the worker
                 log.exception("engine step failed; failing %d request(s)", len(self._running))
+                self._inflight = None
                 err = HotmergeError(f"internal error while generating: {exc}")
                 for row in list(self._running):
                     self._fail(row, err)
@@ -411,12 +432,37 @@ class Engine:
             row.reserved -= missing
 
     def _step(self) -> None:
+        """Wait for the step in flight and take its tokens, launch the next step, then emit
+        the tokens taken while the device runs it (detokenizing, streaming, stop sequences)
+        and return (admission, too, runs while the device works). A row that a stop sequence
+        ends while it is in the launched step has that step's token dropped."""
         self.stats.steps += 1
         lap = _Lap(self.stats.step_phase_s)
+        waited = self._inflight
+        self._inflight = None
+        if waited is not None:
+            self._collect(waited)
+            lap("wait")
         for row in list(self._running):  # clients gone or deadlines passed: leave before work
             self._still_wanted(row)
-        decoding = [r for r in self._running if not r.prefilling]
+        self._inflight = self._launch(lap)
+        if waited is not None:
+            taken = zip(waited.rows_out, waited.tokens, waited.logprobs, strict=True)
+            for r, token, logprob in taken:
+                try:
+                    self._emit(r, token, logprob)
+                except Exception as exc:  # one row's failure is that row's alone
+                    log.exception("request failed while emitting a token")
+                    self._fail(r, HotmergeError(f"internal error while generating: {exc}"))
+            lap("emit")
+
+    def _launch(self, lap: _Lap) -> _Group | None:
+        """Queue one decode step for the generating rows, the next prompt chunks and the
+        sampling of every row that gets a token; nothing waits for the device here."""
+        decoding = [r for r in self._running if not r.prefilling and r.ending is None]
         chunks, chunk_rows = self._plan_prefill()
+        if not decoding and not chunks:
+            return None
         rows_out = []  # rows getting a token, in the order of the logits
         decode_logits = prefill_logits = None
         now = time.perf_counter()
@@ -455,22 +501,22 @@ class Engine:
         lap("prepare")
         sampled = self.runner.sample([decode_logits, prefill_logits], sampling)
         lap("sample")
-        tokens, logprobs = sampled.wait()
-        lap("wait")
+        return _Group(rows_out, chunk_rows, sampled)
+
+    def _collect(self, group: _Group) -> None:
+        """The launched step's tokens, once on the host, taken by their rows (rows that ended
+        meanwhile take nothing)."""
+        group.tokens, group.logprobs = group.sampled.wait()
         done = time.perf_counter()
-        for r in chunk_rows:
-            if not r.prefilling:
+        for r in group.chunk_rows:
+            if not r.prefilling and not r.prefill_done:
                 r.prefill_done = done
                 r.timings.prefill_ms = _ms(r.prefill_started, done)
                 if r.params.max_new_tokens == 0:  # prompt scoring only
                     self._finish(r, FinishReason.LENGTH)
-        for r, token, logprob in zip(rows_out, tokens, logprobs, strict=True):
-            try:
-                self._emit(r, token, logprob)
-            except Exception as exc:  # one row's failure is that row's alone
-                log.exception("request failed while emitting a token")
-                self._fail(r, HotmergeError(f"internal error while generating: {exc}"))
-        lap("emit")
+        for r, token in zip(group.rows_out, group.tokens, strict=True):
+            if not r.done:
+                self._take(r, token)
 
     def _plan_prefill(self) -> tuple[list[PrefillChunk], list[_Row]]:
         """The next prompt chunks, up to ``max_prefill_tokens`` (at least one chunk)."""
@@ -501,21 +547,30 @@ class Engine:
 
     # -- tokens -----------------------------------------------------------------------------
 
+    def _take(self, row: _Row, token: int) -> None:
+        """The row's next token: what the next step feeds it, and whether it ends the row
+        (EOS, length; a stop sequence shows only once detokenized, in ``_emit``)."""
+        row.generated.append(token)
+        if token in self.runner.eos_token_ids:
+            row.ending = FinishReason.EOS
+        elif (
+            len(row.generated) >= row.params.max_new_tokens
+            or len(row.prompt_ids) + len(row.generated) >= self.max_total_tokens
+        ):
+            row.ending = FinishReason.LENGTH
+
     def _emit(self, row: _Row, token: int, logprob: float) -> None:
+        """Stream a taken token (its text, stop sequences) and finish the row if it ends."""
         if row.done:
             return
-        row.generated.append(token)
         finish = None
-        if token in self.runner.eos_token_ids:
+        if row.ending is FinishReason.EOS:
             text, finish = row.stream.flush(), FinishReason.EOS
         else:
             text, stopped = row.stream.push(token)
             if stopped:
                 finish = FinishReason.STOP_SEQUENCE
-            elif (
-                len(row.generated) >= row.params.max_new_tokens
-                or len(row.prompt_ids) + len(row.generated) >= self.max_total_tokens
-            ):
+            elif row.ending is FinishReason.LENGTH:
                 finish = FinishReason.LENGTH
                 text += row.stream.flush()
         event = TokenEvent(token_id=token, text=text, logprob=logprob)
