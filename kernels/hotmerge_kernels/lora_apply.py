@@ -21,7 +21,10 @@ empty ranges as zeros). Slots must be < the pool's slot count: they are not chec
 
 ``lora_splits(in, T)`` is the split count the engine uses, a function of shapes only, so a
 captured graph is fixed: at decode (T <= ``DECODE_MAX_TOKENS``) one split per ``SPLIT_WIDTH``
-features, which gives the GPU hundreds of programs even at batch 1; prefill keeps one split.
+features, which gives the GPU hundreds of programs even at batch 1; a prefill of up to
+``SPLIT_MAX_TOKENS`` tokens splits too, into at most ``PREFILL_MAX_SPLITS`` ranges (a 128-token
+prompt is two m tiles: unsplit, a few programs would each walk all of ``in``); longer prefills
+have tiles enough and keep one split.
 ``lora_workspace`` allocates a buffer for every group of a forward; each group uses its leading
 ``lora_splits`` splits and slices.
 
@@ -70,13 +73,16 @@ __all__ = [
 MAX_SLICES = 3
 DECODE_MAX_TOKENS = 64  # up to this many tokens: decode tiles and split in_features
 SPLIT_WIDTH = 512  # in_features per shrink split at decode (16 KB of A per rank-16 program)
+SPLIT_MAX_TOKENS = 512  # prefills up to this many tokens split in_features too
+PREFILL_MAX_SPLITS = 8  # prefill expand unrolls its sum over the splits: keep it short
 
 
 def lora_splits(in_features: int, tokens: int) -> int:
     """Ranges shrink splits ``in_features`` into for ``tokens`` tokens (shapes only)."""
-    if tokens > DECODE_MAX_TOKENS:
-        return 1
-    return triton.cdiv(in_features, SPLIT_WIDTH)
+    splits = triton.cdiv(in_features, SPLIT_WIDTH)
+    if tokens <= DECODE_MAX_TOKENS:
+        return splits
+    return min(splits, PREFILL_MAX_SPLITS) if tokens <= SPLIT_MAX_TOKENS else 1
 
 
 def lora_workspace(
