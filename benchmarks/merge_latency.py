@@ -168,8 +168,10 @@ PEFT_SVD_LAYERS = 2  # PEFT's full SVD per module is ~1 s: timed on this many la
 
 def run_svd_case(adapters, strategy, args) -> dict:
     """A ΔW-space strategy: hotmerge cold (no cached thresholds) and cached-thresholds wall
-    times, the rank-r accuracy of each factorisation against the exact truncated SVD of the same
-    merged ΔW (Frobenius error ratio, the contract is <= 1.001), and PEFT's way (ΔW in the
+    times, the rank-r accuracy of the factorisation against the exact truncated SVD of the same
+    merged ΔW (Frobenius error ratio, the contract is <= 1.001; the first module of each
+    factorised group), the device memory a merge allocates beyond what is already held
+    (``svd_peak_extra_mb``, output included), and PEFT's way (ΔW in the
     adapters' dtype, merge_utils, full torch.linalg.svd per module) timed on PEFT_SVD_LAYERS
     layers and extrapolated to all of them."""
     n = len(adapters)
@@ -182,7 +184,8 @@ def run_svd_case(adapters, strategy, args) -> dict:
     def measured(m, rank, **kw):
         found = original(m, rank, **kw)
         if len(ratios) < args.svd_accuracy_modules:
-            u, s, vh = found
+            first = (0,) * (m.dim() - 2)  # the first matrix of each factorised group
+            m, u, s, vh = m[first], found[0][first], found[1][first], found[2][first]
             exact = torch.linalg.svdvals(m)
             tail = torch.sqrt((exact[rank:] ** 2).sum())
             ratios.append(float(torch.linalg.matrix_norm(m - (u * s) @ vh) / tail))
@@ -211,6 +214,10 @@ def run_svd_case(adapters, strategy, args) -> dict:
         "hotmerge_cold_ms": wall_ms(cold, args.svd_reps),
         "hotmerge_cached_ms": wall_ms(lambda: merge_adapters(adapters, params), args.svd_reps),
     }
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    merge_adapters(adapters, params)
+    row["svd_peak_extra_mb"] = (torch.cuda.max_memory_allocated() - before) / 1e6
     modules = [m for m in adapters[0].modules if int(m.split(".")[2]) < PEFT_SVD_LAYERS]
     layers = len({m.split(".")[2] for m in adapters[0].modules})
     if n > args.peft_max_n:
@@ -436,7 +443,7 @@ def _write(out: Path, meta: dict) -> None:
 
 COLUMNS = ["strategy", "n_adapters", "rank", "floor_ms", "peft_ms", "torch_ms",
            "hotmerge_cold_ms", "hotmerge_cached_ms", "mismatches", "svd_error_ratio_max",
-           "peft_note"]  # fmt: skip
+           "svd_peak_extra_mb", "peft_note"]  # fmt: skip
 
 
 def _fmt(v):

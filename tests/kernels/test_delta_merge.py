@@ -1,10 +1,12 @@
 """ΔW-space merges (*_svd): PEFT's add_weighted_adapter on a tiny Llama with mixed ranks, the
-randomized factorisation against an exact SVD, DARE in ΔW space across runs and engines."""
+randomized factorisation against an exact SVD (alone and batched), DARE in ΔW space across runs
+and engines, groups of modules factorised together against one by one."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from hotmerge_kernels import delta_merge
 from hotmerge_kernels.delta_merge import low_rank
 from hotmerge_kernels.merge import merge_adapters
 from hotmerge_kernels.params import MergeParams, SignMethod, Strategy
@@ -184,3 +186,51 @@ def test_one_adapter_merges_as_linear_as_peft_does():
     torch.testing.assert_close(
         out.tensor(module, "B") ** 2, ad.tensor(module, "B") ** 2 * 0.5 * 2.0
     )
+
+
+def test_batched_factorisation_equals_one_by_one_within_the_contract():
+    ms = torch.stack([_merged_delta(520, 610, seed=s, ties=s != 1) for s in range(3)])
+    u, s, vh = low_rank(ms, 16, method="randomized")
+    for k, m in enumerate(ms):
+        alone = low_rank(m, 16, method="randomized")
+        torch.testing.assert_close((u[k] * s[k]) @ vh[k], (alone[0] * alone[1]) @ alone[2])
+        exact = torch.linalg.svdvals(m)[16:].square().sum().sqrt()
+        assert torch.linalg.matrix_norm(m - (u[k] * s[k]) @ vh[k]) <= exact * 1.001
+        assert torch.allclose(u[k].T @ u[k], torch.eye(16), atol=1e-5)
+
+
+def test_rank_deficient_matrix_is_reconstructed():
+    gen = torch.Generator().manual_seed(4)
+    m = torch.randn(300, 4, generator=gen) @ torch.randn(4, 260, generator=gen)  # rank 4 < 16
+    u, s, vh = low_rank(m, 16, method="randomized")
+    assert s.shape == (16,) and torch.all(s[4:] < 1e-4 * s[0])
+    torch.testing.assert_close((u * s) @ vh, m, rtol=0, atol=1e-4 * m.abs().max().item())
+
+
+BIG = {  # randomized-path shapes: three modules of one ΔW shape, one of another
+    "model.layers.0.mlp.up_proj": (150, 170),
+    "model.layers.1.mlp.up_proj": (150, 170),
+    "model.layers.2.mlp.up_proj": (150, 170),
+    "model.layers.0.self_attn.q_proj": (140, 140),
+}
+
+
+@pytest.mark.parametrize("strategy", ["ties_svd", "svd"])
+def test_groups_of_modules_equal_one_by_one(monkeypatch, strategy):
+    """Mixed ranks and shapes, a module one adapter lacks: merged with every shape in one group
+    (the default), in groups of two of the shared shape, or one module at a time."""
+    ads = [make_adapter(BIG, 8, seed=1), make_adapter(BIG, 4, seed=2, scaling=0.5)]
+    ads.append(make_adapter(dict(list(BIG.items())[1:]), 6, seed=3, scaling=1.5))
+    params = MergeParams(Strategy(strategy), (1.0, 0.6, -0.8), 0.5, svd_rank=8, seed=9)
+    together = merge_adapters(ads, params, backend="torch").adapter
+    monkeypatch.setattr(delta_merge, "GROUP_BYTES", 2 * 4 * 150 * 170)
+    pairs = merge_adapters(ads, params, backend="torch").adapter
+    monkeypatch.setattr(delta_merge, "GROUP_BYTES", 1)
+    alone = merge_adapters(ads, params, backend="torch").adapter
+    for module in together.modules:
+        want = alone.tensor(module, "B") @ alone.tensor(module, "A")
+        for got in (together, pairs):
+            torch.testing.assert_close(
+                got.tensor(module, "B") @ got.tensor(module, "A"), want, rtol=1e-4,
+                atol=1e-5 * want.abs().max().item(),
+            )  # fmt: skip
