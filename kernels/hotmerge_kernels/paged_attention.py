@@ -245,15 +245,21 @@ class PagedAttention:
         return out
 
 
-def _check(q, k_cache, v_cache, block_tables, seq_lens) -> None:
-    """Shape and dtype contract (host metadata only: no sync)."""
-    batch, num_heads, head_dim = q.shape
+def check_cache(q, k_cache, v_cache) -> None:
+    """q ``(tokens, heads, head_dim)`` against the paged caches (decode and prefill alike)."""
+    _, num_heads, head_dim = q.shape
     if k_cache.shape != v_cache.shape or k_cache.dtype != v_cache.dtype:
         raise ValueError("k_cache and v_cache differ in shape or dtype")
     if k_cache.shape[3] != head_dim or num_heads % k_cache.shape[2]:
         raise ValueError(f"q {tuple(q.shape)} does not fit cache {tuple(k_cache.shape)}")
     if q.stride(2) != 1 or k_cache.stride(3) != 1 or v_cache.stride(3) != 1:
         raise ValueError("head_dim must be the contiguous dimension of q and the caches")
+
+
+def _check(q, k_cache, v_cache, block_tables, seq_lens) -> None:
+    """Shape and dtype contract (host metadata only: no sync)."""
+    check_cache(q, k_cache, v_cache)
+    batch = q.shape[0]
     if block_tables.dtype != torch.int32 or seq_lens.dtype != torch.int32:
         raise ValueError("block_tables and seq_lens must be int32")
     if block_tables.shape[0] != batch or seq_lens.shape != (batch,):

@@ -32,18 +32,11 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
+from .paged_attention import LOG2E, _dot, check_cache
+
 BLOCK_M = 64  # queries per program
 NUM_WARPS = 4
 NUM_STAGES = 2
-
-
-@triton.jit
-def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    # The CPU interpreter multiplies 16-bit floats wrongly: it gets float32 operands.
-    if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    return tl.dot(a, b, input_precision=PRECISION)
 
 
 @triton.jit
@@ -116,13 +109,7 @@ def _prefill_kernel(
 
 def _check(q, k_cache, v_cache, block_tables, query_start, query_lens, query_pos) -> None:
     """Shape and dtype contract (host metadata only: no sync)."""
-    _, num_heads, head_dim = q.shape
-    if k_cache.shape != v_cache.shape or k_cache.dtype != v_cache.dtype:
-        raise ValueError("k_cache and v_cache differ in shape or dtype")
-    if k_cache.shape[3] != head_dim or num_heads % k_cache.shape[2]:
-        raise ValueError(f"q {tuple(q.shape)} does not fit cache {tuple(k_cache.shape)}")
-    if q.stride(2) != 1 or k_cache.stride(3) != 1 or v_cache.stride(3) != 1:
-        raise ValueError("head_dim must be the contiguous dimension of q and the caches")
+    check_cache(q, k_cache, v_cache)
     per_seq = (block_tables, query_start, query_lens, query_pos)
     if any(t.dtype != torch.int32 for t in per_seq):
         raise ValueError("block_tables, query_start, query_lens and query_pos must be int32")

@@ -1,0 +1,42 @@
+"""What the merge engine's Triton kernels share: tables of inputs uploaded to the device once.
+
+Kernels take their inputs as a table of buffer addresses (one launch covers all adapters
+however many); a table is uploaded once per distinct set of addresses and kept.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+import triton
+import triton.language as tl
+
+from .plan import lru_get
+
+TABLE_CACHE_SIZE = 256  # device copies of address / weight tables kept for reuse
+
+
+def to_device(table: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if device.type != "cuda":
+        return table
+    return table.pin_memory().to(device, non_blocking=True)
+
+
+def address_table(tensors: list[torch.Tensor], device) -> torch.Tensor:
+    """int64 table of the tensors' addresses on the device, uploaded once per distinct table."""
+    addresses = tuple(t.data_ptr() for t in tensors)
+    return lru_get(
+        _ADDRESS_TABLES,
+        (addresses, str(device)),
+        lambda: to_device(torch.tensor(addresses, dtype=torch.int64), device),
+        TABLE_CACHE_SIZE,
+    )
+
+
+_ADDRESS_TABLES: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+
+
+@triton.jit
+def load_input(ptr_table, i, ref_ptr):
+    return tl.load(ptr_table + i).to(tl.pointer_type(ref_ptr.dtype.element_ty))
