@@ -25,6 +25,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from . import pdl
+
 ROTARY_WARPS = 1  # a (token, head) program holds head_dim / 2 pairs: 64 at head_dim 128
 SILU_BLOCK = 1024
 SILU_WARPS = 4
@@ -49,8 +51,9 @@ def _rms_norm_kernel(
     x_ptr, res_ptr, w_ptr, out_ptr,
     heads, H, eps,
     x_st, x_sh, r_st, r_sh, o_st, o_sh,
-    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
+    pdl.enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     t = row // heads
     h = row % heads
@@ -106,7 +109,7 @@ def rms_norm(
             x.shape[1] if x.dim() == 3 else 1, H, eps,
             *_strides(x), *_strides(res), *_strides(out),
             HAS_RESIDUAL=residual is not None, BLOCK=block,
-            num_warps=min(max(block // 512, 1), 16),
+            num_warps=min(max(block // 512, 1), 16), **pdl.launch_options(x.device),
         )  # fmt: skip
     return out if residual is None else (out, residual)
 
@@ -160,9 +163,10 @@ def _rotary_cache_kernel(
     num_heads, half, block_size,
     q_st, q_sh, k_st, k_sh, v_st, v_sh, cos_st, sin_st,
     kc_sb, kc_so, kc_sh, vc_sb, vc_so, vc_sh,
-    WRITE_CACHE: tl.constexpr, HALF_BLOCK: tl.constexpr,
+    WRITE_CACHE: tl.constexpr, HALF_BLOCK: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """Program (t, h): q head h for h < num_heads, else kv head h - num_heads (k, cache, v)."""
+    pdl.enter(PDL)
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     d = tl.arange(0, HALF_BLOCK)
@@ -246,7 +250,7 @@ def rotary_and_cache(
         cos.stride(0), sin.stride(0),
         *(kc.stride()[:3] if cache else (0, 0, 0)), *(vc.stride()[:3] if cache else (0, 0, 0)),
         WRITE_CACHE=cache, HALF_BLOCK=triton.next_power_of_2(head_dim // 2),
-        num_warps=ROTARY_WARPS,
+        num_warps=ROTARY_WARPS, **pdl.launch_options(q.device),
     )  # fmt: skip
 
 
@@ -295,7 +299,10 @@ def rotary_and_cache_torch(
 
 
 @triton.jit
-def _silu_and_mul_kernel(gu_ptr, out_ptr, inter, gu_st, o_st, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(
+    gu_ptr, out_ptr, inter, gu_st, o_st, BLOCK: tl.constexpr, PDL: tl.constexpr
+):
+    pdl.enter(PDL)
     t = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < inter
@@ -324,7 +331,7 @@ def silu_and_mul(gate_up: torch.Tensor, out: torch.Tensor | None = None) -> torc
     if T > 0 and inter > 0:
         _silu_and_mul_kernel[(T, triton.cdiv(inter, SILU_BLOCK))](
             gate_up, out, inter, gate_up.stride(0), out.stride(0),
-            BLOCK=SILU_BLOCK, num_warps=SILU_WARPS,
+            BLOCK=SILU_BLOCK, num_warps=SILU_WARPS, **pdl.launch_options(gate_up.device),
         )  # fmt: skip
     return out
 

@@ -33,7 +33,9 @@ Two kernel pairs, chosen by T:
 - Decode (T <= ``DECODE_MAX_TOKENS``): one program per token and (slice, split) for shrink, per
   token and n tile for expand, reading the token's slot directly: matrix-vector products in
   float32 (a batch's rows mostly have distinct adapters; rows that share one read it again from
-  L2). Grids: (slices x splits, T) and (n tiles, T).
+  L2). Grids: (slices x splits, T) and (n tiles, T). On Hopper both are launched as programmatic
+  dependents: each reads its adapter weights before ``gdc_wait`` and what the previous kernel
+  wrote (x; the partials and y) after, so expand's B loads overlap shrink.
 - Prefill: tokens grouped by slot (``LoraKernelMeta``: a stable sort of the slots and each run's
   start, length and slot), each program a tensor-core tile of up to ``BLOCK_M`` tokens of one
   group, so tokens that share an adapter share its weight reads. Grids: (slices x splits, m
@@ -58,6 +60,7 @@ import triton
 import triton.language as tl
 
 from .lora_apply_reference import lora_expand_torch, lora_shrink_torch
+from .pdl import launch_options
 
 __all__ = [
     "LoraKernelMeta",
@@ -232,9 +235,12 @@ def _shrink_rows_kernel(
     SPLITS: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """One token, slice and split per program: a matrix-vector product (no tensor-core tile of
-    16 rows of which one is used)."""
+    16 rows of which one is used). PDL: A is loaded before waiting on the kernel that wrote x."""
+    if PDL:  # expand may start loading its B while this kernel runs
+        tl.extra.cuda.gdc_launch_dependents()
     pid_sp = tl.program_id(0)  # slice x split, split fastest: neighbours read neighbouring A
     t = tl.program_id(1).to(tl.int64)
     slot = tl.load(slots_ptr + t)
@@ -253,12 +259,14 @@ def _shrink_rows_kernel(
         for k0 in range(k_begin, k_end, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             k_mask = offs_k < k_end
-            xk = tl.load(x_ptr + t * stride_xt + offs_k * stride_xk, mask=k_mask, other=0.0)
             at = tl.load(
                 a_base + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
                 mask=r_mask[:, None] & k_mask[None, :],
                 other=0.0,
             )
+            if PDL:  # x is the previous kernel's output (later calls return at once)
+                tl.extra.cuda.gdc_wait()
+            xk = tl.load(x_ptr + t * stride_xt + offs_k * stride_xk, mask=k_mask, other=0.0)
             acc += tl.sum(at.to(tl.float32) * xk.to(tl.float32)[None, :], axis=1)
         tl.store(out + offs_r * stride_br, acc, mask=r_mask)
 
@@ -286,34 +294,58 @@ def _expand_rows_kernel(
     SPLITS: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    PDL: tl.constexpr,
 ):
-    """One token and n tile per program: a matrix-vector product."""
+    """One token and n tile per program: a matrix-vector product. PDL: the first block of B
+    (all of it up to rank BLOCK_K) is loaded before waiting on shrink, whose partials and the
+    GEMM's y are read after."""
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
     pid_n = tl.program_id(0)
     t = tl.program_id(1).to(tl.int64)
     slot = tl.load(slots_ptr + t)
     if slot < 0:
         return
     rank = tl.load(ranks_ptr + slot)
-    s, offs_n, n_mask = _slice_tile(pid_n, OFF0, OFF1, OFF2, OFF3, BLOCK_N)
-    y_row = y_ptr + t * stride_yt + offs_n * stride_yn
-    y = tl.load(y_row, mask=n_mask, other=0.0)  # issued with the rank's load
     if rank <= 0:
         return
+    s, offs_n, n_mask = _slice_tile(pid_n, OFF0, OFF1, OFF2, OFF3, BLOCK_N)
     b_rows = b_ptr + slot.to(tl.int64) * stride_ws + offs_n[:, None] * stride_wn
     h_row = buf_ptr + s * stride_bi + t * stride_bt
-    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for k0 in range(0, rank, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < rank
-        h = tl.zeros((BLOCK_K,), dtype=tl.float32)
-        for p in tl.static_range(SPLITS):  # shrink's partials, always summed in this order
-            h += tl.load(h_row + p * stride_bp + offs_k * stride_br, mask=k_mask, other=0.0)
-        w = tl.load(
-            b_rows + offs_k[None, :] * stride_wr, mask=n_mask[:, None] & k_mask[None, :], other=0.0
-        )
-        h = h.to(w.dtype).to(tl.float32)  # as the tile kernel feeds the dot
-        acc += tl.sum(w.to(tl.float32) * h[None, :], axis=1)
+    y_row = y_ptr + t * stride_yt + offs_n * stride_yn
+    w = _b_block(b_rows, stride_wr, n_mask, 0, rank, BLOCK_K)
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+    y = tl.load(y_row, mask=n_mask, other=0.0)
+    acc = _rank_block(h_row, w, 0, rank, stride_bp, stride_br, SPLITS, BLOCK_K)
+    for k0 in range(BLOCK_K, rank, BLOCK_K):
+        w = _b_block(b_rows, stride_wr, n_mask, k0, rank, BLOCK_K)
+        acc += _rank_block(h_row, w, k0, rank, stride_bp, stride_br, SPLITS, BLOCK_K)
     tl.store(y_row, (y.to(tl.float32) + acc).to(y.dtype), mask=n_mask)
+
+
+@triton.jit
+def _b_block(b_rows, stride_wr, n_mask, k0, rank, BLOCK_K: tl.constexpr):
+    """B's rank rows k0 .. k0 + BLOCK_K of an n tile, (BLOCK_N, BLOCK_K)."""
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    k_mask = offs_k < rank
+    return tl.load(
+        b_rows + offs_k[None, :] * stride_wr, mask=n_mask[:, None] & k_mask[None, :], other=0.0
+    )
+
+
+@triton.jit
+def _rank_block(
+    h_row, w, k0, rank, stride_bp, stride_br, SPLITS: tl.constexpr, BLOCK_K: tl.constexpr
+):
+    """w @ h over rank rows k0 .. k0 + BLOCK_K, h being shrink's partials summed in split order."""
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    k_mask = offs_k < rank
+    h = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    for p in tl.static_range(SPLITS):  # shrink's partials, always summed in this order
+        h += tl.load(h_row + p * stride_bp + offs_k * stride_br, mask=k_mask, other=0.0)
+    h = h.to(w.dtype).to(tl.float32)  # as the tile kernel feeds the dot
+    return tl.sum(w.to(tl.float32) * h[None, :], axis=1)
 
 
 @triton.jit
@@ -515,8 +547,9 @@ def lora_shrink(
         _check_meta(meta, t)
         grid = (num_slices * splits, t)
         _shrink_rows_kernel[grid](
-            x, lora_a, slot_ranks, token_slots, buf, k, *strides, SPLITS=splits, **tiles
-        )
+            x, lora_a, slot_ranks, token_slots, buf, k, *strides, SPLITS=splits,
+            **tiles, **launch_options(x.device),
+        )  # fmt: skip
         return
     meta = _ready_meta(meta, token_slots, num_slots)
     grid = (num_slices * splits, triton.cdiv(t, tiles["BLOCK_M"]), _num_groups(t, num_slots))
@@ -582,8 +615,9 @@ def lora_expand(
     if _by_rows(t):
         _check_meta(meta, t)
         _expand_rows_kernel[(n_tiles, t)](
-            buf, lora_b, slot_ranks, token_slots, y, *strides, *bounds, SPLITS=splits, **tiles
-        )
+            buf, lora_b, slot_ranks, token_slots, y, *strides, *bounds, SPLITS=splits,
+            **tiles, **launch_options(y.device),
+        )  # fmt: skip
         return
     meta = _ready_meta(meta, token_slots, num_slots)
     grid = (n_tiles, triton.cdiv(t, tiles["BLOCK_M"]), _num_groups(t, num_slots))

@@ -28,6 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import pdl
+
 LOG2E = 1.4426950408889634
 # Launch shapes (first guesses for Hopper; benchmarks/paged_attention.py --tune sweeps them).
 PARTITION_SIZE = 512  # tokens per partition: batch 32 x 8 kv heads x 2k tokens -> 1024 programs
@@ -57,8 +59,9 @@ def _partition_kernel(
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, PARTITION: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
+    pdl.enter(PDL)
     kv_head = tl.program_id(0)  # fastest: neighbouring programs read neighbouring head rows
     part = tl.program_id(1)
     row = tl.program_id(2)
@@ -115,8 +118,9 @@ def _reduce_kernel(
     stride_pb, stride_ph, stride_pp, stride_lb, stride_lh,
     stride_ob, stride_oh,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-    PARTITION: tl.constexpr, CHUNK: tl.constexpr,
+    PARTITION: tl.constexpr, CHUNK: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
+    pdl.enter(PDL)
     head = tl.program_id(0)
     row = tl.program_id(1)
     seq_len = tl.load(seq_lens_ptr + row)
@@ -231,7 +235,7 @@ class PagedAttention:
             HEAD_DIM=head_dim, HEAD_DIM_PAD=max(16, head_dim_pad),
             BLOCK_SIZE=block_size, TILE=self.tile_size, PARTITION=self.partition_size,
             PRECISION=precision, UPCAST=q.device.type != "cuda",
-            num_warps=self.num_warps, num_stages=self.num_stages,
+            num_warps=self.num_warps, num_stages=self.num_stages, **pdl.launch_options(q.device),
         )  # fmt: skip
         _reduce_kernel[(num_heads, batch)](
             po, pl, seq_lens, out,
@@ -240,7 +244,7 @@ class PagedAttention:
             out.stride(0), out.stride(1),
             HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
             PARTITION=self.partition_size, CHUNK=REDUCE_CHUNK,
-            num_warps=1 if head_dim_pad <= 64 else 2,
+            num_warps=1 if head_dim_pad <= 64 else 2, **pdl.launch_options(q.device),
         )  # fmt: skip
         return out
 

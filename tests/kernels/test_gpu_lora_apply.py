@@ -15,6 +15,7 @@ from hotmerge_kernels.lora_apply import (
     lora_splits,
     lora_workspace,
 )
+from hotmerge_kernels.pdl import launch_options
 
 from tests.kernels.test_lora_apply import assert_close, defined
 
@@ -100,13 +101,18 @@ def test_float32_at_7b_sizes():
 
 
 def test_graph_replay_with_new_slots():
-    """Meta update, shrink and expand captured once; each replay reads the slots then in place."""
+    """Meta update, shrink and expand captured once; each replay reads the slots then in place.
+    On Hopper the decode kernels are programmatic dependents: shrink right after the copy that
+    writes its x, expand after shrink, both reading y after that copy."""
     t, dtype = 32, torch.bfloat16
+    pdl = launch_options(torch.device("cuda"))["PDL"]
+    assert pdl == (torch.cuda.get_device_capability()[0] >= 9)
     n_in, widths = GROUPS["qkv"]
     lora_a, lora_b, slot_ranks, offsets = device_pool(widths, n_in, dtype, seed=1)
     gen = torch.Generator().manual_seed(2)
     token_slots = slots_for("distinct", t, gen)
-    x = torch.randn(t, n_in, generator=gen).to("cuda", dtype)
+    x_in = torch.randn(t, n_in, generator=gen).to("cuda", dtype)
+    x = torch.empty_like(x_in)
     y_in = torch.randn(t, offsets[-1], generator=gen).to("cuda", dtype)
     y = y_in.clone()
     buf = lora_workspace([n_in], len(widths), t, MAX_RANK, "cuda").fill_(float("nan"))
@@ -114,8 +120,9 @@ def test_graph_replay_with_new_slots():
     meta = LoraKernelMeta(t, len(RANKS), "cuda")
 
     def step():
-        y.copy_(y_in)
         meta.update(token_slots)
+        y.copy_(y_in)
+        x.copy_(x_in)
         lora_shrink(x, lora_a, slot_ranks, token_slots, buf, meta)
         lora_expand(buf, lora_b, slot_ranks, token_slots, y, offsets, meta)
 
@@ -130,7 +137,7 @@ def test_graph_replay_with_new_slots():
     for _ in range(3):
         new = torch.randint(-1, len(RANKS), (t,), generator=gen, dtype=torch.int32)
         token_slots.copy_(new.cuda())
-        x.copy_(torch.randn(t, n_in, generator=gen).to("cuda", dtype))
+        x_in.copy_(torch.randn(t, n_in, generator=gen).to("cuda", dtype))
         graph.replay()
         torch.cuda.synchronize()
         replayed = y.clone()
