@@ -87,11 +87,13 @@ def delta_merge(
             present = []
             for i, a in enumerate(adapters):
                 if a.segment(module, "A") is not None:
+                    # sᵢ as the GEMM's alpha: no pass of its own over the float32 ΔWᵢ; beta 0
+                    # ignores the workspace's old contents (NaN included)
                     delta = work[i, :numel].view(n_out, n_in)
-                    torch.matmul(
-                        a.tensor(module, "B").float(), a.tensor(module, "A").float(), out=delta
-                    )
-                    delta.mul_(a.scaling)
+                    delta.addmm_(
+                        a.tensor(module, "B").float(), a.tensor(module, "A").float(),
+                        beta=0, alpha=a.scaling,
+                    )  # fmt: skip
                     present.append(i)
             plan = _module_plan(adapters, module, (n_out, n_in))
             buffers = [work[i, :numel] for i in range(n)]
