@@ -92,6 +92,25 @@ def _transformed_input(
 
 
 @triton.jit
+def _vote(vote, x, ELECT: tl.constexpr):
+    """The sign vote plus input x: x itself (ELECT 1, total) or its sign (2, frequency)."""
+    if ELECT == 1:
+        vote += x
+    else:
+        vote += (x > 0).to(tl.float32) - (x < 0).to(tl.float32)
+    return vote
+
+
+@triton.jit
+def _disjoint(acc, count, x, positive, w):
+    """TIES's disjoint sum: x (weight w) joins where its sign is the elected one."""
+    keep = tl.where(positive, x > 0, x < 0)
+    acc += tl.where(keep, x * w, 0.0)
+    count += keep.to(tl.float32)
+    return acc, count
+
+
+@triton.jit
 def _merge_kernel(
     out_ptr, x_ptrs, thr_ptrs, w_ptr, chunk_seg, chunk_start, seg_out_off, seg_numel, seg_is_b,
     in_off, in_seg, density, divisor, seed_lo, seed_hi, N: tl.constexpr,
@@ -120,7 +139,42 @@ def _merge_kernel(
                 density, divisor, seed_lo, seed_hi, MODE, BLOCK, ALIGNED,
             )  # fmt: skip
             acc += x * tl.load(w_ptr + w_row * N + i)
-    else:
+    elif N <= 4:  # the N inputs stay in registers from the vote to the disjoint sum
+        x0 = _transformed_input(
+            x_ptrs, thr_ptrs, out_ptr, in_off, in_seg, j, 0, N, start, idx, n,
+            density, divisor, seed_lo, seed_hi, MODE, BLOCK, ALIGNED,
+        )  # fmt: skip
+        vote = _vote(tl.zeros([BLOCK], dtype=tl.float32), x0, ELECT)
+        if N > 1:
+            x1 = _transformed_input(
+                x_ptrs, thr_ptrs, out_ptr, in_off, in_seg, j, 1, N, start, idx, n,
+                density, divisor, seed_lo, seed_hi, MODE, BLOCK, ALIGNED,
+            )  # fmt: skip
+            vote = _vote(vote, x1, ELECT)
+        if N > 2:
+            x2 = _transformed_input(
+                x_ptrs, thr_ptrs, out_ptr, in_off, in_seg, j, 2, N, start, idx, n,
+                density, divisor, seed_lo, seed_hi, MODE, BLOCK, ALIGNED,
+            )  # fmt: skip
+            vote = _vote(vote, x2, ELECT)
+        if N > 3:
+            x3 = _transformed_input(
+                x_ptrs, thr_ptrs, out_ptr, in_off, in_seg, j, 3, N, start, idx, n,
+                density, divisor, seed_lo, seed_hi, MODE, BLOCK, ALIGNED,
+            )  # fmt: skip
+            vote = _vote(vote, x3, ELECT)
+        positive = vote >= 0
+        w = w_ptr + w_row * N
+        count = tl.zeros([BLOCK], dtype=tl.float32)
+        acc, count = _disjoint(acc, count, x0, positive, tl.load(w))
+        if N > 1:
+            acc, count = _disjoint(acc, count, x1, positive, tl.load(w + 1))
+        if N > 2:
+            acc, count = _disjoint(acc, count, x2, positive, tl.load(w + 2))
+        if N > 3:
+            acc, count = _disjoint(acc, count, x3, positive, tl.load(w + 3))
+        acc = acc / tl.maximum(count, 1.0)
+    else:  # pass 2 reloads the inputs (from L2)
         vote = tl.zeros([BLOCK], dtype=tl.float32)
         nonzero = tl.zeros([BLOCK], dtype=tl.int32)  # bit i: input i survived trim / DARE
         for i in tl.static_range(N):
@@ -130,10 +184,7 @@ def _merge_kernel(
             )  # fmt: skip
             if N <= 32:
                 nonzero = nonzero | ((x != 0).to(tl.int32) << i)
-            if ELECT == 1:
-                vote += x
-            else:
-                vote += (x > 0).to(tl.float32) - (x < 0).to(tl.float32)
+            vote = _vote(vote, x, ELECT)
         positive = vote >= 0
         count = tl.zeros([BLOCK], dtype=tl.float32)
         for i in tl.static_range(N):
@@ -150,9 +201,7 @@ def _merge_kernel(
                     x_ptrs, thr_ptrs, out_ptr, in_off, in_seg, j, i, N, start, idx, n,
                     density, divisor, seed_lo, seed_hi, MODE, BLOCK, ALIGNED,
                 )  # fmt: skip
-            keep = tl.where(positive, x > 0, x < 0)
-            acc += tl.where(keep, x * tl.load(w_ptr + w_row * N + i), 0.0)
-            count += keep.to(tl.float32)
+            acc, count = _disjoint(acc, count, x, positive, tl.load(w_ptr + w_row * N + i))
         acc = acc / tl.maximum(count, 1.0)
     out = out_ptr + out_off + idx
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=inb)
