@@ -75,11 +75,10 @@ def _transformed_input(
     off = tl.load(in_off + j * N + i)
     limit = tl.where(off >= 0, n, 0)
     off = tl.maximum(off, 0)
-    base = load_input(x_ptrs, i, out_ptr)
-    if ALIGNED:
-        base = tl.multiple_of(base, 16)
-        off = tl.multiple_of(off, 16)
-    x = tl.load(base + off + idx, mask=idx < limit, other=0).to(tl.float32)
+    ptrs = load_input(x_ptrs, i, out_ptr) + off + idx
+    if ALIGNED:  # on the pointers: Triton 3.6 drops a hint on the pointer cast from the table
+        ptrs = tl.multiple_of(ptrs, 16)  # each run of 16 starts 16-byte aligned
+    x = tl.load(ptrs, mask=idx < limit, other=0).to(tl.float32)
     if MODE == 1:
         seg = tl.maximum(tl.load(in_seg + j * N + i), 0)
         thr = tl.load(tl.load(thr_ptrs + i).to(tl.pointer_type(tl.float32)) + seg)
