@@ -189,10 +189,8 @@ def test_dare_keep_rate_is_density():
     plan = get_plan(ads, cat=False)
     keep = []
     for i in range(2):
-        u = reference.dare_uniform(
-            3, i, plan.in_seg[:, i].repeat_interleave(plan.seg_numel), _local(plan)
-        )
-        keep.append(u < 0.5)
+        seg = plan.in_seg[:, i].repeat_interleave(plan.seg_numel)
+        keep.append(reference.dare_keep(3, i, seg, _local(plan), 0.5))
     both = (keep[0] & keep[1]).float().mean().item()
     assert abs(both - 0.25) < 0.01
     assert merge_adapters(ads, params, backend="torch").adapter.buffer.ne(0).any()
