@@ -165,7 +165,7 @@ def philox_pruning(model, adapter_names: Sequence[str], seed: int):
     draws hotmerge's Philox stream, so PEFT's dare_*_svd can be compared exactly: each ΔW it
     prunes is found among the adapters' ΔWs (``model``: a PeftModel holding them), which names
     its (module index in its adapter, adapter position in the merge)."""
-    from hotmerge_kernels.reference import dare_uniform
+    from hotmerge_kernels.reference import dare_keep
 
     known = []
     for position, name in enumerate(adapter_names):
@@ -181,7 +181,7 @@ def philox_pruning(model, adapter_names: Sequence[str], seed: int):
     def random_pruning(tensor, density, rescale):
         position, k = next((p, k) for d, p, k in known if torch.equal(d, tensor))
         local = torch.arange(tensor.numel())
-        keep = dare_uniform(seed, position, torch.tensor(k), local) < density
+        keep = dare_keep(seed, position, torch.tensor(k), local, density)
         pruned = tensor * keep.view(tensor.shape)
         return torch.div(input=pruned, other=density) if rescale else pruned
 

@@ -12,8 +12,11 @@
 - ``ties``: trim; elect a sign per element from the trimmed, unweighted inputs (``total``: sign
   of Σ xᵢ, ``frequency``: sign of Σ sign(xᵢ); a zero sum elects +); result = Σ wᵢ·xᵢ over the
   non-zero xᵢ of the elected sign, divided by max(1, how many).
-- ``dare_linear`` / ``dare_ties``: each element is kept with probability ``density`` and
-  rescaled by 1/density (else zeroed), then as linear / ties. ``density >= 1`` keeps all.
+- ``dare_linear`` / ``dare_ties``: each element is kept iff its 16-bit DARE draw (below) is
+  < T, T = density·65536 rounded to the nearest integer (halves up) and clamped to [0, 65536]
+  (``reference.dare_threshold``), so with probability T/65536, within 2⁻¹⁷ of ``density``;
+  kept elements are rescaled by 1/density, the others zeroed; then as linear / ties.
+  ``density >= 1`` keeps all (no draws), density 0 none.
 - Trim keeps every element whose |x| is >= the k-th largest |x| of its tensor,
   k = int(density·numel): k = 0 keeps nothing, density >= 1 keeps all. Without ties at the
   threshold this is PEFT's top-k; with ties (common in bf16) it keeps them all. Thresholds depend
@@ -36,15 +39,17 @@
   a seeded randomized range finder otherwise; **contract: the rank-r reconstruction's Frobenius
   error is within 0.1% of the exact truncated SVD's**. Singular vectors' signs are free, so
   factors (and a clamp, which sees signed entries) may differ from PEFT's where PEFT's SVD
-  picks other signs; B'·A' does not. DARE's counter in ΔW space: (element index in ΔW // 4,
-  module index among the adapter's modules, adapter position, 0). ``progress(done, total,
-  module)`` is called after each module.
+  picks other signs; B'·A' does not. DARE's counter in ΔW space: (element index in ΔW // 8,
+  module index among the adapter's modules, adapter position, 0), the draws as below.
+  ``progress(done, total, module)`` is called after each module.
 - A single adapter is merged as ``linear`` whatever the strategy (PEFT does the same), except
   ``slerp``, which needs two.
 - Arithmetic is float32 whatever the storage dtype; the result is rounded once to the adapters'
-  dtype. DARE's random stream is Philox4x32-10 keyed by ``params.seed`` with counter
-  (element index in its tensor // 4, tensor index in its adapter, adapter position, 0): see
-  ``reference.dare_uniform``. Same inputs and seed give the same result on every device and
+  dtype. DARE's random stream is Philox4x32-10 keyed by ``params.seed`` (low 32 bits, high 32
+  bits) with counter (element index e in its tensor // 8, tensor index in its adapter, adapter
+  position, 0); of the call's output words w0..w3, element e takes draw d = e % 8, bits
+  16·(d % 2) .. 16·(d % 2) + 15 of word w(d // 2) (w0 low half, w0 high, w1 low, …, w3 high):
+  see ``reference.dare_draws``. Same inputs and seed give the same result on every device and
   backend (up to float32 rounding between the torch and Triton engines).
 
 ``ValueError`` for: no adapters, a weight count that differs from the adapter count, different ranks

@@ -9,6 +9,7 @@ chunks of output elements to bound memory, never tensor by tensor.
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Callable
 
 import torch
@@ -49,20 +50,45 @@ def philox4x32(c0, c1, c2, c3, k0: int, k1: int):
     return c0, c1, c2, c3
 
 
-def dare_uniform(seed: int, adapter: int, segment: torch.Tensor, local: torch.Tensor):
-    """The DARE stream: a float32 in [0, 1) per element, 24 random bits.
+DARE_DRAWS = 8  # 16-bit draws per Philox call: the four output words, two halves each
+DARE_ONE = 1 << 16  # a draw is in [0, DARE_ONE)
 
-    Key = (seed low 32 bits, seed high 32 bits); counter = (local // 4, index of the tensor in
-    the adapter's segment table, position of the adapter in the merge, 0); the element takes
-    output word ``local % 4``. ``local`` is the element's index inside its tensor, so the stream
-    does not depend on block sizes, launch shapes or devices.
+
+def dare_threshold(density: float) -> int:
+    """DARE's keep threshold T: an element is kept iff its 16-bit draw is below T, the nearest
+    integer to density · 65536 (halves up) clamped to [0, 65536]. It keeps with probability
+    T / 65536, within 2^-17 of ``density`` in [0, 1]: density 0 keeps none, 1 keeps all."""
+    if not density > 0:
+        return 0
+    if density >= 1:
+        return DARE_ONE
+    scaled = density * DARE_ONE  # exact: a power-of-two scaling
+    whole = math.floor(scaled)
+    return whole + int(scaled - whole >= 0.5)  # the fraction is exact too
+
+
+def dare_draws(seed: int, adapter: int, segment: torch.Tensor, local: torch.Tensor):
+    """The DARE stream: a 16-bit draw in [0, 65536) per element (int64).
+
+    Key = (seed low 32 bits, seed high 32 bits); counter = (local // 8, index of the tensor in
+    the adapter's segment table, position of the adapter in the merge, 0). Of the four output
+    words w0..w3, element ``local`` takes draw d = local % 8: bits 16·(d % 2) .. 16·(d % 2) + 15
+    of word w(d // 2), so the eight draws of a call are w0 low, w0 high, w1 low, ..., w3 high
+    (the words' little-endian 16-bit halves). ``local`` is the element's index inside its tensor,
+    so the stream does not depend on block sizes, launch shapes or devices.
     """
     zero = torch.zeros_like(local)
     words = philox4x32(
-        local >> 2, segment & _U32, zero + adapter, zero, seed & _U32, seed >> 32 & _U32
+        local >> 3, segment & _U32, zero + adapter, zero, seed & _U32, seed >> 32 & _U32
     )
-    word = torch.stack(words).gather(0, (local & 3)[None])[0]
-    return (word >> 8).to(torch.float32) * (1.0 / (1 << 24))
+    draw = local & 7
+    word = torch.stack(words).gather(0, (draw >> 1)[None])[0]
+    return (word >> ((draw & 1) << 4)) & 0xFFFF
+
+
+def dare_keep(seed: int, adapter: int, segment, local: torch.Tensor, density: float):
+    """bool per element: DARE keeps it (its draw below ``dare_threshold(density)``)."""
+    return dare_draws(seed, adapter, segment, local) < dare_threshold(density)
 
 
 def _magnitude_bits(buffer: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -155,6 +181,7 @@ def elementwise_merge(
     n = len(buffers)
     weights = weights.to(out.device)
     divisor = density if density > 0 else 1.0  # DARE at density 0 keeps nothing: never x / 0
+    keep_below = dare_threshold(density)
     for e0, e1 in _chunks(plan):
         check_cancel(cancel)
         seg, local = _locate(plan, e0, e1)
@@ -169,8 +196,8 @@ def elementwise_merge(
                 thr = thresholds[i][plan.in_seg[seg, i].clamp_min(0)]
                 x = torch.where(x.abs() >= thr, x, 0.0)
             elif mode == MODE_DARE:
-                u = dare_uniform(seed, i, plan.in_seg[seg, i], local)
-                x = torch.where(u < density, x / divisor, 0.0)
+                draw = dare_draws(seed, i, plan.in_seg[seg, i], local)
+                x = torch.where(draw < keep_below, x / divisor, 0.0)
             xs.append(x)
         acc = torch.zeros_like(xs[0])
         if elect == ELECT_NONE:

@@ -21,12 +21,15 @@ import triton.language as tl
 
 from .plan import MergePlan, lru_get
 from .reference import (  # MODE_* and ELECT_* number the kernels' MODE and ELECT constexprs
+    DARE_DRAWS,
+    MODE_DARE,
     MODE_TRIM,
     PHILOX_M0,
     PHILOX_M1,
     PHILOX_ROUNDS,
     PHILOX_W0,
     PHILOX_W1,
+    dare_threshold,
 )
 from .triton_tables import TABLE_CACHE_SIZE, address_table, load_input, to_device
 from .triton_thresholds import segment_thresholds
@@ -45,12 +48,13 @@ _ROUNDS: tl.constexpr = tl.constexpr(PHILOX_ROUNDS)
 
 
 @triton.jit
-def _dare_uniform(seed_lo, seed_hi, adapter, segment, start, BLOCK: tl.constexpr):
-    """``reference.dare_uniform`` for elements start .. start + BLOCK (start % 4 == 0)."""
-    c0 = (start // 4 + tl.arange(0, BLOCK // 4)).to(tl.uint32)
-    c1 = tl.zeros([BLOCK // 4], dtype=tl.uint32) + segment.to(tl.uint32)
-    c2 = tl.zeros([BLOCK // 4], dtype=tl.uint32) + tl.cast(adapter, tl.uint32)
-    c3 = tl.zeros([BLOCK // 4], dtype=tl.uint32)
+def _dare_keep(seed_lo, seed_hi, adapter, segment, start, keep_below, BLOCK: tl.constexpr):
+    """``reference.dare_keep`` for elements start .. start + BLOCK (start % 8 == 0): one Philox
+    call per 8 elements, each taking a 16-bit half of an output word, compared as integers."""
+    c0 = (start // 8 + tl.arange(0, BLOCK // 8)).to(tl.uint32)
+    c1 = tl.zeros([BLOCK // 8], dtype=tl.uint32) + segment.to(tl.uint32)
+    c2 = tl.zeros([BLOCK // 8], dtype=tl.uint32) + tl.cast(adapter, tl.uint32)
+    c3 = tl.zeros([BLOCK // 8], dtype=tl.uint32)
     k0 = tl.cast(seed_lo, tl.uint32)
     k1 = tl.cast(seed_hi, tl.uint32)
     for _ in tl.static_range(_ROUNDS):
@@ -62,39 +66,58 @@ def _dare_uniform(seed_lo, seed_hi, adapter, segment, start, BLOCK: tl.constexpr
         c3 = p0 * _M0
         k0 = k0 + _W0
         k1 = k1 + _W1
-    words = tl.reshape(tl.join(tl.join(c0, c2), tl.join(c1, c3)), [BLOCK])  # c0 c1 c2 c3
-    return (words >> 8).to(tl.float32) * (1.0 / 16777216.0)
+    words = tl.reshape(tl.join(tl.join(c0, c2), tl.join(c1, c3)), [BLOCK // 2])  # c0 c1 c2 c3
+    draws = tl.reshape(tl.join(words & 0xFFFF, words >> 16), [BLOCK])  # each word: low, high
+    return draws.to(tl.int32) < keep_below
 
 
 @triton.jit
 def _transformed_input(
-    x_ptrs, thr_ptrs, out_ptr, in_off, in_seg, j, i, N, start, idx, n, density, divisor,
+    x_ptrs, thr_ptrs, out_ptr, in_off, in_seg, j, i, N, start, idx, n, keep_below, divisor,
     seed_lo, seed_hi, MODE: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
 ):  # fmt: skip
     """Input i of output tensor j, trimmed or DARE'd, float32 (zeros where absent)."""
     off = tl.load(in_off + j * N + i)
     limit = tl.where(off >= 0, n, 0)
     off = tl.maximum(off, 0)
-    base = load_input(x_ptrs, i, out_ptr)
-    if ALIGNED:
-        base = tl.multiple_of(base, 16)
-        off = tl.multiple_of(off, 16)
-    x = tl.load(base + off + idx, mask=idx < limit, other=0).to(tl.float32)
+    ptrs = load_input(x_ptrs, i, out_ptr) + off + idx
+    if ALIGNED:  # on the pointers: Triton 3.6 drops a hint on the pointer cast from the table
+        ptrs = tl.multiple_of(ptrs, 16)  # each run of 16 starts 16-byte aligned
+    x = tl.load(ptrs, mask=idx < limit, other=0).to(tl.float32)
     if MODE == 1:
         seg = tl.maximum(tl.load(in_seg + j * N + i), 0)
         thr = tl.load(tl.load(thr_ptrs + i).to(tl.pointer_type(tl.float32)) + seg)
         x = tl.where(tl.abs(x) >= thr, x, 0.0)
     elif MODE == 2:
         seg = tl.load(in_seg + j * N + i)
-        u = _dare_uniform(seed_lo, seed_hi, i, seg, start, BLOCK)
-        x = tl.where(u < density, x / divisor, 0.0)
+        keep = _dare_keep(seed_lo, seed_hi, i, seg, start, keep_below, BLOCK)
+        x = tl.where(keep, x / divisor, 0.0)
     return x
+
+
+@triton.jit
+def _vote(vote, x, ELECT: tl.constexpr):
+    """The sign vote plus input x: x itself (ELECT 1, total) or its sign (2, frequency)."""
+    if ELECT == 1:
+        vote += x
+    else:
+        vote += (x > 0).to(tl.float32) - (x < 0).to(tl.float32)
+    return vote
+
+
+@triton.jit
+def _disjoint(acc, count, x, positive, w):
+    """TIES's disjoint sum: x (weight w) joins where its sign is the elected one."""
+    keep = tl.where(positive, x > 0, x < 0)
+    acc += tl.where(keep, x * w, 0.0)
+    count += keep.to(tl.float32)
+    return acc, count
 
 
 @triton.jit
 def _merge_kernel(
     out_ptr, x_ptrs, thr_ptrs, w_ptr, chunk_seg, chunk_start, seg_out_off, seg_numel, seg_is_b,
-    in_off, in_seg, density, divisor, seed_lo, seed_hi, N: tl.constexpr,
+    in_off, in_seg, keep_below, divisor, seed_lo, seed_hi, N: tl.constexpr,
     PER_SEGMENT: tl.constexpr, MODE: tl.constexpr, ELECT: tl.constexpr, BLOCK: tl.constexpr,
     ALIGNED: tl.constexpr,
 ):  # fmt: skip
@@ -117,30 +140,62 @@ def _merge_kernel(
         for i in tl.static_range(N):
             x = _transformed_input(
                 x_ptrs, thr_ptrs, out_ptr, in_off, in_seg, j, i, N, start, idx, n,
-                density, divisor, seed_lo, seed_hi, MODE, BLOCK, ALIGNED,
+                keep_below, divisor, seed_lo, seed_hi, MODE, BLOCK, ALIGNED,
             )  # fmt: skip
             acc += x * tl.load(w_ptr + w_row * N + i)
-    else:
+    elif N <= 4:  # the N inputs stay in registers from the vote to the disjoint sum
+        x0 = _transformed_input(
+            x_ptrs, thr_ptrs, out_ptr, in_off, in_seg, j, 0, N, start, idx, n,
+            keep_below, divisor, seed_lo, seed_hi, MODE, BLOCK, ALIGNED,
+        )  # fmt: skip
+        vote = _vote(tl.zeros([BLOCK], dtype=tl.float32), x0, ELECT)
+        if N > 1:
+            x1 = _transformed_input(
+                x_ptrs, thr_ptrs, out_ptr, in_off, in_seg, j, 1, N, start, idx, n,
+                keep_below, divisor, seed_lo, seed_hi, MODE, BLOCK, ALIGNED,
+            )  # fmt: skip
+            vote = _vote(vote, x1, ELECT)
+        if N > 2:
+            x2 = _transformed_input(
+                x_ptrs, thr_ptrs, out_ptr, in_off, in_seg, j, 2, N, start, idx, n,
+                keep_below, divisor, seed_lo, seed_hi, MODE, BLOCK, ALIGNED,
+            )  # fmt: skip
+            vote = _vote(vote, x2, ELECT)
+        if N > 3:
+            x3 = _transformed_input(
+                x_ptrs, thr_ptrs, out_ptr, in_off, in_seg, j, 3, N, start, idx, n,
+                keep_below, divisor, seed_lo, seed_hi, MODE, BLOCK, ALIGNED,
+            )  # fmt: skip
+            vote = _vote(vote, x3, ELECT)
+        positive = vote >= 0
+        w = w_ptr + w_row * N
+        count = tl.zeros([BLOCK], dtype=tl.float32)
+        acc, count = _disjoint(acc, count, x0, positive, tl.load(w))
+        if N > 1:
+            acc, count = _disjoint(acc, count, x1, positive, tl.load(w + 1))
+        if N > 2:
+            acc, count = _disjoint(acc, count, x2, positive, tl.load(w + 2))
+        if N > 3:
+            acc, count = _disjoint(acc, count, x3, positive, tl.load(w + 3))
+        acc = acc / tl.maximum(count, 1.0)
+    else:  # pass 2 reloads the inputs (from L2)
         vote = tl.zeros([BLOCK], dtype=tl.float32)
         nonzero = tl.zeros([BLOCK], dtype=tl.int32)  # bit i: input i survived trim / DARE
         for i in tl.static_range(N):
             x = _transformed_input(
                 x_ptrs, thr_ptrs, out_ptr, in_off, in_seg, j, i, N, start, idx, n,
-                density, divisor, seed_lo, seed_hi, MODE, BLOCK, ALIGNED,
+                keep_below, divisor, seed_lo, seed_hi, MODE, BLOCK, ALIGNED,
             )  # fmt: skip
             if N <= 32:
                 nonzero = nonzero | ((x != 0).to(tl.int32) << i)
-            if ELECT == 1:
-                vote += x
-            else:
-                vote += (x > 0).to(tl.float32) - (x < 0).to(tl.float32)
+            vote = _vote(vote, x, ELECT)
         positive = vote >= 0
         count = tl.zeros([BLOCK], dtype=tl.float32)
         for i in tl.static_range(N):
             if N <= 32:  # reload (from L2) and reuse the pass-1 mask instead of recomputing
                 x = _transformed_input(
                     x_ptrs, thr_ptrs, out_ptr, in_off, in_seg, j, i, N, start, idx, n,
-                    density, divisor, seed_lo, seed_hi, 0, BLOCK, ALIGNED,
+                    keep_below, divisor, seed_lo, seed_hi, 0, BLOCK, ALIGNED,
                 )  # fmt: skip
                 if MODE == 2:
                     x = x / divisor
@@ -148,11 +203,9 @@ def _merge_kernel(
             else:
                 x = _transformed_input(
                     x_ptrs, thr_ptrs, out_ptr, in_off, in_seg, j, i, N, start, idx, n,
-                    density, divisor, seed_lo, seed_hi, MODE, BLOCK, ALIGNED,
+                    keep_below, divisor, seed_lo, seed_hi, MODE, BLOCK, ALIGNED,
                 )  # fmt: skip
-            keep = tl.where(positive, x > 0, x < 0)
-            acc += tl.where(keep, x * tl.load(w_ptr + w_row * N + i), 0.0)
-            count += keep.to(tl.float32)
+            acc, count = _disjoint(acc, count, x, positive, tl.load(w_ptr + w_row * N + i))
         acc = acc / tl.maximum(count, 1.0)
     out = out_ptr + out_off + idx
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=inb)
@@ -174,6 +227,8 @@ def elementwise_merge(
     num_warps: int = MERGE_WARPS,
 ) -> None:
     """See ``reference.elementwise_merge``."""
+    if mode == MODE_DARE and block % DARE_DRAWS:
+        raise ValueError(f"DARE: block must be a multiple of {DARE_DRAWS}, got {block}")
     chunk_seg, chunk_start = plan.chunks(block)
     if len(chunk_seg) == 0:
         return
@@ -197,12 +252,12 @@ def elementwise_merge(
     x_ptrs, thr_ptrs = packed[:n], packed[n : 2 * n]
     aligned = plan.aligned and block % 16 == 0
     aligned = aligned and all(p % 16 == 0 for p in (out.data_ptr(), *tables[:n]))
-    # DARE divides the survivors by density; at density 0 none survives (u < 0 never holds), so
+    # DARE divides the survivors by density; at density 0 none survives (no draw is below 0), so
     # divide by 1 there rather than compute x / 0 for the dropped ones.
     divisor = float(density) if density > 0 else 1.0
     _merge_kernel[(len(chunk_seg),)](
         out, x_ptrs, thr_ptrs, weights, chunk_seg, chunk_start, plan.seg_out_off, plan.seg_numel,
-        plan.seg_is_b, plan.in_off, plan.in_seg, float(density), divisor,
+        plan.seg_is_b, plan.in_off, plan.in_seg, dare_threshold(density), divisor,
         seed & 0xFFFFFFFF, seed >> 32 & 0xFFFFFFFF, N=len(buffers),
         PER_SEGMENT=per_segment, MODE=mode, ELECT=elect, BLOCK=block, ALIGNED=aligned,
         num_warps=num_warps,

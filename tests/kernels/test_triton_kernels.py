@@ -67,6 +67,7 @@ CASES = [  # n, dtype, density, weights
     _case(2, torch.bfloat16, 0.5, (0.7, -1.3)),
     _case(3, torch.float32, 0.01, (1.0, 0.0, -0.4)),
     _case(3, torch.float16, 1.0, (0.2, 0.9, 0.5)),
+    _case(4, torch.float32, 0.4, (0.6, -0.2, 1.1, 0.8)),  # the most inputs TIES keeps in registers
     _case(8, torch.float32, 0.0, (0.3, -0.9, 1.2, 0.0, 0.5, 0.25, -2.0, 1.0)),
     _case(16, torch.bfloat16, 0.3, tuple((-1) ** i * (0.1 + i / 10) for i in range(16))),
 ]
@@ -188,10 +189,8 @@ def test_dare_keep_rate_is_density():
     plan = get_plan(ads, cat=False)
     keep = []
     for i in range(2):
-        u = reference.dare_uniform(
-            3, i, plan.in_seg[:, i].repeat_interleave(plan.seg_numel), _local(plan)
-        )
-        keep.append(u < 0.5)
+        seg = plan.in_seg[:, i].repeat_interleave(plan.seg_numel)
+        keep.append(reference.dare_keep(3, i, seg, _local(plan), 0.5))
     both = (keep[0] & keep[1]).float().mean().item()
     assert abs(both - 0.25) < 0.01
     assert merge_adapters(ads, params, backend="torch").adapter.buffer.ne(0).any()
