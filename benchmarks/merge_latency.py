@@ -335,16 +335,17 @@ def tune(adapters) -> list[dict]:
         row.update(ms=ms, same=same)
         rows.append(row)
         print("tune:", _fmt_dict(row), flush=True)
-    host_profile(adapters)
+    for strategy in (Strategy.TIES, Strategy.DARE_TIES):
+        host_profile(adapters, strategy)
     return rows
 
 
-def host_profile(adapters, calls: int = 200) -> None:
-    """Where the host time of a cached TIES merge_adapters call goes (cProfile, top entries)."""
+def host_profile(adapters, strategy: Strategy, calls: int = 200) -> None:
+    """Where the host time of a cached merge_adapters call goes (cProfile, top entries)."""
     import cProfile
     import pstats
 
-    params = MergeParams(Strategy.TIES, (1.0,) * len(adapters), DENSITY)
+    params = MergeParams(strategy, (1.0,) * len(adapters), DENSITY)
     trim_thresholds(adapters, DENSITY)
     merge_adapters(adapters, params)
     torch.cuda.synchronize()
@@ -357,7 +358,7 @@ def host_profile(adapters, calls: int = 200) -> None:
     for _ in range(calls):
         merge_adapters(adapters, params)
     prof.disable()
-    print(f"host profile: {calls} cached TIES calls, wall {wall:.3f} ms a call", flush=True)
+    print(f"host profile: {calls} cached {strategy.value} calls, {wall:.3f} ms a call", flush=True)
     pstats.Stats(prof).sort_stats("tottime").print_stats(12)
 
 
