@@ -41,7 +41,7 @@ from hotmerge.engine.runner import EngineLimits, build_runner
 from hotmerge.engine.sampling import RowSampling
 from hotmerge.generation import SamplingParams
 from hotmerge_kernels.layout import FlatAdapter
-from hotmerge_kernels.lora_apply import LoraKernelMeta, lora_expand, lora_shrink, lora_workspace
+from hotmerge_kernels.lora_apply import lora_expand, lora_shrink, lora_workspace
 from lora_kernels import bench, bytes_moved
 
 SHAPES = {
@@ -154,11 +154,9 @@ def weight_bytes(runner) -> int:
 
 
 def lora_kernel_rows(pool, slots: torch.Tensor, rank: int, bandwidth: float) -> list[dict]:
-    """Each group's shrink and expand on layer 0's pool for these token slots: µs and the
+    """Each group's per-row shrink and expand on layer 0's pool for these token slots: µs and the
     achieved bandwidth, also as a fraction of the copy's."""
     t, device = slots.shape[0], slots.device
-    meta = LoraKernelMeta(t, pool.num_slots, device)
-    meta.update(slots)
     rows = []
     for group, lora_a in pool.a.items():
         a, b, ranks, offsets = lora_a[0], pool.b[group][0], pool.ranks[group], pool.offsets[group]
@@ -167,8 +165,8 @@ def lora_kernel_rows(pool, slots: torch.Tensor, rank: int, bandwidth: float) -> 
         y = torch.randn(t, offsets[-1], device=device).to(b.dtype)
         buf = lora_workspace([n_in], ns, t, pool.max_rank, device)
         us = {
-            "shrink": bench(lambda: lora_shrink(x, a, ranks, slots, buf, meta)),  # noqa: B023
-            "expand": bench(lambda: lora_expand(buf, b, ranks, slots, y, offsets, meta)),  # noqa: B023
+            "shrink": bench(lambda: lora_shrink(x, a, ranks, slots, buf)),  # noqa: B023
+            "expand": bench(lambda: lora_expand(buf, b, ranks, slots, y, offsets)),  # noqa: B023
         }
         widths = [hi - lo for lo, hi in itertools.pairwise(offsets)]
         moved = dict(zip(us, bytes_moved(n_in, widths, rank, slots, a.element_size()), strict=True))
