@@ -5,18 +5,16 @@
    device from a config) and rank-16 adapters on all seven projections.
 3. The old path for comparison: transformers' eager forward with a DynamicCache of the same
    context, one token per row, no LoRA.
-4. The engine's decode at each batch size for no adapter, one adapter for every row, four
-   adapters in turn and a distinct adapter per row (``lora_path``: the decode path the engine
-   picked, see ``decode_lora_path``): ``graph_ms`` (replay alone, back to back), ``step_ms`` (what a
+4. The engine's decode at each batch size for no adapter, one adapter for every row and a
+   distinct adapter per row: ``graph_ms`` (replay alone, back to back), ``step_ms`` (what a
    step costs the engine: filling the batch buffers, replay, greedy sampling, the host sync),
    and ``floor_ms`` = (weights + adapters used + KV actually read) / copy bandwidth.
-5. With one or distinct adapters, each projection group's per-row LoRA shrink and expand at
-   the step's shapes (layer 0's pool, the batch's slots, L2 flushed: ``lora_kernels.py``'s
-   timing and byte count): µs, GB/s and the fraction of the copy bandwidth above.
+5. With adapters, each projection group's LoRA shrink and expand at the step's shapes (layer 0's
+   pool, the batch's slots, L2 flushed: ``lora_kernels.py``'s timing and byte count): µs, GB/s
+   and the fraction of the copy bandwidth above.
 
-JSON rows with ``batch``, ``adapters`` ("none"|"one"|"four"|"distinct"), ``lora_path``,
-``step_ms``, ``floor_ms`` (and ``lora_kernels``) go to
-benchmarks/results/decode_step-<device>-<date>.json (or --out).
+JSON rows with ``batch``, ``adapters`` ("none"|"one"|"distinct"), ``step_ms``, ``floor_ms``
+(and ``lora_kernels``) go to benchmarks/results/decode_step-<device>-<date>.json (or --out).
 
     python benchmarks/decode_step.py                    # 7B shapes, needs a GPU
     python benchmarks/decode_step.py --shape tiny --batches 1 4   # a quick run anywhere
@@ -36,12 +34,11 @@ from pathlib import Path
 import torch
 from hotmerge.embedded import ALL_PROJ, byte_level_tokenizer
 from hotmerge.engine.batch import DecodeRow
-from hotmerge.engine.lora import decode_lora_path
 from hotmerge.engine.runner import EngineLimits, build_runner
 from hotmerge.engine.sampling import RowSampling
 from hotmerge.generation import SamplingParams
 from hotmerge_kernels.layout import FlatAdapter
-from hotmerge_kernels.lora_apply import lora_expand, lora_shrink, lora_workspace
+from hotmerge_kernels.lora_apply import LoraKernelMeta, lora_expand, lora_shrink, lora_workspace
 from lora_kernels import bench, bytes_moved
 
 SHAPES = {
@@ -154,9 +151,11 @@ def weight_bytes(runner) -> int:
 
 
 def lora_kernel_rows(pool, slots: torch.Tensor, rank: int, bandwidth: float) -> list[dict]:
-    """Each group's per-row shrink and expand on layer 0's pool for these token slots: µs and the
+    """Each group's shrink and expand on layer 0's pool for these token slots: µs and the
     achieved bandwidth, also as a fraction of the copy's."""
     t, device = slots.shape[0], slots.device
+    meta = LoraKernelMeta(t, pool.num_slots, device)
+    meta.update(slots)
     rows = []
     for group, lora_a in pool.a.items():
         a, b, ranks, offsets = lora_a[0], pool.b[group][0], pool.ranks[group], pool.offsets[group]
@@ -165,8 +164,8 @@ def lora_kernel_rows(pool, slots: torch.Tensor, rank: int, bandwidth: float) -> 
         y = torch.randn(t, offsets[-1], device=device).to(b.dtype)
         buf = lora_workspace([n_in], ns, t, pool.max_rank, device)
         us = {
-            "shrink": bench(lambda: lora_shrink(x, a, ranks, slots, buf)),  # noqa: B023
-            "expand": bench(lambda: lora_expand(buf, b, ranks, slots, y, offsets)),  # noqa: B023
+            "shrink": bench(lambda: lora_shrink(x, a, ranks, slots, buf, meta)),  # noqa: B023
+            "expand": bench(lambda: lora_expand(buf, b, ranks, slots, y, offsets, meta)),  # noqa: B023
         }
         widths = [hi - lo for lo, hi in itertools.pairwise(offsets)]
         moved = dict(zip(us, bytes_moved(n_in, widths, rank, slots, a.element_size()), strict=True))
@@ -226,13 +225,11 @@ def main() -> None:
     blocks_per_row = -(-(args.context + 1) // runner.block_size)
     greedy = SamplingParams(max_new_tokens=1)
     for batch in args.batches:
-        for mode in ("none", "one", "four", "distinct"):
+        for mode in ("none", "one", "distinct"):
             rows = []
             for i in range(batch):
                 table = list(range(1 + i * blocks_per_row, 1 + (i + 1) * blocks_per_row))
-                slot = {"none": -1, "one": slots[0], "four": slots[i % 4], "distinct": slots[i]}[
-                    mode
-                ]
+                slot = {"none": -1, "one": slots[0], "distinct": slots[i]}[mode]
                 rows.append(DecodeRow(i, 7 + i, args.context, table, slot))
             sampling = [RowSampling(greedy, 0, 0) for _ in rows]
 
@@ -245,7 +242,7 @@ def main() -> None:
             if device.type == "cuda" and runner._graphs:
                 size = next(s for s in runner.sizes if s >= batch)
                 runner.decode(rows)
-                graph = runner._graphs[size, decode_lora_path(r.slot for r in rows)][0]
+                graph = runner._graphs[size, mode != "none"][0]
                 start, end = torch.cuda.Event(True), torch.cuda.Event(True)
                 graph.replay()
                 start.record()
@@ -254,13 +251,12 @@ def main() -> None:
                 end.record()
                 sync(device)
                 graph_ms = start.elapsed_time(end) / args.iters
-            used = {"none": 0, "one": 1, "four": min(4, batch), "distinct": batch}[mode]
+            used = {"none": 0, "one": 1, "distinct": batch}[mode]
             floor_bytes = (
                 weights + used * adapter_bytes + batch * (args.context + 1) * kv_token_bytes
             )
             floor_ms = floor_bytes / bandwidth * 1000
-            row = dict(path="engine", batch=batch, adapters=mode,
-                       lora_path=decode_lora_path(r.slot for r in rows), step_ms=step_ms,
+            row = dict(path="engine", batch=batch, adapters=mode, step_ms=step_ms,
                        graph_ms=graph_ms, floor_ms=floor_ms,
                        step_over_floor=step_ms / floor_ms,
                        tokens_per_s=batch / step_ms * 1000)  # fmt: skip
@@ -271,7 +267,7 @@ def main() -> None:
                 f"{floor_ms:6.2f} ms ({step_ms / floor_ms:.2f}x), "
                 f"{batch / step_ms * 1000:7.0f} tok/s"
             )
-            if mode in ("one", "distinct") and device.type == "cuda":
+            if mode != "none" and device.type == "cuda":
                 slots_t = torch.tensor([r.slot for r in rows], dtype=torch.int32, device=device)
                 kernels = lora_kernel_rows(runner.adapters, slots_t, args.rank, bandwidth)
                 row["lora_kernels"] = kernels

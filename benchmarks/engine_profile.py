@@ -105,7 +105,7 @@ def main() -> None:
     size = next(s for s in runner.sizes if s >= args.batch)
     with torch.inference_mode():
         runner.buffers.fill(rows, size, runner.block_size)
-        graph = runner._graphs[size, "rows"][0]
+        graph = runner._graphs[size, True][0]
         record(f"decode graph batch {args.batch} distinct", graph.replay, 20)
         record(f"decode eager batch {args.batch} distinct", lambda: runner._decode_step(size), 10)
 

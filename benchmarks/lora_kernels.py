@@ -143,21 +143,16 @@ def measure(group, rank, t, mix, pool, args, copy_bw) -> dict:
     buf = la.lora_workspace([n_in], ns, t, args.max_rank, "cuda").normal_()
     meta = la.LoraKernelMeta(t, args.slots, "cuda")
     meta.update(slots)
-    kernel_meta = meta if t > la.DECODE_MAX_TOKENS else None  # decode sizes: per-row kernels
 
     # Correctness on the real sizes first (this call also compiles both kernels).
     got, want = y.clone(), y.clone()
-    la.lora_apply(
-        x, got, lora_a, lora_b, slot_ranks, slots, offsets, buf, kernel_meta, use_triton=True
-    )
+    la.lora_apply(x, got, lora_a, lora_b, slot_ranks, slots, offsets, buf, meta, use_triton=True)
     want_buf = torch.zeros_like(buf)
     la.lora_apply(x, want, lora_a, lora_b, slot_ranks, slots, offsets, want_buf, use_triton=False)
     err = float((got.float() - want.float()).abs().max() / want.float().abs().max())
 
-    shrink_us = bench(lambda: la.lora_shrink(x, lora_a, slot_ranks, slots, buf, kernel_meta))
-    expand_us = bench(
-        lambda: la.lora_expand(buf, lora_b, slot_ranks, slots, y, offsets, kernel_meta)
-    )
+    shrink_us = bench(lambda: la.lora_shrink(x, lora_a, slot_ranks, slots, buf, meta))
+    expand_us = bench(lambda: la.lora_expand(buf, lora_b, slot_ranks, slots, y, offsets, meta))
     torch_us = host_timed_us(
         lambda: la.lora_apply(
             x, y, lora_a, lora_b, slot_ranks, slots, offsets, buf, use_triton=False

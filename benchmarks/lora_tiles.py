@@ -55,6 +55,8 @@ def run(group, t, mix, lora, copy_bw, shrink_variants, expand_variants, label):
     slots = token_slots(t, mix)
     x = torch.randn(t, n_in, device="cuda").to(a.dtype)
     y0 = torch.randn(t, offsets[-1], device="cuda").to(a.dtype)
+    meta = la.LoraKernelMeta(t, a.shape[0], "cuda")
+    meta.update(slots)
     want_buf = torch.full((1, ns, t, max_rank), float("nan"), device="cuda")
     want = y0.clone()
     la.lora_shrink_torch(x, a, ranks, slots, want_buf)
@@ -76,15 +78,15 @@ def run(group, t, mix, lora, copy_bw, shrink_variants, expand_variants, label):
                 )
                 splits = triton.cdiv(n_in, 512)
             buf = torch.full((splits, ns, t, max_rank), float("nan"), device="cuda")
-            la.lora_shrink(x, a, ranks, slots, buf)
+            la.lora_shrink(x, a, ranks, slots, buf, meta)
             y = y0.clone()
-            la.lora_expand(buf, b, ranks, slots, y, offsets)
+            la.lora_expand(buf, b, ranks, slots, y, offsets, meta)
             err = float((y.float() - want.float()).abs().max() / want.float().abs().max())
             if kind == "shrink":
-                us = bench(lambda: la.lora_shrink(x, a, ranks, slots, buf))  # noqa: B023
+                us = bench(lambda: la.lora_shrink(x, a, ranks, slots, buf, meta))  # noqa: B023
                 moved = b_shrink
             else:
-                us = bench(lambda: la.lora_expand(buf, b, ranks, slots, y, offsets))  # noqa: B023
+                us = bench(lambda: la.lora_expand(buf, b, ranks, slots, y, offsets, meta))  # noqa: B023
                 moved = b_expand
             row = dict(group=group, tokens=t, mix=mix, pool=label, kernel=kind, variant=v,
                        us=us, of_copy=moved / us * 1e6 / copy_bw, err=err)  # fmt: skip

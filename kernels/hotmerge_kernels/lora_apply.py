@@ -28,19 +28,17 @@ have tiles enough and keep one split.
 ``lora_workspace`` allocates a buffer for every group of a forward; each group uses its leading
 ``lora_splits`` splits and slices.
 
-Two kernel pairs:
+Two kernel pairs, chosen by T:
 
-- Decode (T <= ``DECODE_MAX_TOKENS``, no ``meta``): one program per token and (slice, split)
-  for shrink, per token and n tile for expand, reading the token's slot directly:
-  matrix-vector products in float32 (rows that share an adapter read it again from L2). Grids:
-  (slices x splits, T) and (n tiles, T). On Hopper both are launched as programmatic
+- Decode (T <= ``DECODE_MAX_TOKENS``): one program per token and (slice, split) for shrink, per
+  token and n tile for expand, reading the token's slot directly: matrix-vector products in
+  float32 (a batch's rows mostly have distinct adapters; rows that share one read it again from
+  L2). Grids: (slices x splits, T) and (n tiles, T). On Hopper both are launched as programmatic
   dependents: each reads its adapter weights before ``gdc_wait`` and what the previous kernel
   wrote (x; the partials and y) after, so expand's B loads overlap shrink.
-- Prefill, and a decode given a ``meta``: tokens grouped by slot (``LoraKernelMeta``: a stable
-  sort of the slots and each run's start, length and slot), each program a tensor-core tile of
-  up to ``BLOCK_M`` tokens of one group, so tokens that share an adapter share its weight reads
-  (the engine groups a decode whose rows use few adapters; its splits are then capped like a
-  prefill's, ``lora_splits(..., grouped=True)``). Grids: (slices x splits, m
+- Prefill: tokens grouped by slot (``LoraKernelMeta``: a stable sort of the slots and each run's
+  start, length and slot), each program a tensor-core tile of up to ``BLOCK_M`` tokens of one
+  group, so tokens that share an adapter share its weight reads. Grids: (slices x splits, m
   tiles, groups) and (n tiles, m tiles, groups), groups being ``min(T, slots + 1)``; programs of
   absent groups or past a group's length exit at once.
 
@@ -82,12 +80,10 @@ SPLIT_MAX_TOKENS = 512  # prefills up to this many tokens split in_features too
 PREFILL_MAX_SPLITS = 8  # prefill expand unrolls its sum over the splits: keep it short
 
 
-def lora_splits(in_features: int, tokens: int, grouped: bool = False) -> int:
-    """Ranges shrink splits ``in_features`` into for ``tokens`` tokens (shapes only);
-    ``grouped``: a decode whose tokens are grouped by slot (a meta is passed), whose tile
-    kernels take at most ``PREFILL_MAX_SPLITS``."""
+def lora_splits(in_features: int, tokens: int) -> int:
+    """Ranges shrink splits ``in_features`` into for ``tokens`` tokens (shapes only)."""
     splits = triton.cdiv(in_features, SPLIT_WIDTH)
-    if tokens <= DECODE_MAX_TOKENS and not grouped:
+    if tokens <= DECODE_MAX_TOKENS:
         return splits
     return min(splits, PREFILL_MAX_SPLITS) if tokens <= SPLIT_MAX_TOKENS else 1
 
@@ -98,11 +94,10 @@ def lora_workspace(
     tokens: int,
     max_rank: int,
     device: torch.device | str,
-    grouped: bool = False,
 ) -> torch.Tensor:
     """Shrink's float32 buffer for projection groups of these ``in_features``; a group of ``k``
     inputs and ``n`` slices uses ``buf[:lora_splits(k, tokens), :n]``."""
-    splits = max(lora_splits(k, tokens, grouped) for k in in_features)
+    splits = max(lora_splits(k, tokens) for k in in_features)
     return torch.empty((splits, max_slices, tokens, max_rank), dtype=torch.float32, device=device)
 
 
@@ -124,17 +119,6 @@ class LoraKernelMeta:
         self.group_slot = torch.full((max_tokens,), -1, dtype=torch.int32, device=device)
         self.group_start = torch.zeros(max_tokens, dtype=torch.int32, device=device)
         self.group_count = torch.zeros(max_tokens, dtype=torch.int32, device=device)
-
-    @classmethod
-    def over(cls, order, group_slot, group_start, group_count, num_slots: int) -> LoraKernelMeta:
-        """A meta around int32 buffers of T entries that someone else fills as ``update`` would
-        (the decode step's, filled on the host with the step's other inputs)."""
-        meta = cls.__new__(cls)
-        meta.max_tokens = meta.num_tokens = order.shape[0]
-        meta.num_slots = num_slots
-        meta.order, meta.group_slot = order, group_slot
-        meta.group_start, meta.group_count = group_start, group_count
-        return meta
 
     def update(self, token_slots: torch.Tensor) -> None:
         t = token_slots.shape[0]
@@ -161,24 +145,23 @@ class LoraKernelMeta:
 _INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _by_rows(tokens: int, meta: LoraKernelMeta | None) -> bool:
-    """A decode without a grouping: one program per token; otherwise tokens grouped by slot
-    (prefill always, decode when the caller passes a ``meta``)."""
-    return tokens <= DECODE_MAX_TOKENS and meta is None
+def _by_rows(tokens: int) -> bool:
+    """Decode: one program per token (no grouping); prefill: tokens grouped by slot."""
+    return tokens <= DECODE_MAX_TOKENS
 
 
-def _shrink_tiles(by_rows: bool) -> dict:
+def _shrink_tiles(tokens: int) -> dict:
     if _INTERPRETING:  # small tiles: several m tiles, k steps and rank blocks on test shapes
-        return dict(BLOCK_R=16, BLOCK_K=16) | ({} if by_rows else dict(BLOCK_M=16))
-    if by_rows:  # a split's whole range in one step: all its loads in flight at once
+        return dict(BLOCK_R=16, BLOCK_K=16) | ({} if _by_rows(tokens) else dict(BLOCK_M=16))
+    if _by_rows(tokens):  # a split's whole range in one step: all its loads in flight at once
         return dict(BLOCK_R=16, BLOCK_K=SPLIT_WIDTH, num_warps=4, num_stages=1)
     return dict(BLOCK_M=64, BLOCK_R=16, BLOCK_K=128, num_warps=4, num_stages=3)
 
 
-def _expand_tiles(by_rows: bool) -> dict:
+def _expand_tiles(tokens: int) -> dict:
     if _INTERPRETING:
-        return dict(BLOCK_N=16, BLOCK_K=16) | ({} if by_rows else dict(BLOCK_M=16))
-    if by_rows:  # 16 KB of B per program at rank 16
+        return dict(BLOCK_N=16, BLOCK_K=16) | ({} if _by_rows(tokens) else dict(BLOCK_M=16))
+    if _by_rows(tokens):  # 16 KB of B per program at rank 16
         return dict(BLOCK_N=512, BLOCK_K=16, num_warps=4, num_stages=1)
     return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=16, num_warps=4, num_stages=3)
 
@@ -513,14 +496,6 @@ def _check_meta(meta: LoraKernelMeta | None, t: int) -> None:
         raise ValueError(f"meta was updated for {meta.num_tokens} tokens, this call has {t}")
 
 
-def _check_grouped_splits(splits: int) -> None:
-    if splits > PREFILL_MAX_SPLITS:  # expand unrolls its sum over them
-        raise ValueError(
-            f"buf has {splits} splits; the slot-grouped kernels take at most {PREFILL_MAX_SPLITS} "
-            "(lora_splits(..., grouped=True))"
-        )
-
-
 def _num_groups(t: int, num_slots: int) -> int:
     return min(t, num_slots + 1)  # distinct slots among t tokens, -1 included
 
@@ -566,17 +541,16 @@ def lora_shrink(
     if t == 0:
         return
     splits = buf.shape[0]
-    by_rows = _by_rows(t, meta)
-    tiles = _shrink_tiles(by_rows)
+    tiles = _shrink_tiles(t)
     strides = (*x.stride(), *lora_a.stride(), *buf.stride())
-    if by_rows:
+    if _by_rows(t):
+        _check_meta(meta, t)
         grid = (num_slices * splits, t)
         _shrink_rows_kernel[grid](
             x, lora_a, slot_ranks, token_slots, buf, k, *strides, SPLITS=splits,
             **tiles, **launch_options(x.device),
         )  # fmt: skip
         return
-    _check_grouped_splits(splits)
     meta = _ready_meta(meta, token_slots, num_slots)
     grid = (num_slices * splits, triton.cdiv(t, tiles["BLOCK_M"]), _num_groups(t, num_slots))
     _shrink_kernel[grid](
@@ -634,18 +608,17 @@ def lora_expand(
     if t == 0 or offsets[-1] == offsets[0]:
         return
     bounds = offsets + (offsets[-1],) * (MAX_SLICES + 1 - len(offsets))
-    by_rows = _by_rows(t, meta)
-    tiles = _expand_tiles(by_rows)
+    tiles = _expand_tiles(t)
     n_tiles = sum(triton.cdiv(hi - lo, tiles["BLOCK_N"]) for lo, hi in itertools.pairwise(bounds))
     slot_stride, rank_stride, col_stride = lora_b.stride()
     strides = (*buf.stride(), slot_stride, col_stride, rank_stride, *y.stride())
-    if by_rows:
+    if _by_rows(t):
+        _check_meta(meta, t)
         _expand_rows_kernel[(n_tiles, t)](
             buf, lora_b, slot_ranks, token_slots, y, *strides, *bounds, SPLITS=splits,
             **tiles, **launch_options(y.device),
         )  # fmt: skip
         return
-    _check_grouped_splits(splits)
     meta = _ready_meta(meta, token_slots, num_slots)
     grid = (n_tiles, triton.cdiv(t, tiles["BLOCK_M"]), _num_groups(t, num_slots))
     _expand_kernel[grid](
@@ -680,7 +653,7 @@ def lora_apply(
 ) -> None:
     """``y += LoRA(x)`` for a projection group: shrink into ``buf``, expand into ``y``."""
     if use_triton:
-        if not _by_rows(x.shape[0], meta):  # one grouping for both launches
+        if not _by_rows(x.shape[0]):  # one grouping for both launches
             meta = _ready_meta(meta, token_slots, lora_a.shape[0])
         lora_shrink(x, lora_a, slot_ranks, token_slots, buf, meta)
         lora_expand(buf, lora_b, slot_ranks, token_slots, y, slice_offsets, meta)

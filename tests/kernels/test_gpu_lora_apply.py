@@ -63,23 +63,18 @@ def slots_for(case: str, t: int, gen: torch.Generator) -> torch.Tensor:
     return slots.to(torch.int32).cuda()
 
 
-def check(group: str, t: int, case: str, dtype: torch.dtype, grouped: bool = False) -> None:
-    """Kernels against twins; ``grouped``: a decode given a meta (the slot-grouped kernels)."""
+def check(group: str, t: int, case: str, dtype: torch.dtype) -> None:
     n_in, widths = GROUPS[group]
     lora_a, lora_b, slot_ranks, offsets = device_pool(widths, n_in, dtype, seed=t)
     gen = torch.Generator().manual_seed(t)
     token_slots = slots_for(case, t, gen)
     x = torch.randn(t, n_in, generator=gen).to("cuda", dtype)
     y0 = torch.randn(t, offsets[-1], generator=gen).to("cuda", dtype)
-    shape = (lora_splits(n_in, t, grouped), len(widths), t, MAX_RANK)
+    shape = (lora_splits(n_in, t), len(widths), t, MAX_RANK)
     bufs = [torch.full(shape, float("nan"), device="cuda") for _ in range(2)]
     ys = [y0.clone(), y0.clone()]
-    meta = None
-    if grouped:
-        meta = LoraKernelMeta(t, len(RANKS), "cuda")
-        meta.update(token_slots)
-    lora_shrink(x, lora_a, slot_ranks, token_slots, bufs[0], meta)
-    lora_expand(bufs[0], lora_b, slot_ranks, token_slots, ys[0], offsets, meta)
+    lora_shrink(x, lora_a, slot_ranks, token_slots, bufs[0])
+    lora_expand(bufs[0], lora_b, slot_ranks, token_slots, ys[0], offsets)
     lora_shrink_torch(x, lora_a, slot_ranks, token_slots, bufs[1])
     lora_expand_torch(bufs[1], lora_b, slot_ranks, token_slots, ys[1], offsets)
     got_buf, want_buf = (defined(b, slot_ranks, token_slots) for b in bufs)
@@ -94,12 +89,6 @@ def check(group: str, t: int, case: str, dtype: torch.dtype, grouped: bool = Fal
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_decode_at_7b_sizes(group, t, case, dtype):
     check(group, t, case, dtype)
-
-
-@pytest.mark.parametrize("group", GROUPS)
-@pytest.mark.parametrize("t", [1, 32])
-def test_grouped_decode_at_7b_sizes(group, t):
-    check(group, t, "prefill", torch.bfloat16, grouped=True)  # two adapters and base rows
 
 
 @pytest.mark.parametrize("group", GROUPS)

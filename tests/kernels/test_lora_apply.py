@@ -249,43 +249,6 @@ def test_strided_views_and_reused_meta(kernel_path):
         assert torch.equal(y_big[:, 7 + sum(widths) :], before[:, 7 + sum(widths) :])
 
 
-class _NotLaunched:
-    """Stands in for a kernel that must not run."""
-
-    def __getitem__(self, grid):
-        raise AssertionError("the per-row kernels ran")
-
-
-@needs_triton
-def test_decode_given_a_meta_runs_the_grouped_kernels(monkeypatch):
-    """At decode sizes a meta selects the slot-grouped tile kernels (the engine's decode on few
-    adapters): same results as the twins; their splits are capped (the per-row path's are not)."""
-    dtype, widths = torch.bfloat16, WIDTHS[0]
-    lora_a, lora_b, slot_ranks, offsets = make_pool(widths, dtype=dtype, seed=40)
-    token_slots = slots_of([2, 2, -1, 5, 2, 5, 2, 2])
-    t = token_slots.shape[0]
-    assert t <= la.DECODE_MAX_TOKENS
-    assert la.lora_splits(14336, t, grouped=True) == la.PREFILL_MAX_SPLITS
-    assert la.lora_splits(14336, t) == 28
-    meta = LoraKernelMeta(t, len(RANKS), DEVICE)
-    meta.update(token_slots)
-    monkeypatch.setattr(la, "_shrink_rows_kernel", _NotLaunched())
-    monkeypatch.setattr(la, "_expand_rows_kernel", _NotLaunched())
-    x = random_rows(t, IN_FEATURES, dtype, seed=41)
-    y0 = random_rows(t, offsets[-1], dtype, seed=42)
-    buf, y = poisoned_buf(len(widths), t, splits=3), y0.clone()
-    lora_shrink(x, lora_a, slot_ranks, token_slots, buf, meta)
-    lora_expand(buf, lora_b, slot_ranks, token_slots, y, offsets, meta)
-    pool = (lora_a, lora_b, slot_ranks, offsets)
-    want_buf, want_y = run_both(x, y0, pool, token_slots, kernel=False, splits=3)
-    got_h = defined(buf, slot_ranks, token_slots)
-    assert_close(got_h, defined(want_buf, slot_ranks, token_slots), 1e-5)
-    assert_close(y, want_y, 2**-7)
-    assert_untouched(y, y0, token_slots, slot_ranks, offsets)
-    with pytest.raises(ValueError, match="at most"):
-        lora_shrink(x, lora_a, slot_ranks, token_slots, poisoned_buf(len(widths), t, 9), meta)
-
-
 def test_meta_groups_tokens_by_slot():
     token_slots = slots_of([3, -1, 3, 0, 5, 0, 3])
     meta = LoraKernelMeta(max_tokens=10, num_slots=6, device=DEVICE)

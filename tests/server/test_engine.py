@@ -8,16 +8,15 @@ import time
 import pytest
 import torch
 from hotmerge.embedded import byte_level_tokenizer
-from hotmerge.engine.batch import DecodeBuffers, DecodeRow, PrefillChunk
+from hotmerge.engine.batch import DecodeRow, PrefillChunk
 from hotmerge.engine.kv_cache import KVBlockPool
-from hotmerge.engine.lora import GROUPED_DECODE_MAX, AdapterPool, decode_lora_path
+from hotmerge.engine.lora import AdapterPool
 from hotmerge.engine.models.llama import lora_shapes, module_paths
 from hotmerge.engine.runner import EngineLimits, build_runner
 from hotmerge.engine.sampling import RowSampling, sample
 from hotmerge.errors import InvalidArgument
 from hotmerge.generation import GenerationRequest, SamplingParams
 from hotmerge_kernels.layout import FlatAdapter
-from hotmerge_kernels.lora_apply import LoraKernelMeta
 
 from tests.helpers import make_engine, make_peft_adapter, tiny_llama
 
@@ -211,35 +210,6 @@ def test_slot_write_equals_per_module_write(device, pool_dtype, adapter_dtype):
         assert torch.equal(pools[0].b[group], pools[1].b[group]), group
         assert torch.equal(pools[0].ranks[group], pools[1].ranks[group]), group
     assert pools[1].ranks["qkv"][1] == 6 and pools[1].b["qkv"][:, 1].abs().sum() > 0
-
-
-@pytest.mark.parametrize("seed", range(4))
-def test_decode_buffers_group_rows_as_the_kernel_meta_does(seed):
-    """The host's grouping of a decode batch by slot (filled with the step's inputs) equals
-    ``LoraKernelMeta.update`` on the device, entries past the last group included."""
-    gen = torch.Generator().manual_seed(seed)
-    n, padded = 5 + seed * 6, 32
-    slots = torch.randint(-1, 4 + seed, (n,), generator=gen).tolist()
-    buffers = DecodeBuffers(max_batch=padded, max_blocks=2, device=torch.device("cpu"))
-    buffers.lora_groups.fill_(99)  # stale values from an earlier step
-    rows = [DecodeRow(i, 3, 1, [1], s) for i, s in enumerate(slots)]
-    buffers.fill(rows, padded, block_size=4, grouped=True)
-    want = LoraKernelMeta(padded, num_slots=8, device="cpu")
-    want.update(buffers.lora_slots[:padded].clone())
-    order, group_slot, group_start, group_count = buffers.lora_groups[:, :padded]
-    assert buffers.lora_slots[:padded].tolist() == slots + [-1] * (padded - n)
-    assert torch.equal(order, want.order)
-    assert torch.equal(group_slot, want.group_slot)
-    assert torch.equal(group_count, want.group_count)
-    assert torch.equal(group_start, want.group_start)
-
-
-def test_decode_lora_path_groups_rows_on_few_adapters():
-    assert decode_lora_path([-1, -1]) == "none"
-    assert decode_lora_path([3] * 32 + [-1]) == ("grouped" if GROUPED_DECODE_MAX else "rows")
-    few = list(range(GROUPED_DECODE_MAX)) * 5
-    assert decode_lora_path(few) == ("grouped" if GROUPED_DECODE_MAX else "rows")
-    assert decode_lora_path(range(GROUPED_DECODE_MAX + 1)) == "rows"
 
 
 def test_block_pool_reserves_takes_and_returns():

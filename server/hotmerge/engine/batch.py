@@ -41,15 +41,13 @@ class DecodeBuffers:
     """Inputs of a decode step at fixed addresses, filled with one host-to-device copy.
 
     One int32 block holds them all, on the host (pinned) and on the device: the int64 inputs
-    (token ids, positions, slot mapping), the int32 ones (sequence lengths, adapter slots, and
-    the rows grouped by slot for a grouped LoRA decode: ``LoraKernelMeta``'s order, group slot,
-    start and count), then the block tables; each part is a view, so the captured graphs read
-    fixed addresses.
+    (token ids, positions, slot mapping), the int32 ones (sequence lengths, adapter slots),
+    then the block tables; each part is a view, so the captured graphs read fixed addresses.
     """
 
     def __init__(self, max_batch: int, max_blocks: int, device: torch.device) -> None:
         self.max_batch, self.max_blocks = max_batch, max_blocks
-        words = _aligned(6 * max_batch), _aligned(6 * max_batch)
+        words = _aligned(6 * max_batch), _aligned(2 * max_batch)
         self._header = sum(words)  # int32 words before the block tables
         size = self._header + max_batch * max_blocks
         self._host = torch.zeros(size, dtype=torch.int32, pin_memory=device.type == "cuda")
@@ -57,21 +55,17 @@ class DecodeBuffers:
 
         def views(block: torch.Tensor):
             i64 = block[: 6 * max_batch].view(torch.int64).view(3, max_batch)
-            i32 = block[words[0] : words[0] + 6 * max_batch].view(6, max_batch)
+            i32 = block[words[0] : words[0] + 2 * max_batch].view(2, max_batch)
             return i64, i32, block[self._header :].view(max_batch, max_blocks)
 
         self._i64, self._i32, self._tables = (t.numpy() for t in views(self._host))
         (self.input_ids, self.positions, self.slot_mapping), i32, self.block_tables = views(
             self._device
         )
-        self.seq_lens, self.lora_slots = i32[:2]
-        self.lora_groups = i32[2:]  # order, group slot, group start, group count
+        self.seq_lens, self.lora_slots = i32
 
-    def fill(
-        self, rows: Sequence[DecodeRow], padded: int, block_size: int, grouped: bool = False
-    ) -> None:
-        """Rows first, then padding rows (length 0, no adapter, KV written to the null block);
-        ``grouped``: also the rows grouped by adapter slot."""
+    def fill(self, rows: Sequence[DecodeRow], padded: int, block_size: int) -> None:
+        """Rows first, then padding rows (length 0, no adapter, KV written to the null block)."""
         n = len(rows)
         i64, i32, tables = self._i64, self._i32, self._tables
         i64[0, :n] = [r.token_id for r in rows]
@@ -83,31 +77,11 @@ class DecodeBuffers:
         i64[2, n:padded] = -1
         i32[0, n:padded] = 0
         i32[1, n:padded] = -1
-        if grouped:
-            _group_by_slot(i32[1, :padded], *i32[2:, :padded])
         tables[:padded] = 0
         for i, row in enumerate(rows):
             tables[i, : len(row.block_table)] = row.block_table
         used = self._header + padded * self.max_blocks
         self._device[:used].copy_(self._host[:used], non_blocking=True)
-
-
-def _group_by_slot(slots, order, group_slot, group_start, group_count) -> None:
-    """``LoraKernelMeta.update`` on the host (numpy, in place): the rows stably sorted by slot,
-    and each run of one slot's rows (start, count, slot; entries past the last run: slot -1,
-    count 0, start at the end)."""
-    if len(slots) == 0:
-        return
-    order[:] = np.argsort(slots, kind="stable")
-    ordered = slots[order]
-    first = np.ones(len(slots), dtype=bool)
-    first[1:] = ordered[1:] != ordered[:-1]
-    group = np.cumsum(first) - 1
-    group_slot[:] = -1
-    group_slot[group] = ordered
-    group_count[:] = np.bincount(group, minlength=len(slots))
-    group_start[0] = 0
-    np.cumsum(group_count[:-1], out=group_start[1:])
 
 
 def _aligned(words: int) -> int:

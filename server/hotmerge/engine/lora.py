@@ -17,10 +17,9 @@ the adapter has no module in the group) so the kernels read nothing more.
 from __future__ import annotations
 
 import logging
-import os
 import weakref
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
@@ -35,20 +34,6 @@ from hotmerge_kernels.lora_apply import (
 from hotmerge.engine import ops
 
 log = logging.getLogger(__name__)
-
-# A decode whose rows use at most this many adapters runs the slot-grouped kernels, which read
-# each adapter once (the per-row kernels read it once per row). HOTMERGE_GROUPED_DECODE_MAX=0
-# never groups.
-GROUPED_DECODE_MAX = int(os.environ.get("HOTMERGE_GROUPED_DECODE_MAX", "4"))
-
-
-def decode_lora_path(slots: Iterable[int]) -> str:
-    """How a decode batch with these adapter slots applies LoRA: "none" (base model only),
-    "grouped" (rows grouped by adapter) or "rows" (one program per row)."""
-    adapters = {s for s in slots if s >= 0}
-    if not adapters:
-        return "none"
-    return "grouped" if len(adapters) <= GROUPED_DECODE_MAX else "rows"
 
 
 class SlotTable:
@@ -225,39 +210,32 @@ class LoraBatch:
 
     ``token_slots`` (T,) int32 on the device, -1 for base-model tokens. On CUDA every group is
     two Triton launches (shrink, expand) into one workspace (``lora_workspace``); decode
-    launches index rows directly unless given ``groups`` (the rows grouped by slot, filled by
-    the host: ``DecodeBuffers.lora_groups``), longer forwards read the tokens grouped by slot
-    once per forward (``LoraKernelMeta``). The torch twins (CPU) multiply each slot's tokens by
-    its adapter.
+    launches index rows directly, longer forwards read the tokens grouped by slot once per
+    forward (``LoraKernelMeta``). The torch twins (CPU) multiply each slot's tokens by its
+    adapter.
     """
 
-    def __init__(
-        self, pool: AdapterPool, token_slots: torch.Tensor, groups: torch.Tensor | None = None
-    ) -> None:
+    def __init__(self, pool: AdapterPool, token_slots: torch.Tensor) -> None:
         self.pool = pool
         self.token_slots = token_slots
         tokens = token_slots.shape[0]
         self.kernels = ops.triton_enabled(token_slots)
         self.meta = None
-        if self.kernels and groups is not None:
-            self.meta = LoraKernelMeta.over(*groups[:, :tokens], num_slots=pool.num_slots)
-        elif self.kernels and tokens > DECODE_MAX_TOKENS:  # from the graph's pool when captured
+        if self.kernels and tokens > DECODE_MAX_TOKENS:  # from the graph's pool when captured
             self.meta = LoraKernelMeta(tokens, pool.num_slots, token_slots.device)
             self.meta.update(token_slots)
-        self.grouped = self.meta is not None
         self.buf = lora_workspace(
             [a.shape[-1] for a in pool.a.values()],
             max(len(o) - 1 for o in pool.offsets.values()),
             tokens,
             pool.max_rank,
             token_slots.device,
-            grouped=self.grouped,
         )
 
     def apply(self, layer: int, group: str, x: torch.Tensor, y: torch.Tensor) -> None:
         a = self.pool.a[group][layer]
         b = self.pool.b[group][layer]
         offsets = self.pool.offsets[group]
-        buf = self.buf[: lora_splits(x.shape[1], x.shape[0], self.grouped), : len(offsets) - 1]
+        buf = self.buf[: lora_splits(x.shape[1], x.shape[0]), : len(offsets) - 1]
         ranks = self.pool.ranks[group]
         ops.lora(x, y, a, b, ranks, self.token_slots, offsets, buf, self.meta)

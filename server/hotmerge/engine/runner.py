@@ -27,7 +27,7 @@ from hotmerge.engine.batch import (
     padded_sizes,
 )
 from hotmerge.engine.kv_cache import allocate_kv, block_bytes, blocks_for
-from hotmerge.engine.lora import AdapterPool, LoraBatch, SlotTable, decode_lora_path
+from hotmerge.engine.lora import AdapterPool, LoraBatch, SlotTable
 from hotmerge.engine.models.llama import (
     AttentionBatch,
     LlamaModel,
@@ -49,7 +49,6 @@ _DTYPES = {
     "bf16": torch.bfloat16,
 }
 _SCORE_ROWS = 256  # prompt positions scored at once (bounds the (rows, vocab) logits)
-DECODE_LORA_PATHS = ("rows", "grouped", "none")  # a decode graph each, per batch size
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -293,8 +292,8 @@ class LlamaRunner(ModelRunner):
         self.max_blocks = blocks_for(self.max_total_tokens, self.block_size)
         self.buffers = DecodeBuffers(limits.max_batch_size, self.max_blocks, self.device)
         self.sizes = padded_sizes(limits.max_batch_size)
-        # (padded batch size, decode_lora_path) -> (graph, its logits output)
-        self._graphs: dict[tuple[int, str], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        # (padded batch size, whether any row has an adapter) -> (graph, its logits output)
+        self._graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         # A prefill never holds more tokens than all its sequences can.
         max_prefill = min(limits.max_prefill_tokens, limits.max_batch_size * self.max_total_tokens)
         self.prefill_buffers = PrefillBuffers(
@@ -334,9 +333,7 @@ class LlamaRunner(ModelRunner):
 
     # -- decode -------------------------------------------------------------------------------
 
-    def _decode_step(self, size: int, lora_path: str = "rows") -> torch.Tensor:
-        """One decode forward over the buffers' first ``size`` rows; ``lora_path`` as
-        ``decode_lora_path`` says ("grouped" reads the groups the buffers were filled with)."""
+    def _decode_step(self, size: int, with_lora: bool = True) -> torch.Tensor:
         buf = self.buffers
         attn = AttentionBatch(
             positions=buf.positions[:size],
@@ -345,10 +342,7 @@ class LlamaRunner(ModelRunner):
             seq_lens=buf.seq_lens[:size],
             kernel=self.attention,
         )
-        lora = None
-        if lora_path != "none":
-            groups = buf.lora_groups if lora_path == "grouped" else None
-            lora = LoraBatch(self.adapters, buf.lora_slots[:size], groups)
+        lora = LoraBatch(self.adapters, buf.lora_slots[:size]) if with_lora else None
         hidden = self.model(buf.input_ids[:size], attn, self.kv, lora)
         return self.model.logits(hidden)
 
@@ -371,24 +365,22 @@ class LlamaRunner(ModelRunner):
         with self.adapters.every_slot_full():
             for size in self.sizes:
                 rows = [DecodeRow(-1, 0, 0, [0], i % slots) for i in range(size)]
-                self.buffers.fill(rows, size, self.block_size, grouped=True)
-                for lora_path in DECODE_LORA_PATHS:
-                    self._decode_step(size, lora_path)
+                self.buffers.fill(rows, size, self.block_size)
+                self._decode_step(size)
             for size in self.prefill_sizes:
                 self.prefill(self._warm_chunks(size))
         torch.cuda.synchronize()
         log.info("kernels warmed up in %.1f s", time.perf_counter() - started)
         if not capture:
             return
-        # A batch of base-model rows only replays a graph without the LoRA launches, and one of
-        # rows on few adapters a graph that groups them by adapter.
+        # A batch of base-model rows only replays a graph without the LoRA launches.
         started = time.perf_counter()
         pool = torch.cuda.graph_pool_handle()
         for size in reversed(self.sizes):  # largest first: smaller ones reuse its pool memory
-            self.buffers.fill([], size, self.block_size, grouped=True)
-            for lora_path in DECODE_LORA_PATHS:
-                step = functools.partial(self._decode_step, size, lora_path)
-                self._graphs[size, lora_path] = self._capture(pool, step)
+            self.buffers.fill([], size, self.block_size)
+            for with_lora in (True, False):
+                step = functools.partial(self._decode_step, size, with_lora)
+                self._graphs[size, with_lora] = self._capture(pool, step)
         for size in reversed(self.prefill_sizes):
             seqs = self.prefill_buffers.fill([], size, self.block_size)
             for with_lora in (True, False):
@@ -418,14 +410,14 @@ class LlamaRunner(ModelRunner):
         # On CUDA, graphs or not, the batch is padded to the same sizes, so that eager and
         # replayed decode run the very same kernels (and give the same tokens).
         size = next(s for s in self.sizes if s >= n) if self.device.type == "cuda" else n
-        lora_path = decode_lora_path(r.slot for r in rows)
-        self.buffers.fill(rows, size, self.block_size, grouped=lora_path == "grouped")
-        captured = self._graphs.get((size, lora_path))
+        with_lora = any(r.slot >= 0 for r in rows)
+        self.buffers.fill(rows, size, self.block_size)
+        captured = self._graphs.get((size, with_lora))
         if captured is not None:
             graph, logits = captured
             graph.replay()
             return logits[:n]
-        return self._decode_step(size, lora_path)[:n]
+        return self._decode_step(size, with_lora)[:n]
 
     # -- prefill ------------------------------------------------------------------------------
 
