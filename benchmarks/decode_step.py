@@ -37,15 +37,8 @@ from hotmerge.engine.batch import DecodeRow
 from hotmerge.engine.runner import EngineLimits, build_runner
 from hotmerge.engine.sampling import RowSampling
 from hotmerge.generation import SamplingParams
-from hotmerge_kernels import lora_apply
 from hotmerge_kernels.layout import FlatAdapter
-from hotmerge_kernels.lora_apply import (
-    LoraKernelMeta,
-    decode_runs,
-    lora_expand,
-    lora_shrink,
-    lora_workspace,
-)
+from hotmerge_kernels.lora_apply import LoraKernelMeta, lora_expand, lora_shrink, lora_workspace
 from lora_kernels import bench, bytes_moved
 
 SHAPES = {
@@ -163,9 +156,6 @@ def lora_kernel_rows(pool, slots: torch.Tensor, rank: int, bandwidth: float) -> 
     t, device = slots.shape[0], slots.device
     meta = LoraKernelMeta(t, pool.num_slots, device)
     meta.update(slots)
-    runs = torch.tensor(
-        decode_runs(slots.tolist()), dtype=torch.int32, device=device
-    )  # as the engine
     rows = []
     for group, lora_a in pool.a.items():
         a, b, ranks, offsets = lora_a[0], pool.b[group][0], pool.ranks[group], pool.offsets[group]
@@ -174,8 +164,8 @@ def lora_kernel_rows(pool, slots: torch.Tensor, rank: int, bandwidth: float) -> 
         y = torch.randn(t, offsets[-1], device=device).to(b.dtype)
         buf = lora_workspace([n_in], ns, t, pool.max_rank, device)
         us = {
-            "shrink": bench(lambda: lora_shrink(x, a, ranks, slots, buf, meta, runs)),  # noqa: B023
-            "expand": bench(lambda: lora_expand(buf, b, ranks, slots, y, offsets, meta, runs)),  # noqa: B023
+            "shrink": bench(lambda: lora_shrink(x, a, ranks, slots, buf, meta)),  # noqa: B023
+            "expand": bench(lambda: lora_expand(buf, b, ranks, slots, y, offsets, meta)),  # noqa: B023
         }
         widths = [hi - lo for lo, hi in itertools.pairwise(offsets)]
         moved = dict(zip(us, bytes_moved(n_in, widths, rank, slots, a.element_size()), strict=True))
@@ -198,14 +188,8 @@ def main() -> None:
     parser.add_argument("--max-lora-rank", type=int, help="the pool's width (default: --rank)")
     parser.add_argument("--iters", type=int, default=30)
     parser.add_argument("--no-eager", action="store_true", help="skip the transformers path")
-    parser.add_argument(
-        "--run-max", type=int, help="longest run of rows on one adapter a LoRA program does "
-        f"(default {lora_apply.DECODE_RUN_MAX}; 1: every row its own programs)",
-    )  # fmt: skip
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    if args.run_max is not None:  # read by decode_runs when the engine fills a step's inputs
-        lora_apply.DECODE_RUN_MAX = args.run_max
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     max_batch = max(args.batches)
@@ -299,7 +283,6 @@ def main() -> None:
         context=args.context,
         rank=args.rank,
         max_lora_rank=args.max_lora_rank or args.rank,
-        lora_run_max=lora_apply.DECODE_RUN_MAX,
         copy_bandwidth_tb_s=bandwidth / 1e12,
         weight_bytes=weights,
         adapter_bytes=adapter_bytes,

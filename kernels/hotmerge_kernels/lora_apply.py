@@ -33,18 +33,10 @@ Two kernel pairs, chosen by T:
 
 - Decode (T <= ``DECODE_MAX_TOKENS``): one program per token and (slice, split) for shrink, per
   token and n tile for expand, reading the token's slot directly: matrix-vector products in
-  float32. Grids: (slices x splits, T) and (n tiles, T). Rows that share an adapter share its
-  reads when the caller passes ``token_runs`` (T,) int32, from ``decode_runs``: the first token
-  of a run of ``n`` (<= ``DECODE_RUN_MAX``) consecutive tokens on one slot holds ``n`` and the
-  others 0; that token's programs do the run's tokens one after another (a loop, so registers
-  stay those of one token), re-reading the adapter tile they just read, which the SM's cache
-  serves, instead of one program per token each fetching it from L2; each token's sums are
-  the same as alone, bit for bit. The others exit. So the engine orders a decode batch by
-  slot. Runs that do not match the slots give wrong
-  results (like slots, they are not checked on the device). On Hopper both
-  kernels are launched as programmatic dependents: each reads its adapter weights before
-  ``gdc_wait`` and what the previous kernel wrote (x; the partials and y) after, so expand's B
-  loads overlap shrink.
+  float32 (a batch's rows mostly have distinct adapters; rows that share one read it again from
+  L2). Grids: (slices x splits, T) and (n tiles, T). On Hopper both are launched as programmatic
+  dependents: each reads its adapter weights before ``gdc_wait`` and what the previous kernel
+  wrote (x; the partials and y) after, so expand's B loads overlap shrink.
 - Prefill: tokens grouped by slot (``LoraKernelMeta``: a stable sort of the slots and each run's
   start, length and slot), each program a tensor-core tile of up to ``BLOCK_M`` tokens of one
   group, so tokens that share an adapter share its weight reads. Grids: (slices x splits, m
@@ -80,12 +72,10 @@ __all__ = [
     "lora_shrink_torch",
     "lora_splits",
     "lora_workspace",
-    "decode_runs",
 ]
 
 MAX_SLICES = 3
 DECODE_MAX_TOKENS = 64  # up to this many tokens: decode tiles and split in_features
-DECODE_RUN_MAX = 4  # longest run of tokens on one slot that one decode program does
 SPLIT_WIDTH = 512  # in_features per shrink split at decode (16 KB of A per rank-16 program)
 SPLIT_MAX_TOKENS = 512  # prefills up to this many tokens split in_features too
 PREFILL_MAX_SPLITS = 8  # prefill expand unrolls its sum over the splits: keep it short
@@ -97,22 +87,6 @@ def lora_splits(in_features: int, tokens: int) -> int:
     if tokens <= DECODE_MAX_TOKENS:
         return splits
     return min(splits, PREFILL_MAX_SPLITS) if tokens <= SPLIT_MAX_TOKENS else 1
-
-
-def decode_runs(token_slots: Sequence[int], cap: int | None = None) -> list[int]:
-    """The decode kernels' ``token_runs`` for these slots: consecutive tokens on one slot in runs
-    of at most ``cap`` (default ``DECODE_RUN_MAX``), each run's length at its first token and 0
-    at the others."""
-    cap = DECODE_RUN_MAX if cap is None else cap
-    if not 1 <= cap <= DECODE_RUN_MAX:
-        raise ValueError(f"cap must be in 1..{DECODE_RUN_MAX}, got {cap}")
-    runs = [0] * len(token_slots)
-    first = 0
-    for i in range(1, len(token_slots) + 1):
-        if i == len(token_slots) or token_slots[i] != token_slots[first] or i - first == cap:
-            runs[first] = i - first
-            first = i
-    return runs
 
 
 def lora_workspace(
@@ -219,17 +193,12 @@ def _num_groups(t: int, num_slots: int) -> int:
     return min(t, num_slots + 1)  # distinct slots among t tokens, -1 included
 
 
-def _check_slots(token_slots: torch.Tensor, t: int, token_runs: torch.Tensor | None) -> None:
-    for name, v in (("token_slots", token_slots), ("token_runs", token_runs)):
-        if v is not None and (v.dtype != torch.int32 or v.shape != (t,)):
-            raise ValueError(
-                f"{name} must be int32 of shape ({t},), got {v.dtype} {tuple(v.shape)}"
-            )
-
-
-def _runs_of(token_slots: torch.Tensor, token_runs: torch.Tensor | None) -> torch.Tensor:
-    """The decode kernels' runs argument (without runs, RUNS=False, they never read it)."""
-    return token_slots if token_runs is None else token_runs
+def _check_slots(token_slots: torch.Tensor, t: int) -> None:
+    if token_slots.dtype != torch.int32 or token_slots.shape != (t,):
+        raise ValueError(
+            f"token_slots must be int32 of shape ({t},), got {token_slots.dtype} "
+            f"{tuple(token_slots.shape)}"
+        )
 
 
 def lora_shrink(
@@ -239,13 +208,12 @@ def lora_shrink(
     token_slots: torch.Tensor,
     buf: torch.Tensor,
     meta: LoraKernelMeta | None = None,
-    token_runs: torch.Tensor | None = None,
 ) -> None:
     """``buf[p, s, t, :r]`` = range ``p`` of ``x[t] @ lora_a[slot_t, s, :r].T`` (float32) for
     every token with a slot, ``buf.shape[0]`` ranges (see the module docstring).
 
     ``meta``: a ``LoraKernelMeta`` updated with ``token_slots`` (built here when None, which is
-    fine outside CUDA graphs). ``token_runs``: decode only, see the module docstring.
+    fine outside CUDA graphs).
     """
     t, k = x.shape
     num_slots, num_slices, max_rank, k_a = lora_a.shape
@@ -260,7 +228,7 @@ def lora_shrink(
             f"shapes: x {tuple(x.shape)}, lora_a {tuple(lora_a.shape)}, buf {tuple(buf.shape)} "
             f"{buf.dtype} (buf must be float32 (splits, slices, T, max_rank))"
         )
-    _check_slots(token_slots, t, token_runs)
+    _check_slots(token_slots, t)
     if num_slices > MAX_SLICES or max_rank > 128 or lora_a.dtype != x.dtype:
         raise ValueError(f"at most {MAX_SLICES} slices, rank 128, lora_a in x's dtype")
     if t == 0:
@@ -272,9 +240,8 @@ def lora_shrink(
         _check_meta(meta, t)
         grid = (num_slices * splits, t)
         triton_lora.shrink_rows_kernel[grid](
-            x, lora_a, slot_ranks, token_slots, _runs_of(token_slots, token_runs), buf, k,
-            *strides, SPLITS=splits, RUNS=token_runs is not None, **tiles,
-            **launch_options(x.device),
+            x, lora_a, slot_ranks, token_slots, buf, k, *strides, SPLITS=splits,
+            **tiles, **launch_options(x.device),
         )  # fmt: skip
         return
     meta = _ready_meta(meta, token_slots, num_slots)
@@ -304,11 +271,10 @@ def lora_expand(
     y: torch.Tensor,
     slice_offsets: Sequence[int],
     meta: LoraKernelMeta | None = None,
-    token_runs: torch.Tensor | None = None,
 ) -> None:
     """``y[t, slice s] += (sum over p of buf[p, s, t, :r]) @ lora_b[slot_t, :r, slice s]``, in
-    place, for every token with a slot; ``y`` may be a strided view. ``meta`` and
-    ``token_runs`` as for ``lora_shrink``."""
+    place, for every token with a slot; ``y`` may be a strided view. ``meta`` as for
+    ``lora_shrink``."""
     if buf.dim() != 4:
         raise ValueError(f"buf must be (splits, slices, T, max_rank), got {tuple(buf.shape)}")
     splits, num_slices, t, max_rank = buf.shape
@@ -331,7 +297,7 @@ def lora_expand(
             f"shapes: buf {tuple(buf.shape)} {buf.dtype}, lora_b {tuple(lora_b.shape)} "
             f"{lora_b.dtype}, y {tuple(y.shape)} {y.dtype}, slice_offsets {offsets}"
         )
-    _check_slots(token_slots, t, token_runs)
+    _check_slots(token_slots, t)
     if t == 0 or offsets[-1] == offsets[0]:
         return
     bounds = offsets + (offsets[-1],) * (MAX_SLICES + 1 - len(offsets))
@@ -342,9 +308,8 @@ def lora_expand(
     if _by_rows(t):
         _check_meta(meta, t)
         triton_lora.expand_rows_kernel[(n_tiles, t)](
-            buf, lora_b, slot_ranks, token_slots, _runs_of(token_slots, token_runs), y,
-            *strides, *bounds, SPLITS=splits, RUNS=token_runs is not None, **tiles,
-            **launch_options(y.device),
+            buf, lora_b, slot_ranks, token_slots, y, *strides, *bounds, SPLITS=splits,
+            **tiles, **launch_options(y.device),
         )  # fmt: skip
         return
     meta = _ready_meta(meta, token_slots, num_slots)
@@ -376,17 +341,15 @@ def lora_apply(
     slice_offsets: Sequence[int],
     buf: torch.Tensor,
     meta: LoraKernelMeta | None = None,
-    token_runs: torch.Tensor | None = None,
     *,
     use_triton: bool,
 ) -> None:
-    """``y += LoRA(x)`` for a projection group: shrink into ``buf``, expand into ``y``
-    (``token_runs``: decode only; the twins need none)."""
+    """``y += LoRA(x)`` for a projection group: shrink into ``buf``, expand into ``y``."""
     if use_triton:
         if not _by_rows(x.shape[0]):  # one grouping for both launches
             meta = _ready_meta(meta, token_slots, lora_a.shape[0])
-        lora_shrink(x, lora_a, slot_ranks, token_slots, buf, meta, token_runs)
-        lora_expand(buf, lora_b, slot_ranks, token_slots, y, slice_offsets, meta, token_runs)
+        lora_shrink(x, lora_a, slot_ranks, token_slots, buf, meta)
+        lora_expand(buf, lora_b, slot_ranks, token_slots, y, slice_offsets, meta)
     else:
         lora_shrink_torch(x, lora_a, slot_ranks, token_slots, buf)
         lora_expand_torch(buf, lora_b, slot_ranks, token_slots, y, slice_offsets)

@@ -39,10 +39,9 @@ def lora_shrink_torch(
     token_slots: torch.Tensor,
     buf: torch.Tensor,
     meta: object = None,
-    token_runs: object = None,
 ) -> None:
     """``buf[0, s, t, :r] = x[t] @ A[slot_t, s, :r].T``, ``buf[1:, s, t, :r] = 0`` for tokens
-    with a slot (``meta`` and ``token_runs`` unused: the kernels' launch details)."""
+    with a slot (``meta`` unused)."""
     for slot, rank, rows in _slot_groups(token_slots, slot_ranks):
         a = lora_a[slot, :, :rank].float()  # (slices, r, in)
         buf[0, :, rows, :rank] = torch.einsum("tk,srk->str", x[rows].float(), a)
@@ -57,7 +56,6 @@ def lora_expand_torch(
     y: torch.Tensor,
     slice_offsets: Sequence[int],
     meta: object = None,
-    token_runs: object = None,
 ) -> None:
     """``y[t, off_s:off_s+1] += (sum over p of buf[p, s, t, :r]) @ lora_b[slot_t, :r,
     off_s:off_s+1]`` in place."""

@@ -2,9 +2,7 @@
 the contract in its docstring) and ``lora_apply_reference`` holds their torch twins.
 
 - ``shrink_rows_kernel`` / ``expand_rows_kernel``: decode, one program per token and (slice,
-  split) / n tile, matrix-vector products; a program does a run of consecutive tokens on one
-  slot when told (``runs``), so they share the adapter's reads; programmatic dependents on
-  Hopper (``pdl``).
+  split) / n tile, matrix-vector products; programmatic dependents on Hopper (``pdl``).
 - ``shrink_kernel`` / ``expand_kernel``: tokens grouped by slot (``LoraKernelMeta``), each
   program a tensor-core tile of one group's tokens.
 """
@@ -64,7 +62,6 @@ def shrink_rows_kernel(
     a_ptr,
     ranks_ptr,
     slots_ptr,
-    runs_ptr,
     buf_ptr,
     K,
     stride_xt,
@@ -78,15 +75,12 @@ def shrink_rows_kernel(
     stride_bt,
     stride_br,
     SPLITS: tl.constexpr,
-    RUNS: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_K: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    """One token (with RUNS: one run of consecutive tokens on one slot, ``runs_ptr``), slice and
-    split per program: a matrix-vector product per token (no tensor-core tile of 16 rows of
-    which one is used); a run's later tokens re-read the A tile the SM just read. PDL: A is
-    loaded before waiting on the kernel that wrote x."""
+    """One token, slice and split per program: a matrix-vector product (no tensor-core tile of
+    16 rows of which one is used). PDL: A is loaded before waiting on the kernel that wrote x."""
     if PDL:  # expand may start loading its B while this kernel runs
         tl.extra.cuda.gdc_launch_dependents()
     pid_sp = tl.program_id(0)  # slice x split, split fastest: neighbours read neighbouring A
@@ -94,32 +88,12 @@ def shrink_rows_kernel(
     slot = tl.load(slots_ptr + t)
     if slot < 0:
         return
-    n = 1
-    if RUNS:
-        n = tl.load(runs_ptr + t)
-        if n <= 0:  # inside a run: its first token's programs do this one
-            return
     rank = tl.load(ranks_ptr + slot)
     s = pid_sp // SPLITS
     p = pid_sp % SPLITS
     k_begin, k_end = _split_range(K, p, SPLITS, BLOCK_K)
     a_base = a_ptr + slot.to(tl.int64) * stride_as + s * stride_ai
     out = buf_ptr + p * stride_bp + s * stride_bi + t * stride_bt
-    x_row = x_ptr + t * stride_xt
-    _shrink_row(x_row, a_base, out, rank, k_begin, k_end, stride_xk, stride_ar, stride_ak,
-                stride_br, BLOCK_R, BLOCK_K, PDL)  # fmt: skip
-    for i in range(1, n):  # a loop, not unrolled: registers as for one token
-        _shrink_row(x_row + i * stride_xt, a_base, out + i * stride_bt, rank, k_begin, k_end,
-                    stride_xk, stride_ar, stride_ak, stride_br, BLOCK_R, BLOCK_K,
-                    False)  # fmt: skip
-
-
-@triton.jit
-def _shrink_row(
-    x_row, a_base, out, rank, k_begin, k_end, stride_xk, stride_ar, stride_ak, stride_br,
-    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
-):  # fmt: skip
-    """One token's partial product over [k_begin, k_end), in float32."""
     for r0 in range(0, rank, BLOCK_R):
         offs_r = r0 + tl.arange(0, BLOCK_R)
         r_mask = offs_r < rank
@@ -134,7 +108,7 @@ def _shrink_row(
             )
             if PDL:  # x is the previous kernel's output (later calls return at once)
                 tl.extra.cuda.gdc_wait()
-            xk = tl.load(x_row + offs_k * stride_xk, mask=k_mask, other=0.0)
+            xk = tl.load(x_ptr + t * stride_xt + offs_k * stride_xk, mask=k_mask, other=0.0)
             acc += tl.sum(at.to(tl.float32) * xk.to(tl.float32)[None, :], axis=1)
         tl.store(out + offs_r * stride_br, acc, mask=r_mask)
 
@@ -145,7 +119,6 @@ def expand_rows_kernel(
     b_ptr,
     ranks_ptr,
     slots_ptr,
-    runs_ptr,
     y_ptr,
     stride_bp,
     stride_bi,
@@ -161,15 +134,13 @@ def expand_rows_kernel(
     OFF2: tl.constexpr,
     OFF3: tl.constexpr,
     SPLITS: tl.constexpr,
-    RUNS: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    """One token (with RUNS: one run of consecutive tokens on one slot, ``runs_ptr``) and n tile
-    per program: a matrix-vector product per token; a run's later tokens re-read the B block
-    the SM just read. PDL: the first block of B (all of it up to rank BLOCK_K) is loaded before
-    waiting on shrink, whose partials and the GEMM's y are read after."""
+    """One token and n tile per program: a matrix-vector product. PDL: the first block of B
+    (all of it up to rank BLOCK_K) is loaded before waiting on shrink, whose partials and the
+    GEMM's y are read after."""
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
     pid_n = tl.program_id(0)
@@ -177,11 +148,6 @@ def expand_rows_kernel(
     slot = tl.load(slots_ptr + t)
     if slot < 0:
         return
-    n = 1
-    if RUNS:
-        n = tl.load(runs_ptr + t)
-        if n <= 0:  # inside a run: its first token's programs do this one
-            return
     rank = tl.load(ranks_ptr + slot)
     if rank <= 0:
         return
@@ -192,25 +158,11 @@ def expand_rows_kernel(
     w = _b_block(b_rows, stride_wr, n_mask, 0, rank, BLOCK_K)
     if PDL:
         tl.extra.cuda.gdc_wait()
-    _expand_row(h_row, w, b_rows, y_row, n_mask, rank, stride_bp, stride_br, stride_wr, SPLITS,
-                BLOCK_K)  # fmt: skip
-    for i in range(1, n):  # a loop, not unrolled: registers as for one token
-        w_i = _b_block(b_rows, stride_wr, n_mask, 0, rank, BLOCK_K)  # again: cached, just read
-        _expand_row(h_row + i * stride_bt, w_i, b_rows, y_row + i * stride_yt, n_mask, rank,
-                    stride_bp, stride_br, stride_wr, SPLITS, BLOCK_K)  # fmt: skip
-
-
-@triton.jit
-def _expand_row(
-    h_row, w, b_rows, y_row, n_mask, rank, stride_bp, stride_br, stride_wr,
-    SPLITS: tl.constexpr, BLOCK_K: tl.constexpr,
-):  # fmt: skip
-    """y_row += h @ B for one token, B's first rank block ``w`` already loaded."""
     y = tl.load(y_row, mask=n_mask, other=0.0)
     acc = _rank_block(h_row, w, 0, rank, stride_bp, stride_br, SPLITS, BLOCK_K)
     for k0 in range(BLOCK_K, rank, BLOCK_K):
-        w_k = _b_block(b_rows, stride_wr, n_mask, k0, rank, BLOCK_K)
-        acc += _rank_block(h_row, w_k, k0, rank, stride_bp, stride_br, SPLITS, BLOCK_K)
+        w = _b_block(b_rows, stride_wr, n_mask, k0, rank, BLOCK_K)
+        acc += _rank_block(h_row, w, k0, rank, stride_bp, stride_br, SPLITS, BLOCK_K)
     tl.store(y_row, (y.to(tl.float32) + acc).to(y.dtype), mask=n_mask)
 
 

@@ -8,7 +8,6 @@ import pytest
 import torch
 from hotmerge_kernels.lora_apply import (
     LoraKernelMeta,
-    decode_runs,
     lora_expand,
     lora_expand_torch,
     lora_shrink,
@@ -58,30 +57,24 @@ def slots_for(case: str, t: int, gen: torch.Generator) -> torch.Tensor:
         slots = torch.arange(t) % (n + 1) - 1  # -1 then distinct slots (t <= n + 1)
     elif case == "shared":
         slots = torch.full((t,), 2)
-    elif case == "runs":  # ordered by slot: runs past DECODE_RUN_MAX, short runs, lone rows
-        slots = torch.tensor([-1] * 3 + [2] * 20 + [3] * 5 + [5] + [6] * 3)[:t]
     else:  # prefill: two adapters, a few base-model tokens
         slots = torch.where(torch.rand(t, generator=gen) < 0.5, 3, 5)
         slots[torch.rand(t, generator=gen) < 0.05] = -1
     return slots.to(torch.int32).cuda()
 
 
-def check(group: str, t: int, case: str, dtype: torch.dtype, runs: bool = False) -> None:
-    """The kernels equal the twins; ``runs``: rows on one slot share reads (``decode_runs``)."""
+def check(group: str, t: int, case: str, dtype: torch.dtype) -> None:
     n_in, widths = GROUPS[group]
     lora_a, lora_b, slot_ranks, offsets = device_pool(widths, n_in, dtype, seed=t)
     gen = torch.Generator().manual_seed(t)
     token_slots = slots_for(case, t, gen)
-    token_runs = None
-    if runs:
-        token_runs = torch.tensor(decode_runs(token_slots.tolist()), dtype=torch.int32).cuda()
     x = torch.randn(t, n_in, generator=gen).to("cuda", dtype)
     y0 = torch.randn(t, offsets[-1], generator=gen).to("cuda", dtype)
     shape = (lora_splits(n_in, t), len(widths), t, MAX_RANK)
     bufs = [torch.full(shape, float("nan"), device="cuda") for _ in range(2)]
     ys = [y0.clone(), y0.clone()]
-    lora_shrink(x, lora_a, slot_ranks, token_slots, bufs[0], token_runs=token_runs)
-    lora_expand(bufs[0], lora_b, slot_ranks, token_slots, ys[0], offsets, token_runs=token_runs)
+    lora_shrink(x, lora_a, slot_ranks, token_slots, bufs[0])
+    lora_expand(bufs[0], lora_b, slot_ranks, token_slots, ys[0], offsets)
     lora_shrink_torch(x, lora_a, slot_ranks, token_slots, bufs[1])
     lora_expand_torch(bufs[1], lora_b, slot_ranks, token_slots, ys[1], offsets)
     got_buf, want_buf = (defined(b, slot_ranks, token_slots) for b in bufs)
@@ -89,11 +82,6 @@ def check(group: str, t: int, case: str, dtype: torch.dtype, runs: bool = False)
     assert_close(ys[0], ys[1], Y_TOL[dtype])
     skip = [i for i, s in enumerate(token_slots.tolist()) if s < 0 or RANKS[s] == 0]
     assert torch.equal(ys[0][skip], y0[skip])
-    if runs:  # each token's sums are those it gets alone
-        alone, y_alone = torch.full_like(bufs[0], float("nan")), y0.clone()
-        lora_shrink(x, lora_a, slot_ranks, token_slots, alone)
-        lora_expand(alone, lora_b, slot_ranks, token_slots, y_alone, offsets)
-        assert torch.equal(ys[0], y_alone)
 
 
 @pytest.mark.parametrize("group", GROUPS)
@@ -101,12 +89,6 @@ def check(group: str, t: int, case: str, dtype: torch.dtype, runs: bool = False)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_decode_at_7b_sizes(group, t, case, dtype):
     check(group, t, case, dtype)
-
-
-@pytest.mark.parametrize("group", GROUPS)
-@pytest.mark.parametrize("t,case", [(64, "shared"), (32, "runs"), (32, "distinct")])
-def test_decode_runs_at_7b_sizes(group, t, case):
-    check(group, t, case, torch.bfloat16, runs=True)
 
 
 @pytest.mark.parametrize("group", GROUPS)
@@ -119,12 +101,10 @@ def test_float32_at_7b_sizes():
 
 
 def test_graph_replay_with_new_slots():
-    """Meta update, shrink and expand captured once; each replay reads the slots and runs then in
-    place.
+    """Meta update, shrink and expand captured once; each replay reads the slots then in place.
     On Hopper the decode kernels are programmatic dependents: shrink right after the copy that
     writes its x, expand after shrink, both reading y after that copy."""
     t, dtype = 32, torch.bfloat16
-    runs = torch.ones(t, dtype=torch.int32, device="cuda")
     pdl = launch_options(torch.device("cuda"))["PDL"]
     assert pdl == (torch.cuda.get_device_capability()[0] >= 9)
     n_in, widths = GROUPS["qkv"]
@@ -143,8 +123,8 @@ def test_graph_replay_with_new_slots():
         meta.update(token_slots)
         y.copy_(y_in)
         x.copy_(x_in)
-        lora_shrink(x, lora_a, slot_ranks, token_slots, buf, meta, runs)
-        lora_expand(buf, lora_b, slot_ranks, token_slots, y, offsets, meta, runs)
+        lora_shrink(x, lora_a, slot_ranks, token_slots, buf, meta)
+        lora_expand(buf, lora_b, slot_ranks, token_slots, y, offsets, meta)
 
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -155,9 +135,8 @@ def test_graph_replay_with_new_slots():
     with torch.cuda.graph(graph):
         step()
     for _ in range(3):
-        new = torch.randint(-1, 6, (t,), generator=gen, dtype=torch.int32).sort().values
-        token_slots.copy_(new.cuda())  # ordered by slot, as the engine orders a decode batch
-        runs.copy_(torch.tensor(decode_runs(new.tolist()), dtype=torch.int32))
+        new = torch.randint(-1, len(RANKS), (t,), generator=gen, dtype=torch.int32)
+        token_slots.copy_(new.cuda())
         x_in.copy_(torch.randn(t, n_in, generator=gen).to("cuda", dtype))
         graph.replay()
         torch.cuda.synchronize()

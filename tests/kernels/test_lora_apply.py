@@ -9,9 +9,7 @@ import pytest
 import torch
 from hotmerge_kernels import lora_apply as la
 from hotmerge_kernels.lora_apply import (
-    DECODE_RUN_MAX,
     LoraKernelMeta,
-    decode_runs,
     lora_apply,
     lora_expand,
     lora_expand_torch,
@@ -120,17 +118,17 @@ def assert_untouched(y_after, y_before, token_slots, slot_ranks, offsets):
     assert torch.equal(y_after[:, offsets[-1] :], y_before[:, offsets[-1] :])
 
 
-def run_both(x, y, pool, token_slots, *, kernel: bool, splits=1, token_runs=None):
+def run_both(x, y, pool, token_slots, *, kernel: bool, splits=1):
     lora_a, lora_b, slot_ranks, offsets = pool
     buf = poisoned_buf(lora_a.shape[1], x.shape[0], splits)
     if kernel:
-        lora_shrink(x, lora_a, slot_ranks, token_slots, buf, token_runs=token_runs)
+        lora_shrink(x, lora_a, slot_ranks, token_slots, buf)
     else:
         lora_shrink_torch(x, lora_a, slot_ranks, token_slots, buf)
     shrunk = buf.clone()
     y = y.clone()
     if kernel:
-        lora_expand(buf, lora_b, slot_ranks, token_slots, y, offsets, token_runs=token_runs)
+        lora_expand(buf, lora_b, slot_ranks, token_slots, y, offsets)
     else:
         lora_expand_torch(buf, lora_b, slot_ranks, token_slots, y, offsets)
     return shrunk, y
@@ -303,65 +301,3 @@ def test_lora_apply_matches_loop(kernel_path, use_triton):
     lora_apply(x, y, lora_a, lora_b, slot_ranks, token_slots, offsets, buf, use_triton=use_triton)
     _, want = loop_reference(x, y0, *pool, token_slots)
     assert_close(y, want, TOL[dtype])
-
-
-def test_decode_runs_cover_each_row_once():
-    assert decode_runs([]) == []
-    assert decode_runs([4]) == [1]
-    assert decode_runs([3, 3, -1, -1, 3]) == [2, 0, 2, 0, 1]
-    assert decode_runs([2] * 5, cap=2) == [2, 0, 2, 0, 1]
-    cap = DECODE_RUN_MAX
-    assert decode_runs([1] * (2 * cap + 1)) == ([cap] + [0] * (cap - 1)) * 2 + [1]
-    for cap in (0, DECODE_RUN_MAX + 1):
-        with pytest.raises(ValueError, match="cap"):
-            decode_runs([1], cap=cap)
-
-
-RUN_MIXES = {  # decode batches ordered by slot as the engine orders them, and one that is not
-    "ordered, runs past the cap": lambda: slots_of([-1] * 2 + [2] * 19 + [3] * 3 + [0, 1, 1, 4]),
-    "ordered, empty slot's run": lambda: slots_of([1] * 3 + [5] * 4 + [3] * 2),
-    "unordered repeats": lambda: random_slots(33, seed=31),
-}
-
-
-@needs_triton
-@pytest.mark.parametrize("splits", [1, 3])
-@pytest.mark.parametrize("dtype,widths", list(zip(DTYPES, WIDTHS, strict=True)), ids=str)
-@pytest.mark.parametrize("mix", RUN_MIXES)
-def test_decode_kernels_with_runs_equal_twins(mix, dtype, widths, splits):
-    """Rows on one slot done by one program per run: the same results as the twins, and the
-    same bits as without runs."""
-    pool = make_pool(widths, dtype=dtype, seed=40 + splits)
-    token_slots = RUN_MIXES[mix]()
-    t = token_slots.shape[0]
-    token_runs = torch.tensor(decode_runs(token_slots.tolist()), dtype=torch.int32, device=DEVICE)
-    assert max(token_runs.tolist()) > 1
-    x = random_rows(t, IN_FEATURES, dtype, seed=42)
-    y0 = random_rows(t, sum(widths), dtype, seed=43)
-    got_buf, got_y = run_both(
-        x, y0, pool, token_slots, kernel=True, splits=splits, token_runs=token_runs
-    )
-    want_buf, want_y = run_both(x, y0, pool, token_slots, kernel=False, splits=splits)
-    slot_ranks = pool[2]
-    assert_close(
-        defined(got_buf, slot_ranks, token_slots),
-        defined(want_buf, slot_ranks, token_slots),
-        TOL[torch.float32],
-    )
-    tol = {torch.float32: 1e-5, torch.float16: 2**-10, torch.bfloat16: 2**-7}[dtype]
-    assert_close(got_y, want_y, tol)
-    assert_untouched(got_y, y0, token_slots, slot_ranks, pool[3])
-    # A token's sums are the same whether its run's first token's programs or its own do them.
-    alone_buf, alone_y = run_both(x, y0, pool, token_slots, kernel=True, splits=splits)
-    assert torch.equal(got_y, alone_y)
-    assert torch.equal(
-        defined(got_buf, slot_ranks, token_slots), defined(alone_buf, slot_ranks, token_slots)
-    )
-
-
-def test_runs_must_match_the_tokens():
-    pool = make_pool(WIDTHS[2], dtype=torch.float32)
-    x = random_rows(4, IN_FEATURES, torch.float32, seed=0)
-    buf = poisoned_buf(1, 4)
-    with pytest.raises(ValueError, match="token_runs must be int32"):
-        lora_shrink(x, pool[0], pool[2], slots_of([1] * 4), buf, token_runs=slots_of([4, 0, 0]))

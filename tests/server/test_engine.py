@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 from hotmerge.embedded import byte_level_tokenizer
-from hotmerge.engine.batch import DecodeBuffers, DecodeRow, PrefillChunk
+from hotmerge.engine.batch import DecodeRow, PrefillChunk
 from hotmerge.engine.kv_cache import KVBlockPool
 from hotmerge.engine.lora import AdapterPool
 from hotmerge.engine.models.llama import lora_shapes, module_paths
@@ -210,22 +210,6 @@ def test_slot_write_equals_per_module_write(device, pool_dtype, adapter_dtype):
         assert torch.equal(pools[0].b[group], pools[1].b[group]), group
         assert torch.equal(pools[0].ranks[group], pools[1].ranks[group]), group
     assert pools[1].ranks["qkv"][1] == 6 and pools[1].b["qkv"][:, 1].abs().sum() > 0
-
-
-def test_decode_buffers_hold_the_rows_and_their_lora_runs():
-    """One copy fills every input; consecutive rows on one slot form the LoRA kernels' runs,
-    padding rows have no adapter."""
-    buffers = DecodeBuffers(max_batch=8, max_blocks=3, device=torch.device("cpu"))
-    slots = [-1, 4, 4, 4, 2, 4]
-    rows = [DecodeRow(i, 10 + i, 1 + i, [i + 1, 7], s) for i, s in enumerate(slots)]
-    buffers.fill(rows, padded=8, block_size=4)
-    assert buffers.input_ids.tolist() == [10, 11, 12, 13, 14, 15, 0, 0]
-    assert buffers.positions[:6].tolist() == [1, 2, 3, 4, 5, 6]
-    assert buffers.seq_lens.tolist() == [2, 3, 4, 5, 6, 7, 0, 0]
-    assert buffers.lora_slots.tolist() == [*slots, -1, -1]
-    assert buffers.lora_runs.tolist() == [1, 3, 0, 0, 1, 1, 2, 0]
-    assert buffers.slot_mapping.tolist() == [5, 10, 15, 28, 29, 30, -1, -1]
-    assert buffers.block_tables[:2].tolist() == [[1, 7, 0], [2, 7, 0]]
 
 
 def test_block_pool_reserves_takes_and_returns():

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from hotmerge_kernels.lora_apply import decode_runs
 
 
 @dataclass
@@ -42,14 +41,13 @@ class DecodeBuffers:
     """Inputs of a decode step at fixed addresses, filled with one host-to-device copy.
 
     One int32 block holds them all, on the host (pinned) and on the device: the int64 inputs
-    (token ids, positions, slot mapping), the int32 ones (sequence lengths, adapter slots, the
-    LoRA kernels' runs of rows on one slot), then the block tables; each part is a view, so the
-    captured graphs read fixed addresses.
+    (token ids, positions, slot mapping), the int32 ones (sequence lengths, adapter slots),
+    then the block tables; each part is a view, so the captured graphs read fixed addresses.
     """
 
     def __init__(self, max_batch: int, max_blocks: int, device: torch.device) -> None:
         self.max_batch, self.max_blocks = max_batch, max_blocks
-        words = _aligned(6 * max_batch), _aligned(3 * max_batch)
+        words = _aligned(6 * max_batch), _aligned(2 * max_batch)
         self._header = sum(words)  # int32 words before the block tables
         size = self._header + max_batch * max_blocks
         self._host = torch.zeros(size, dtype=torch.int32, pin_memory=device.type == "cuda")
@@ -57,19 +55,17 @@ class DecodeBuffers:
 
         def views(block: torch.Tensor):
             i64 = block[: 6 * max_batch].view(torch.int64).view(3, max_batch)
-            i32 = block[words[0] : words[0] + 3 * max_batch].view(3, max_batch)
+            i32 = block[words[0] : words[0] + 2 * max_batch].view(2, max_batch)
             return i64, i32, block[self._header :].view(max_batch, max_blocks)
 
         self._i64, self._i32, self._tables = (t.numpy() for t in views(self._host))
         (self.input_ids, self.positions, self.slot_mapping), i32, self.block_tables = views(
             self._device
         )
-        self.seq_lens, self.lora_slots, self.lora_runs = i32
+        self.seq_lens, self.lora_slots = i32
 
     def fill(self, rows: Sequence[DecodeRow], padded: int, block_size: int) -> None:
-        """Rows first, then padding rows (length 0, no adapter, KV written to the null block).
-        Rows that share a slot share its LoRA reads when they are consecutive: order them by
-        slot."""
+        """Rows first, then padding rows (length 0, no adapter, KV written to the null block)."""
         n = len(rows)
         i64, i32, tables = self._i64, self._i32, self._tables
         i64[0, :n] = [r.token_id for r in rows]
@@ -81,7 +77,6 @@ class DecodeBuffers:
         i64[2, n:padded] = -1
         i32[0, n:padded] = 0
         i32[1, n:padded] = -1
-        i32[2, :padded] = decode_runs(i32[1, :padded].tolist())
         tables[:padded] = 0
         for i, row in enumerate(rows):
             tables[i, : len(row.block_table)] = row.block_table

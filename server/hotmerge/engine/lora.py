@@ -210,18 +210,14 @@ class LoraBatch:
 
     ``token_slots`` (T,) int32 on the device, -1 for base-model tokens. On CUDA every group is
     two Triton launches (shrink, expand) into one workspace (``lora_workspace``); decode
-    launches index rows directly (rows that share a slot share its reads through
-    ``token_runs``, see ``decode_runs``), longer forwards read the tokens grouped by slot once
-    per forward (``LoraKernelMeta``). The torch twins (CPU) multiply each slot's tokens by its
+    launches index rows directly, longer forwards read the tokens grouped by slot once per
+    forward (``LoraKernelMeta``). The torch twins (CPU) multiply each slot's tokens by its
     adapter.
     """
 
-    def __init__(
-        self, pool: AdapterPool, token_slots: torch.Tensor, token_runs: torch.Tensor | None = None
-    ) -> None:
+    def __init__(self, pool: AdapterPool, token_slots: torch.Tensor) -> None:
         self.pool = pool
         self.token_slots = token_slots
-        self.token_runs = token_runs
         tokens = token_slots.shape[0]
         self.kernels = ops.triton_enabled(token_slots)
         self.meta = None
@@ -242,4 +238,4 @@ class LoraBatch:
         offsets = self.pool.offsets[group]
         buf = self.buf[: lora_splits(x.shape[1], x.shape[0]), : len(offsets) - 1]
         ranks = self.pool.ranks[group]
-        ops.lora(x, y, a, b, ranks, self.token_slots, offsets, buf, self.meta, self.token_runs)
+        ops.lora(x, y, a, b, ranks, self.token_slots, offsets, buf, self.meta)

@@ -66,11 +66,9 @@ def prefill_attention(
     return fn(*args, sliding_window)
 
 
-def lora(
-    x, y, lora_a, lora_b, slot_ranks, token_slots, slice_offsets, buf, meta=None, token_runs=None
-) -> None:
+def lora(x, y, lora_a, lora_b, slot_ranks, token_slots, slice_offsets, buf, meta=None) -> None:
     """``y[t, slice s] += (x[t]·A[slot_t, s]ᵀ)·B[slot_t, slice s]ᵀ`` (scaling in B); slot -1 adds
-    nothing. ``token_runs``: decode rows that share a slot share its reads (``decode_runs``)."""
+    nothing."""
     lora_apply.lora_apply(
         x,
         y,
@@ -81,6 +79,5 @@ def lora(
         slice_offsets,
         buf,
         meta=meta,
-        token_runs=token_runs,
         use_triton=triton_enabled(x),
     )

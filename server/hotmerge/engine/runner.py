@@ -342,9 +342,7 @@ class LlamaRunner(ModelRunner):
             seq_lens=buf.seq_lens[:size],
             kernel=self.attention,
         )
-        lora = None
-        if with_lora:
-            lora = LoraBatch(self.adapters, buf.lora_slots[:size], buf.lora_runs[:size])
+        lora = LoraBatch(self.adapters, buf.lora_slots[:size]) if with_lora else None
         hidden = self.model(buf.input_ids[:size], attn, self.kv, lora)
         return self.model.logits(hidden)
 

@@ -459,11 +459,7 @@ class Engine:
     def _launch(self, lap: _Lap) -> _Group | None:
         """Queue one decode step for the generating rows, the next prompt chunks and the
         sampling of every row that gets a token; nothing waits for the device here."""
-        # By slot: rows on one adapter sit together and the LoRA kernels read it once for them.
-        decoding = sorted(
-            (r for r in self._running if not r.prefilling and r.ending is None),
-            key=lambda r: r.slot,
-        )
+        decoding = [r for r in self._running if not r.prefilling and r.ending is None]
         chunks, chunk_rows = self._plan_prefill()
         if not decoding and not chunks:
             return None
