@@ -27,7 +27,7 @@ from triton.testing import do_bench
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "kernels"), str(ROOT)]
 
-from hotmerge_kernels import reference, triton_merge, triton_tables, triton_thresholds  # noqa: E402
+from hotmerge_kernels import reference, triton_merge, triton_thresholds  # noqa: E402
 from hotmerge_kernels.layout import FlatAdapter, Segment  # noqa: E402
 from hotmerge_kernels.plan import get_plan  # noqa: E402
 
@@ -71,30 +71,7 @@ def host_ms(fn, reps: int = 50) -> float:
 
 def unfinished(adapters, density, sample) -> int:
     """Tensors the guess and the multi-program passes leave to the in-program finisher."""
-    block = triton_thresholds.THRESHOLD_BLOCK
-    tasks, chunk_task, chunk_start, aligned = triton_thresholds._threshold_table(
-        adapters, density, 15 * block
-    )
-    n = tasks.shape[1]
-    state = torch.empty(4, n, dtype=torch.int32, device="cuda")
-    counts = torch.empty(n, 16, dtype=torch.int32, device="cuda")
-    thr = torch.empty(n, device="cuda")
-    key_bits = 31 if adapters[0].buffer.element_size() == 4 else 15
-    ptrs = triton_tables.address_table([a.buffer for a in adapters], adapters[0].device)
-    ref = adapters[0].buffer
-    triton_thresholds._threshold_guess_kernel[(n,)](
-        tasks, n, state, counts, thr, ptrs, ref, KEY_BITS=key_bits, SAMPLE=sample,
-        RUN=triton_thresholds.THRESHOLD_RUN, ALIGNED=aligned, num_warps=4,
-    )  # fmt: skip
-    for _ in range(triton_thresholds.THRESHOLD_PASSES[key_bits]):
-        triton_thresholds._threshold_count_kernel[(len(chunk_task),)](
-            tasks, n, chunk_task, chunk_start, state, counts, ptrs, ref, KEY_BITS=key_bits,
-            BLOCK=block, ALIGNED=aligned, num_warps=triton_thresholds.THRESHOLD_WARPS,
-        )  # fmt: skip
-        triton_thresholds._threshold_narrow_kernel[(n,)](
-            tasks, n, state, counts, thr, ptrs, ref, KEY_BITS=key_bits, BLOCK=block,
-            FINISH=False, ALIGNED=aligned, num_warps=4,
-        )  # fmt: skip
+    _, state = triton_thresholds.select(adapters, density, sample=sample, finish=False)
     return int((state[0] < state[1]).sum())
 
 

@@ -8,7 +8,6 @@ lacks the module, which the engines read as an all-zero tensor.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -48,7 +47,8 @@ class MergePlan:
         if self._template is None:
             empty = torch.empty(0, dtype=buffer.dtype, device=buffer.device)
             self._template = FlatAdapter(empty, self.segments, rank=self.rank, scaling=1.0)
-        merged = copy.copy(self._template)
+        merged = object.__new__(FlatAdapter)  # copy.copy costs ~4x more (__reduce_ex__)
+        merged.__dict__.update(self._template.__dict__)
         merged.buffer = buffer
         merged.cache = {}
         return merged

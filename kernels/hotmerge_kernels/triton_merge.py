@@ -9,6 +9,8 @@
 - ``_pair_stats_kernel``: per tensor dot products of two inputs, for slerp.
 
 Inputs are passed as a table of buffer addresses, so one launch covers all adapters however many.
+``elementwise_merge`` keeps each launch (arguments and device table) by what fixes it, so a
+repeated merge skips rebuilding them.
 """
 
 from __future__ import annotations
@@ -229,23 +231,47 @@ def elementwise_merge(
     """See ``reference.elementwise_merge``."""
     if mode == MODE_DARE and block % DARE_DRAWS:
         raise ValueError(f"DARE: block must be a multiple of {DARE_DRAWS}, got {block}")
-    chunk_seg, chunk_start = plan.chunks(block)
-    if len(chunk_seg) == 0:
-        return
     n = len(buffers)
     tables = tuple(t.data_ptr() for t in buffers)
     tables += tuple(t.data_ptr() for t in thresholds) if mode == MODE_TRIM else (0,) * n
-    if weights.device.type == "cpu":  # ride along in the same table, kept on the device
+    # Host weights are keyed by value (they ride in the launch's device table), device ones
+    # by the tensor (the kernel reads them at launch).
+    w_key = tuple(weights.flatten().tolist()) if weights.device.type == "cpu" else weights
+    # A launch is fixed by this key: a repeated merge looks it up instead of rebuilding its
+    # arguments and tables; new weights or buffers build a new one (one table upload).
+    key = (
+        plan, tables, w_key, out.data_ptr() % 16, per_segment, mode, elect, float(density),
+        seed, block, num_warps,
+    )  # fmt: skip
+    launch = lru_get(
+        _merge_launches,
+        key,
+        lambda: _merge_launch(
+            out, plan, tables, weights, per_segment, mode, elect, density, seed, block, num_warps
+        ),  # fmt: skip
+        TABLE_CACHE_SIZE,
+    )
+    if launch is not None:
+        grid, args, consts = launch
+        _merge_kernel[grid](out, *args, **consts)
+
+
+def _merge_launch(
+    out, plan, tables, weights, per_segment, mode, elect, density, seed, block, num_warps
+):  # fmt: skip
+    """(grid, arguments after the output, constexprs) of one merge launch; None: nothing to do.
+    The address table (and host weights) ride in one int64 table kept on the device: it holds
+    only values in the launch's key, so reusing it is exact whatever the tensors are now."""
+    chunk_seg, chunk_start = plan.chunks(block)
+    if len(chunk_seg) == 0:
+        return None
+    n = len(tables) // 2
+    if weights.device.type == "cpu":
         flat = weights.flatten()
-
-        def pack() -> torch.Tensor:
-            packed = torch.empty(2 * n + (flat.numel() + 1) // 2, dtype=torch.int64)
-            packed[: 2 * n] = torch.tensor(tables)
-            packed[2 * n :].view(torch.float32)[: flat.numel()] = flat
-            return to_device(packed, out.device)
-
-        key = (tables, tuple(flat.tolist()))
-        packed = lru_get(_merge_tables, key, pack, TABLE_CACHE_SIZE)
+        packed = torch.empty(2 * n + (flat.numel() + 1) // 2, dtype=torch.int64)
+        packed[: 2 * n] = torch.tensor(tables)
+        packed[2 * n :].view(torch.float32)[: flat.numel()] = flat
+        packed = to_device(packed, out.device)
         weights = packed[2 * n :].view(torch.float32)
     else:
         packed = to_device(torch.tensor(tables), out.device)
@@ -255,18 +281,20 @@ def elementwise_merge(
     # DARE divides the survivors by density; at density 0 none survives (no draw is below 0), so
     # divide by 1 there rather than compute x / 0 for the dropped ones.
     divisor = float(density) if density > 0 else 1.0
-    _merge_kernel[(len(chunk_seg),)](
-        out, x_ptrs, thr_ptrs, weights, chunk_seg, chunk_start, plan.seg_out_off, plan.seg_numel,
+    args = (
+        x_ptrs, thr_ptrs, weights, chunk_seg, chunk_start, plan.seg_out_off, plan.seg_numel,
         plan.seg_is_b, plan.in_off, plan.in_seg, dare_threshold(density), divisor,
-        seed & 0xFFFFFFFF, seed >> 32 & 0xFFFFFFFF, N=len(buffers),
-        PER_SEGMENT=per_segment, MODE=mode, ELECT=elect, BLOCK=block, ALIGNED=aligned,
+        seed & 0xFFFFFFFF, seed >> 32 & 0xFFFFFFFF,
+    )  # fmt: skip
+    consts = dict(
+        N=n, PER_SEGMENT=per_segment, MODE=mode, ELECT=elect, BLOCK=block, ALIGNED=aligned,
         num_warps=num_warps,
     )  # fmt: skip
+    return (len(chunk_seg),), args, consts
 
 
-# Device copies of the (addresses, weights) table of elementwise_merge, by content: a table
-# holds only the values it is keyed on, so reusing one is exact whatever the tensors are now.
-_merge_tables: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+# Launches of elementwise_merge (with their device tables), by what fixes them.
+_merge_launches: OrderedDict[tuple, tuple | None] = OrderedDict()
 
 
 @triton.jit

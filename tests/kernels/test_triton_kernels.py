@@ -264,6 +264,25 @@ def test_threshold_kernel_on_ties_and_tiny_tensors(dtype):
         _segment_thresholds_equal_reference(ads, density)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_threshold_counters_at_their_bounds(dtype):
+    # Most elements share one magnitude, so one bin takes every element of a slot (its four-bit
+    # counter reaches 15) and of a program (15·BLOCK keys in one 16-bit field; at the largest
+    # BLOCK, 61440 of 65535). Three chunks, the last partial, meet at the tensor's ticket.
+    from hotmerge_kernels.triton_thresholds import MAX_BLOCK
+
+    gen = torch.Generator().manual_seed(11)
+    n = 2 * 15 * MAX_BLOCK + 1000
+    level = float(torch.rand(1, generator=gen)) + 0.5
+    x = torch.where(torch.rand(n, generator=gen) < 0.97, level, torch.randn(n, generator=gen))
+    x = x * (torch.randint(0, 2, (n,), generator=gen) * 2 - 1)
+    ads = [_tensor_adapter(x.to(dtype)), _tensor_adapter(torch.randn(n, generator=gen).to(dtype))]
+    for density in (0.02, 0.5, 0.99):
+        _segment_thresholds_equal_reference(ads, density, block=MAX_BLOCK, num_warps=4)
+    with pytest.raises(AssertionError):  # a larger block could overflow a 16-bit field
+        _segment_thresholds_equal_reference(ads, 0.5, block=2 * MAX_BLOCK)
+
+
 def test_merge_kernel_with_16_element_alignment_equals_reference():
     # Shapes in multiples of 16 take the kernels' 16-byte access path, absent inputs included.
     modules = {
