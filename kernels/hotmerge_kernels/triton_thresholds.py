@@ -290,7 +290,6 @@ class _Launch:
         start = (torch.arange(len(task)) - first[task]) * chunk
         self.n_tasks = len(segments)
         self.n_chunks = len(task)
-        self.sizes = [len(a.segments) for a in adapters]
         self.aligned = bool((tasks[:, 1:3] % 16 == 0).all())
         self.tasks = to_device(tasks.T.contiguous(), device)
         self.chunk_task = to_device(task.to(torch.int32), device)
@@ -323,7 +322,7 @@ def segment_thresholds(
     guess holds; float32, whose keys are 2^16 times finer, a few more.
     """
     thr, _ = select(adapters, density, block, num_warps, sample)
-    return list(thr.split(_launch_table(adapters, density, 15 * block).sizes))
+    return list(thr.split([len(a.segments) for a in adapters]))
 
 
 def select(
