@@ -38,7 +38,7 @@ from hotmerge.engine.runner import EngineLimits, build_runner
 from hotmerge.engine.sampling import RowSampling
 from hotmerge.generation import SamplingParams
 from hotmerge_kernels.layout import FlatAdapter
-from hotmerge_kernels.lora_apply import LoraKernelMeta, lora_expand, lora_shrink, lora_workspace
+from hotmerge_kernels.ops.lora import LoraKernelMeta, lora_expand, lora_shrink, lora_workspace
 from lora_kernels import bench, bytes_moved
 
 SHAPES = {

@@ -28,7 +28,7 @@ from triton.testing import do_bench
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "kernels"), str(ROOT)]
 
-from hotmerge_kernels import fused_ops  # noqa: E402
+from hotmerge_kernels.ops import fused as fused_ops  # noqa: E402
 
 from tests.kernels.decode_inputs import SEVEN_B, DecodeInputs, decode_inputs  # noqa: E402
 

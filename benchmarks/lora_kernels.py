@@ -36,7 +36,7 @@ from triton.testing import do_bench
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "kernels"), str(ROOT)]
 
-from hotmerge_kernels import lora_apply as la  # noqa: E402
+from hotmerge_kernels.ops import lora as la  # noqa: E402
 
 HIDDEN, INTERMEDIATE, KV = 4096, 14336, 1024
 GROUPS = {  # projection group: (in_features, slice widths)

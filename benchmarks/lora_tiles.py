@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 import triton
-from hotmerge_kernels import lora_apply as la
+from hotmerge_kernels.ops import lora as la
 from lora_kernels import GROUPS, bench, bytes_moved, copy_bandwidth, token_slots
 
 MIXES = [(1, "distinct"), (32, "distinct"), (32, "shared")]

@@ -33,10 +33,15 @@ from triton.testing import do_bench
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "kernels"), str(ROOT)]
 
-from hotmerge_kernels import delta_merge, reference, triton_merge  # noqa: E402
-from hotmerge_kernels.merge import merge_adapters, trim_thresholds  # noqa: E402
-from hotmerge_kernels.params import MergeParams, SignMethod, Strategy  # noqa: E402
-from hotmerge_kernels.plan import get_plan  # noqa: E402
+from hotmerge_kernels.merge import delta as delta_merge  # noqa: E402
+from hotmerge_kernels.merge import (  # noqa: E402
+    merge_adapters,
+    reference,
+    trim_thresholds,
+    triton_merge,
+)
+from hotmerge_kernels.merge.params import MergeParams, SignMethod, Strategy  # noqa: E402
+from hotmerge_kernels.merge.plan import get_plan  # noqa: E402
 
 from tests.kernels.random_adapters import mistral_adapter  # noqa: E402
 

@@ -30,7 +30,7 @@ from triton.testing import do_bench
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "kernels")]
 
-from hotmerge_kernels import paged_attention as pa  # noqa: E402
+from hotmerge_kernels.ops import paged_attention as pa  # noqa: E402
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK_SIZE, DTYPE = 32, 8, 128, 16, torch.bfloat16
 TUNE_SHAPES = [(32, 2048), (1, 8192), (64, 8192), (16, 512)]  # (batch, context)

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from hotmerge.api.grpc_service import parse_spec_cached
 from hotmerge.client import HotmergeClient
 from hotmerge.config import ServerConfig
 from hotmerge.embedded import (
@@ -48,7 +49,6 @@ from hotmerge.embedded import (
 )
 from hotmerge.embedded import write_peft_adapter as write_adapter
 from hotmerge.server import start_server
-from hotmerge.service import parse_spec_cached
 from hotmerge.v1 import hotmerge_pb2 as pb
 
 SHAPES = {

@@ -27,9 +27,10 @@ from triton.testing import do_bench
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "kernels"), str(ROOT)]
 
-from hotmerge_kernels import reference, triton_merge, triton_thresholds  # noqa: E402
 from hotmerge_kernels.layout import FlatAdapter, Segment  # noqa: E402
-from hotmerge_kernels.plan import get_plan  # noqa: E402
+from hotmerge_kernels.merge import reference, triton_merge  # noqa: E402
+from hotmerge_kernels.merge import thresholds as triton_thresholds  # noqa: E402
+from hotmerge_kernels.merge.plan import get_plan  # noqa: E402
 
 from tests.kernels.random_adapters import mistral_adapter  # noqa: E402
 

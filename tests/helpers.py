@@ -107,7 +107,7 @@ def make_engine(
 ):
     """A started Engine over ``model_dir`` with adapters under ``adapter_root``; ``limits``
     go to the runner's EngineLimits, ``kwargs`` to Engine. Stop it with ``engine.stop()``."""
-    from hotmerge.adapters import AdapterStore
+    from hotmerge.adapters.store import AdapterStore
     from hotmerge.engine import Engine, EngineLimits, load_runner
 
     limits = EngineLimits(max_batch_size=kwargs.get("max_batch_size", 8), **(limits or {}))
@@ -165,7 +165,7 @@ def philox_pruning(model, adapter_names: Sequence[str], seed: int):
     draws hotmerge's Philox stream, so PEFT's dare_*_svd can be compared exactly: each ΔW it
     prunes is found among the adapters' ΔWs (``model``: a PeftModel holding them), which names
     its (module index in its adapter, adapter position in the merge)."""
-    from hotmerge_kernels.reference import dare_keep
+    from hotmerge_kernels.merge.reference import dare_keep
 
     known = []
     for position, name in enumerate(adapter_names):

@@ -26,13 +26,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import grpc
-from hotmerge_kernels.params import Strategy
+from hotmerge_kernels.merge.params import Strategy
 
 from hotmerge import __version__
 from hotmerge.client import DEFAULT_TARGET, HotmergeClient, merge_request
 from hotmerge.config import DATA_DIR_ENV, ServerConfig
 from hotmerge.errors import HotmergeError
-from hotmerge.merge_spec import is_identity, parse_merge_spec
+from hotmerge.merging.spec import is_identity, parse_merge_spec
 from hotmerge.v1 import hotmerge_pb2 as pb
 
 TARGET_ENV = "HOTMERGE_TARGET"
@@ -242,8 +242,8 @@ def _spec_text(spec: pb.MergedAdapters) -> str:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from hotmerge.export import export_merge
-    from hotmerge.merge_spec import parse_merge_spec
+    from hotmerge.merging.export import export_merge
+    from hotmerge.merging.spec import parse_merge_spec
 
     args.merge = args.ids
     root = args.adapter_root or os.environ.get(ADAPTER_ROOT_ENV) or "."

@@ -130,14 +130,14 @@ def _spec_message(spec: pb.MergedAdapters | Mapping[str, Any]) -> pb.MergedAdapt
     """A mapping takes the message's field names; strategy names in any case ("ties")."""
     if not isinstance(spec, Mapping):
         return spec
-    from hotmerge.merge_spec import merged_adapters_from_dict
+    from hotmerge.merging.spec import merged_adapters_from_dict
 
     return merged_adapters_from_dict(spec)
 
 
 def spec_metadata(spec: pb.MergedAdapters) -> tuple[tuple[str, str], ...]:
     """gRPC metadata for a merge spec: its affinity key, for a balancer to hash on."""
-    from hotmerge.merge_spec import affinity_key  # only requests with a spec need it
+    from hotmerge.merging.spec import affinity_key  # only requests with a spec need it
 
     try:
         return ((MERGE_KEY_HEADER, affinity_key(spec)),)

@@ -23,19 +23,19 @@ import grpc
 from grpc_health.v1 import health, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
-from hotmerge.adapters import AdapterStore
+from hotmerge.adapters.store import AdapterStore
 from hotmerge.api.core import RequestPath
+from hotmerge.api.grpc_service import HotmergeService
+from hotmerge.api.grpc_wire import DecodeErrorInterceptor
 from hotmerge.api.http_app import HttpServer, create_app
 from hotmerge.config import ServerConfig
 from hotmerge.engine import Engine, EngineLimits, load_runner
 from hotmerge.lifecycle import Lifecycle
-from hotmerge.merge_cache import MergeCache
-from hotmerge.merging import Merger
+from hotmerge.merging.cache import MergeCache
+from hotmerge.merging.merger import Merger
+from hotmerge.merging.named import NamedMerges
 from hotmerge.metrics import Metrics
-from hotmerge.named_merges import NamedMerges
-from hotmerge.service import HotmergeService
 from hotmerge.v1 import hotmerge_pb2, hotmerge_pb2_grpc
-from hotmerge.wire import DecodeErrorInterceptor
 
 log = logging.getLogger(__name__)
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hotmerge_kernels import reference
 from hotmerge_kernels.layout import FlatAdapter, Segment
-from hotmerge_kernels.plan import get_plan
+from hotmerge_kernels.merge import reference
+from hotmerge_kernels.merge.plan import get_plan
 
 from tests.kernels.random_adapters import needs_triton
 
@@ -125,7 +125,7 @@ SHAPES = {
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
 def test_draw_to_element_mapping(backend):
-    from hotmerge_kernels import merge
+    from hotmerge_kernels.merge import contract as merge
 
     engine = merge._engine(backend)
     items = list(SHAPES.items())
@@ -147,7 +147,7 @@ def test_draw_to_element_mapping(backend):
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
 def test_kept_fraction_over_a_large_tensor(backend):
-    from hotmerge_kernels import merge
+    from hotmerge_kernels.merge import contract as merge
 
     engine = merge._engine(backend)
     n = 1 << 19

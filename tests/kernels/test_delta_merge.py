@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hotmerge_kernels import delta_merge
-from hotmerge_kernels.delta_merge import low_rank
+from hotmerge_kernels.merge import delta as delta_merge
 from hotmerge_kernels.merge import merge_adapters
-from hotmerge_kernels.params import MergeParams, SignMethod, Strategy
+from hotmerge_kernels.merge.delta import low_rank
+from hotmerge_kernels.merge.params import MergeParams, SignMethod, Strategy
 from peft import LoraConfig, get_peft_model
 from peft.utils import merge_utils
 from transformers import LlamaConfig, LlamaForCausalLM

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 import triton.language as tl
-from hotmerge_kernels import fused_ops
-from hotmerge_kernels.fused_ops import (
+from hotmerge_kernels.ops import fused as fused_ops
+from hotmerge_kernels.ops.fused import (
     rms_norm,
     rms_norm_torch,
     rotary_and_cache,

@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hotmerge_kernels import delta_merge
+from hotmerge_kernels.merge import delta as delta_merge
 from hotmerge_kernels.merge import merge_adapters
-from hotmerge_kernels.params import MergeParams, SignMethod, Strategy
+from hotmerge_kernels.merge.params import MergeParams, SignMethod, Strategy
 
 from tests.kernels.random_adapters import make_adapter, needs_triton
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hotmerge_kernels.fused_ops import (
+from hotmerge_kernels.ops.fused import (
     rms_norm,
     rms_norm_torch,
     rotary_and_cache,

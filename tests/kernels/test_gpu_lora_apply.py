@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hotmerge_kernels.lora_apply import (
+from hotmerge_kernels.ops.lora import (
     LoraKernelMeta,
     lora_expand,
     lora_expand_torch,
@@ -15,7 +15,7 @@ from hotmerge_kernels.lora_apply import (
     lora_splits,
     lora_workspace,
 )
-from hotmerge_kernels.pdl import launch_options
+from hotmerge_kernels.ops.pdl import launch_options
 
 from tests.kernels.test_lora_apply import assert_close, defined
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from hotmerge_kernels.merge import merge_adapters, trim_thresholds
-from hotmerge_kernels.params import MergeParams, SignMethod, Strategy
+from hotmerge_kernels.merge.params import MergeParams, SignMethod, Strategy
 
 from tests.kernels.random_adapters import mistral_adapter
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hotmerge_kernels import lora_apply as la
-from hotmerge_kernels.lora_apply import (
+from hotmerge_kernels.ops import lora as la
+from hotmerge_kernels.ops.lora import (
     LoraKernelMeta,
     lora_apply,
     lora_expand,

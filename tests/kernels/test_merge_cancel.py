@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hotmerge_kernels import reference
-from hotmerge_kernels.merge import MergeCancelled, merge_adapters
-from hotmerge_kernels.params import MergeParams, Strategy
+from hotmerge_kernels.merge import MergeCancelled, merge_adapters, reference
+from hotmerge_kernels.merge.params import MergeParams, Strategy
 
 from tests.kernels.random_adapters import SMALL_MODULES, make_adapter
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from hotmerge_kernels.layout import FlatAdapter
 from hotmerge_kernels.merge import merge_adapters
-from hotmerge_kernels.params import MergeParams, SignMethod, Strategy
+from hotmerge_kernels.merge.params import MergeParams, SignMethod, Strategy
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from hotmerge_kernels.layout import FlatAdapter
 from hotmerge_kernels.merge import merge_adapters, trim_thresholds
-from hotmerge_kernels.params import MergeParams, SignMethod, Strategy
+from hotmerge_kernels.merge.params import MergeParams, SignMethod, Strategy
 from peft.utils import merge_utils
 
 from tests.kernels.random_adapters import SMALL_MODULES, make_adapter

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from hotmerge_kernels.paged_attention import (
+from hotmerge_kernels.ops.paged_attention import (
     PagedAttention,
     paged_decode_attention,
     paged_decode_attention_torch,

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from hotmerge_kernels.prefill_attention import (
+from hotmerge_kernels.ops.prefill_attention import (
     BLOCK_M,
     paged_prefill_attention,
     paged_prefill_attention_torch,

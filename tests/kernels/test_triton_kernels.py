@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hotmerge_kernels import merge as merge_module
-from hotmerge_kernels import reference
 from hotmerge_kernels.layout import FlatAdapter, Segment
-from hotmerge_kernels.merge import merge_adapters, trim_thresholds
-from hotmerge_kernels.params import MergeParams, SignMethod, Strategy
-from hotmerge_kernels.plan import get_plan
+from hotmerge_kernels.merge import contract as merge_module
+from hotmerge_kernels.merge import merge_adapters, reference, trim_thresholds
+from hotmerge_kernels.merge.params import MergeParams, SignMethod, Strategy
+from hotmerge_kernels.merge.plan import get_plan
 
 from tests.kernels.random_adapters import make_adapter, needs_triton
 
@@ -151,7 +150,7 @@ def test_threshold_kernel_equals_reference(dtype, density):
 
 
 def _dare(ads, density, seed, block=None, backend="triton"):
-    from hotmerge_kernels import triton_merge
+    from hotmerge_kernels.merge import triton_merge
 
     engine = triton_merge if backend == "triton" else reference
     plan = get_plan(ads, cat=False)
@@ -202,7 +201,7 @@ def _local(plan):
 
 
 def _segment_thresholds_equal_reference(ads, density, **launch):
-    from hotmerge_kernels import triton_merge
+    from hotmerge_kernels.merge import triton_merge
 
     want = reference.segment_thresholds(ads, density)
     got = triton_merge.segment_thresholds(ads, density, **launch)
@@ -269,7 +268,7 @@ def test_threshold_counters_at_their_bounds(dtype):
     # Most elements share one magnitude, so one bin takes every element of a slot (its four-bit
     # counter reaches 15) and of a program (15·BLOCK keys in one 16-bit field; at the largest
     # BLOCK, 61440 of 65535). Three chunks, the last partial, meet at the tensor's ticket.
-    from hotmerge_kernels.triton_thresholds import MAX_BLOCK
+    from hotmerge_kernels.merge.thresholds import MAX_BLOCK
 
     gen = torch.Generator().manual_seed(11)
     n = 2 * 15 * MAX_BLOCK + 1000

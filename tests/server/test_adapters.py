@@ -11,7 +11,7 @@ import time
 
 import pytest
 import torch
-from hotmerge.adapters import AdapterStore
+from hotmerge.adapters.store import AdapterStore
 from hotmerge.embedded import linear_shapes
 from hotmerge.errors import InvalidArgument, NotFound, ResourceExhausted
 from safetensors.torch import load_file

@@ -8,7 +8,7 @@ import torch
 from hotmerge.engine.batch import DecodeRow, PrefillChunk
 from hotmerge.generation import GenerationRequest, SamplingParams
 from hotmerge_kernels.merge import merge_adapters
-from hotmerge_kernels.params import MergeParams, Strategy
+from hotmerge_kernels.merge.params import MergeParams, Strategy
 
 from tests.helpers import make_engine
 from tests.server.test_engine import hf_model, runner_for

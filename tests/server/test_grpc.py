@@ -15,12 +15,12 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
 from hotmerge import __version__
+from hotmerge.api.grpc_service import generation_request
 from hotmerge.client import AsyncHotmergeClient, HotmergeClient, generate_request, request_metadata
 from hotmerge.config import ServerConfig
 from hotmerge.errors import InvalidArgument
-from hotmerge.merge_spec import affinity_key
+from hotmerge.merging.spec import affinity_key
 from hotmerge.server import SERVICE_NAME, open_port, start_server
-from hotmerge.service import generation_request
 from hotmerge.v1 import hotmerge_pb2 as pb
 from hotmerge.v1 import hotmerge_pb2_grpc as pb_grpc
 

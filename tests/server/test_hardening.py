@@ -234,7 +234,7 @@ def test_hostile_adapter_is_invalid_argument_everywhere(client, name):
 
 
 def test_listing_reads_headers_only(server, client, monkeypatch):
-    from hotmerge import adapter_files
+    from hotmerge.adapters import files as adapter_files
 
     monkeypatch.setattr(adapter_files, "read_tensors", lambda *a: pytest.fail("read weights"))
     listed = {a.id: a for a in client.list_adapters()}
@@ -242,7 +242,7 @@ def test_listing_reads_headers_only(server, client, monkeypatch):
 
 
 def test_adapter_over_the_budget_is_refused_before_reading(server, client, monkeypatch, tmp_path):
-    from hotmerge import adapter_files
+    from hotmerge.adapters import files as adapter_files
 
     root = server.config.adapter_root
     big = root / "too-big"
@@ -416,8 +416,8 @@ def requests_total(server, method: str, code: str) -> float:
 @pytest.fixture
 def slow_merges(monkeypatch):
     """Merges of many slow chunks, polling the real cancel callback between them."""
-    from hotmerge import merging
-    from hotmerge_kernels import reference
+    from hotmerge.merging import merger as merging
+    from hotmerge_kernels.merge import reference
 
     monkeypatch.setitem(reference._CHUNK, "cpu", 64)
     real = merging.merge_adapters

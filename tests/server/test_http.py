@@ -472,7 +472,7 @@ def test_grpc_reflection_v1_beside_v1alpha(server):
 
 def test_merges_file_errors_name_the_entry(tmp_path):
     from hotmerge.errors import InvalidArgument
-    from hotmerge.named_merges import NamedMerges
+    from hotmerge.merging.named import NamedMerges
 
     named = NamedMerges(lambda name: name == "ad-a")
     bad = tmp_path / "merges.json"

@@ -5,7 +5,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 from hotmerge.errors import InvalidArgument, ResourceExhausted
-from hotmerge.merge_cache import MergeCache, split_budget
+from hotmerge.merging.cache import MergeCache, split_budget
 from hotmerge_kernels.layout import FlatAdapter
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from hotmerge.client import HotmergeClient
 from hotmerge.config import ServerConfig
-from hotmerge.merge_spec import affinity_key
+from hotmerge.merging.spec import affinity_key
 from hotmerge.server import start_server
 
 from tests.helpers import make_peft_adapter, peft_greedy, tiny_llama, tiny_server_config

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 from hotmerge.errors import InvalidArgument
-from hotmerge.merge_spec import (
+from hotmerge.merging.spec import (
     MergeSpec,
     affinity_key,
     canonical_spec,
@@ -14,7 +14,7 @@ from hotmerge.merge_spec import (
     parse_merge_spec,
 )
 from hotmerge.v1 import hotmerge_pb2 as pb
-from hotmerge_kernels.params import MergeParams, SignMethod, Strategy
+from hotmerge_kernels.merge.params import MergeParams, SignMethod, Strategy
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -156,7 +156,7 @@ def test_keys_are_pinned():
 
 def test_keys_are_the_same_in_another_process():
     code = (
-        "from hotmerge.merge_spec import parse_merge_spec, merge_key, affinity_key\n"
+        "from hotmerge.merging.spec import parse_merge_spec, merge_key, affinity_key\n"
         "from hotmerge.v1 import hotmerge_pb2 as pb\n"
         "m = pb.MergedAdapters(ids=['a', 'b'], weights=[0.7, 0.3], merge_strategy=pb.TIES,"
         " density=0.5, seed=3)\n"

@@ -9,8 +9,8 @@ import grpc
 import pytest
 import torch
 from hotmerge.cli import main as cli_main
-from hotmerge.export import SPEC_FILE, export_merge
-from hotmerge.merge_spec import parse_merge_spec
+from hotmerge.merging.export import SPEC_FILE, export_merge
+from hotmerge.merging.spec import parse_merge_spec
 from hotmerge.v1 import hotmerge_pb2 as pb
 from peft.utils import merge_utils
 

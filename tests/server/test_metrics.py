@@ -1,7 +1,7 @@
 import grpc
 import pytest
 import torch
-from hotmerge.merge_cache import MergeCache
+from hotmerge.merging.cache import MergeCache
 from hotmerge.metrics import MERGE_BUCKETS, Metrics
 from hotmerge_kernels.layout import FlatAdapter
 from prometheus_client.parser import text_string_to_metric_families

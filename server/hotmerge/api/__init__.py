@@ -1,2 +1,2 @@
-"""The wire formats: LoRAX REST and OpenAI over HTTP (``http_app``), translated by ``lorax`` and
-``openai``; all of them, and the gRPC servicer (``hotmerge.service``), call ``core``."""
+"""The fronts: gRPC (``grpc_service``, ``grpc_wire``), LoRAX REST and OpenAI over HTTP
+(``http_app``, translated by ``lorax`` and ``openai``); all of them call ``core``."""

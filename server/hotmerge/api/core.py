@@ -21,10 +21,10 @@ from dataclasses import dataclass
 from hotmerge.engine import AdapterLease, Engine, GenerationHandle, validate_params
 from hotmerge.errors import InvalidArgument, Unavailable
 from hotmerge.generation import GenerationRequest, GenerationResult, SamplingParams
-from hotmerge.merge_spec import MergeSpec, parse_merge_spec
-from hotmerge.merging import MergeOutcome, Merger
+from hotmerge.merging.merger import MergeOutcome, Merger
+from hotmerge.merging.named import NamedMerge, NamedMerges
+from hotmerge.merging.spec import MergeSpec, parse_merge_spec
 from hotmerge.metrics import Metrics
-from hotmerge.named_merges import NamedMerge, NamedMerges
 from hotmerge.v1 import hotmerge_pb2 as pb
 
 log = logging.getLogger(__name__)

@@ -42,8 +42,8 @@ from hotmerge.api import lorax, openai
 from hotmerge.api.core import RequestPath, Submission, new_request_id
 from hotmerge.errors import HotmergeError, InvalidArgument
 from hotmerge.lifecycle import Lifecycle
-from hotmerge.merge_spec import merged_adapters_from_dict
-from hotmerge.merging import MergeOutcome
+from hotmerge.merging.merger import MergeOutcome
+from hotmerge.merging.spec import merged_adapters_from_dict
 from hotmerge.metrics import Metrics
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict
 from hotmerge.api.core import RequestPath, Submission, finite_or_none, generation_request
 from hotmerge.errors import InvalidArgument
 from hotmerge.generation import FinishReason, GenerationRequest, GenerationResult, TokenEvent
-from hotmerge.merge_spec import merged_adapters_from_dict
+from hotmerge.merging.spec import merged_adapters_from_dict
 from hotmerge.v1 import hotmerge_pb2 as pb
 
 FINISH_REASONS = {

@@ -24,7 +24,7 @@ from contextlib import contextmanager
 
 import torch
 from hotmerge_kernels.layout import FlatAdapter
-from hotmerge_kernels.lora_apply import (
+from hotmerge_kernels.ops.lora import (
     DECODE_MAX_TOKENS,
     LoraKernelMeta,
     lora_splits,

@@ -11,8 +11,10 @@ from __future__ import annotations
 import os
 
 import torch
-from hotmerge_kernels import fused_ops, lora_apply, paged_attention
-from hotmerge_kernels import prefill_attention as prefill_kernels
+from hotmerge_kernels.ops import fused as fused_ops
+from hotmerge_kernels.ops import lora as lora_apply
+from hotmerge_kernels.ops import paged_attention
+from hotmerge_kernels.ops import prefill_attention as prefill_kernels
 
 use_triton = os.environ.get("HOTMERGE_TRITON", "1") != "0"
 

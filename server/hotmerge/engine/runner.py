@@ -304,7 +304,7 @@ class LlamaRunner(ModelRunner):
         self._prefill_graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, tuple]] = {}
         self.attention = None  # the paged decode attention kernel, with its workspace (CUDA)
         if self.device.type == "cuda":
-            from hotmerge_kernels.paged_attention import PagedAttention
+            from hotmerge_kernels.ops.paged_attention import PagedAttention
 
             self.attention = PagedAttention(
                 limits.max_batch_size,

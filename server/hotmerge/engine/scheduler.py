@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from hotmerge_kernels.layout import FlatAdapter
 
 from hotmerge import limits
-from hotmerge.adapters import AdapterStore
+from hotmerge.adapters.store import AdapterStore
 from hotmerge.engine.batch import DecodeRow, PrefillChunk
 from hotmerge.engine.detok import TextStream, text_decoder
 from hotmerge.engine.kv_cache import KVBlockPool, blocks_for

@@ -18,10 +18,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .layout import FlatAdapter
-from .plan import layout_signature, lru_get
-from .reference import trim_k
-from .triton_tables import address_table, load_input, to_device
+from hotmerge_kernels.layout import FlatAdapter
+from hotmerge_kernels.merge.plan import layout_signature, lru_get
+from hotmerge_kernels.merge.reference import trim_k
+from hotmerge_kernels.merge.tables import address_table, load_input, to_device
 
 # Threshold select: elements a count program reads per iteration (it reads 15), warps, sample
 # size of the guess and its runs, passes by key bits (16-bit keys: the guessed bins, then their

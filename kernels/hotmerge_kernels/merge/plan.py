@@ -16,7 +16,7 @@ from typing import TypeVar
 
 import torch
 
-from .layout import FlatAdapter, Segment
+from hotmerge_kernels.layout import FlatAdapter, Segment
 
 T = TypeVar("T")
 _PLAN_CACHE_SIZE = 32

@@ -45,7 +45,7 @@ from typing import NamedTuple
 
 from hotmerge_kernels.layout import FlatAdapter
 
-from hotmerge.pinned_lru import PinnedLRU
+from hotmerge.adapters.pinned_lru import PinnedLRU
 
 log = logging.getLogger(__name__)
 

@@ -20,21 +20,21 @@ from dataclasses import asdict
 
 import grpc
 import numpy as np
-from hotmerge_kernels.params import Strategy
+from hotmerge_kernels.merge.params import Strategy
 
 from hotmerge import __version__
-from hotmerge.adapter_files import short
-from hotmerge.adapters import AdapterInfo
+from hotmerge.adapters.files import short
+from hotmerge.adapters.store import AdapterInfo
 from hotmerge.api import core
 from hotmerge.api.core import RequestPath, Submission
 from hotmerge.engine import Engine
 from hotmerge.errors import Cancelled, DeadlineExceeded, HotmergeError, InvalidArgument
 from hotmerge.generation import FinishReason, GenerationRequest, GenerationResult, TokenEvent
-from hotmerge.merge_cache import MergeEntry
-from hotmerge.merge_spec import MergeSpec
-from hotmerge.merging import MergeOutcome, Merger
+from hotmerge.merging.cache import MergeEntry
+from hotmerge.merging.merger import MergeOutcome, Merger
+from hotmerge.merging.named import NamedMerge, NamedMerges
+from hotmerge.merging.spec import MergeSpec
 from hotmerge.metrics import Metrics
-from hotmerge.named_merges import NamedMerge, NamedMerges
 from hotmerge.v1 import hotmerge_pb2 as pb
 from hotmerge.v1 import hotmerge_pb2_grpc as pb_grpc
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from hotmerge_kernels.layout import FlatAdapter
 
-from hotmerge.adapter_files import (
+from hotmerge.adapters.files import (
     CONFIG_FILE,
     WEIGHTS_FILE,
     LoraConfig,
@@ -37,8 +37,8 @@ from hotmerge.adapter_files import (
     read_tensors,
     short,
 )
+from hotmerge.adapters.pinned_lru import PinnedLRU
 from hotmerge.errors import InvalidArgument, NotFound
-from hotmerge.pinned_lru import PinnedLRU
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .plan import lru_get
+from hotmerge_kernels.merge.plan import lru_get
 
 TABLE_CACHE_SIZE = 256  # device copies of address / weight tables kept for reuse
 

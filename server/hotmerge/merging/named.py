@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hotmerge.errors import InvalidArgument
-from hotmerge.merge_spec import MergeSpec, merged_adapters_from_dict, parse_merge_spec
+from hotmerge.merging.spec import MergeSpec, merged_adapters_from_dict, parse_merge_spec
 from hotmerge.v1 import hotmerge_pb2 as pb
 
 # Names go into URLs, metrics labels and OpenAI model ids: keep them plain.

@@ -29,7 +29,7 @@ import torch
 from hotmerge_kernels.layout import FlatAdapter
 from hotmerge_kernels.merge import MergeCancelled, merge_adapters
 
-from hotmerge.adapters import AdapterStore, LoadedAdapter
+from hotmerge.adapters.store import AdapterStore, LoadedAdapter
 from hotmerge.engine import AdapterLease
 from hotmerge.errors import (
     Cancelled,
@@ -38,8 +38,8 @@ from hotmerge.errors import (
     ResourceExhausted,
     Unavailable,
 )
-from hotmerge.merge_cache import MergeCache
-from hotmerge.merge_spec import MergeSpec, affinity_key, is_identity, merge_key
+from hotmerge.merging.cache import MergeCache
+from hotmerge.merging.spec import MergeSpec, affinity_key, is_identity, merge_key
 from hotmerge.metrics import Metrics
 
 log = logging.getLogger(__name__)

@@ -49,7 +49,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from hotmerge_kernels.params import MergeParams, SignMethod, Strategy
+from hotmerge_kernels.merge.params import MergeParams, SignMethod, Strategy
 
 from hotmerge.errors import InvalidArgument
 from hotmerge.v1 import hotmerge_pb2 as pb

@@ -21,9 +21,9 @@ from hotmerge_kernels.merge import merge_adapters
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from hotmerge.adapters import CONFIG_FILE, WEIGHTS_FILE, AdapterStore
+from hotmerge.adapters.store import CONFIG_FILE, WEIGHTS_FILE, AdapterStore
 from hotmerge.errors import InvalidArgument
-from hotmerge.merge_spec import MergeSpec, affinity_key, canonical_spec
+from hotmerge.merging.spec import MergeSpec, affinity_key, canonical_spec
 
 _PREFIX = "base_model.model."
 SPEC_FILE = "hotmerge_spec.json"  # what was merged (PEFT ignores the file)

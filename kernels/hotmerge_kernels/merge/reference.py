@@ -14,8 +14,8 @@ from collections.abc import Callable
 
 import torch
 
-from .layout import FlatAdapter
-from .plan import MergePlan
+from hotmerge_kernels.layout import FlatAdapter
+from hotmerge_kernels.merge.plan import MergePlan
 
 # Pre-merge transforms and sign elections, as the kernels number them.
 MODE_NONE, MODE_TRIM, MODE_DARE = 0, 1, 2

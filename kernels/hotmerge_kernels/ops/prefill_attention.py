@@ -32,7 +32,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .paged_attention import LOG2E, _dot, check_cache
+from hotmerge_kernels.ops.paged_attention import LOG2E, _dot, check_cache
 
 BLOCK_M = 64  # queries per program
 NUM_WARPS = 4

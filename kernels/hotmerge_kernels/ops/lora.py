@@ -59,9 +59,9 @@ from collections.abc import Sequence
 import torch
 import triton
 
-from . import triton_lora
-from .lora_apply_reference import lora_expand_torch, lora_shrink_torch
-from .pdl import launch_options
+from hotmerge_kernels.ops import lora_triton as triton_lora
+from hotmerge_kernels.ops.lora_reference import lora_expand_torch, lora_shrink_torch
+from hotmerge_kernels.ops.pdl import launch_options
 
 __all__ = [
     "LoraKernelMeta",

@@ -76,12 +76,12 @@ from dataclasses import dataclass
 
 import torch
 
-from . import reference
-from .delta_merge import Progress, delta_merge
-from .layout import FlatAdapter
-from .params import MergeParams, SignMethod, Strategy
-from .plan import MergePlan, get_plan
-from .reference import MergeCancelled
+from hotmerge_kernels.layout import FlatAdapter
+from hotmerge_kernels.merge import reference
+from hotmerge_kernels.merge.delta import Progress, delta_merge
+from hotmerge_kernels.merge.params import MergeParams, SignMethod, Strategy
+from hotmerge_kernels.merge.plan import MergePlan, get_plan
+from hotmerge_kernels.merge.reference import MergeCancelled
 
 __all__ = ["MergeCancelled", "MergeResult", "merge_adapters", "trim_thresholds"]
 
@@ -245,7 +245,9 @@ def _new_buffer(numel: int, dtype: torch.dtype, device: torch.device) -> torch.T
 def _engine(backend: str):
     if backend == "torch":
         return reference
-    from . import triton_merge  # imported late: machines without Triton still merge
+    from hotmerge_kernels.merge import (
+        triton_merge,
+    )  # imported late: machines without Triton still merge
 
     return triton_merge
 

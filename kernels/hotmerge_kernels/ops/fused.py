@@ -25,7 +25,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from . import pdl
+from hotmerge_kernels.ops import pdl
 
 ROTARY_WARPS = 1  # a (token, head) program holds head_dim / 2 pairs: 64 at head_dim 128
 SILU_BLOCK = 1024

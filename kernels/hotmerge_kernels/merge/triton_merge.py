@@ -21,8 +21,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .plan import MergePlan, lru_get
-from .reference import (  # MODE_* and ELECT_* number the kernels' MODE and ELECT constexprs
+from hotmerge_kernels.merge.plan import MergePlan, lru_get
+
+# MODE_* and ELECT_* number the kernels' MODE and ELECT constexprs
+from hotmerge_kernels.merge.reference import (
     DARE_DRAWS,
     MODE_DARE,
     MODE_TRIM,
@@ -33,8 +35,8 @@ from .reference import (  # MODE_* and ELECT_* number the kernels' MODE and ELEC
     PHILOX_W1,
     dare_threshold,
 )
-from .triton_tables import TABLE_CACHE_SIZE, address_table, load_input, to_device
-from .triton_thresholds import segment_thresholds
+from hotmerge_kernels.merge.tables import TABLE_CACHE_SIZE, address_table, load_input, to_device
+from hotmerge_kernels.merge.thresholds import segment_thresholds
 
 __all__ = ["cat_merge", "elementwise_merge", "pair_stats", "segment_thresholds"]
 

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import pdl
+from hotmerge_kernels.ops import pdl
 
 LOG2E = 1.4426950408889634
 # Launch shapes (first guesses for Hopper; benchmarks/paged_attention.py --tune sweeps them).

@@ -18,10 +18,10 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from . import reference
-from .layout import FlatAdapter, Segment
-from .params import MergeParams, SignMethod, Strategy
-from .plan import MergePlan, lru_get
+from hotmerge_kernels.layout import FlatAdapter, Segment
+from hotmerge_kernels.merge import reference
+from hotmerge_kernels.merge.params import MergeParams, SignMethod, Strategy
+from hotmerge_kernels.merge.plan import MergePlan, lru_get
 
 OVERSAMPLE = 16  # extra columns of the range finder (issue 11: rank + 16, 4 power iterations)
 POWER_ITERS = 4
