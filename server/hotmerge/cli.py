@@ -19,6 +19,7 @@ import argparse
 import dataclasses
 import logging
 import os
+import re
 import sys
 import time
 import unicodedata
@@ -36,6 +37,7 @@ from hotmerge.merging.spec import is_identity, parse_merge_spec
 from hotmerge.v1 import hotmerge_pb2 as pb
 
 TARGET_ENV = "HOTMERGE_TARGET"
+API_KEY_ENV = "HOTMERGE_API_KEY"
 ADAPTER_ROOT_ENV = "HOTMERGE_ADAPTER_ROOT"
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(ServerConfig)}
 
@@ -82,6 +84,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     }
     if args.merges is not None:
         options["merges_file"] = args.merges
+    if args.api_key_file is not None:
+        try:
+            options["api_key"] = args.api_key_file.read_text().strip()
+        except OSError as exc:
+            print(f"error: --api-key-file {args.api_key_file}: {exc.strerror}", file=sys.stderr)
+            return 2
     if options.get("http_port") == -1:
         options["http_port"] = None
     if args.adapter_budget_mib is not None:
@@ -186,7 +194,7 @@ def cmd_generate(args: argparse.Namespace, client: HotmergeClient) -> int:
 def cmd_merge(args: argparse.Namespace, client: HotmergeClient) -> int:
     args.merge = args.ids
     spec = merge_request(_merge_spec(args)).merged_adapters
-    reply = client.merge(spec, name=args.name)
+    reply = client.merge(spec, name=args.name, replace=args.replace)
     if is_identity(parse_merge_spec(spec, max_adapters=None)):
         state = "no merge needed: served as the adapter itself"
     else:
@@ -279,7 +287,9 @@ def cmd_adapters(args: argparse.Namespace, client: HotmergeClient) -> int:
         print("no adapters (none loaded, none under the adapter root; see `hotmerge info`)")
         return 0
     rows = [
-        (
+        (a.id, "-", "-", "-", "named merge", "-", "-", _spec_text(a.named_merge))
+        if a.HasField("named_merge")
+        else (
             a.id,
             a.rank,
             f"{a.alpha:g}",
@@ -291,7 +301,7 @@ def cmd_adapters(args: argparse.Namespace, client: HotmergeClient) -> int:
         )
         for a in adapters
     ]
-    header = ("id", "rank", "alpha", "rslora", "loaded", "MiB", "revision", "target_modules")
+    header = ("id", "rank", "alpha", "rslora", "loaded", "MiB", "revision", "target_modules/spec")
     print(format_table(header, rows))
     return 0
 
@@ -326,7 +336,11 @@ def _serve_parser(sub) -> None:
         ("--adapter-root", Path, "PEFT adapters, one folder per id (default: DATA_DIR/adapters)"),
         ("--device", str, "cpu, cuda, cuda:1 ... (default: cuda when available)"),
         ("--dtype", str, "float32, float16, bfloat16 (default: bfloat16 on cuda, else float32)"),
-        ("--host", str, f"address to listen on (default: {d['host']})"),
+        ("--host", str, f"address to listen on (default: {d['host']}, this machine only; "
+         "0.0.0.0 for every interface)"),
+        ("--api-key", str, "require 'Authorization: Bearer KEY' (HTTP) / metadata "
+         "'authorization: Bearer KEY' (gRPC) on every call but health and metrics"),
+        ("--api-key-file", Path, "read the API key from this file (keeps it out of `ps`)"),
         ("--port", int, f"0 for any free port (default: {d['port']})"),
         ("--max-batch-size", int, f"(default: {d['max_batch_size']})"),
         ("--kv-cache-fraction", float, "fraction of the device memory free after the weights "
@@ -347,6 +361,10 @@ def _serve_parser(sub) -> None:
          f"(default: {d['merge_budget_bytes'] // 2**20})"),
         ("--max-merge-adapters", int, f"adapters in one merge spec "
          f"(default: {d['max_merge_adapters']})"),
+        ("--max-named-merges", int, f"names registered at once "
+         f"(default: {d['max_named_merges']})"),
+        ("--http-max-body-bytes", int, "HTTP request bodies larger than this get 413 "
+         f"(default: {d['http_max_body_bytes']})"),
         ("--max-wait-s", float, "longest wait for adapter or merge-cache room, or for another "
          f"request's load or merge, when the deadline is later (default: {d['max_wait_s']})"),
         ("--max-workers", int, f"RPC threads = concurrent requests (default: {d['max_workers']})"),
@@ -411,6 +429,11 @@ def _client_parsers(sub) -> None:
         help=f"server address (default: ${TARGET_ENV} or {DEFAULT_TARGET})",
     )
     common.add_argument("--timeout", type=float, default=120.0, help="seconds (default: 120)")
+    common.add_argument(
+        "--api-key",
+        default=os.environ.get(API_KEY_ENV),
+        help=f"the server's API key (default: ${API_KEY_ENV})",
+    )
 
     p = sub.add_parser("generate", parents=[common], help="generate text")
     p.set_defaults(run=cmd_generate)
@@ -433,6 +456,7 @@ def _client_parsers(sub) -> None:
     p.set_defaults(run=cmd_merge)
     _merge_arguments(p, "ids", "comma-separated adapter ids")
     p.add_argument("--name", default="", help="also register the spec under this name")
+    p.add_argument("--replace", action="store_true", help="replace the spec of --name if taken")
 
     sub.add_parser("merges", parents=[common], help="list cached merged adapters").set_defaults(
         run=cmd_merges
@@ -469,19 +493,53 @@ def _unreachable(err: grpc.RpcError) -> bool:
     return any(s in details for s in ("failed to connect", "connection refused", "dns", "unreach"))
 
 
+# A value that starts with '-' but is a number or a list of numbers ("-1", "-1,0.5", "-.5e3").
+_NEGATIVE_VALUE = re.compile(r"-[0-9.][0-9.eE+,-]*")
+# Options that take no value: a number after one is a positional argument.
+_FLAGS = frozenset(
+    ("--stream", "--do-sample", "--details", "--replace", "--allow-hub", "--no-cuda-graphs",
+     "--eager-model", "--version", "--help")
+)  # fmt: skip
+
+
+def join_negative_values(argv: Sequence[str]) -> list[str]:
+    """``--weights -1,0.5`` as ``--weights=-1,0.5``: argparse reads a value starting with '-'
+    as an option unless it is a single plain number."""
+    out: list[str] = []
+    for arg in argv:
+        if (
+            out
+            and out[-1].startswith("--")
+            and "=" not in out[-1]
+            and out[-1] not in _FLAGS
+            and _NEGATIVE_VALUE.fullmatch(arg)
+        ):
+            out[-1] = f"{out[-1]}={arg}"
+        else:
+            out.append(arg)
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = join_negative_values(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    if args.command in ("serve", "export"):
-        return args.run(args)
-    with HotmergeClient(args.target, timeout=args.timeout) as client:
-        try:
+    try:
+        if args.command in ("serve", "export"):
+            return args.run(args)
+        with HotmergeClient(args.target, timeout=args.timeout, api_key=args.api_key) as client:
             return args.run(args, client)
-        except grpc.RpcError as err:
-            print(f"error: {err.code().name}: {err.details()}", file=sys.stderr)
-            # Not for a server that answered (e.g. "the model is still loading").
-            if err.code() == grpc.StatusCode.UNAVAILABLE and _unreachable(err):
-                print(f"(is `hotmerge serve` running at {args.target}?)", file=sys.stderr)
-            return 1
+    except grpc.RpcError as err:
+        print(f"error: {err.code().name}: {err.details()}", file=sys.stderr)
+        # Not for a server that answered (e.g. "the model is still loading").
+        if err.code() == grpc.StatusCode.UNAVAILABLE and _unreachable(err):
+            print(f"(is `hotmerge serve` running at {args.target}?)", file=sys.stderr)
+        return 1
+    except (ValueError, TypeError, HotmergeError) as err:  # e.g. --top-k=-3: out of range
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -152,6 +152,23 @@ def request_metadata(request: pb.GenerateRequest) -> tuple[tuple[str, str], ...]
     return spec_metadata(request.merged_adapters)
 
 
+class ApiKey(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
+    """Adds ``authorization: Bearer KEY`` to every call (a server started with --api-key)."""
+
+    def __init__(self, key: str) -> None:
+        self._header = ("authorization", f"Bearer {key}")
+
+    def _details(self, details):
+        metadata = (*(details.metadata or ()), self._header)
+        return details._replace(metadata=metadata)
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation, details, request):
+        return continuation(self._details(details), request)
+
+
 class HotmergeClient:
     """Blocking client. ``timeout`` (seconds) is the default deadline of every call; it bounds
     all retries of a call together. ``retry``: retry UNAVAILABLE (``RETRY_POLICY``)."""
@@ -163,12 +180,15 @@ class HotmergeClient:
         timeout: float | None = None,
         channel: grpc.Channel | None = None,
         retry: bool = True,
+        api_key: str | None = None,
     ) -> None:
         self.target = target
         self.timeout = timeout
         self._channel = channel or grpc.insecure_channel(
             channel_target(target), options=channel_options(target, retry=retry)
         )
+        if api_key:
+            self._channel = grpc.intercept_channel(self._channel, ApiKey(api_key))
         self._stub = pb_grpc.HotmergeStub(self._channel)
 
     def _timeout(self, timeout: float | None) -> float | None:
@@ -204,11 +224,14 @@ class HotmergeClient:
         merged_adapters: pb.MergedAdapters | Mapping[str, Any],
         *,
         name: str = "",
+        replace: bool = False,
         timeout: float | None = None,
     ) -> pb.MergeResponse:
         """Merge a spec without generating (warms the server's merge cache); with ``name``,
-        also register it as a named merge, usable wherever an adapter id is."""
+        also register it as a named merge, usable wherever an adapter id is (a name already
+        registered only with ``replace``)."""
         request = merge_request(merged_adapters, name)
+        request.replace = replace
         return self._stub.Merge(
             request, timeout=self._timeout(timeout), metadata=spec_metadata(request.merged_adapters)
         )
@@ -296,9 +319,11 @@ class AsyncHotmergeClient:
         merged_adapters: pb.MergedAdapters | Mapping[str, Any],
         *,
         name: str = "",
+        replace: bool = False,
         timeout: float | None = None,
     ) -> pb.MergeResponse:
         request = merge_request(merged_adapters, name)
+        request.replace = replace
         return await self._stub.Merge(
             request, timeout=self._timeout(timeout), metadata=spec_metadata(request.merged_adapters)
         )

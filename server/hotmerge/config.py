@@ -31,7 +31,11 @@ class ServerConfig:
     device: str | None = None  # None: cuda when available, else cpu
     dtype: str | None = None  # None: the model runner's choice for the device
 
-    host: str = "0.0.0.0"
+    # Loopback by default: pass host="0.0.0.0" (--host 0.0.0.0) to serve other machines.
+    host: str = "127.0.0.1"
+    # With a key, every call but health, reflection and /metrics must carry it
+    # (HTTP "Authorization: Bearer KEY", gRPC metadata "authorization: Bearer KEY").
+    api_key: str | None = None
     port: int = DEFAULT_PORT  # 0: any free port (RunningServer.port says which)
     # Each in-flight RPC holds one thread (streams for their whole length), so this bounds the
     # number of concurrent requests; further ones wait in the executor's queue.
@@ -79,6 +83,9 @@ class ServerConfig:
     http_max_connections: int = 1024
     # Named merges to register at start: a JSON file {"name": {merge spec fields}}.
     merges_file: Path | None = None
+    max_named_merges: int = 1024  # names registered at once (Merge with a name, POST /merges)
+    # HTTP request bodies larger than this are refused (413) before they are read whole.
+    http_max_body_bytes: int = 4 * 1024**2
 
     log_level: str = "INFO"
 
@@ -109,6 +116,8 @@ class ServerConfig:
             "adapter_budget_bytes": self.adapter_budget_bytes,
             "merge_budget_bytes": self.merge_budget_bytes,
             "max_merge_adapters": self.max_merge_adapters,
+            "max_named_merges": self.max_named_merges,
+            "http_max_body_bytes": self.http_max_body_bytes,
             "max_wait_s": self.max_wait_s,
             "max_input_tokens": self.max_input_tokens,
             "max_total_tokens": self.max_total_tokens,
@@ -127,6 +136,10 @@ class ServerConfig:
             raise ValueError(
                 f"max_lora_rank must be <= 128 (the LoRA kernels' widest), got {self.max_lora_rank}"
             )
+        if self.api_key is not None and (
+            not self.api_key or not self.api_key.isascii() or not self.api_key.isprintable()
+        ):
+            raise ValueError("api_key must be non-empty printable ASCII")
         if self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
 

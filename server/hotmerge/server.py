@@ -24,6 +24,7 @@ from grpc_health.v1 import health, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from hotmerge.adapters.store import AdapterStore
+from hotmerge.api.auth import ApiKeyInterceptor
 from hotmerge.api.core import RequestPath
 from hotmerge.api.grpc_service import HotmergeService
 from hotmerge.api.grpc_wire import DecodeErrorInterceptor
@@ -150,6 +151,7 @@ def build_engine(config: ServerConfig) -> Engine:
         module_shapes=runner.module_shapes(),
         allow_hub=config.allow_hub,
         max_wait_s=config.max_wait_s,
+        max_rank=config.max_lora_rank,
     )
     engine = Engine(
         runner,
@@ -171,7 +173,10 @@ def build_merger(engine: Engine, config: ServerConfig, metrics: Metrics) -> Merg
     )
     metrics.merged_adapter_bytes.set_function(lambda: cache.used_bytes)
     dtype = str(engine.runner.dtype).removeprefix("torch.")
-    return Merger(engine.store, cache, dtype=dtype, metrics=metrics)
+    return Merger(
+        engine.store, cache, dtype=dtype, metrics=metrics, max_rank=config.max_lora_rank,
+        check_adapter=engine.runner.adapters.check,
+    )  # fmt: skip
 
 
 def build_named_merges(engine: Engine, config: ServerConfig) -> NamedMerges:
@@ -179,9 +184,11 @@ def build_named_merges(engine: Engine, config: ServerConfig) -> NamedMerges:
     store = engine.store
 
     def is_adapter(name: str) -> bool:
-        return store.is_loaded(name) or (store.root / name).is_dir()
+        return store.is_loaded(name) or store.has_adapter_dir(name)
 
-    named = NamedMerges(is_adapter, max_adapters=config.max_merge_adapters)
+    named = NamedMerges(
+        is_adapter, max_adapters=config.max_merge_adapters, max_names=config.max_named_merges
+    )
     if config.merges_file is not None:
         names = named.load_file(config.merges_file)
         log.info("named merges from %s: %s", config.merges_file, ", ".join(names) or "none")
@@ -213,7 +220,12 @@ def open_port(config: ServerConfig) -> RunningServer:
     server = grpc.server(
         ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="hotmerge-rpc"),
         # The decode check runs inside the drain check: a draining replica refuses first.
-        interceptors=[lifecycle.interceptor(), DecodeErrorInterceptor()],
+        # The key first: a caller without it learns nothing, not even that the replica drains.
+        interceptors=[
+            *([ApiKeyInterceptor(config.api_key)] if config.api_key else []),
+            lifecycle.interceptor(),
+            DecodeErrorInterceptor(),
+        ],
         options=config.grpc_options(),
     )
     hotmerge_pb2_grpc.add_HotmergeServicer_to_server(service, server)
@@ -232,7 +244,13 @@ def open_port(config: ServerConfig) -> RunningServer:
     if config.http_port is not None:
         try:
             running.http = HttpServer(
-                create_app(path, lifecycle, metrics),
+                create_app(
+                    path,
+                    lifecycle,
+                    metrics,
+                    api_key=config.api_key,
+                    max_body_bytes=config.http_max_body_bytes,
+                ),
                 host=config.host,
                 port=config.http_port,
                 keep_alive_s=config.http_keep_alive_s,

@@ -61,14 +61,24 @@ def test_http_keep_alive_connection_closed_when_idle(server):
         assert sock.recv(4096) == b""  # the server closed it
 
 
-def test_http_connections_are_bounded(server):
-    with connect(server) as first:
-        assert http_get(first).startswith(b"HTTP/1.1 200")
-        with connect(server) as second:
-            assert http_get(second).startswith(b"HTTP/1.1 503")  # over the bound: refused
+def test_http_connections_are_bounded_but_health_and_metrics_answer(server):
+    with connect(server) as first, connect(server) as second:
+        assert http_get(first, "/info").startswith(b"HTTP/1.1 200")
+        with connect(server) as third:
+            assert http_get(third, "/info").startswith(b"HTTP/1.1 503")  # over the bound
+        with connect(server) as probe:  # probes and scrapes still get through
+            assert http_get(probe, "/healthz").startswith(b"HTTP/1.1 200")
+        with connect(server) as scrape:
+            assert http_get(scrape, "/metrics").startswith(b"HTTP/1.1 200")
     time.sleep(0.2)
-    with connect(server) as third:
-        assert http_get(third).startswith(b"HTTP/1.1 200")  # room again once they closed
+    with connect(server) as fourth:
+        assert http_get(fourth, "/info").startswith(b"HTTP/1.1 200")  # room once they closed
+
+
+def test_http_connection_that_sends_nothing_is_closed(server):
+    with connect(server) as sock:
+        time.sleep(IDLE_S * 3)
+        assert sock.recv(4096) == b""  # closed without a request ever coming
 
 
 def test_grpc_connection_closed_when_idle(server):

@@ -13,6 +13,9 @@ trusts them:
 - tensors are then read at the offsets just checked (``read_tensors``), and their values must
   be finite and of a sane magnitude (``check_values``, on the tensors as they will be served).
 
+Files are opened with ``open_regular``: a FIFO, device or socket planted under the adapter
+root is refused at once, never waited on, and a symlink loop is a bad file, not a crash.
+
 Every problem is one ``InvalidArgument`` naming the adapter, the file and the problem.
 The content revision (sha256 of the weights file then the config file) is computed from the
 bytes ``read_tensors`` reads anyway, so listing adapters never reads whole weights files.
@@ -23,10 +26,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import re
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
@@ -60,6 +66,35 @@ def _bad(adapter_id: str, file: str, problem: str) -> InvalidArgument:
     return InvalidArgument(f"adapter {short(adapter_id)}: {file}: {problem}")
 
 
+class NotRegularFile(OSError):
+    """The path is a FIFO, device, socket or directory: never read."""
+
+
+def open_regular(path: Path) -> BinaryIO:
+    """``path`` opened for reading, only if it is a regular file; never blocks.
+
+    O_NONBLOCK makes opening a FIFO return at once (a blocking open waits for a writer
+    forever); fstat on the open descriptor then says what it is, with no race between a check
+    and the open. Raises OSError (ELOOP for a symlink loop, NotRegularFile for the rest)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise NotRegularFile(f"{path.name} is not a regular file")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _why(exc: OSError) -> str:
+    return (
+        "it is not a regular file"
+        if isinstance(exc, NotRegularFile)
+        else (exc.strerror or str(exc))
+    )
+
+
 # -- the config ---------------------------------------------------------------------------------
 
 
@@ -80,10 +115,10 @@ class LoraConfig:
 def read_config(adapter_id: str, path: Path) -> tuple[LoraConfig, bytes]:
     """The validated config and the file's bytes (for the revision)."""
     try:
-        with path.open("rb") as f:
+        with open_regular(path) as f:
             raw_bytes = f.read(MAX_CONFIG_BYTES + 1)
     except OSError as exc:
-        raise _bad(adapter_id, CONFIG_FILE, f"cannot be read ({exc.strerror})") from None
+        raise _bad(adapter_id, CONFIG_FILE, f"cannot be read ({_why(exc)})") from None
     if len(raw_bytes) > MAX_CONFIG_BYTES:
         raise _bad(adapter_id, CONFIG_FILE, f"is larger than {MAX_CONFIG_BYTES} bytes")
     try:
@@ -180,8 +215,8 @@ def read_header(adapter_id: str, path: Path) -> WeightsHeader:
         return _bad(adapter_id, WEIGHTS_FILE, problem)
 
     try:
-        with path.open("rb") as f:
-            size = path.stat().st_size
+        with open_regular(path) as f:
+            size = os.fstat(f.fileno()).st_size
             prefix = f.read(8)
             if len(prefix) < 8:
                 raise bad(f"is {size} bytes, too short for a safetensors file")
@@ -192,7 +227,7 @@ def read_header(adapter_id: str, path: Path) -> WeightsHeader:
                 raise bad(f"declares a header of {n} bytes but the file is {size} bytes")
             text = f.read(n)
     except OSError as exc:
-        raise bad(f"cannot be read ({exc.strerror})") from None
+        raise bad(f"cannot be read ({_why(exc)})") from None
     try:
         raw = json.loads(text)
     except RecursionError:
@@ -273,7 +308,7 @@ def read_tensors(
     digest = hashlib.sha256()
     tensors: dict[tuple[str, str], torch.Tensor] = {}
     try:
-        with path.open("rb") as f:
+        with open_regular(path) as f:
             head = f.read(header.data_start)
             digest.update(head)
             for t in sorted(header.tensors, key=lambda t: t.begin):
@@ -286,7 +321,7 @@ def read_tensors(
                 )
                 tensors[(t.module, t.part)] = flat.view(t.shape)
     except OSError as exc:
-        raise _bad(adapter_id, WEIGHTS_FILE, f"cannot be read ({exc.strerror})") from None
+        raise _bad(adapter_id, WEIGHTS_FILE, f"cannot be read ({_why(exc)})") from None
     digest.update(config_bytes)
     return tensors, digest.hexdigest()[:16]
 

@@ -260,7 +260,7 @@ class PinnedLRU(Generic[V]):
         if nbytes > self.budget_bytes:
             raise ResourceExhausted(
                 f"{self.what} {key} needs {nbytes} bytes, more than the whole {self.budget_name} "
-                f"of {self.budget_bytes} bytes; it can never fit: raise the budget"
+                f"of {self.budget_bytes} bytes; it can never fit: raise the {self.budget_name}"
             )
         while not self._fits(nbytes):
             timeout = _remaining(deadline, give_up)
@@ -289,8 +289,8 @@ class PinnedLRU(Generic[V]):
         if deadline is not None and deadline <= give_up:
             return DeadlineExceeded(f"deadline exceeded {doing}")
         return ResourceExhausted(
-            f"gave up after the server maximum of {self.max_wait_s:g} s {doing}; retry later, "
-            "or raise the budget"
+            f"gave up after the server maximum of {self.max_wait_s:g} s (--max-wait-s) {doing}; "
+            f"retry later, or raise the {self.budget_name} or --max-wait-s"
         )
 
     def _evict(self, key) -> None:

@@ -81,8 +81,10 @@ class AdapterStore:
         module_shapes: dict[str, tuple[int, int]],
         allow_hub: bool = False,
         max_wait_s: float = 30.0,
+        max_rank: int | None = None,
     ) -> None:
         self.root = Path(root)
+        self.max_rank = max_rank  # the engine's --max-lora-rank: LoadAdapter refuses wider
         self.device = torch.device(device)
         self.dtype = dtype
         self.module_shapes = dict(module_shapes)
@@ -137,6 +139,16 @@ class AdapterStore:
             self.release(adapter_id)
 
     def load(self, adapter_id: str, *, deadline: float | None = None) -> tuple[AdapterInfo, float]:
+        """Load (LoadAdapter): an adapter wider than ``max_rank`` is refused, not loaded."""
+        self._check_id(adapter_id)
+        if self.max_rank is not None and self._lru.peek(adapter_id) is None:
+            info = self._describe(adapter_id, self._resolve(adapter_id))[0]
+            if info.rank > self.max_rank:
+                raise InvalidArgument(
+                    f"adapter {short(adapter_id)}: rank {info.rank} is more than the engine's "
+                    f"max LoRA rank {self.max_rank} (start the server with a larger "
+                    "--max-lora-rank)"
+                )
         adapter, load_ms = self.get(adapter_id, deadline=deadline)
         return adapter.info, load_ms
 
@@ -298,19 +310,32 @@ class AdapterStore:
     def _local_dir(self, adapter_id: str) -> Path:
         """The adapter's directory under the root; never a path outside it (symlinks too)."""
         self._check_id(adapter_id)
-        root = self.root.resolve()
-        directory = (root / adapter_id).resolve()
-        if not directory.is_relative_to(root):
-            raise InvalidArgument(
-                f"adapter id {short(adapter_id)} resolves outside the adapter root"
-            )
-        for name in (CONFIG_FILE, WEIGHTS_FILE):
-            path = directory / name
-            if path.exists() and not path.resolve().is_relative_to(root):
+        try:
+            root = self.root.resolve()
+            directory = (root / adapter_id).resolve()
+            if not directory.is_relative_to(root):
                 raise InvalidArgument(
-                    f"adapter {short(adapter_id)}: {name} resolves outside the adapter root"
+                    f"adapter id {short(adapter_id)} resolves outside the adapter root"
                 )
+            for name in (CONFIG_FILE, WEIGHTS_FILE):
+                path = directory / name
+                if path.exists() and not path.resolve().is_relative_to(root):
+                    raise InvalidArgument(
+                        f"adapter {short(adapter_id)}: {name} resolves outside the adapter root"
+                    )
+        except (RuntimeError, OSError) as exc:  # a symlink loop (RuntimeError on Python 3.11)
+            raise InvalidArgument(
+                f"adapter {short(adapter_id)}: its path cannot be resolved ({exc}); a symlink loop?"
+            ) from None
         return directory
+
+    def has_adapter_dir(self, name: str) -> bool:
+        """Whether ``name`` is an adapter id with a folder under the root. A name that is not a
+        valid id is not one, and the disk is never looked at outside the root."""
+        try:
+            return self._local_dir(name).is_dir()
+        except InvalidArgument:
+            return False
 
     def _resolve(self, adapter_id: str) -> Path:
         directory = self._local_dir(adapter_id)
@@ -372,7 +397,10 @@ class AdapterStore:
 
     @staticmethod
     def _file_key(directory: Path) -> tuple:
-        st, sc = (directory / WEIGHTS_FILE).stat(), (directory / CONFIG_FILE).stat()
+        try:
+            st, sc = (directory / WEIGHTS_FILE).stat(), (directory / CONFIG_FILE).stat()
+        except OSError:  # vanished or a loop since it was read: no revision to remember
+            return (str(directory),)
         return (str(directory), st.st_size, st.st_mtime_ns, sc.st_size, sc.st_mtime_ns)
 
     def _scan_root(self) -> list[str]:

@@ -15,6 +15,7 @@ import functools
 import logging
 import math
 import secrets
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -184,6 +185,7 @@ class RequestPath:
         inline spec (not with an adapter_id). ``deadline`` is on the time.monotonic() clock;
         it and ``cancelled`` (the client went away) bound the waits and the merge.
         """
+        arrived = time.perf_counter()  # total_ms counts merges and loads from here
         engine = self.ready_engine()
         if merged_adapters is not None and request.adapter_id is not None:
             raise InvalidArgument("give adapter_id or merged_adapters, not both")
@@ -194,7 +196,7 @@ class RequestPath:
             lease, outcome = self._acquire(spec, None, deadline, cancelled)
         elif (named := self.named.get(adapter or "")) is not None:
             lease, outcome = self._acquire(named.spec, named.name, deadline, cancelled)
-        handle = engine.submit(request, deadline=deadline, adapter=lease)
+        handle = engine.submit(request, deadline=deadline, adapter=lease, arrived=arrived)
         return Submission(request, handle, outcome, adapter)
 
     def merge(
@@ -202,15 +204,19 @@ class RequestPath:
         merged_adapters: pb.MergedAdapters,
         name: str = "",
         *,
+        replace: bool = False,
         deadline: float | None = None,
         cancelled: Callable[[], bool] | None = None,
     ) -> tuple[MergeOutcome, NamedMerge | None]:
-        """Merge a spec (warm the cache); with a name, also register it as a named merge."""
+        """Merge a spec (warm the cache); with a name, also register it as a named merge, only
+        once the merge succeeded (an existing name only with ``replace``)."""
         self.ready_engine()
-        named = self.named.register(name, merged_adapters) if name else None
-        spec = named.spec if named else self.parse_spec(merged_adapters)
+        if name:
+            self.named.check(name, replace=replace, message=merged_adapters)
+        spec = self.parse_spec(merged_adapters)
         lease, outcome = self.merger.acquire(spec, deadline=deadline, cancelled=cancelled)
         lease.release()
+        named = self.named.register(name, merged_adapters, replace=replace) if name else None
         return outcome, named
 
     def finished(self, request_id: str, method: str, sub: Submission) -> None:
@@ -223,9 +229,9 @@ class RequestPath:
 def log_done(request_id: str, method: str, sub: Submission, result: GenerationResult) -> None:
     t, merge = result.timings, sub.merge
     adapter = sub.adapter or "-"
-    if merge is not None:
-        adapter = f"{adapter if sub.adapter else ''}{merge.merge_key}"
-        adapter += f"({'hit' if merge.cache_hit else 'miss'})"
+    if merge is not None:  # "name=my-merge key=m-...(hit)", or the key alone for inline specs
+        name = f"{sub.adapter} key=" if sub.adapter else ""
+        adapter = f"{name}{merge.merge_key}({'hit' if merge.cache_hit else 'miss'})"
     log.info(
         "request %s %s adapter=%s tokens=%d prompt=%d finish=%s queue=%.1fms load=%.1fms "
         "merge=%.2fms prefill=%.1fms decode=%.1fms total=%.1fms",

@@ -325,6 +325,7 @@ class HotmergeService(pb_grpc.HotmergeServicer):
             outcome, _ = self.path.merge(
                 request.merged_adapters,
                 request.name,
+                replace=request.replace,
                 deadline=_deadline(context),
                 cancelled=lambda: not context.is_active(),
             )

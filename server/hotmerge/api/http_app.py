@@ -19,8 +19,12 @@ connections new requests get 503.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import json
 import logging
+import math
+import re
 import socket
 import threading
 import time
@@ -33,13 +37,17 @@ import grpc
 import pydantic
 import uvicorn
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from hotmerge import __version__
 from hotmerge.api import lorax, openai
 from hotmerge.api.core import RequestPath, Submission, new_request_id
+from hotmerge.api.http_guard import HttpGuard, error_body_for
 from hotmerge.errors import HotmergeError, InvalidArgument
 from hotmerge.lifecycle import Lifecycle
 from hotmerge.merging.merger import MergeOutcome
@@ -51,6 +59,9 @@ log = logging.getLogger(__name__)
 MERGE_KEY_HEADER = "x-merge-key"
 MERGE_CACHE_KEY_HEADER = "x-merge-cache-key"
 REQUEST_ID_HEADER = "x-request-id"
+# Seconds the client gives the request (generation and merges); past it: 504-like refusal.
+TIMEOUT_HEADER = "x-request-timeout"
+MAX_TIMEOUT_S = 3600.0
 
 
 class HttpError(Exception):
@@ -77,6 +88,9 @@ _STATUS = {
     grpc.StatusCode.NOT_FOUND: 404,
     grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
     grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,  # X-Request-Timeout passed
+    grpc.StatusCode.CANCELLED: 499,  # the client went away (nginx's "client closed request")
+    grpc.StatusCode.UNAUTHENTICATED: 401,
 }
 
 
@@ -100,15 +114,83 @@ def _message(err: Exception, status: int, request_id: str) -> str:
 async def parse_body(request: Request, model: type[pydantic.BaseModel], front: Front):
     try:
         data = await request.json()
+    except RecursionError:
+        raise HttpError(400, "the request body is nested too deeply") from None
     except (ValueError, UnicodeDecodeError):
         raise HttpError(400, "the request body is not valid JSON") from None
+    if _has_lone_surrogate(data):
+        raise HttpError(400, "the request body has a lone UTF-16 surrogate (\\ud800-\\udfff)")
     try:
         return model.model_validate(data)
+    except RecursionError:
+        raise HttpError(400, "the request body is nested too deeply") from None
     except pydantic.ValidationError as err:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in err.errors()
         )
         raise HttpError(front.invalid_status, problems) from None
+
+
+def _has_lone_surrogate(data: Any, depth: int = 0) -> bool:
+    """JSON may escape a lone surrogate (\\ud800); no UTF-8 text can carry one onwards."""
+    if isinstance(data, str):
+        return any("\ud800" <= c <= "\udfff" for c in data)
+    if depth > 64:
+        return False  # pydantic's depth limits reject it
+    if isinstance(data, dict):
+        return any(
+            _has_lone_surrogate(k) or _has_lone_surrogate(v, depth + 1) for k, v in data.items()
+        )
+    if isinstance(data, list):
+        return any(_has_lone_surrogate(v, depth + 1) for v in data)
+    return False
+
+
+def request_deadline(request: Request) -> float | None:
+    """The deadline (time.monotonic()) from the X-Request-Timeout header (seconds), if any."""
+    raw = request.headers.get(TIMEOUT_HEADER)
+    if raw is None:
+        return None
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = math.nan
+    if not (0 < seconds <= MAX_TIMEOUT_S):  # also false for nan
+        raise HttpError(
+            400, f"{TIMEOUT_HEADER} is {raw[:32]!r}: give seconds in (0, {MAX_TIMEOUT_S:g}]"
+        )
+    return time.monotonic() + seconds
+
+
+class ClientWatch:
+    """Whether the HTTP client is still there, polled while its request works: when it goes,
+    its engine requests are cancelled (the path gRPC's cancel takes) and ``gone`` is set for
+    merges to stop at their next chunk. Start it only once the body is read."""
+
+    POLL_S = 0.1
+
+    def __init__(self, request: Request) -> None:
+        self.request = request
+        self.gone = threading.Event()
+        self.handles: list = []
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.ensure_future(self._poll())
+
+    async def _poll(self) -> None:
+        while not self.gone.is_set():
+            if await self.request.is_disconnected():
+                self.gone.set()
+                for handle in self.handles:
+                    handle.cancel()
+                return
+            await asyncio.sleep(self.POLL_S)
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
 
 
 def merge_headers(outcome: MergeOutcome | None) -> dict[str, str]:
@@ -134,24 +216,45 @@ def create_app(
     metrics: Metrics,
     *,
     model_name: str | None = None,
+    api_key: str | None = None,
+    max_body_bytes: int = 4 * 1024**2,
 ) -> FastAPI:
     """The app. ``model_name``: what OpenAI's ``model`` calls the base model (besides the model
-    id and its directory name)."""
+    id and its directory name). ``api_key``, ``max_body_bytes`` and the connection cap are
+    checked by ``HttpGuard`` before any route (``app.state.open_connections`` is set by
+    ``HttpServer``)."""
     app = FastAPI(title="hotmerge", version=__version__, docs_url=None, redoc_url=None)
+    app.state.open_connections = None  # () -> int, and the cap: set by HttpServer
+    app.state.max_connections = None
+    app.add_middleware(HttpGuard, api_key=api_key, max_body_bytes=max_body_bytes, state=app.state)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        where = request.url.path
+        message = {404: f"no route {where}", 405: f"{request.method} is not allowed on {where}"}
+        message = message.get(exc.status_code, str(exc.detail))
+        body = error_body_for(request.url.path, exc.status_code, message)
+        return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError):
+        status = 400 if request.url.path.startswith("/v1/") else 422
+        return JSONResponse(error_body_for(request.url.path, status, str(exc)), status_code=status)
 
     def base_names() -> set[str]:
         model_id = path.ready_engine().runner.model_id
         names = {model_id, Path(model_id).name}
         return names | ({model_name} if model_name else set())
 
-    def error(front: Front, err: Exception, method: str, request_id: str, started: float):
+    def error(front: Front, err: Exception, method, request_id, started, *, observe=True):
         status, code = status_of(err, front)
         if status == 500:
             log.error("request %s %s failed", request_id, method, exc_info=err)
         else:
             log.info("request %s %s: %d %s", request_id, method, status, err)
-        metrics.observe_request(method, code, time.perf_counter() - started)
-        body = front.error_body(status, _message(err, status, request_id))
+        if observe:
+            metrics.observe_request(method, code, time.perf_counter() - started)
+        body = front.error_body(status, front_message(front, _message(err, status, request_id)))
         return JSONResponse(body, status_code=status, headers={REQUEST_ID_HEADER: request_id})
 
     async def call(
@@ -187,21 +290,39 @@ def create_app(
             response.headers[REQUEST_ID_HEADER] = request_id
             return response
         except Exception as err:
-            finished.set()
-            return error(front, err, method, request_id, started)
+            done(status_of(err, front)[1])  # counted and out of flight on this path too
+            return error(front, err, method, request_id, started, observe=False)
         finally:
             if not streaming:
                 done()
 
-    async def submit(request, merged) -> Submission:
-        return await run_in_threadpool(path.submit, request, merged_adapters=merged)
+    async def submit(http: Request, gen, merged, watch: ClientWatch | None = None) -> Submission:
+        """Submit with the request's deadline; while a merge runs, a client that leaves stops
+        it (``watch``), and the handle is cancelled when the client goes."""
+        deadline = request_deadline(http)
+        if watch is not None:
+            watch.start()
+        sub = await run_in_threadpool(
+            path.submit,
+            gen,
+            merged_adapters=merged,
+            deadline=deadline,
+            cancelled=watch.gone.is_set if watch is not None else None,
+        )
+        if watch is not None:
+            watch.handles.append(sub.handle)
+            if watch.gone.is_set():
+                sub.handle.cancel()
+        return sub
 
-    async def wait(sub: Submission):
+    async def wait(sub: Submission, watch: ClientWatch | None = None):
         try:
             return await run_in_threadpool(sub.handle.wait)
         finally:
             if sub.handle.result is None:
                 sub.handle.cancel()
+            if watch is not None:
+                watch.stop()
 
     def stream(sub, events: AsyncIterator[str], front, method, request_id, done) -> Response:
         async def body() -> AsyncIterator[str]:
@@ -229,8 +350,9 @@ def create_app(
         async def work(request_id, done):
             body = await parse_body(request, lorax.GenerateRequest, LORAX)
             gen, merged = lorax.to_request(body, path)
-            sub = await submit(gen, merged)
-            result = await wait(sub)
+            watch = ClientWatch(request)
+            sub = await submit(request, gen, merged, watch)
+            result = await wait(sub, watch)
             path.finished(request_id, method, sub)
             out = lorax.response(sub, result, full_text=body.parameters.return_full_text)
             return JSONResponse([out] if as_list else out, headers=merge_headers(sub.merge))
@@ -241,7 +363,7 @@ def create_app(
         async def work(request_id, done):
             parsed = body or await parse_body(request, lorax.GenerateRequest, LORAX)
             gen, merged = lorax.to_request(parsed, path)
-            sub = await submit(gen, merged)
+            sub = await submit(request, gen, merged)
 
             async def events():
                 last = None
@@ -317,7 +439,7 @@ def create_app(
             if body.stream:
                 if len(gens) != 1:
                     raise InvalidArgument("stream takes one prompt, got a batch")
-                sub = await submit(gens[0], merged)
+                sub = await submit(request, gens[0], merged)
                 cid = f"cmpl-{request_id}"
 
                 async def events():
@@ -336,11 +458,13 @@ def create_app(
 
                 return stream(sub, events(), OPENAI, method, request_id, done)
             subs: list[Submission] = []
+            watch = ClientWatch(request)
             try:
                 for gen in gens:  # all queued before waiting, so the engine batches them
-                    subs.append(await submit(gen, merged))
+                    subs.append(await submit(request, gen, merged, watch))
                 results = [await wait(s) for s in subs]
             finally:
+                watch.stop()
                 for s in subs:
                     if s.handle.result is None:
                         s.handle.cancel()
@@ -365,9 +489,10 @@ def create_app(
             body = await parse_body(request, openai.ChatRequest, OPENAI)
             tokenizer = path.ready_engine().runner.tokenizer
             gen, merged = openai.chat_request(body, path, base_names(), tokenizer)
-            sub = await submit(gen, merged)
+            watch = None if body.stream else ClientWatch(request)
+            sub = await submit(request, gen, merged, watch)
             if not body.stream:
-                result = await wait(sub)
+                result = await wait(sub, watch)
                 path.finished(request_id, method, sub)
                 out = openai.chat_response(body.model, result)
                 return JSONResponse(out, headers=merge_headers(sub.merge))
@@ -433,16 +558,35 @@ def create_app(
     # -- named merges -----------------------------------------------------------------------
 
     class MergeBody(pydantic.BaseModel):
+        model_config = pydantic.ConfigDict(extra="forbid", strict=True)
+
         name: str = ""
         merged_adapters: dict[str, Any]
+        replace: bool = False  # replace the spec of a name already registered
 
     @app.post("/merges")
     async def register_merge(request: Request):
         async def work(request_id, done):
             body = await parse_body(request, MergeBody, LORAX)
             msg = merged_adapters_from_dict(body.merged_adapters)
-            outcome, _ = await run_in_threadpool(path.merge, msg, body.name)
-            log.info("request %s POST /merges %s=%s", request_id, body.name, outcome.merge_key)
+            deadline, watch = request_deadline(request), ClientWatch(request)
+            watch.start()
+            try:
+                outcome, _ = await run_in_threadpool(
+                    functools.partial(
+                        path.merge,
+                        msg,
+                        body.name,
+                        replace=body.replace,
+                        deadline=deadline,
+                        cancelled=watch.gone.is_set,
+                    )  # fmt: skip
+                )
+            finally:
+                watch.stop()
+            log.info(
+                "request %s POST /merges name=%s key=%s", request_id, body.name, outcome.merge_key
+            )
             return JSONResponse(
                 {
                     "name": body.name,
@@ -493,6 +637,37 @@ def _spec_json(msg) -> dict[str, Any]:
     return MessageToDict(msg, preserving_proto_field_name=True)
 
 
+class _IdleClosingProtocol(H11Protocol):
+    """uvicorn's h11 protocol, also closing a connection that sends nothing at all for the
+    keep-alive timeout (uvicorn starts that timer only after a first response)."""
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self.timeout_keep_alive_task = self.loop.call_later(
+            self.timeout_keep_alive, self.timeout_keep_alive_handler
+        )
+
+
+def front_message(front: Front, message: str) -> str:
+    """OpenAI clients know ``max_tokens``, ``prompt`` and ``model``, not the request path's
+    ``parameters.max_new_tokens``, ``inputs`` and ``adapter_id``."""
+    if front.name != "openai":
+        return message
+    for internal, public in _OPENAI_NAMES:
+        message = internal.sub(public, message)
+    return message
+
+
+_OPENAI_NAMES = [
+    (re.compile(r"\bparameters\.max_new_tokens\b"), "max_tokens"),
+    (re.compile(r"\bmax_new_tokens\b"), "max_tokens"),
+    (re.compile(r"\bparameters\.(\w+)"), r"\1"),
+    (re.compile(r"\binput_ids\b"), "prompt"),
+    (re.compile(r"\binputs\b"), "prompt"),
+    (re.compile(r"\badapter[_ ]id\b"), "model"),
+]
+
+
 class HttpServer:
     """Runs an ASGI app with uvicorn in a daemon thread; the socket is bound before it returns
     (port 0: any free port, see ``port``)."""
@@ -520,14 +695,19 @@ class HttpServer:
         self.port: int = self._sock.getsockname()[1]
         config = uvicorn.Config(
             app,
+            http=_IdleClosingProtocol,
             log_level="warning",
             access_log=False,
             lifespan="off",
             timeout_keep_alive=keep_alive_s,
-            limit_concurrency=max_connections,
+            # A hard ceiling for file descriptors; below it HttpGuard answers 503 to all but
+            # health and metrics past max_connections.
+            limit_concurrency=2 * max_connections + 64,
             timeout_graceful_shutdown=1,
         )
         self._server = uvicorn.Server(config)
+        app.state.open_connections = lambda: len(self._server.server_state.connections)
+        app.state.max_connections = max_connections
         self._thread = threading.Thread(
             target=self._server.run,
             kwargs={"sockets": [self._sock]},

@@ -11,6 +11,7 @@ distribution, a sampled row under the processed one it was drawn from.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -20,6 +21,7 @@ import torch
 from hotmerge.generation import SamplingParams
 
 _MASK32 = 0xFFFFFFFF
+_MASK64 = (1 << 64) - 1
 
 
 def is_greedy(params: SamplingParams) -> bool:
@@ -34,6 +36,25 @@ class RowSampling:
     seed: int
     index: int  # how many tokens the row has generated before this one
     seen: Sequence[int] = ()  # prompt + generated ids, only when a repetition penalty is set
+
+
+def as_int64(seed: int) -> int:
+    """A 64-bit unsigned seed as the signed int64 with the same bits (the noise reads the bits,
+    so seeds >= 2**63 draw as they are; larger values keep their low 64 bits)."""
+    seed = int(seed) & _MASK64
+    return seed - (1 << 64) if seed >> 63 else seed
+
+
+def staged_row(r: RowSampling, vocab: int) -> tuple[int, int, int, float, float]:
+    """(top_k, seed, index, temperature, top_p) of one sampled row, each in the range the
+    device buffers hold: top_k in [0, vocab] (k >= vocab keeps every token), the seed as int64
+    bits. Raises ValueError for values no request should carry (checked at entry)."""
+    p = r.params
+    top_k = min(max(int(p.top_k), 0), vocab)
+    temperature, top_p = float(p.temperature), float(p.top_p)
+    if not (math.isfinite(temperature) and temperature > 0 and 0 < top_p <= 1):
+        raise ValueError(f"temperature {temperature!r} / top_p {top_p!r} out of range")
+    return top_k, as_int64(r.seed), min(int(r.index), 1 << 62), temperature, top_p
 
 
 def _fmix32(h: torch.Tensor) -> torch.Tensor:
@@ -89,7 +110,9 @@ class Sampler:
     one copy, the tokens and logprobs written into one block brought back with one copy.
 
     ``launch`` queues the work and returns at once; ``wait`` blocks until the results are on
-    the host. One launch at a time: the host buffers are reused by the next.
+    the host. One launch at a time: the host buffers are reused by the next. A row whose
+    parameters cannot be staged is drawn greedily and listed in ``failed`` (row index ->
+    reason): the caller fails that row alone, never the batch.
     """
 
     _PARAMS = 6  # per sampled row: row, top_k, seed, index, temperature, top_p (float64 bits)
@@ -103,6 +126,7 @@ class Sampler:
         self._params_host = torch.empty((max_rows, self._PARAMS), dtype=torch.int64, pin_memory=pin)
         self._ready = torch.cuda.Event() if pin else None
         self._rows = 0
+        self.failed: dict[int, str] = {}
 
     @staticmethod
     def _split(block: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,6 +135,7 @@ class Sampler:
     def launch(self, logits: torch.Tensor | None, rows: Sequence[RowSampling]) -> None:
         """Queue sampling of one token per row of ``logits`` (rows, vocab) float32."""
         n = self._rows = len(rows)
+        self.failed = {}
         if not n:
             return
         tokens, logprobs = self._split(self._out, n)
@@ -118,29 +143,38 @@ class Sampler:
         logits = apply_repetition_penalty(logits, rows)
         torch.argmax(logits, dim=-1, out=tokens)
         torch.gather(raw_logprobs, 1, tokens[:, None], out=logprobs[:, None])
-        sampled = [i for i, r in enumerate(rows) if not is_greedy(r.params)]
+        sampled, staged = [], []
+        for i, r in enumerate(rows):
+            if is_greedy(r.params):
+                continue
+            try:
+                staged.append(staged_row(r, logits.shape[-1]))
+                sampled.append(i)
+            except (ValueError, TypeError, OverflowError) as err:
+                self.failed[i] = f"sampling parameters cannot be used: {err}"
         if sampled:
-            self._draw(logits, [rows[i] for i in sampled], sampled, tokens, logprobs)
+            self._draw(logits, staged, sampled, tokens, logprobs)
         self._out_host[: 12 * n].copy_(self._out[: 12 * n], non_blocking=True)
         if self._ready is not None:
             self._ready.record()
 
-    def _draw(self, logits, picked, sampled, tokens, logprobs) -> None:
-        """The sampled rows: temperature -> top-k -> top-p, then a seeded Gumbel-max draw."""
-        m = len(picked)
+    def _draw(self, logits, staged, sampled, tokens, logprobs) -> None:
+        """The sampled rows: temperature -> top-k -> top-p, then a seeded Gumbel-max draw.
+        ``staged``: each row's ``staged_row`` values, already in range."""
+        m = len(staged)
         host = self._params_host[:m].numpy()
         host[:, 0] = sampled
-        host[:, 1] = [r.params.top_k for r in picked]
-        host[:, 2] = [r.seed for r in picked]
-        host[:, 3] = [r.index for r in picked]
-        host[:, 4:].view(np.float64)[:] = [(r.params.temperature, r.params.top_p) for r in picked]
+        host[:, 1] = [s[0] for s in staged]
+        host[:, 2] = [s[1] for s in staged]
+        host[:, 3] = [s[2] for s in staged]
+        host[:, 4:].view(np.float64)[:] = [(s[3], s[4]) for s in staged]
         params = self._params[:m]
         params.copy_(self._params_host[:m], non_blocking=True)
         index, top_k, seeds, steps = params[:, 0], params[:, 1], params[:, 2], params[:, 3]
         # float32, as the parameters were before they were staged as float64
         temperature, top_p = params[:, 4:].view(torch.float64).float().unbind(1)
         sub = logits[index] / temperature[:, None]
-        if any(r.params.top_k > 0 or r.params.top_p < 1.0 for r in picked):
+        if any(s[0] > 0 or s[4] < 1.0 for s in staged):
             sub = filter_top_k_top_p(sub, top_k, top_p)
         gumbel = -torch.log(-torch.log(uniform_noise(seeds, steps, sub.shape[-1]))).float()
         drawn = (sub + gumbel).argmax(dim=-1)

@@ -256,11 +256,14 @@ class Engine:
         *,
         deadline: float | None = None,
         adapter: AdapterLease | FlatAdapter | None = None,
+        arrived: float | None = None,
     ) -> GenerationHandle:
         """Validate, resolve and pin the adapter, queue. ``adapter`` overrides adapter_id
         (e.g. a merged adapter the caller holds; a lease is released when the request ends,
         also when submit raises)."""
-        submitted = time.perf_counter()
+        # total_ms counts from ``arrived`` (perf_counter), when the front got the request:
+        # merges, adapter loads and waits for room before this call are part of it.
+        submitted = time.perf_counter() if arrived is None else arrived
         if isinstance(adapter, AdapterLease):
             try:
                 return self._submit(request, deadline, adapter, submitted)
@@ -481,7 +484,9 @@ class Engine:
             for r in chunk_rows:
                 if not r.prefill_started:
                     r.prefill_started = now
-                    r.timings.queue_ms = _ms(r.queued, now)
+                    # Everything before prefill but the load and merge: timings add up to total.
+                    t = r.timings
+                    t.queue_ms = max(0.0, _ms(r.submitted, now) - t.adapter_load_ms - t.merge_ms)
             prefill_logits, scores = self.runner.prefill(chunks)
             self.stats.prefill_batch_sizes[len(chunks)] += 1
             for r, c, score in zip(chunk_rows, chunks, scores, strict=True):
@@ -507,6 +512,8 @@ class Engine:
         """The launched step's tokens, once on the host, taken by their rows (rows that ended
         meanwhile take nothing)."""
         group.tokens, group.logprobs = group.sampled.wait()
+        for i, reason in getattr(group.sampled, "failed", {}).items():  # that row alone
+            self._fail(group.rows_out[i], InvalidArgument(f"parameters: {reason}"))
         done = time.perf_counter()
         for r in group.chunk_rows:
             if not r.prefilling and not r.prefill_done:

@@ -11,6 +11,7 @@ that PEFT loads on the base model (``PeftModel.from_pretrained``), and ``hotmerg
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,15 +81,44 @@ def export_merge(
     log(f"      merged in {result.merge_ms:.1f} ms ({result.backend})")
 
     log(f"[3/3] writing {out}")
+    check_out_dir(out, root)
     out.mkdir(parents=True, exist_ok=True)
-    save_file(_state_dict(merged), str(out / WEIGHTS_FILE))
     config = _merged_config(configs, merged, spec)
-    (out / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     provenance = {"spec": json.loads(canonical_spec(spec)), "affinity_key": affinity_key(spec)}
-    (out / SPEC_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
+    check_out_dir(out, root)  # again: nothing planted while the merge ran
+    save_file(_state_dict(merged), str(out / WEIGHTS_FILE))
+    _write_new(out / CONFIG_FILE, json.dumps(config, indent=2, sort_keys=True) + "\n")
+    _write_new(out / SPEC_FILE, json.dumps(provenance, indent=2) + "\n")
     return ExportResult(
         out, merged.rank, len(merged.modules), merged.nbytes, result.merge_ms, result.backend
     )
+
+
+def check_out_dir(out: Path, adapter_root: Path) -> None:
+    """Refuse an output directory that is (or is reached through) a symlink, lies inside the
+    adapter root (an export must not overwrite a served adapter), or holds symlinks where the
+    files go. Raises InvalidArgument."""
+    out = Path(out)
+    if out.is_symlink():
+        raise InvalidArgument(f"--out {out} is a symlink; give a plain directory")
+    resolved, root = out.resolve(), Path(adapter_root).resolve()
+    if resolved == root or resolved.is_relative_to(root):
+        raise InvalidArgument(
+            f"--out {out} is inside the adapter root {root}; write the export elsewhere, then "
+            "copy it in if it should be served"
+        )
+    for name in (WEIGHTS_FILE, CONFIG_FILE, SPEC_FILE):
+        target = out / name
+        if target.is_symlink() or (target.exists() and not target.is_file()):
+            raise InvalidArgument(f"--out {out}: {name} exists and is not a regular file")
+
+
+def _write_new(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` without following a symlink there (O_NOFOLLOW)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0)
+    fd = os.open(path, flags, 0o644)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
 
 
 def _module_shapes(dirs: list[Path]) -> tuple[dict[str, tuple[int, int]], torch.dtype]:

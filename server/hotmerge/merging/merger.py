@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 from hotmerge_kernels.layout import FlatAdapter
 from hotmerge_kernels.merge import MergeCancelled, merge_adapters
+from hotmerge_kernels.merge.params import Strategy
 
 from hotmerge.adapters.store import AdapterStore, LoadedAdapter
 from hotmerge.engine import AdapterLease
@@ -68,11 +69,17 @@ class Merger:
         *,
         dtype: str,
         metrics: Metrics | None = None,
+        max_rank: int | None = None,
+        check_adapter: Callable[[FlatAdapter], str | None] | None = None,
     ) -> None:
         self.store = store
         self.cache = cache
         self.dtype = dtype  # part of the key: the same spec merged in another dtype differs
         self.metrics = metrics
+        # What the engine can serve: the widest rank (--max-lora-rank) and its check of a
+        # merged adapter (None: why it fits). Merges it would refuse are refused before caching.
+        self.max_rank = max_rank
+        self.check_adapter = check_adapter
         self._stopping = threading.Event()
 
     def stop(self) -> None:
@@ -96,6 +103,7 @@ class Merger:
         if self._stopping.is_set():
             raise Unavailable("the server is shutting down; retry on another replica")
         self._check_inputs_fit(spec)
+        self._check_svd_rank(spec)
         inputs: list[LoadedAdapter] = []
         load_ms = 0.0
         try:
@@ -111,6 +119,7 @@ class Merger:
                 )
                 return lease, self._outcome(key, affinity, True, 0.0, load_ms, only.weights)
             check_compatible(spec, inputs)
+            self._check_cat_rank(spec, inputs)
             weights = [a.weights for a in inputs]
             stop = self._stop_check(deadline, cancelled)
             entry, hit, merge_ms = self.cache.acquire(
@@ -155,6 +164,35 @@ class Merger:
                 "adapters or raise the adapter budget (--adapter-budget-mib)"
             )
 
+    def _check_svd_rank(self, spec: MergeSpec) -> None:
+        """A ΔW-space merge's svd_rank within what the engine serves and the modules' width,
+        before any work (a huge rank would take memory for nothing)."""
+        rank = spec.params.svd_rank
+        if not spec.params.strategy.in_delta_space or not rank:
+            return
+        widths = [min(shape) for shape in self.store.module_shapes.values()]
+        bounds = {"the narrowest target module's width": min(widths, default=rank)}
+        if self.max_rank is not None:
+            bounds["the server's --max-lora-rank"] = self.max_rank
+        what, bound = min(bounds.items(), key=lambda kv: kv[1])
+        if rank > bound:
+            raise InvalidArgument(
+                f"merged_adapters.svd_rank is {rank}, more than {what} ({bound}); give "
+                f"svd_rank <= {bound}, or leave it unset for the largest input rank"
+            )
+
+    def _check_cat_rank(self, spec: MergeSpec, inputs: Sequence[LoadedAdapter]) -> None:
+        """cat adds the ranks up: refuse a sum the engine could not serve, before merging."""
+        if spec.params.strategy is not Strategy.CAT or self.max_rank is None:
+            return
+        total = sum(a.info.rank for a in inputs)
+        if total > self.max_rank:
+            raise InvalidArgument(
+                f"merged_adapters: cat adds the ranks up to {total}, more than the server's "
+                f"--max-lora-rank {self.max_rank}; merge fewer adapters, or use a ΔW-space "
+                "strategy (svd, ties_svd, ...) with svd_rank"
+            )
+
     def _stop_check(
         self, deadline: float | None, cancelled: Callable[[], bool] | None
     ) -> Callable[[], bool]:
@@ -189,6 +227,9 @@ class Merger:
                 f"merged_adapters: the merge overflows {merged.dtype} (values not finite); "
                 "use smaller weights"
             )
+        reason = self.check_adapter(merged) if self.check_adapter is not None else None
+        if reason is not None:  # never cached: the engine would refuse it on every request
+            raise InvalidArgument(f"merged_adapters: the merged adapter's {reason}")
         return merged
 
     def _outcome(

@@ -58,6 +58,7 @@ KEY_VERSION = 1
 # Weights beyond this are not a meaningful merge, and overflow the merged adapter's dtype.
 MAX_WEIGHT = 1000.0
 KEY_HEX_DIGITS = 16
+MAX_SVD_RANK = 8192  # adapter files' own limit on r (adapters.files.MAX_RANK)
 FIELD = "merged_adapters"
 
 _STRATEGIES = {
@@ -190,6 +191,11 @@ def parse_merge_spec(msg: pb.MergedAdapters, *, max_adapters: int | None = 16) -
     if strategy.in_delta_space:
         if msg.HasField("svd_rank") and msg.svd_rank > 0:
             svd_rank = msg.svd_rank
+            if svd_rank > MAX_SVD_RANK:  # the server bounds it further by what it serves
+                raise InvalidArgument(
+                    f"{FIELD}.svd_rank: {svd_rank} is more than {MAX_SVD_RANK}; give the rank "
+                    "of the merged adapter, or leave it unset for the largest input rank"
+                )
         if msg.HasField("svd_clamp"):
             svd_clamp = _f32(msg.svd_clamp)
             if not (0.0 <= svd_clamp <= 1.0):  # also false for nan
