@@ -19,12 +19,9 @@ connections new requests get 503.
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import json
 import logging
-import math
-import re
 import socket
 import threading
 import time
@@ -42,12 +39,19 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from hotmerge import __version__
 from hotmerge.api import lorax, openai
 from hotmerge.api.core import RequestPath, Submission, new_request_id
-from hotmerge.api.http_guard import HttpGuard, error_body_for
+from hotmerge.api.http_guard import (
+    ClientWatch,
+    HttpGuard,
+    IdleClosingProtocol,
+    error_body_for,
+    front_message,
+    has_lone_surrogate,
+    request_deadline,
+)
 from hotmerge.errors import HotmergeError, InvalidArgument
 from hotmerge.lifecycle import Lifecycle
 from hotmerge.merging.merger import MergeOutcome
@@ -59,9 +63,6 @@ log = logging.getLogger(__name__)
 MERGE_KEY_HEADER = "x-merge-key"
 MERGE_CACHE_KEY_HEADER = "x-merge-cache-key"
 REQUEST_ID_HEADER = "x-request-id"
-# Seconds the client gives the request (generation and merges); past it: 504-like refusal.
-TIMEOUT_HEADER = "x-request-timeout"
-MAX_TIMEOUT_S = 3600.0
 
 
 class HttpError(Exception):
@@ -118,7 +119,7 @@ async def parse_body(request: Request, model: type[pydantic.BaseModel], front: F
         raise HttpError(400, "the request body is nested too deeply") from None
     except (ValueError, UnicodeDecodeError):
         raise HttpError(400, "the request body is not valid JSON") from None
-    if _has_lone_surrogate(data):
+    if has_lone_surrogate(data):
         raise HttpError(400, "the request body has a lone UTF-16 surrogate (\\ud800-\\udfff)")
     try:
         return model.model_validate(data)
@@ -129,68 +130,6 @@ async def parse_body(request: Request, model: type[pydantic.BaseModel], front: F
             f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in err.errors()
         )
         raise HttpError(front.invalid_status, problems) from None
-
-
-def _has_lone_surrogate(data: Any, depth: int = 0) -> bool:
-    """JSON may escape a lone surrogate (\\ud800); no UTF-8 text can carry one onwards."""
-    if isinstance(data, str):
-        return any("\ud800" <= c <= "\udfff" for c in data)
-    if depth > 64:
-        return False  # pydantic's depth limits reject it
-    if isinstance(data, dict):
-        return any(
-            _has_lone_surrogate(k) or _has_lone_surrogate(v, depth + 1) for k, v in data.items()
-        )
-    if isinstance(data, list):
-        return any(_has_lone_surrogate(v, depth + 1) for v in data)
-    return False
-
-
-def request_deadline(request: Request) -> float | None:
-    """The deadline (time.monotonic()) from the X-Request-Timeout header (seconds), if any."""
-    raw = request.headers.get(TIMEOUT_HEADER)
-    if raw is None:
-        return None
-    try:
-        seconds = float(raw)
-    except ValueError:
-        seconds = math.nan
-    if not (0 < seconds <= MAX_TIMEOUT_S):  # also false for nan
-        raise HttpError(
-            400, f"{TIMEOUT_HEADER} is {raw[:32]!r}: give seconds in (0, {MAX_TIMEOUT_S:g}]"
-        )
-    return time.monotonic() + seconds
-
-
-class ClientWatch:
-    """Whether the HTTP client is still there, polled while its request works: when it goes,
-    its engine requests are cancelled (the path gRPC's cancel takes) and ``gone`` is set for
-    merges to stop at their next chunk. Start it only once the body is read."""
-
-    POLL_S = 0.1
-
-    def __init__(self, request: Request) -> None:
-        self.request = request
-        self.gone = threading.Event()
-        self.handles: list = []
-        self._task: asyncio.Task | None = None
-
-    def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.ensure_future(self._poll())
-
-    async def _poll(self) -> None:
-        while not self.gone.is_set():
-            if await self.request.is_disconnected():
-                self.gone.set()
-                for handle in self.handles:
-                    handle.cancel()
-                return
-            await asyncio.sleep(self.POLL_S)
-
-    def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
 
 
 def merge_headers(outcome: MergeOutcome | None) -> dict[str, str]:
@@ -254,7 +193,9 @@ def create_app(
             log.info("request %s %s: %d %s", request_id, method, status, err)
         if observe:
             metrics.observe_request(method, code, time.perf_counter() - started)
-        body = front.error_body(status, front_message(front, _message(err, status, request_id)))
+        body = front.error_body(
+            status, front_message(front.name, _message(err, status, request_id))
+        )
         return JSONResponse(body, status_code=status, headers={REQUEST_ID_HEADER: request_id})
 
     async def call(
@@ -390,7 +331,7 @@ def create_app(
         """LoRAX's (and lorax-client's) route: ``stream`` picks SSE or a one-element list."""
         try:
             streaming = bool((await request.json()).get("stream"))
-        except (ValueError, AttributeError, UnicodeDecodeError):
+        except (ValueError, AttributeError, UnicodeDecodeError, RecursionError):
             streaming = False  # the parse in the handler reports it
         if streaming:
             return await lorax_stream(request, method="POST /")
@@ -637,37 +578,6 @@ def _spec_json(msg) -> dict[str, Any]:
     return MessageToDict(msg, preserving_proto_field_name=True)
 
 
-class _IdleClosingProtocol(H11Protocol):
-    """uvicorn's h11 protocol, also closing a connection that sends nothing at all for the
-    keep-alive timeout (uvicorn starts that timer only after a first response)."""
-
-    def connection_made(self, transport) -> None:
-        super().connection_made(transport)
-        self.timeout_keep_alive_task = self.loop.call_later(
-            self.timeout_keep_alive, self.timeout_keep_alive_handler
-        )
-
-
-def front_message(front: Front, message: str) -> str:
-    """OpenAI clients know ``max_tokens``, ``prompt`` and ``model``, not the request path's
-    ``parameters.max_new_tokens``, ``inputs`` and ``adapter_id``."""
-    if front.name != "openai":
-        return message
-    for internal, public in _OPENAI_NAMES:
-        message = internal.sub(public, message)
-    return message
-
-
-_OPENAI_NAMES = [
-    (re.compile(r"\bparameters\.max_new_tokens\b"), "max_tokens"),
-    (re.compile(r"\bmax_new_tokens\b"), "max_tokens"),
-    (re.compile(r"\bparameters\.(\w+)"), r"\1"),
-    (re.compile(r"\binput_ids\b"), "prompt"),
-    (re.compile(r"\binputs\b"), "prompt"),
-    (re.compile(r"\badapter[_ ]id\b"), "model"),
-]
-
-
 class HttpServer:
     """Runs an ASGI app with uvicorn in a daemon thread; the socket is bound before it returns
     (port 0: any free port, see ``port``)."""
@@ -695,7 +605,7 @@ class HttpServer:
         self.port: int = self._sock.getsockname()[1]
         config = uvicorn.Config(
             app,
-            http=_IdleClosingProtocol,
+            http=IdleClosingProtocol,
             log_level="warning",
             access_log=False,
             lifespan="off",

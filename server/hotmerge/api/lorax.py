@@ -29,9 +29,10 @@ FINISH_REASONS = {
 
 class Parameters(BaseModel):
     """LoRAX's ``parameters``; fields LoRAX clients always send but hotmerge does not implement
-    are accepted at their neutral values and refused otherwise (``unsupported``)."""
+    are accepted at their neutral values and refused otherwise (``unsupported``). Any other
+    field is refused (422), and types are strict: ``"4"`` is not a number, 4.0 not an int."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     adapter_id: str | None = None
     adapter_source: str | None = None  # hotmerge loads from its adapter root (or hub if allowed)
@@ -74,7 +75,7 @@ class Parameters(BaseModel):
 
 
 class GenerateRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     inputs: str
     parameters: Parameters = Parameters()

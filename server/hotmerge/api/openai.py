@@ -31,7 +31,11 @@ FINISH_REASONS = {
 
 
 class _Common(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    """OpenAI's documented fields; those hotmerge does not implement are accepted at their
+    neutral values and refused otherwise (``_check``). Unknown fields are refused (400) and
+    types are strict."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str
     max_tokens: int | None = None
@@ -44,6 +48,11 @@ class _Common(BaseModel):
     seed: int | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
+    user: str | None = None  # ignored
+    logit_bias: dict[str, float] | None = None
+    best_of: int | None = None
+    suffix: str | None = None
+    service_tier: str | None = None  # ignored
     # hotmerge (and vLLM) extensions, through the openai client's extra_body:
     merged_adapters: dict[str, Any] | None = None
     top_k: int | None = None
@@ -58,15 +67,24 @@ class CompletionRequest(_Common):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     role: str
     content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
 
 
 class ChatRequest(_Common):
     messages: list[ChatMessage]
     logprobs: bool = False
+    top_logprobs: int | None = None
+    max_completion_tokens: int | None = None  # the newer name of max_tokens
+    response_format: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    store: bool | None = None  # ignored
+    metadata: dict[str, str] | None = None  # ignored
 
 
 def prompts(body: CompletionRequest) -> list[str | list[int]]:
@@ -87,6 +105,18 @@ def _check(body: _Common) -> None:
     for name in ("presence_penalty", "frequency_penalty"):
         if getattr(body, name):
             raise InvalidArgument(f"{name} is not supported; use repetition_penalty")
+    unsupported = {
+        "logit_bias": bool(body.logit_bias),
+        "best_of": body.best_of not in (None, 1),
+        "suffix": bool(getattr(body, "suffix", None)),
+        "top_logprobs": bool(getattr(body, "top_logprobs", None)),
+        "response_format": getattr(body, "response_format", None) not in (None, {"type": "text"}),
+        "tools": bool(getattr(body, "tools", None)),
+        "tool_choice": getattr(body, "tool_choice", None) not in (None, "none", "auto"),
+    }
+    for name, bad in unsupported.items():
+        if bad:
+            raise InvalidArgument(f"{name} is not supported by hotmerge; leave it unset")
 
 
 def _params(body: _Common, path: RequestPath, *, max_tokens: int | None, details: bool, prompt_lp):
@@ -163,7 +193,10 @@ def chat_request(
         raise InvalidArgument(f"messages: the chat template failed: {err}") from None
     if hasattr(ids, "keys"):  # transformers 5 returns a BatchEncoding
         ids = ids["input_ids"]
-    params = _params(body, path, max_tokens=body.max_tokens, details=True, prompt_lp=False)
+    if body.max_tokens is not None and body.max_completion_tokens is not None:
+        raise InvalidArgument("give max_tokens or max_completion_tokens, not both")
+    max_tokens = body.max_completion_tokens if body.max_tokens is None else body.max_tokens
+    params = _params(body, path, max_tokens=max_tokens, details=True, prompt_lp=False)
     adapter, merged = _adapter(body, base_names)
     return generation_request(params, input_ids=list(ids), adapter_id=adapter), merged
 
