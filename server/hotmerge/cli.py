@@ -235,7 +235,7 @@ def cmd_merges(args: argparse.Namespace, client: HotmergeClient) -> int:
 
 def _spec_text(spec: pb.MergedAdapters) -> str:
     """``ties(a:1, b:0.5) density=0.5``: the spec in one short line."""
-    strategy = pb.MergeStrategy.Name(spec.merge_strategy).lower()
+    strategy = pb.MergeStrategy.Name(spec.merge_strategy or pb.LINEAR).lower()  # unset: linear
     weights = ", ".join(f"{i}:{w:g}" for i, w in zip(spec.ids, spec.weights, strict=False))
     extra = []
     if spec.HasField("density") and spec.density != 1.0:

@@ -132,6 +132,13 @@ async def parse_body(request: Request, model: type[pydantic.BaseModel], front: F
         raise HttpError(front.invalid_status, problems) from None
 
 
+def body_schema(model: type[pydantic.BaseModel]) -> dict[str, Any]:
+    """The route's JSON body in the OpenAPI document (routes parse bodies themselves, so
+    FastAPI cannot see them): what clients and the schema fuzz test read."""
+    schema = {"schema": model.model_json_schema()}
+    return {"requestBody": {"required": True, "content": {"application/json": schema}}}
+
+
 def merge_headers(outcome: MergeOutcome | None) -> dict[str, str]:
     if outcome is None:
         return {}
@@ -318,15 +325,15 @@ def create_app(
 
         return await call(LORAX, method, request, work)
 
-    @app.post("/generate")
+    @app.post("/generate", openapi_extra=body_schema(lorax.GenerateRequest))
     async def generate(request: Request):
         return await lorax_generate(request, as_list=False, method="POST /generate")
 
-    @app.post("/generate_stream")
+    @app.post("/generate_stream", openapi_extra=body_schema(lorax.GenerateRequest))
     async def generate_stream(request: Request):
         return await lorax_stream(request, method="POST /generate_stream")
 
-    @app.post("/")
+    @app.post("/", openapi_extra=body_schema(lorax.GenerateRequest))
     async def compat_generate(request: Request):
         """LoRAX's (and lorax-client's) route: ``stream`` picks SSE or a one-element list."""
         try:
@@ -369,7 +376,7 @@ def create_app(
 
     # -- OpenAI -----------------------------------------------------------------------------
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=body_schema(openai.CompletionRequest))
     async def completions(request: Request):
         method = "POST /v1/completions"
 
@@ -422,7 +429,7 @@ def create_app(
 
         return await call(OPENAI, method, request, work)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=body_schema(openai.ChatRequest))
     async def chat_completions(request: Request):
         method = "POST /v1/chat/completions"
 
@@ -505,7 +512,7 @@ def create_app(
         merged_adapters: dict[str, Any]
         replace: bool = False  # replace the spec of a name already registered
 
-    @app.post("/merges")
+    @app.post("/merges", openapi_extra=body_schema(MergeBody))
     async def register_merge(request: Request):
         async def work(request_id, done):
             body = await parse_body(request, MergeBody, LORAX)
