@@ -62,7 +62,7 @@ def test_http_keep_alive_connection_closed_when_idle(server):
 
 
 def test_http_connections_are_bounded_but_health_and_metrics_answer(server):
-    with connect(server) as first, connect(server) as second:
+    with connect(server) as first, connect(server):
         assert http_get(first, "/info").startswith(b"HTTP/1.1 200")
         with connect(server) as third:
             assert http_get(third, "/info").startswith(b"HTTP/1.1 503")  # over the bound
