@@ -220,4 +220,5 @@ _OPENAI_NAMES = [
     (re.compile(r"\binput_ids\b"), "prompt"),
     (re.compile(r"\binputs\b"), "prompt"),
     (re.compile(r"\badapter[_ ]id\b"), "model"),
+    (re.compile(r"\badapter (?=')"), "model "),
 ]

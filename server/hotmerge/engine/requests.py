@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from hotmerge_kernels.layout import FlatAdapter
 
 from hotmerge import limits
-from hotmerge.errors import Cancelled, HotmergeError, InvalidArgument
+from hotmerge.errors import DeadlineExceeded, HotmergeError, InvalidArgument
 from hotmerge.generation import GenerationRequest, GenerationResult, SamplingParams, TokenEvent
 
 
@@ -69,7 +69,7 @@ class GenerationHandle:
                 try:
                     item = self._events.get(timeout=timeout)
                 except queue.Empty:
-                    self._error = Cancelled("deadline exceeded")
+                    self._error = DeadlineExceeded("deadline exceeded")
                     raise self._error from None
                 if isinstance(item, TokenEvent):
                     yield item

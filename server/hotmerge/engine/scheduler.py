@@ -51,6 +51,7 @@ from hotmerge.engine.runner import ModelRunner
 from hotmerge.engine.sampling import RowSampling
 from hotmerge.errors import (
     Cancelled,
+    DeadlineExceeded,
     HotmergeError,
     InvalidArgument,
     ResourceExhausted,
@@ -419,7 +420,7 @@ class Engine:
         if row.handle.cancelled:
             self._fail(row, Cancelled("cancelled"))
         elif row.handle.expired():
-            self._fail(row, Cancelled("deadline exceeded"))
+            self._fail(row, DeadlineExceeded("deadline exceeded"))
         elif time.monotonic() >= row.queue_until and row not in self._running:  # still queued
             self._fail(row, ResourceExhausted(
                 f"waited {limits.MAX_QUEUE_WAIT_S:g} s (the server maximum) in the queue; the "
