@@ -252,7 +252,8 @@ def test_failed_requests_leave_nothing_in_flight(server, http):
 
 
 def test_timings_count_from_arrival_and_add_up(http):
-    parameters = {"merged_adapters": SPEC, "max_new_tokens": 3}
+    fresh = {**SPEC, "weights": [0.3, 0.9]}  # not merged before: a cache miss
+    parameters = {"merged_adapters": fresh, "max_new_tokens": 3}
     r = http.post("/generate", json={"inputs": "hi", "parameters": parameters})
     assert r.status_code == 200, r.text
     t = r.json()["hotmerge"]["timings"]
