@@ -2,11 +2,14 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# The CPU build of torch is enough for the tests and the embedded default; on a GPU machine
-# `make setup TORCH_SPEC=torch` keeps (or installs) a CUDA build instead.
+# On Linux x86-64 a default pip resolves TORCH_SPEC to the CUDA build (GPU or not). The CPU
+# build is enough for the tests and the embedded default: get it with
+# `make setup TORCH_INDEX=https://download.pytorch.org/whl/cpu`. On a GPU machine
+# `make setup TORCH_SPEC=torch` keeps (or installs) a CUDA build.
 TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
 
-.PHONY: setup setup-test proto serve test test-gpu bench lint format clean
+.PHONY: setup setup-test http-clients proto serve test test-gpu bench lint format clean
 
 # Serving needs only the package's dependencies; tests, lint and benchmarks add the test extras.
 # pip runs without -q (a few minutes the first time: its progress is the feedback).
@@ -15,7 +18,7 @@ $(VENV)/.installed: pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
 	@echo "== installing torch ($(TORCH_SPEC))"
-	$(PY) -m pip install "$(TORCH_SPEC)"
+	$(PY) -m pip install "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	@echo "== installing hotmerge and what serving needs"
 	$(PY) -m pip install -e .
 	touch $@
@@ -33,6 +36,11 @@ $(VENV)/.installed-test: $(VENV)/.installed
 setup: $(VENV)/.installed proto
 
 setup-test: $(VENV)/.installed-test proto
+
+# The HTTP clients alone (openai, lorax-client without its huggingface-hub<1 pin).
+http-clients: $(VENV)/.installed
+	$(PY) -m pip install "openai>=1.40,<3"
+	$(PY) -m pip install --no-deps "$(LORAX_CLIENT_SPEC)"
 
 proto: $(VENV)/.installed
 	$(PY) proto/generate.py

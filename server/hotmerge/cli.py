@@ -377,6 +377,8 @@ def _serve_parser(sub) -> None:
          f"(default: {d['max_connection_idle_s']})"),
         ("--http-keep-alive-s", float, "close idle HTTP keep-alive connections after this long "
          f"(default: {d['http_keep_alive_s']})"),
+        ("--http-max-connections", int, "beyond this many open HTTP connections, routes but "
+         f"health and /metrics answer 503 (default: {d['http_max_connections']})"),
         ("--keepalive-time-s", float, f"(default: {d['keepalive_time_s']})"),
         ("--max-connection-age-s", float, "close client connections after this long, so they "
          f"rebalance (default: {d['max_connection_age_s']})"),
