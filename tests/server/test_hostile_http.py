@@ -262,3 +262,13 @@ def test_timings_count_from_arrival_and_add_up(http):
         t[k] for k in ("queue_ms", "adapter_load_ms", "merge_ms", "prefill_ms", "decode_ms")
     )
     assert parts == pytest.approx(t["total_ms"], abs=1.0)
+
+
+def test_request_ids_and_stop_sequences_are_bounded(http):
+    for given in ("a" * 65, "<script>", "ok id"):
+        r = http.post("/generate", json={"inputs": "hi"}, headers={"X-Request-Id": given})
+        assert r.status_code == 200 and r.headers["x-request-id"] != given
+    r = http.post("/generate", json={"inputs": "hi"}, headers={"X-Request-Id": "lb-123.4"})
+    assert r.headers["x-request-id"] == "lb-123.4"
+    r = http.post("/generate", json={"inputs": "hi", "parameters": {"stop": ["x" * 513]}})
+    assert r.status_code == 422 and "stop" in lorax_error(r)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import re
 import secrets
 import time
 from collections.abc import Callable, Sequence
@@ -31,10 +32,20 @@ from hotmerge.v1 import hotmerge_pb2 as pb
 log = logging.getLogger(__name__)
 
 MAX_STOP_SEQUENCES = 16
+MAX_STOP_CHARS = 512  # per stop sequence
 
 
 def new_request_id() -> str:
     return secrets.token_hex(6)
+
+
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+
+
+def request_id_or_new(given: str | None) -> str:
+    """A caller's request id (a balancer's x-request-id) if it is a plain token of at most 64
+    characters, else a fresh one: it goes into logs and response headers as given."""
+    return given if given and _REQUEST_ID.fullmatch(given) else new_request_id()
 
 
 def sampling_params(
@@ -64,6 +75,10 @@ def sampling_params(
     if len(stop) > MAX_STOP_SEQUENCES:
         raise InvalidArgument(
             f"parameters.stop has {len(stop)} sequences; give at most {MAX_STOP_SEQUENCES}"
+        )
+    if any(len(s) > MAX_STOP_CHARS for s in stop):
+        raise InvalidArgument(
+            f"parameters.stop: a stop sequence is longer than {MAX_STOP_CHARS} characters"
         )
     if seed is not None and not 0 <= seed < 2**64:
         raise InvalidArgument(f"parameters.seed must be in [0, 2**64), got {seed}")

@@ -182,7 +182,7 @@ def _request_id(context: grpc.ServicerContext) -> str:
     """The caller's x-request-id (e.g. from a load balancer), else a fresh one."""
     for key, value in context.invocation_metadata() or ():
         if key == REQUEST_ID_HEADER and value:
-            return str(value)[:64]
+            return core.request_id_or_new(str(value))
     return core.new_request_id()
 
 

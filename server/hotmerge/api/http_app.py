@@ -42,7 +42,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from hotmerge import __version__
 from hotmerge.api import lorax, openai
-from hotmerge.api.core import RequestPath, Submission, new_request_id
+from hotmerge.api.core import RequestPath, Submission, request_id_or_new
 from hotmerge.api.http_guard import (
     ClientWatch,
     HttpGuard,
@@ -216,7 +216,7 @@ def create_app(
         """Run ``work(request_id, done)`` turning errors into the front's error JSON. For
         generation routes the request counts as in flight (refused while draining) until
         ``done`` is called: by the wrapper, or by a stream at its end."""
-        request_id = request.headers.get(REQUEST_ID_HEADER, "")[:64] or new_request_id()
+        request_id = request_id_or_new(request.headers.get(REQUEST_ID_HEADER))
         started = time.perf_counter()
         if generation and not lifecycle.enter():
             err = HotmergeError("this replica is draining (shutting down); retry on another")
