@@ -9,7 +9,14 @@ import grpc
 import pytest
 from hotmerge.embedded import byte_level_tokenizer
 from hotmerge.engine.detok import TextStream, text_decoder
-from hotmerge.errors import Cancelled, HotmergeError, InvalidArgument, NotFound, Unavailable
+from hotmerge.errors import (
+    Cancelled,
+    DeadlineExceeded,
+    HotmergeError,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+)
 from hotmerge.generation import FinishReason, GenerationRequest, SamplingParams
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -158,7 +165,7 @@ def test_cancel_stops_the_row(engine):
 
 
 def test_deadline_cancels(engine):
-    with pytest.raises(Cancelled, match="deadline"):
+    with pytest.raises(DeadlineExceeded, match="deadline"):
         submit(engine, deadline=time.monotonic() - 1).wait()
     handle = submit(engine, max_new_tokens=100, deadline=time.monotonic() + 0.3)
     slow_forward = engine.runner.decode
@@ -169,7 +176,7 @@ def test_deadline_cancels(engine):
 
     engine.runner.decode = forward
     try:
-        with pytest.raises(Cancelled):
+        with pytest.raises(DeadlineExceeded):
             handle.wait()
     finally:
         del engine.runner.decode
