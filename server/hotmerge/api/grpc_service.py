@@ -331,9 +331,9 @@ class HotmergeService(pb_grpc.HotmergeServicer):
             )
             _send_merge_keys(context, outcome)
             log.info(
-                "request %s Merge %s%s: hit=%s merge=%.2fms load=%.1fms",
+                "request %s Merge %skey=%s: hit=%s merge=%.2fms load=%.1fms",
                 request_id,
-                f"{request.name}=" if request.name else "",
+                f"name={request.name} " if request.name else "",
                 outcome.merge_key,
                 outcome.cache_hit,
                 outcome.merge_ms,
