@@ -366,6 +366,8 @@ def _serve_parser(sub) -> None:
     ):  # fmt: skip
         p.add_argument(flag, type=kind, help=text)
     p.add_argument("--allow-hub", action="store_true", default=None, help="download from the hub")
+    p.add_argument("--quantize", choices=["fp8", "int8", "nf4", "int4"], default=None,
+                   help="quantize the base's linear weights at load (default: none)")  # fmt: skip
     p.add_argument(
         "--no-cuda-graphs", dest="cuda_graphs", action="store_false", default=None,
         help="run decode eagerly instead of replaying captured CUDA graphs",

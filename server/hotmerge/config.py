@@ -10,6 +10,7 @@ from pathlib import Path
 DEFAULT_PORT = 50051
 DEFAULT_HTTP_PORT = 8080
 DATA_DIR_ENV = "HOTMERGE_DATA_DIR"
+QUANT_FORMATS = ("fp8", "int8", "nf4", "int4")  # hotmerge_kernels.quant.FORMATS
 
 
 def _ms(seconds: float) -> int:
@@ -70,6 +71,8 @@ class ServerConfig:
     max_prefill_tokens: int = 2048  # prompt tokens one step prefills (longer prompts: chunks)
     cuda_graphs: bool = True  # decode replayed from captured graphs (CUDA only)
     eager_model: bool = False  # run the model through transformers' forward (any architecture)
+    # Quantize the base's projections at load: nf4 (bitsandbytes' NF4), int4, int8, fp8; None: off.
+    quantize: str | None = None
     # The HTTP server (LoRAX REST, OpenAI, /metrics, /healthz, /readyz) on ``host``; None: off,
     # 0: any free port (RunningServer.http_port says which).
     http_port: int | None = DEFAULT_HTTP_PORT
@@ -127,6 +130,8 @@ class ServerConfig:
             raise ValueError(
                 f"max_lora_rank must be <= 128 (the LoRA kernels' widest), got {self.max_lora_rank}"
             )
+        if self.quantize is not None and self.quantize not in QUANT_FORMATS:
+            raise ValueError(f"quantize must be one of {QUANT_FORMATS}, got {self.quantize!r}")
         if self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
 

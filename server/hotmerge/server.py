@@ -133,6 +133,7 @@ def build_engine(config: ServerConfig) -> Engine:
         max_lora_rank=config.max_lora_rank,
         max_prefill_tokens=config.max_prefill_tokens,
         cuda_graphs=config.cuda_graphs,
+        quantize=config.quantize,
     )
     runner = load_runner(
         model,

@@ -120,7 +120,9 @@ def test_nf4_reference_equals_ours_on_ties():
     if HAS_BNB:
         import bitsandbytes.functional as bnb
 
-        assert torch.equal(bnb.quantize_4bit(w, blocksize=64, quant_type="nf4")[0].reshape(-1), packed)
+        assert torch.equal(
+            bnb.quantize_4bit(w, blocksize=64, quant_type="nf4")[0].reshape(-1), packed
+        )
 
 
 def test_dynamic_code_equals_bitsandbytes():

@@ -11,10 +11,12 @@ from __future__ import annotations
 import os
 
 import torch
+import torch.nn.functional as F
 from hotmerge_kernels.ops import fused as fused_ops
 from hotmerge_kernels.ops import lora as lora_apply
 from hotmerge_kernels.ops import paged_attention
 from hotmerge_kernels.ops import prefill_attention as prefill_kernels
+from hotmerge_kernels.quant import QuantizedWeight, qlinear
 
 use_triton = os.environ.get("HOTMERGE_TRITON", "1") != "0"
 
@@ -22,6 +24,14 @@ use_triton = os.environ.get("HOTMERGE_TRITON", "1") != "0"
 def triton_enabled(x: torch.Tensor) -> bool:
     """Whether operators on ``x`` run as Triton kernels."""
     return use_triton and x.is_cuda
+
+
+def linear(x, weight: torch.Tensor | QuantizedWeight, bias=None):
+    """A base projection: ``F.linear``, or ``qlinear`` when the weight is quantized
+    (``--quantize``; its Triton skinny GEMM on CUDA for decode)."""
+    if isinstance(weight, torch.Tensor):
+        return F.linear(x, weight, bias)
+    return qlinear(x, weight, bias, use_triton=triton_enabled(x))
 
 
 def rms_norm(x, weight, eps, residual=None):

@@ -84,6 +84,7 @@ class EngineLimits:
     max_lora_rank: int = 64
     max_prefill_tokens: int = 2048  # prompt tokens one step may prefill
     cuda_graphs: bool = True
+    quantize: str | None = None  # the base's projections: nf4, int4, int8, fp8 (None: as loaded)
 
 
 class Tokenizer:
@@ -195,10 +196,28 @@ def load_runner(
             f"model {model_id!r}: no usable tokenizer ({reason[:200]}); save the "
             "tokenizer with the model (tokenizer.json, tokenizer_config.json)"
         ) from None
+    _refuse_prequantized(model_id, local)
     model = AutoModelForCausalLM.from_pretrained(
         model_id, dtype=torch_dtype, local_files_only=local
     )
     return build_runner(model_id, model.to(dev), tokenizer, limits, eager=eager)
+
+
+def _refuse_prequantized(model_id: str, local: bool) -> None:
+    """Checkpoints saved quantized (bitsandbytes, GPTQ, AWQ...) are not loaded: serve the 16-bit
+    base with ``--quantize`` instead (nf4 gives bitsandbytes' NF4 bit for bit, so a QLoRA
+    adapter meets the base it was trained on)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_id, local_files_only=local)
+    quant = getattr(config, "quantization_config", None)
+    if quant is not None:
+        method = quant.get("quant_method") if isinstance(quant, dict) else quant.quant_method
+        raise InvalidArgument(
+            f"model {model_id!r}: checkpoints saved quantized ({method}) are not supported; "
+            "serve its 16-bit base with --quantize nf4 (bitsandbytes' NF4, bit for bit), "
+            "int4, int8 or fp8"
+        )
 
 
 def build_runner(
@@ -210,6 +229,8 @@ def build_runner(
     reason = "the eager path was asked for" if eager else unsupported_reason(model)
     if reason is None:
         return LlamaRunner(model_id, model, tok, limits)
+    if limits.quantize is not None:
+        raise InvalidArgument(f"quantize: needs hotmerge's Llama-family forward, but {reason}")
     from hotmerge.engine.models.hf_eager import EagerRunner
 
     log.warning("model %s runs through transformers, eagerly: %s", model_id, reason)
@@ -258,7 +279,10 @@ class LlamaRunner(ModelRunner):
         self._shapes = {}
         lora_shapes = None
         with torch.inference_mode():
-            self.model = LlamaModel(hf_model)
+            try:
+                self.model = LlamaModel(hf_model, limits.quantize)
+            except ValueError as exc:  # a format's shape rule (e.g. int4: K % 128)
+                raise InvalidArgument(f"quantize: {exc}") from None
             lora_shapes = self.model.lora_shapes
         for path, (group, name, _) in self._paths.items():
             self._shapes[path] = lora_shapes[group][name]
@@ -325,8 +349,24 @@ class LlamaRunner(ModelRunner):
             limits.max_lora_rank,
             self.adapters.nbytes / 2**30,
         )
+        if limits.quantize is not None:
+            self._log_quantized(per_block)
         if self.device.type == "cuda":
             self._warm_up(capture=limits.cuda_graphs)
+
+    def _log_quantized(self, per_block: int) -> None:
+        before, after = self.model.base_bytes_16bit, self.model.base_bytes
+        saved = before - after
+        sized_by_memory = self.device.type == "cuda" and self.limits.kv_cache_tokens is None
+        gained = int(saved * self.limits.kv_cache_fraction // per_block) * self.block_size
+        log.info(
+            "base quantized to %s: projections %.2f GiB -> %.2f GiB (%.2f GiB saved); KV cache %s",
+            self.limits.quantize,
+            before / 2**30,
+            after / 2**30,
+            saved / 2**30,
+            f"+{gained} tokens from it" if sized_by_memory else "not sized by free memory here",
+        )
 
     def module_shapes(self) -> dict[str, tuple[int, int]]:
         return dict(self._shapes)
