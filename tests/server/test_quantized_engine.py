@@ -93,7 +93,7 @@ def test_logits_equal_transformers_on_the_dequantized_weights(fmt, kind, caplog)
     assert (want - unquantized).abs().max() > 1e-2
 
 
-def random_adapter(model, seed: int, rank: int = 4) -> FlatAdapter:
+def random_adapter(model, seed: int, rank: int = 4, device: str = "cpu") -> FlatAdapter:
     groups, paths = lora_shapes(model), module_paths(model)
     gen = torch.Generator().manual_seed(seed)
     tensors = {}
@@ -101,7 +101,9 @@ def random_adapter(model, seed: int, rank: int = 4) -> FlatAdapter:
         fan_in, fan_out = groups[group][name]
         tensors[(path, "A")] = torch.randn(rank, fan_in, generator=gen) * 0.3
         tensors[(path, "B")] = torch.randn(fan_out, rank, generator=gen) * 0.3
-    return FlatAdapter.from_tensors(tensors, rank=rank, scaling=1.0, dtype=torch.float32)
+    return FlatAdapter.from_tensors(
+        tensors, rank=rank, scaling=1.0, dtype=torch.float32, device=device
+    )
 
 
 @pytest.mark.parametrize("fmt", ["nf4", "fp8"])

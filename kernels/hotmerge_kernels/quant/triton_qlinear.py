@@ -23,12 +23,20 @@ NF4, INT4, INT8, FP8 = 0, 1, 2, 3
 def _configs() -> list[triton.Config]:
     if INTERPRETING:  # one small config: the interpreter runs every candidate
         return [triton.Config({"BLOCK_N": 16, "BLOCK_K": 128}, num_warps=4)]
+    # Few candidates: a step's warm-up tunes every (row bucket, N, K) of the model.
     return [
         triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-        for bn in (16, 32, 64)
-        for bk in (128, 256)
-        for w in (4, 8)
-        for s in (2, 4)
+        for bn, bk, w, s in (
+            (16, 128, 4, 3),
+            (16, 256, 4, 3),
+            (32, 128, 4, 3),
+            (32, 256, 4, 4),
+            (32, 256, 8, 3),
+            (64, 128, 4, 3),
+            (64, 128, 8, 4),
+            (64, 256, 8, 3),
+            (128, 128, 8, 3),
+        )
     ]
 
 
@@ -90,7 +98,7 @@ def _dequant_tile(
     return w
 
 
-@triton.autotune(configs=_configs(), key=["M", "N", "K", "FMT"])
+@triton.autotune(configs=_configs(), key=["BLOCK_M", "N", "K", "FMT", "DOUBLE"])
 @triton.jit
 def qlinear_kernel(
     x_ptr,
