@@ -13,6 +13,7 @@ import triton.language as tl
 from hotmerge_kernels.quant import FORMATS, dequantize, qlinear, qlinear_torch, qlinear_triton
 from hotmerge_kernels.quant import formats as fmt
 from hotmerge_kernels.quant.formats import NF4_CODE, quantize, quantize_nf4
+from hotmerge_kernels.quant.linear import dequantize_triton
 from triton.runtime import interpreter
 
 from tests.kernels.random_adapters import needs_triton
@@ -236,3 +237,19 @@ def test_qlinear_dispatch_and_3d_input():
     torch.testing.assert_close(qlinear_triton(x, qw), twin, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="features"):
         qlinear_triton(torch.randn(1, 64), qw)
+    # more than SKINNY_ROWS rows: the dequantize kernel, then one matmul
+    many = torch.randn(70, 128)
+    torch.testing.assert_close(
+        qlinear(many, qw, use_triton=True), qlinear(many, qw, use_triton=False), rtol=0, atol=0
+    )
+
+
+@needs_triton
+@pytest.mark.usefixtures("bf16_rounds_to_nearest")
+@pytest.mark.parametrize("name", [*FORMATS, "nf4-dq"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_triton_dequantize_equals_twin(name, dtype):
+    """The prefill path's dequantize kernel: bit for bit the twin (same float32 math, one
+    rounding); partial tiles in N and K."""
+    qw = quantized(name, weight(40, 384, seed=13, dtype=dtype))
+    assert torch.equal(dequantize_triton(qw, dtype), dequantize(qw, dtype))

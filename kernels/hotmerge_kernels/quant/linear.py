@@ -3,7 +3,8 @@
 - CPU (or ``use_triton=False``): the torch twin, dequantize then matmul.
 - CUDA, up to ``SKINNY_ROWS`` rows (decode): the Triton skinny GEMM (``triton_qlinear``), which
   reads the packed weight once.
-- CUDA, more rows (prefill): compute-bound, so dequantize into x's dtype and let cuBLAS multiply.
+- CUDA, more rows (prefill): compute-bound, so dequantize into x's dtype (a Triton kernel, no
+  float32 copy of the weight) and let cuBLAS multiply.
 - fp8 with ``HOTMERGE_FP8_MATMUL=scaled_mm``: every size through ``torch._scaled_mm`` on the fp8
   tensor cores, the activations quantized per row on the fly (W8A8: not weight-only, so its
   numerics differ from the twin by the activation rounding). The default is weight-only.
@@ -54,7 +55,7 @@ def qlinear(
     rows = x.numel() // x.shape[-1]
     if rows <= SKINNY_ROWS:
         return qlinear_triton(x, qw, bias)
-    return qlinear_torch(x, qw, bias)
+    return F.linear(x, dequantize_triton(qw, x.dtype), bias)
 
 
 def qlinear_torch(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None = None):
@@ -123,6 +124,26 @@ def _pointers(qw: QuantizedWeight, code: torch.Tensor):
     raise TypeError(f"qlinear: not a quantized weight: {type(qw).__name__}")
 
 
+def dequantize_triton(qw: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
+    """``dequantize``'s kernel twin: the weight (N, K) in ``dtype``, one launch."""
+    n, k = qw.shape
+    out = torch.empty(n, k, dtype=dtype, device=qw.device)
+    code = _code_table(qw.device)
+    w, s, z, q2, s2, off = _pointers(qw, code)
+    block_n, block_k = 32, 128
+    tq.dequantize_kernel[(-(-n // block_n), -(-k // block_k))](
+        w, s, z, code, q2, s2, off, out, n, k,
+        FMT=_FMT[type(qw)],
+        DOUBLE=isinstance(qw, Nf4Weight) and qw.absmax is None,
+        GROUP=INT4_GROUP if isinstance(qw, Int4Weight) else NF4_BLOCK,
+        INTERPRET=tq.INTERPRETING,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        num_warps=4,
+    )  # fmt: skip
+    return out
+
+
 def triton_next_pow2(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
@@ -148,6 +169,7 @@ def fp8_scaled_mm(x: torch.Tensor, qw: Fp8Weight, bias: torch.Tensor | None = No
 __all__ = [
     "FP8_MATMULS",
     "SKINNY_ROWS",
+    "dequantize_triton",
     "fp8_scaled_mm",
     "qlinear",
     "qlinear_torch",

@@ -154,4 +154,38 @@ def qlinear_kernel(
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
-__all__ = ["FP8", "INT4", "INT8", "INTERPRETING", "NF4", "qlinear_kernel"]
+@triton.jit
+def dequantize_kernel(
+    w_ptr,
+    s_ptr,
+    z_ptr,
+    code_ptr,
+    q2_ptr,
+    s2_ptr,
+    offset_ptr,
+    out_ptr,
+    N,
+    K,
+    FMT: tl.constexpr,
+    DOUBLE: tl.constexpr,
+    GROUP: tl.constexpr,
+    INTERPRET: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """The whole weight (N, K) in out's dtype (prefill: then one tensor-core GEMM); grid
+    (N tiles, K tiles)."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k0 = tl.program_id(1) * BLOCK_K
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    mask_n = offs_n < N
+    w = _dequant_tile(
+        w_ptr, s_ptr, z_ptr, code_ptr, q2_ptr, s2_ptr, offset_ptr,
+        offs_n, k0, K, mask_n, FMT, DOUBLE, GROUP, INTERPRET, BLOCK_K,
+    )  # fmt: skip
+    ptrs = out_ptr + offs_n[:, None].to(tl.int64) * K + offs_k[None, :]
+    mask = mask_n[:, None] & (offs_k < K)[None, :]
+    tl.store(ptrs, w.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+__all__ = ["FP8", "INT4", "INT8", "INTERPRETING", "NF4", "dequantize_kernel", "qlinear_kernel"]
