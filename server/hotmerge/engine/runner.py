@@ -34,6 +34,7 @@ from hotmerge.engine.models.llama import (
     module_paths,
     unsupported_reason,
 )
+from hotmerge.engine.quantized_base import log_quantized, refuse_prequantized
 from hotmerge.engine.sampling import RowSampling, Sampler
 from hotmerge.errors import InvalidArgument, NotFound
 
@@ -196,28 +197,11 @@ def load_runner(
             f"model {model_id!r}: no usable tokenizer ({reason[:200]}); save the "
             "tokenizer with the model (tokenizer.json, tokenizer_config.json)"
         ) from None
-    _refuse_prequantized(model_id, local)
+    refuse_prequantized(model_id, local)
     model = AutoModelForCausalLM.from_pretrained(
         model_id, dtype=torch_dtype, local_files_only=local
     )
     return build_runner(model_id, model.to(dev), tokenizer, limits, eager=eager)
-
-
-def _refuse_prequantized(model_id: str, local: bool) -> None:
-    """Checkpoints saved quantized (bitsandbytes, GPTQ, AWQ...) are not loaded: serve the 16-bit
-    base with ``--quantize`` instead (nf4 gives bitsandbytes' NF4 bit for bit, so a QLoRA
-    adapter meets the base it was trained on)."""
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(model_id, local_files_only=local)
-    quant = getattr(config, "quantization_config", None)
-    if quant is not None:
-        method = quant.get("quant_method") if isinstance(quant, dict) else quant.quant_method
-        raise InvalidArgument(
-            f"model {model_id!r}: checkpoints saved quantized ({method}) are not supported; "
-            "serve its 16-bit base with --quantize nf4 (bitsandbytes' NF4, bit for bit), "
-            "int4, int8 or fp8"
-        )
 
 
 def build_runner(
@@ -350,23 +334,9 @@ class LlamaRunner(ModelRunner):
             self.adapters.nbytes / 2**30,
         )
         if limits.quantize is not None:
-            self._log_quantized(per_block)
+            log_quantized(self.model, limits, per_block, self.device)
         if self.device.type == "cuda":
             self._warm_up(capture=limits.cuda_graphs)
-
-    def _log_quantized(self, per_block: int) -> None:
-        before, after = self.model.base_bytes_16bit, self.model.base_bytes
-        saved = before - after
-        sized_by_memory = self.device.type == "cuda" and self.limits.kv_cache_tokens is None
-        gained = int(saved * self.limits.kv_cache_fraction // per_block) * self.block_size
-        log.info(
-            "base quantized to %s: projections %.2f GiB -> %.2f GiB (%.2f GiB saved); KV cache %s",
-            self.limits.quantize,
-            before / 2**30,
-            after / 2**30,
-            saved / 2**30,
-            f"+{gained} tokens from it" if sized_by_memory else "not sized by free memory here",
-        )
 
     def module_shapes(self) -> dict[str, tuple[int, int]]:
         return dict(self._shapes)
