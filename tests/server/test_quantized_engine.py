@@ -163,3 +163,21 @@ def test_checkpoints_saved_quantized_are_refused_with_the_way_out(tmp_path):
     (model_dir / "config.json").write_text(json.dumps(config))
     with pytest.raises(InvalidArgument, match=r"saved quantized \(bitsandbytes\).*--quantize nf4"):
         load_runner(str(model_dir), device="cpu", limits=EngineLimits(kv_cache_tokens=64))
+
+
+def test_server_config_quantizes_the_served_base(tmp_path):
+    """``ServerConfig.quantize`` (the CLI's --quantize) reaches the runner; requests run."""
+    from hotmerge.generation import GenerationRequest, SamplingParams
+    from hotmerge.server import build_engine
+
+    model_dir = tiny_llama(tmp_path)  # hidden 64, intermediate 128: whole nf4 blocks
+    config = ServerConfig(
+        model=str(model_dir), data_dir=tmp_path, device="cpu", quantize="nf4", kv_cache_tokens=256
+    )
+    engine = build_engine(config)
+    try:
+        assert engine.runner.model.quant == "nf4"
+        request = GenerationRequest("hello", SamplingParams(max_new_tokens=4))
+        assert 1 <= len(engine.submit(request).wait().tokens) <= 4
+    finally:
+        engine.stop()

@@ -79,7 +79,9 @@ def _dequant_tile(
         if FMT == 0:
             if DOUBLE:  # bitsandbytes' double quantization: code2[q] * absmax2 + offset
                 q2 = tl.load(q2_ptr + g, mask=mask, other=0).to(tl.int32)
-                scale = tl.load(code_ptr + 16 + q2) * tl.load(s2_ptr + g // 256, mask=mask)
+                scale = tl.load(code_ptr + 16 + q2) * tl.load(
+                    s2_ptr + g // 256, mask=mask, other=0.0
+                )
                 scale = scale + tl.load(offset_ptr)
             else:
                 scale = tl.load(s_ptr + g, mask=mask, other=0.0)
