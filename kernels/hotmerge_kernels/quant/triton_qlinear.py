@@ -41,14 +41,14 @@ def _configs() -> list[triton.Config]:
 
 
 @triton.jit
-def _unpack4(packed_ptr, offs_n, k0, K, mask_n, BLOCK_K: tl.constexpr):
+def _unpack4(packed_ptr, offs_n, k0, K, mask_n, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """(BLOCK_N, BLOCK_K) 4-bit codes (int32) of columns k0.. of rows offs_n; two per byte, the
     even column in the high nibble."""
     offs_b = k0 // 2 + tl.arange(0, BLOCK_K // 2)
     ptrs = packed_ptr + offs_n[:, None].to(tl.int64) * (K // 2) + offs_b[None, :]
     b = tl.load(ptrs, mask=mask_n[:, None] & (offs_b < K // 2)[None, :], other=0).to(tl.int32)
     codes = tl.join(b >> 4, b & 0xF)  # (BLOCK_N, BLOCK_K // 2, 2): even, odd
-    return tl.reshape(codes, (offs_n.shape[0], BLOCK_K))
+    return tl.reshape(codes, (BLOCK_N, BLOCK_K))
 
 
 @triton.jit
@@ -68,33 +68,42 @@ def _dequant_tile(
     DOUBLE: tl.constexpr,
     GROUP: tl.constexpr,
     FP8_BYTES: tl.constexpr,
+    BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
     """The float32 weight tile (BLOCK_N, BLOCK_K) at columns k0.."""
-    offs_k = k0 + tl.arange(0, BLOCK_K)
-    mask = mask_n[:, None] & (offs_k < K)[None, :]
     if FMT == 0 or FMT == 1:  # nf4 / int4: per-group scales along K
-        codes = _unpack4(w_ptr, offs_n, k0, K, mask_n, BLOCK_K)
-        g = offs_n[:, None].to(tl.int64) * (K // GROUP) + (offs_k // GROUP)[None, :]
+        # One scale load per group, broadcast over its GROUP columns (BLOCK_K % GROUP == 0).
+        NG: tl.constexpr = BLOCK_K // GROUP
+        codes = tl.reshape(
+            _unpack4(w_ptr, offs_n, k0, K, mask_n, BLOCK_N, BLOCK_K), (BLOCK_N, NG, GROUP)
+        )
+        offs_g = k0 // GROUP + tl.arange(0, NG)
+        g = offs_n[:, None].to(tl.int64) * (K // GROUP) + offs_g[None, :]
+        gmask = mask_n[:, None] & (offs_g < K // GROUP)[None, :]
         if FMT == 0:
             if DOUBLE:  # bitsandbytes' double quantization: code2[q] * absmax2 + offset
-                q2 = tl.load(q2_ptr + g, mask=mask, other=0).to(tl.int32)
-                scale = tl.load(code_ptr + 16 + q2) * tl.load(
-                    s2_ptr + g // 256, mask=mask, other=0.0
-                )
-                scale = scale + tl.load(offset_ptr)
+                q2 = tl.load(q2_ptr + g, mask=gmask, other=0).to(tl.int32)
+                absmax2 = tl.load(s2_ptr + g // 256, mask=gmask, other=0.0)
+                scale = tl.load(code_ptr + 16 + q2) * absmax2 + tl.load(offset_ptr)
             else:
-                scale = tl.load(s_ptr + g, mask=mask, other=0.0)
-            w = tl.load(code_ptr + codes) * scale
+                scale = tl.load(s_ptr + g, mask=gmask, other=0.0)
+            w = tl.load(code_ptr + codes) * scale[:, :, None]
         else:
-            scale = tl.load(s_ptr + g, mask=mask, other=0.0)
-            zero = tl.load(z_ptr + g, mask=mask, other=0).to(tl.int32)
-            w = (codes - zero).to(tl.float32) * scale
+            scale = tl.load(s_ptr + g, mask=gmask, other=0.0)
+            zero = tl.load(z_ptr + g, mask=gmask, other=0).to(tl.int32)
+            w = (codes - zero[:, :, None]).to(tl.float32) * scale[:, :, None]
+        w = tl.reshape(w, (BLOCK_N, BLOCK_K))
     else:  # int8 / fp8: per-output-channel scales
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask = mask_n[:, None] & (offs_k < K)[None, :]
         ptrs = w_ptr + offs_n[:, None].to(tl.int64) * K + offs_k[None, :]
-        q = tl.load(ptrs, mask=mask, other=0)
         if FMT == 3 and FP8_BYTES:  # the interpreter has no fp8: bytes through a value table
-            q = tl.load(code_ptr + 272 + q.to(tl.int32))
+            q = tl.load(code_ptr + 272 + tl.load(ptrs, mask=mask, other=0).to(tl.int32))
+        elif FMT == 3:
+            q = tl.load(ptrs, mask=mask, other=0.0)
+        else:
+            q = tl.load(ptrs, mask=mask, other=0)
         scale = tl.load(s_ptr + offs_n, mask=mask_n, other=0.0)
         w = q.to(tl.float32) * scale[:, None]
     return w
@@ -141,7 +150,7 @@ def qlinear_kernel(
         x = tl.load(x_ptrs, mask=mask_m[:, None] & (offs_k < K)[None, :], other=0.0)
         w = _dequant_tile(
             w_ptr, s_ptr, z_ptr, code_ptr, q2_ptr, s2_ptr, offset_ptr,
-            offs_n, k0, K, mask_n, FMT, DOUBLE, GROUP, INTERPRET, BLOCK_K,
+            offs_n, k0, K, mask_n, FMT, DOUBLE, GROUP, INTERPRET, BLOCK_N, BLOCK_K,
         )  # fmt: skip
         w = w.to(x.dtype)  # the twin's rounding: the dequantized weight in x's dtype
         if BLOCK_M == 1:
@@ -183,7 +192,7 @@ def dequantize_kernel(
     mask_n = offs_n < N
     w = _dequant_tile(
         w_ptr, s_ptr, z_ptr, code_ptr, q2_ptr, s2_ptr, offset_ptr,
-        offs_n, k0, K, mask_n, FMT, DOUBLE, GROUP, INTERPRET, BLOCK_K,
+        offs_n, k0, K, mask_n, FMT, DOUBLE, GROUP, INTERPRET, BLOCK_N, BLOCK_K,
     )  # fmt: skip
     ptrs = out_ptr + offs_n[:, None].to(tl.int64) * K + offs_k[None, :]
     mask = mask_n[:, None] & (offs_k < K)[None, :]
