@@ -253,3 +253,57 @@ def test_triton_dequantize_equals_twin(name, dtype):
     rounding); partial tiles in N and K."""
     qw = quantized(name, weight(40, 384 if name == "int4" else 320, seed=13, dtype=dtype))
     assert torch.equal(dequantize_triton(qw, dtype), dequantize(qw, dtype))
+
+
+def _compile_for_hopper(kernel, signature: dict, constexprs: dict, **options):
+    """Compile a Triton kernel for sm_90 (no GPU needed: the bundled ptxas); returns it."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    sig = {**signature, **dict.fromkeys(constexprs, "constexpr")}
+    consts = {(kernel.arg_names.index(k),): v for k, v in constexprs.items()}
+    src = ASTSource(fn=kernel, signature=sig, constexprs=consts)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+
+
+def compile_all_for_hopper() -> None:
+    """Every format's kernels compiled for sm_90: one row and 64 rows, the smallest and the
+    largest tile (run outside the interpreter: see the test below)."""
+    from hotmerge_kernels.quant import triton_qlinear as tq
+
+    configs = tq._configs()
+    formats = [(tq.NF4, False, "*u8"), (tq.NF4, True, "*u8"), (tq.INT4, False, "*u8"),
+               (tq.INT8, False, "*i8"), (tq.FP8, False, "*fp8e4nv")]  # fmt: skip
+    for fmt_id, double, w_type in formats:
+        ptrs = dict(w_ptr=w_type, s_ptr="*fp32", z_ptr="*u8", code_ptr="*fp32", q2_ptr="*u8",
+                    s2_ptr="*fp32", offset_ptr="*fp32")  # fmt: skip
+        flags = dict(
+            FMT=fmt_id, DOUBLE=double, GROUP=128 if fmt_id == tq.INT4 else 64, INTERPRET=False
+        )
+        signature = dict(x_ptr="*bf16", **ptrs, bias_ptr="*bf16", y_ptr="*bf16", M="i32",
+                         N="i32", K="i32", stride_xm="i32", stride_ym="i32")  # fmt: skip
+        for block_m in (1, 64):
+            for config in (configs[0], configs[-1]):
+                consts = dict(flags, HAS_BIAS=True, BLOCK_M=block_m, **config.kwargs)
+                options = dict(num_warps=config.num_warps, num_stages=config.num_stages)
+                compiled = _compile_for_hopper(tq.qlinear_kernel.fn, signature, consts, **options)
+                assert compiled.metadata.shared <= 227 * 1024
+        sig = dict(**ptrs, out_ptr="*bf16", N="i32", K="i32")
+        consts = dict(flags, BLOCK_N=32, BLOCK_K=128)
+        _compile_for_hopper(tq.dequantize_kernel, sig, consts, num_warps=4)
+
+
+def test_kernels_compile_for_hopper():
+    """What the interpreter cannot check: the kernels lower to sm_90 code for every format
+    (else the first GPU run would be the first compile; every tile config was compiled once,
+    by hand, 2026-12-06). A child process, since the interpreter replaces ``triton.jit``."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    code = "from tests.kernels.test_quant import compile_all_for_hopper as c; c()"
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
