@@ -6,6 +6,7 @@
     hotmerge generate --merge demo-a,demo-b --weights 1,0.5 --strategy ties --density 0.5 "hi"
     hotmerge merge demo-a,demo-b --strategy dare_ties --density 0.5 --seed 7
     hotmerge info | adapters | merges | load ID | unload ID        [--target host:port]
+    hotmerge eval --skills sql,python --adapter sql-coder  |  hotmerge sweep a,b --skills ...
     hotmerge export demo-a,demo-b --strategy ties_svd --density 0.5 --out merged/ \
         [--adapter-root DIR] [--device cuda] [--dtype bfloat16]    (offline, no server)
 
@@ -29,6 +30,7 @@ import grpc
 from hotmerge_kernels.merge.params import Strategy
 
 from hotmerge import __version__
+from hotmerge.cli_eval import add_eval_parsers
 from hotmerge.client import DEFAULT_TARGET, HotmergeClient, merge_request
 from hotmerge.config import DATA_DIR_ENV, ServerConfig
 from hotmerge.errors import HotmergeError
@@ -460,6 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
     _serve_parser(sub)
     _export_parser(sub)
     _client_parsers(sub)
+    add_eval_parsers(sub)
     return parser
 
 
@@ -471,7 +474,7 @@ def _unreachable(err: grpc.RpcError) -> bool:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command in ("serve", "export"):
+    if args.command in ("serve", "export", "eval", "sweep"):
         return args.run(args)
     with HotmergeClient(args.target, timeout=args.timeout) as client:
         try:
