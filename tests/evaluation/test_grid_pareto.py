@@ -218,3 +218,18 @@ def test_prompter_chat_template_and_raw():
 def test_candidate_key_is_stable():
     spec = {"ids": ["a", "b"], "merge_strategy": "ties", "density": 0.5}
     assert Candidate("merge", "x", spec=spec).key == Candidate("merge", "y", spec=dict(spec)).key
+
+
+@pytest.mark.parametrize("skills", [["a"], ["a", "b"], ["a", "b", "c"]])
+def test_plot_writes_a_png_for_any_number_of_skills(tmp_path, skills):
+    from hotmerge.evaluation.plot import plot_sweep
+
+    rng = [0.1, 0.7, 0.4, 0.9, 0.2]
+    records = [
+        {"kind": "base" if i == 0 else "merge", "label": f"c{i}", "key": f"k{i}", "status": "ok",
+         "scores": {s: rng[(i + j) % 5] for j, s in enumerate(skills)}}
+        for i in range(5)
+    ] + [{"kind": "merge", "label": "bad", "key": "kb", "status": "invalid"}]  # fmt: skip
+    ranking = rank(records, skills)
+    path = plot_sweep(ranking, skills, tmp_path / "p.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000

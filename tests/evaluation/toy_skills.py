@@ -30,7 +30,10 @@ class ToySkill:
         return items[:n] if n is not None else items
 
     def score(self, example: Example, completion: str) -> float:
-        return float(bool(completion) and ord(completion[0]) % self.modulus == 0)
+        if not completion:
+            return 0.0
+        shift = int(example.reference[-1])  # so the examples of one target score differently
+        return float((sum(map(ord, completion)) + shift) % self.modulus == 0)
 
 
 SKILLS = {s.name: s for s in (ToySkill("even", 2), ToySkill("third", 3))}

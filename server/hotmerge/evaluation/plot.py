@@ -48,13 +48,18 @@ def _style(ranking: Ranking, i: int) -> tuple[str, str]:
 
 def _scatter(ax, ranking: Ranking, skills: Sequence[str], idx: list[int]) -> None:
     a, b = skills
+    labels: dict[tuple[float, float], list[str]] = {}  # candidates that score the same share one
     for i in idx:
         r = ranking.records[i]
         x, y = r["scores"][a], r["scores"][b]
         colour, marker = _style(ranking, i)
-        ax.scatter(x, y, c=colour, marker=marker, s=220 if marker == "*" else 50,
-                   edgecolors="black", linewidths=0.5, zorder=3)  # fmt: skip
-        ax.annotate(r["label"], (x, y), xytext=(4, 4), textcoords="offset points", fontsize=7)
+        size, z = (220 if marker == "*" else 50), (4 if marker == "s" else 3)  # refs on top
+        ax.scatter(x, y, c=colour, marker=marker, s=size, edgecolors="black", linewidths=0.5,
+                   zorder=z)  # fmt: skip
+        labels.setdefault((x, y), []).append(r["label"])
+    for (x, y), names in labels.items():
+        ax.annotate("\n".join(names), (x, y), xytext=(5, -3), textcoords="offset points",
+                    fontsize=7, va="top")  # fmt: skip
     front = sorted(
         ((ranking.records[i]["scores"][a], ranking.records[i]["scores"][b])
          for i in idx if ranking.front[i]),
@@ -67,14 +72,16 @@ def _scatter(ax, ranking: Ranking, skills: Sequence[str], idx: list[int]) -> Non
             ys += [y, y]
         ax.plot(xs, ys, color=_FRONT, lw=1.2, ls="--", zorder=2, label="Pareto front")
     ax.scatter([], [], c=_REF, marker="s", label="base / single adapter")
-    ax.scatter([], [], c=_OTHER, marker="o", label="merge")
+    ax.scatter([], [], c=_FRONT, marker="o", label="merge on the front")
+    ax.scatter([], [], c=_OTHER, marker="o", label="other merge")
     ax.scatter([], [], c=_CHOSEN, marker="*", s=120, label="chosen")
     ax.set_xlabel(f"{a} score")
     ax.set_ylabel(f"{b} score")
-    ax.set_xlim(-0.05, 1.05)
-    ax.set_ylim(-0.05, 1.05)
+    ax.set_xlim(-0.05, 1.25)  # room for the labels right of the points
+    ax.set_xticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
+    ax.set_ylim(-0.08, 1.05)
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower left", fontsize=8)
+    ax.legend(loc="upper left", fontsize=8)
 
 
 def _parallel(ax, ranking: Ranking, skills: Sequence[str], idx: list[int]) -> None:
