@@ -216,3 +216,47 @@ def test_sweep_records_invalid_candidates_and_retries_only_transient_errors(
     records = run_sweep(*args, progress=False, log=seen.append)
     assert seen[0] == "3 candidates: 2 done before, 1 to score"
     assert records[2]["status"] == "ok" and len(path.read_text().splitlines()) == 4
+
+
+@pytest.mark.slow
+def test_lm_eval_local_completions_on_a_named_merge(setup, client, tmp_path, monkeypatch):
+    """lm-eval-harness's local-completions runs a task written by make_tasks.py against a
+    named merge, over the OpenAI route, and gets what hotmerge generates for that merge."""
+    lm_eval = pytest.importorskip("lm_eval")
+    from lm_eval.tasks import TaskManager
+
+    from benchmarks.lm_eval_tasks.make_tasks import write_task
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    server, _, _ = setup
+    spec = {"ids": ["ad-a", "ad-b"], "merge_strategy": "ties", "density": 0.5}
+    client.merge(spec, name="lm-eval-mix")
+    skill = toy_skills.SKILLS["even"]
+    write_task(skill, None, tmp_path, n=3)
+    out = lm_eval.simple_evaluate(
+        model="local-completions",
+        model_args={
+            "model": "lm-eval-mix",
+            "base_url": f"{server.http_url}/v1/completions",
+            "tokenized_requests": False,
+            "tokenizer_backend": "none",
+            "num_concurrent": 2,
+            "max_retries": 1,
+        },
+        tasks=["hotmerge_even"],
+        task_manager=TaskManager(include_path=str(tmp_path)),
+        log_samples=True,
+    )
+    samples = out["samples"]["hotmerge_even"]
+    assert len(samples) == 3
+    examples = skill.examples("heldout", 3)
+    for sample in samples:
+        ex = examples[sample["doc_id"]]
+        assert sample["doc"] == {"prompt": ex.prompt, "reference": ex.reference}
+        served = client.generate(ex.prompt, adapter_id="lm-eval-mix", max_new_tokens=4)
+        assert sample["resps"][0][0] == served.generated_text
+    expected = sum(
+        s["resps"][0][0].strip() == s["doc"]["reference"].strip() for s in samples
+    ) / len(samples)
+    assert out["results"]["hotmerge_even"]["exact_match,greedy"] == pytest.approx(expected)
