@@ -217,6 +217,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             return 0
         chosen = ranking.records[ranking.chosen]
         print(f"chosen ({args.criterion}): {chosen['label']}  {json.dumps(chosen['spec'])}")
+        merges_file = out / "merges.json"  # for `hotmerge serve --merges`: keeps the name
+        merges_file.write_text(json.dumps({args.register or "sweep-best": chosen["spec"]}) + "\n")
         if args.register:
             reply = s.client.merge(chosen["spec"], name=args.register)
             print(f"registered {reply.name!r} as {reply.merge_key} (rank {reply.rank})")

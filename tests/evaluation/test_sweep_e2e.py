@@ -173,6 +173,7 @@ def test_sweep_cli_table_front_plot_register_export_and_resume(setup, client, sk
     reply = client.generate("hello", adapter_id="best-mix", max_new_tokens=2)
     spec = json.loads(chosen["spec"])
     assert reply.merge.affinity_key == affinity_key(merged_adapters_from_dict(spec))
+    assert json.loads((out / "merges.json").read_text()) == {"best-mix": spec}
     # --export: a PEFT adapter folder of the same spec
     exported = json.loads((tmp_path / "x" / "hotmerge_spec.json").read_text())
     assert exported["affinity_key"] == chosen["key"]
