@@ -121,10 +121,12 @@ def _prompter(args: argparse.Namespace, tokenizer) -> Prompter:
 
 def _settings(args: argparse.Namespace, client: HotmergeClient) -> EvalSettings:
     score_tokens = probe_score_tokens(client) if not args.no_loglik else 1
+    # Default: two full batches in flight, so the engine's batch stays full between replies.
+    concurrency = args.concurrency or 2 * max(1, client.info().max_batch_size)
     return EvalSettings(
         n=args.n, split=args.split, max_new_tokens=args.max_new_tokens,
         loglik=not args.no_loglik, score_new_tokens=score_tokens,
-        concurrency=args.concurrency, timeout_s=args.timeout,
+        concurrency=concurrency, timeout_s=args.timeout,
     )  # fmt: skip
 
 
@@ -260,7 +262,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     a("--raw-prompts", action="store_true",
       help="send the prompts without the chat template (for models that have none)")  # fmt: skip
     a("--tokenizer", help="tokenizer folder (default: the served model's folder, from Info)")
-    a("--concurrency", type=int, default=16, help="requests in flight (default: 16)")
+    a("--concurrency", type=int,
+      help="requests in flight (default: twice the server's max batch size)")  # fmt: skip
     a("--out", help="output folder")
     a("--no-progress", action="store_true", help="no progress bar")
     a("--target", default=os.environ.get(TARGET_ENV, DEFAULT_TARGET),

@@ -92,6 +92,27 @@ def test_eval_scores_match_the_text_path_and_transformers(setup, client, adapter
     assert result.merge_cache_hit is None  # no merge for a plain adapter
 
 
+def test_eval_merge_time_of_a_merge_already_cached(setup, client):
+    tokenizer = setup[0].engine.runner.tokenizer
+    spec = {"ids": ["ad-a", "ad-b"], "merge_strategy": "magnitude_prune", "density": 0.4}
+    examples = {"even": SKILLS[0].examples("heldout", 1)}
+    runs = [
+        evaluate(
+            client,
+            Target(spec=spec),
+            SKILLS[:1],
+            examples,
+            Prompter(tokenizer, None),
+            EvalSettings(n=1),
+            progress=False,
+        )  # fmt: skip
+        for _ in range(2)
+    ]
+    assert [r.merge_cache_hit for r in runs] == [False, True]
+    assert runs[0].merge_ms > 0 and runs[1].merge_ms == runs[0].merge_ms  # the cache's record
+    assert runs[0].merge_key == runs[1].merge_key
+
+
 def test_eval_cli_in_process_server_with_chat_template(setup, skills, tmp_path, capsys):
     _, model_dir, root = setup
     spec = {"ids": ["ad-a", "ad-b"], "merge_strategy": "ties", "density": 0.5}
