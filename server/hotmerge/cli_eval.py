@@ -256,7 +256,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     a = p.add_argument
     a("--skills", required=True, help="comma-separated skill names (hotmerge.skills)")
     a("-n", type=int, help="examples per skill (default: the whole held-out set)")
-    a("--split", default="heldout", help="(default: heldout)")
+    a("--split", default="heldout", choices=["heldout", "train"], help="(default: heldout)")
     a("--max-new-tokens", type=int, help="generation length (default: each skill's)")
     a("--no-loglik", action="store_true", help="skip the reference log-likelihood")
     a("--raw-prompts", action="store_true",
