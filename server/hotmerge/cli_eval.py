@@ -241,7 +241,7 @@ def run(args: argparse.Namespace) -> int:
     """The entry point of both commands: errors become one line on stderr and exit status 1."""
     try:
         return args.eval_command(args)
-    except HotmergeError as err:
+    except (HotmergeError, OSError, ValueError) as err:  # bad input, files, server config
         print(f"error: {err}", file=sys.stderr)
         return 1
     except grpc.RpcError as err:
