@@ -282,3 +282,27 @@ def test_lm_eval_local_completions_on_a_named_merge(setup, client, tmp_path, mon
         s["resps"][0][0].strip() == s["doc"]["reference"].strip() for s in samples
     ) / len(samples)
     assert out["results"]["hotmerge_even"]["exact_match,greedy"] == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("strategy", ["ties", "magnitude_prune"])
+def test_static_baseline_scores_what_hotmerge_scores(setup, client, strategy):
+    """benchmarks/static_merge_baseline.py (PEFT merge, save, reload, transformers generate)
+    gives the scores and reference logliks hotmerge gives for the same spec: the baseline the
+    sweep is timed against evaluates the same thing."""
+    from benchmarks.static_merge_baseline import evaluate_static, merge_and_reload
+
+    server, model_dir, root = setup
+    tokenizer = server.engine.runner.tokenizer
+    spec = {"ids": ["ad-a", "ad-b"], "weights": [1.0, 0.7], "merge_strategy": strategy,
+            "density": 0.6}  # fmt: skip
+    prompter = Prompter(tokenizer, None)
+    examples = {s.name: s.examples("heldout", 6) for s in SKILLS}
+    served = evaluate(client, Target(spec=spec), SKILLS, examples, prompter,
+                      EvalSettings(n=6), progress=False)  # fmt: skip
+    times: dict[str, float] = {}
+    model = merge_and_reload(spec, str(model_dir), root, "cpu", torch.float32, times)
+    static = evaluate_static(model, tokenizer, SKILLS, prompter, 6, batch_size=4)
+    assert set(times) == {"load_s", "merge_s", "save_s", "reload_s"}
+    for name, s in served.skills.items():
+        assert static[name]["score"] == s.score
+        assert static[name]["loglik"] == pytest.approx(s.loglik, abs=1e-3)
