@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -203,14 +204,28 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         key = settings_key(
             s.model_id, examples, settings, chat=not args.raw_prompts, max_new_tokens=lengths
         )
+        started = time.monotonic()
         records = run_sweep(
             s.client, candidates, skills, examples, _prompter(args, s.tokenizer), settings,
             results_path, key, progress=not args.no_progress,
         )  # fmt: skip
+        wall_s = time.monotonic() - started
         ranking = rank(records, names, weights)
-        paths = write_sweep_tables(ranking, names, out)
+        n = {k: len(v) for k, v in examples.items()}
+        meta = {
+            "model": s.model_id, "examples": n, "settings": key, "criterion": args.criterion,
+            "n_candidates": len(candidates),
+            "eval_s_total": round(sum(r.get("eval_s", 0.0) for r in records), 2),
+            "this_run_wall_s": round(wall_s, 2),
+        }  # fmt: skip
+        paths = write_sweep_tables(ranking, names, out, meta)
+        print(f"{len(candidates)} candidates; this run took {wall_s:.1f} s; the candidates' "
+              f"evaluations took {meta['eval_s_total']:.1f} s in all")  # fmt: skip
         if any(r["status"] == "ok" for r in records):
-            paths["png"] = plot_sweep(ranking, names, out / "sweep.png")
+            title = f"{Path(s.model_id.split(' (')[0]).name}: {len(candidates)} candidates, " + (
+                ", ".join(f"{k} n={v}" for k, v in n.items())
+            )
+            paths["png"] = plot_sweep(ranking, names, out / "sweep.png", title)
         print("wrote " + ", ".join(str(p) for p in paths.values()))
         if ranking.chosen is None:
             if args.register or args.export:

@@ -176,11 +176,14 @@ def test_sweep_cli_table_front_plot_register_export_and_resume(setup, client, sk
     assert chosen["kind"] == "merge"
     assert chosen["min_score"] == max(r["min_score"] for r in merges)
     assert doc["chosen"]["key"] == chosen["key"]
+    assert doc["n_candidates"] == 7 and doc["examples"] == {"even": 4, "third": 4}
+    assert doc["this_run_wall_s"] >= doc["eval_s_total"] > 0
 
     csv_lines = (out / "sweep.csv").read_text().splitlines()
     assert len(csv_lines) == 8 and csv_lines[0].startswith("label,kind,status,front,chosen")
     md = (out / "sweep.md").read_text()
-    assert "(chosen)" in md and md.count("\n| ") == 7  # the rows after the header
+    assert "(chosen)" in md and md.count("\n| ") == 1 + 7  # header and rows
+    assert "n_candidates: 7" in md
 
     png = out / "sweep.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000

@@ -46,8 +46,13 @@ def table_rows(ranking: Ranking, skill_names: Sequence[str]) -> list[dict[str, A
 
 
 def write_sweep_tables(
-    ranking: Ranking, skill_names: Sequence[str], out_dir: Path, stem: str = "sweep"
+    ranking: Ranking,
+    skill_names: Sequence[str],
+    out_dir: Path,
+    meta: Mapping[str, Any] | None = None,
+    stem: str = "sweep",
 ) -> dict[str, Path]:
+    """``meta``: what the run was (model, settings, timing), at the top of the JSON."""
     rows = table_rows(ranking, skill_names)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {ext: out_dir / f"{stem}.{ext}" for ext in ("csv", "json", "md")}
@@ -56,9 +61,10 @@ def write_sweep_tables(
         writer.writeheader()
         writer.writerows(rows)
     chosen = ranking.records[ranking.chosen] if ranking.chosen is not None else None
-    doc = {"skills": list(skill_names), "chosen": chosen, "candidates": rows}
+    doc = {**(meta or {}), "skills": list(skill_names), "chosen": chosen, "candidates": rows}
     paths["json"].write_text(json.dumps(doc, indent=2, sort_keys=False) + "\n")
-    paths["md"].write_text(sweep_markdown(rows, skill_names))
+    intro = "".join(f"{k}: {v}  \n" for k, v in (meta or {}).items())
+    paths["md"].write_text((intro + "\n" if intro else "") + sweep_markdown(rows, skill_names))
     return paths
 
 
