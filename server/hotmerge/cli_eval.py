@@ -19,6 +19,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,12 +49,14 @@ TARGET_ENV = "HOTMERGE_TARGET"
 # -- shared setup -----------------------------------------------------------------------------
 
 
+@dataclass
 class Session:
     """A client, the tokenizer of the served model, and where the adapters are (for export)."""
 
-    def __init__(self, client: HotmergeClient, tokenizer, model_id: str, adapter_root: str):
-        self.client, self.tokenizer = client, tokenizer
-        self.model_id, self.adapter_root = model_id, adapter_root
+    client: HotmergeClient
+    tokenizer: Any
+    model_id: str  # with the dtype: part of the settings key
+    adapter_root: str
 
 
 @contextmanager
@@ -115,6 +118,11 @@ def resolve_skills(names: str) -> list[Any]:
 def _prompter(args: argparse.Namespace, tokenizer) -> Prompter:
     if args.raw_prompts:
         return Prompter(tokenizer, None)
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise InvalidArgument(
+            "the served model's tokenizer has no chat template: pass --raw-prompts to send the "
+            "prompts as they are"
+        )
     from hotmerge.skills import chat_prompt
 
     return Prompter(tokenizer, chat_prompt)

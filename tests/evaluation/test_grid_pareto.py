@@ -201,10 +201,14 @@ def test_load_results_latest_per_key_for_these_settings(tmp_path):
 
 
 class _Tokenizer:
-    """Characters as ids; BOS (1) first unless add_special_tokens=False."""
+    """Characters as ids; BOS (1) first unless add_special_tokens=False; a fixed chat format."""
 
     def __call__(self, text, add_special_tokens=True):
         return {"input_ids": ([1] if add_special_tokens else []) + [ord(c) for c in text]}
+
+    def apply_chat_template(self, messages, tokenize, add_generation_prompt):
+        assert not tokenize and add_generation_prompt
+        return "".join(f"<user>{m['content']}</user>" for m in messages) + "<assistant>"
 
 
 def test_prompter_chat_template_and_raw():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -113,11 +114,21 @@ def test_eval_merge_time_of_a_merge_already_cached(setup, client):
     assert runs[0].merge_key == runs[1].merge_key
 
 
+CHAT_TEMPLATE = "{% for m in messages %}<user>{{ m['content'] }}</user>{% endfor %}<assistant>"
+
+
 def test_eval_cli_in_process_server_with_chat_template(setup, skills, tmp_path, capsys):
+    from transformers import AutoTokenizer
+
     _, model_dir, root = setup
+    chat_model = tmp_path / "chat-model"  # the tiny model, its tokenizer given a chat template
+    shutil.copytree(model_dir, chat_model)
+    tokenizer = AutoTokenizer.from_pretrained(chat_model)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(chat_model)
     spec = {"ids": ["ad-a", "ad-b"], "merge_strategy": "ties", "density": 0.5}
     rc = main([
-        "eval", "--serve", "--model", str(model_dir), "--adapter-root", str(root),
+        "eval", "--serve", "--model", str(chat_model), "--adapter-root", str(root),
         "--device", "cpu", "--dtype", "float32", "--skills", "even,third", "-n", "2",
         "--base", "--adapter", "ad-a", "--spec", json.dumps(spec),
         "--out", str(tmp_path), "--no-progress",
@@ -133,6 +144,10 @@ def test_eval_cli_in_process_server_with_chat_template(setup, skills, tmp_path, 
         assert len(target["examples"]) == 4
         assert all(math.isfinite(e["loglik"]) and e["reference_tokens"] > 0
                    for e in target["examples"])  # fmt: skip
+    examples = toy_skills.SKILLS["even"].examples("heldout", 2)
+    rendered = [f"<user>{ex.prompt}</user><assistant>" for ex in examples]
+    sent = [e["prompt_tokens"] for e in doc["targets"]["base"]["examples"][:2]]
+    assert sent == [len(text.encode()) for text in rendered]  # one token a byte, no BOS
     md = (tmp_path / "eval.md").read_text()
     assert md.count("\n") == 2 + 3 * 2 and "| ad-a | even | 2 |" in md
 
@@ -143,6 +158,11 @@ def test_eval_cli_reports_a_bad_target(setup, skills, tmp_path, capsys):
                "--no-progress"])  # fmt: skip
     assert rc == 1
     assert "no-such-adapter" in capsys.readouterr().err
+    # The tiny model has no chat template: the error says what to pass
+    rc = main(["eval", "--target", setup[0].target, "--skills", "even", "-n", "2",
+               "--out", str(tmp_path), "--no-progress"])  # fmt: skip
+    assert rc == 1
+    assert "--raw-prompts" in capsys.readouterr().err
 
 
 def sweep_args(server, out, *extra):

@@ -40,7 +40,10 @@ SKILLS = {s.name: s for s in (ToySkill("even", 2), ToySkill("third", 3))}
 
 
 def chat_prompt(tokenizer, example: Example) -> str:
-    return f"<user>{example.prompt}</user><assistant>"
+    """As hotmerge.skills renders it: the tokenizer's chat template, ready for the answer."""
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": example.prompt}], tokenize=False, add_generation_prompt=True
+    )
 
 
 def install(monkeypatch) -> types.ModuleType:

@@ -116,6 +116,7 @@ class ExampleResult:
     completion: str = ""
     score: float = 0.0
     loglik: float | None = None  # mean logprob of the reference tokens
+    prompt_tokens: int = 0
     reference_tokens: int = 0
 
 
@@ -204,6 +205,7 @@ def _run(client: HotmergeClient, job: _Job, target: Target, timeout_s: float):
     ex = job.example
     if job.kind == "generate":
         ex.completion = reply.generated_text
+        ex.prompt_tokens = reply.prompt_tokens
         ex.score = float(job.skill.score(job.source, reply.generated_text))
     else:
         logprobs = [t.logprob for t in reply.prompt[job.prompt_len :]]
