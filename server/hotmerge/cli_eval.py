@@ -256,7 +256,7 @@ def _export(spec: dict[str, Any], adapter_root: str, out: Path) -> None:
     from hotmerge.merging.export import export_merge
 
     parsed = parse_merge_spec(merged_adapters_from_dict(spec), max_adapters=None)
-    result = export_merge(parsed, adapter_root, out, device="cpu", log=lambda _m: None)
+    result = export_merge(parsed, adapter_root, out, log=lambda _m: None)
     print(f"exported to {result.directory}: rank {result.rank}, {result.modules} modules")
 
 
