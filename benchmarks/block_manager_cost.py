@@ -1,6 +1,6 @@
 """Host cost of the block manager's calls (pure Python): what admission and each step pay.
 
-    python benchmarks/block_manager_cost.py [--rows 64] [--prompt 512] [--block-size 16]
+python benchmarks/block_manager_cost.py [--rows 64] [--prompt 512] [--block-size 16]
 """
 
 from __future__ import annotations

@@ -112,13 +112,14 @@ class BlockManager:
         hits: list[int] = []
         ids: list[int] = []
         if self.prefix_caching:
-            parent = _NO_PARENT
-            for start in range(0, len(tokens) - size, size):  # full blocks before the last token
-                block = self._by_content.get((parent, key, tuple(tokens[start : start + size])))
+            parent, content, by_content = _NO_PARENT, self._content_of, self._by_content
+            whole = tuple(tokens)  # one copy; its slices are cheap
+            for start in range(0, len(whole) - size, size):  # full blocks before the last token
+                block = by_content.get((parent, key, whole[start : start + size]))
                 if block is None:
                     break
                 hits.append(block)
-                parent = self._content_of[block][1]
+                parent = content[block][1]
                 ids.append(parent)
         fresh = blocks_for(len(tokens), size) - len(hits)
         revived = sum(1 for b in hits if self._refs[b] == 0)  # cached: they leave the free count
