@@ -14,10 +14,21 @@ the request's deadline and the stores' server maximum; inputs that together exce
 budget fail at once (no retry can help); a running merge stops between chunks when the request's
 deadline passes, its client goes away or the server stops (``stop``); a merged adapter that is
 not finite (weights too large for the dtype) is refused.
+
+Off the engine's path: on CUDA, merges run on a stream of their own at CUDA's lowest priority
+(kernels of a higher-priority stream, the engine's, are scheduled first), after the work that
+loaded their inputs (the default stream). Between the chunks of a ΔW-space merge (hundreds of
+milliseconds of work; the polls after each module group's factorisation) the merge thread
+waits for its stream, with the GIL released, and yields the GIL: at most one chunk of merge
+work is queued ahead of decode, the engine thread never waits on the merge's host code for
+long, and a cancelled merge stops within a chunk. The merged adapter carries a
+``ready_event`` recorded after its last write; the adapter pool's slot write waits on it on
+the engine's stream.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import threading
@@ -74,6 +85,8 @@ class Merger:
         self.dtype = dtype  # part of the key: the same spec merged in another dtype differs
         self.metrics = metrics
         self._stopping = threading.Event()
+        self._streams: dict[torch.device, torch.cuda.Stream] = {}
+        self._streams_lock = threading.Lock()
 
     def stop(self) -> None:
         """Stop running merges at their next chunk (shutdown); new merges fail UNAVAILABLE."""
@@ -174,6 +187,26 @@ class Merger:
         stop: Callable[[], bool],
         deadline: float | None,
     ) -> FlatAdapter:
+        stream = self._stream(weights[0].device)
+        try:
+            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                if spec.params.strategy.in_delta_space:  # long: let decode through its chunks
+                    stop = _yielding(stop, stream)
+                merged = self._merge_on(spec, weights, stop, deadline)
+                if stream is not None:
+                    merged.ready_event = stream.record_event()
+        finally:
+            if stream is not None:  # nothing of a failed merge still runs once it has failed
+                stream.synchronize()
+        return merged
+
+    def _merge_on(
+        self,
+        spec: MergeSpec,
+        weights: list[FlatAdapter],
+        stop: Callable[[], bool],
+        deadline: float | None,
+    ) -> FlatAdapter:
         try:
             merged = merge_adapters(weights, spec.params, cancel=stop).adapter
         except ValueError as err:  # inputs the engine cannot merge together
@@ -190,6 +223,20 @@ class Merger:
                 "use smaller weights"
             )
         return merged
+
+    def _stream(self, device: torch.device) -> torch.cuda.Stream | None:
+        """The merges' stream on ``device`` (None off CUDA), after the default stream's work
+        so far (the adapter store loads inputs there)."""
+        if device.type != "cuda":
+            return None
+        with self._streams_lock:
+            stream = self._streams.get(device)
+            if stream is None:
+                # 0 is CUDA's lowest priority (and the default): merges yield to any stream
+                # created with a negative priority, as the engine's must be.
+                stream = self._streams[device] = torch.cuda.Stream(device, priority=0)
+        stream.wait_stream(torch.cuda.default_stream(device))
+        return stream
 
     def _outcome(
         self,
@@ -209,6 +256,24 @@ class Merger:
             rank=adapter.rank,
             nbytes=adapter.nbytes,
         )
+
+
+def _yielding(stop: Callable[[], bool], stream: torch.cuda.Stream | None) -> Callable[[], bool]:
+    """``stop``, polled between a merge's chunks, that first lets the engine run: waits for
+    the chunk on the device (GIL released) and yields the GIL."""
+
+    def check() -> bool:
+        if stream is not None:
+            stream.synchronize()
+        pause()
+        return stop()
+
+    return check
+
+
+def pause() -> None:
+    """Hand the GIL to any other thread that wants it (the engine's)."""
+    time.sleep(0)
 
 
 @functools.lru_cache(maxsize=4096)
