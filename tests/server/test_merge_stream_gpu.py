@@ -46,15 +46,24 @@ def test_a_merge_runs_on_its_own_stream_and_records_its_event(cuda, monkeypatch,
     monkeypatch.setattr(merger_mod, "merge_adapters", recording)
     merger = Merger(store=None, cache=None, dtype="float32")
     spec = MergeSpec(("a", "b", "c"), params)
-    # a long kernel queued on the default stream first: the merge must wait for it
-    busy = torch.randn(4096, 4096, device="cuda")
-    for _ in range(20):
-        busy = busy @ busy / 64
+    torch.cuda.synchronize()  # inputs complete, as the store's blocking copy leaves them
+    # The last input is rewritten late on a side stream: the merge waits for its event.
+    side = torch.cuda.Stream(priority=0)
+    side.wait_stream(torch.cuda.current_stream())
+    expected_inputs = [
+        *inputs[:2],
+        FlatAdapter(inputs[2].buffer * 2, inputs[2].segments, rank=8, scaling=2.0),
+    ]
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(100_000_000)  # tens of ms
+        late = FlatAdapter(inputs[2].buffer * 2, inputs[2].segments, rank=8, scaling=2.0)
+        late.ready_event = side.record_event()
+    inputs[2] = late
     merged = merger._merge(spec, inputs, lambda: False, None)
     (stream,) = streams
     assert stream != torch.cuda.default_stream() and stream.priority == 0
     assert merged.ready_event is not None and merged.ready_event.query()
-    expected = merge_adapters(inputs, params).adapter
+    expected = merge_adapters(expected_inputs, params).adapter
     torch.testing.assert_close(merged.buffer, expected.buffer)
 
 

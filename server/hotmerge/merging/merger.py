@@ -16,14 +16,14 @@ deadline passes, its client goes away or the server stops (``stop``); a merged a
 not finite (weights too large for the dtype) is refused.
 
 Off the engine's path: on CUDA, merges run on a stream of their own at CUDA's lowest priority
-(kernels of a higher-priority stream, the engine's, are scheduled first), after the work that
-loaded their inputs (the default stream). Between the chunks of a ΔW-space merge (hundreds of
-milliseconds of work; the polls after each module group's factorisation) the merge thread
-waits for its stream, with the GIL released, and yields the GIL: at most one chunk of merge
-work is queued ahead of decode, the engine thread never waits on the merge's host code for
-long, and a cancelled merge stops within a chunk. The merged adapter carries a
-``ready_event`` recorded after its last write; the adapter pool's slot write waits on it on
-the engine's stream.
+(kernels of a higher-priority stream, the engine's, are scheduled first) and never queue behind
+a decode step (inputs are complete when loaded, or carry a ``ready_event``). Between the
+chunks of a ΔW-space merge (hundreds of milliseconds of work; the polls after each module
+group's factorisation) the merge thread waits for its stream, with the GIL released, and
+yields the GIL: at most one chunk of merge work is queued ahead of decode, the engine thread
+never waits on the merge's host code for long, and a cancelled merge stops within a chunk. The
+merged adapter carries a ``ready_event`` recorded after its last write; the adapter pool's
+slot write waits on it on the engine's stream.
 """
 
 from __future__ import annotations
@@ -188,6 +188,9 @@ class Merger:
         deadline: float | None,
     ) -> FlatAdapter:
         stream = self._stream(weights[0].device)
+        for adapter in weights:  # an input written on another stream (a named merge's)
+            if stream is not None and adapter.ready_event is not None:
+                stream.wait_event(adapter.ready_event)
         try:
             with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
                 if spec.params.strategy.in_delta_space:  # long: let decode through its chunks
@@ -225,8 +228,10 @@ class Merger:
         return merged
 
     def _stream(self, device: torch.device) -> torch.cuda.Stream | None:
-        """The merges' stream on ``device`` (None off CUDA), after the default stream's work
-        so far (the adapter store loads inputs there)."""
+        """The merges' stream on ``device`` (None off CUDA). It does not wait for the default
+        stream (a fresh merge must not queue behind a decode step there): the adapter store's
+        copy to the device is a blocking one, complete when the adapter is loaded, and an
+        input made on another stream carries its ``ready_event``."""
         if device.type != "cuda":
             return None
         with self._streams_lock:
@@ -235,7 +240,6 @@ class Merger:
                 # 0 is CUDA's lowest priority (and the default): merges yield to any stream
                 # created with a negative priority, as the engine's must be.
                 stream = self._streams[device] = torch.cuda.Stream(device, priority=0)
-        stream.wait_stream(torch.cuda.default_stream(device))
         return stream
 
     def _outcome(
