@@ -98,6 +98,7 @@ def test_a_delta_space_merge_yields_between_its_chunks(client, monkeypatch):
     factor-space merge, a millisecond, does not pause); the results stay the same."""
     paused = []
     monkeypatch.setattr(merger, "pause", lambda: paused.append(1))
+    monkeypatch.setattr(merger, "YIELD_EVERY_S", 0.0)  # at every poll
     fresh = spec(("ad-a", "ad-r8", "ad-c"), (0.3, 0.9, 0.6), "TIES_SVD", density=0.7, seed=5)
     reply = client.merge(fresh)
     assert not reply.cache_hit and len(paused) >= 2  # once at the start, then between groups

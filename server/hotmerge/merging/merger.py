@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -54,6 +55,8 @@ from hotmerge.merging.spec import MergeSpec, affinity_key, is_identity, merge_ke
 from hotmerge.metrics import Metrics
 
 log = logging.getLogger(__name__)
+
+YIELD_EVERY_S = 0.002  # a ΔW-space merge hands the GIL over at most this often
 
 
 @dataclass(frozen=True)
@@ -264,12 +267,19 @@ class Merger:
 
 def _yielding(stop: Callable[[], bool], stream: torch.cuda.Stream | None) -> Callable[[], bool]:
     """``stop``, polled between a merge's chunks, that first lets the engine run: waits for
-    the chunk on the device (GIL released) and yields the GIL."""
+    the chunk on the device (GIL released; at once when the stream is idle, as at all but the
+    first of a group's polls) and yields the GIL at most every ``YIELD_EVERY_S`` (each yield
+    can cost the merge thread an engine step's hold of the GIL)."""
+    last = -math.inf
 
     def check() -> bool:
+        nonlocal last
         if stream is not None:
             stream.synchronize()
-        pause()
+        now = time.monotonic()
+        if now - last >= YIELD_EVERY_S:
+            last = now
+            pause()
         return stop()
 
     return check
