@@ -181,6 +181,8 @@ class AdapterPool(SlotTable):
         """Copy ``adapter`` into ``slot``: a few multi-tensor ops, not a few per module (this
         runs on the engine thread between steps, where each torch call costs host time)."""
         ranks = dict.fromkeys(self.a, 0)
+        if adapter.ready_event is not None:  # written on another stream (a merge's)
+            torch.cuda.current_stream(adapter.device).wait_event(adapter.ready_event)
         torch._foreach_zero_([t[:, slot] for t in (*self.a.values(), *self.b.values())])
         dst_a, src_a, dst_b, src_b = [], [], [], []
         for module in adapter.modules:
@@ -203,6 +205,8 @@ class AdapterPool(SlotTable):
                 torch._foreach_copy_(dst_b, [b.float() * adapter.scaling for b in src_b])
         for group, r in ranks.items():
             self.ranks[group][slot] = r
+        if adapter.buffer.is_cuda:  # its memory is not reused before these copies have run
+            adapter.buffer.record_stream(torch.cuda.current_stream(adapter.device))
 
 
 class LoraBatch:
