@@ -7,8 +7,8 @@ peft itself with ``init_lora_weights=False`` (so lora_B is random and non-zero).
 from __future__ import annotations
 
 import socket
-from dataclasses import fields
 from collections.abc import Sequence
+from dataclasses import fields
 from pathlib import Path
 
 import torch

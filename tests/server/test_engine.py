@@ -8,12 +8,12 @@ import time
 import pytest
 import torch
 from hotmerge.embedded import byte_level_tokenizer
+from hotmerge.engine import EngineConfig
 from hotmerge.engine.batch import DecodeRow, PrefillChunk
 from hotmerge.engine.kv_cache import KVBlockPool
+from hotmerge.engine.loader import build_runner
 from hotmerge.engine.lora import AdapterPool
 from hotmerge.engine.models.llama import lora_shapes, module_paths
-from hotmerge.engine import EngineConfig
-from hotmerge.engine.loader import build_runner
 from hotmerge.engine.sampling import RowSampling, sample
 from hotmerge.errors import InvalidArgument
 from hotmerge.generation import GenerationRequest, SamplingParams

@@ -45,7 +45,9 @@ def generate_all(engine, count: int, max_new_tokens: int = 64) -> list[list[int]
         params = SamplingParams(max_new_tokens=max_new_tokens)
         prompt = f"prompt {i}: the quick brown fox"
         if which == "merge":
-            handles.append(engine.submit(GenerationRequest(prompt, params), lease=AdapterLease(merged)))
+            handles.append(
+                engine.submit(GenerationRequest(prompt, params), lease=AdapterLease(merged))
+            )
         else:
             handles.append(engine.submit(GenerationRequest(prompt, params, adapter_id=which)))
     return [[t.token_id for t in h.wait().tokens] for h in handles]
