@@ -7,6 +7,7 @@ peft itself with ``init_lora_weights=False`` (so lora_B is random and non-zero).
 from __future__ import annotations
 
 import socket
+import time
 from collections.abc import Sequence
 from dataclasses import fields
 from pathlib import Path
@@ -136,9 +137,10 @@ class StoreEngine(Engine):
         self.store = store
 
     def submit(self, request, *, lease=None, deadline=None):
+        arrived = time.perf_counter()
         if lease is None and request.adapter_id is not None:
             lease = stored_adapter_lease(self.store, request.adapter_id)
-        return super().submit(request, lease=lease, deadline=deadline)
+        return super().submit(request, lease=lease, deadline=deadline, arrived=arrived)
 
 
 def peft_greedy(

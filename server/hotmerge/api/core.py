@@ -17,6 +17,7 @@ import functools
 import logging
 import math
 import secrets
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -205,7 +206,7 @@ class RequestPath:
         engine = self.ready_engine()
         if merged_adapters is not None and request.adapter_id is not None:
             raise InvalidArgument("give adapter_id or merged_adapters, not both")
-        lease = outcome = None
+        lease = outcome = arrived = None
         adapter = request.adapter_id
         if merged_adapters is not None:
             spec = self.parse_spec(merged_adapters)
@@ -213,8 +214,9 @@ class RequestPath:
         elif (named := self.named.get(adapter or "")) is not None:
             lease, outcome = self._acquire(named.spec, named.name, deadline, cancelled)
         elif adapter is not None:
+            arrived = time.perf_counter()  # its load counts in the request's total_ms
             lease = stored_adapter_lease(self.store, adapter)
-        handle = engine.submit(request, lease=lease, deadline=deadline)
+        handle = engine.submit(request, lease=lease, deadline=deadline, arrived=arrived)
         return Submission(request, handle, outcome, adapter)
 
     def merge(

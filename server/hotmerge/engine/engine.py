@@ -23,7 +23,6 @@ import logging
 import secrets
 import threading
 import time
-from dataclasses import dataclass, field
 
 from hotmerge import limits
 from hotmerge.engine.config import EngineConfig
@@ -51,16 +50,6 @@ from hotmerge.errors import (
 from hotmerge.generation import FinishReason, GenerationRequest
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(eq=False)
-class _Launched:
-    """A step on the device: its plan and the sampler to wait on; then its tokens."""
-
-    plan: StepPlan
-    sampled: object  # the runner's Sampler: .wait() -> (tokens, logprobs)
-    tokens: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
 
 
 def _token_limits(runner: ModelRunner, config: EngineConfig) -> tuple[int, int]:
@@ -169,11 +158,13 @@ class Engine:
         *,
         lease: AdapterLease | None = None,
         deadline: float | None = None,
+        arrived: float | None = None,
     ) -> GenerationHandle:
         """Validate and queue. ``lease``: the adapter the request runs with (resolved and
         pinned by the request path; None: the base model), released when the request ends,
-        also when submit raises. ``deadline`` is on the time.monotonic() clock."""
-        submitted = time.perf_counter()
+        also when submit raises. ``deadline`` is on the time.monotonic() clock; ``arrived``
+        (time.perf_counter(); default: now) is where the request's total_ms starts."""
+        submitted = time.perf_counter() if arrived is None else arrived
         lease = lease or AdapterLease(None)
         try:
             return self._submit(request, deadline, lease, submitted)
@@ -252,7 +243,8 @@ class _Worker:
         self._cv = engine._cv
         self.batch_wait_s = engine.config.batch_wait_ms / 1000
         self.stopping = False  # set under the condition
-        self._inflight: _Launched | None = None  # the step launched and not yet waited on
+        self._inflight: StepPlan | None = None  # the step launched and not yet waited on
+        self._sampled = None  # its sampling: the runner's Sampler, .wait() -> tokens, logprobs
 
     def run(self) -> None:
         while True:
@@ -341,13 +333,13 @@ class _Worker:
         waited = self._inflight
         self._inflight = None
         if waited is not None:
-            self._collect(waited)
+            tokens, logprobs = self._collect(waited)
             lap("wait")
         for seq in list(self.scheduler.running):  # clients gone or past deadlines: leave now
             self._still_wanted(seq)
         self._inflight = self._launch(lap)
         if waited is not None:
-            taken = zip(waited.plan.sampled, waited.tokens, waited.logprobs, strict=True)
+            taken = zip(waited.sampled, tokens, logprobs, strict=True)
             for seq, token, logprob in taken:
                 try:
                     self._emit(seq, token, logprob)
@@ -356,7 +348,7 @@ class _Worker:
                     self._fail(seq, HotmergeError(f"internal error while generating: {exc}"))
             lap("emit")
 
-    def _launch(self, lap: Lap) -> _Launched | None:
+    def _launch(self, lap: Lap) -> StepPlan | None:
         """Queue the scheduled step: decode, prompt chunks and the sampling of every sequence
         that gets a token; nothing waits for the device here."""
         plan = self.scheduler.schedule()
@@ -389,20 +381,21 @@ class _Worker:
             for s in plan.sampled
         ]
         lap("prepare")
-        sampled = self.runner.sample([decode_logits, prefill_logits], sampling)
+        self._sampled = self.runner.sample([decode_logits, prefill_logits], sampling)
         lap("sample")
-        return _Launched(plan, sampled)
+        return plan
 
-    def _collect(self, launched: _Launched) -> None:
-        """The launched step's tokens, once on the host, handed to the scheduler."""
-        launched.tokens, launched.logprobs = launched.sampled.wait()
+    def _collect(self, plan: StepPlan) -> tuple[list[int], list[float]]:
+        """The launched step's tokens and logprobs, once on the host, handed to the scheduler."""
+        tokens, logprobs = self._sampled.wait()
         done = time.perf_counter()
-        for seq in launched.plan.chunk_seqs:
+        for seq in plan.chunk_seqs:
             if not seq.prefilling and not seq.prefill_done:
                 seq.prefill_done = done
                 seq.timings.prefill_ms = (done - seq.prefill_started) * 1000.0
-        for seq in self.scheduler.postprocess(launched.plan, launched.tokens):
+        for seq in self.scheduler.postprocess(plan, tokens):
             self._finish(seq, FinishReason.LENGTH)  # prompt scoring only: nothing to generate
+        return tokens, logprobs
 
     # -- output -----------------------------------------------------------------------------
 

@@ -18,7 +18,7 @@ back at once (continuous batching).
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Collection
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 
 from hotmerge_kernels.layout import FlatAdapter
@@ -112,17 +112,17 @@ class Scheduler:
     def schedule(self) -> StepPlan | None:
         """The next step's decode rows and prompt chunks (None: nothing to run)."""
         sampled = [s for s in self.running if not s.prefilling and s.ending is None]
-        decode = [self._decode_row(s) for s in sampled]
+        decode = []
+        for s in sampled:
+            position = len(s.prompt_ids) + len(s.generated) - 1
+            self._grow(s, position + 1)
+            decode.append(DecodeRow(s.seq_id, s.generated[-1], position, s.blocks, s.slot))
         chunks, chunk_seqs = self._prefill_chunks()
-        if not decode and not chunks:
+        if chunks:
+            sampled.extend(s for s, c in zip(chunk_seqs, chunks, strict=True) if c.last)
+        elif not decode:
             return None
-        sampled.extend(s for s, c in zip(chunk_seqs, chunks, strict=True) if c.last)
         return StepPlan(decode, chunks, chunk_seqs, sampled)
-
-    def _decode_row(self, seq: Sequence) -> DecodeRow:
-        position = len(seq.prompt_ids) + len(seq.generated) - 1
-        self._grow(seq, position + 1)
-        return DecodeRow(seq.seq_id, seq.generated[-1], position, seq.blocks, seq.slot)
 
     def _prefill_chunks(self) -> tuple[list[PrefillChunk], list[Sequence]]:
         """The next prompt chunks, up to ``max_prefill_tokens`` (at least one chunk); each
@@ -160,7 +160,7 @@ class Scheduler:
             seq.blocks.extend(self.kv.take(missing))
             seq.reserved -= missing
 
-    def postprocess(self, plan: StepPlan, tokens: list[int]) -> list[Sequence]:
+    def postprocess(self, plan: StepPlan, tokens: list[int]) -> Iterable[Sequence]:
         """The step's tokens, taken by their sequences (those ended meanwhile take nothing):
         what the next step feeds them, and whether it ends them (``ending``: EOS, length).
         Returns the sequences the step finished without a token: prompt scoring only
@@ -176,6 +176,8 @@ class Scheduler:
                 or len(seq.prompt_ids) + len(seq.generated) >= self.max_total_tokens
             ):
                 seq.ending = FinishReason.LENGTH
+        if not plan.chunk_seqs:
+            return ()
         return [
             s
             for s in plan.chunk_seqs
