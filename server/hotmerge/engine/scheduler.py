@@ -77,6 +77,8 @@ class Scheduler:
         self.running: list[Sequence] = []  # admitted, in admission order
 
     def add(self, seq: Sequence) -> None:
+        """Queue a sequence (the engine calls this from request threads, and ``admit`` from
+        its worker, both holding its lock; everything else runs on the worker only)."""
         self.waiting.append(seq)
 
     def admit(self, now: float) -> Admission:
