@@ -33,8 +33,9 @@ from pathlib import Path
 
 import torch
 from hotmerge.embedded import ALL_PROJ, byte_level_tokenizer
+from hotmerge.engine import EngineConfig
 from hotmerge.engine.batch import DecodeRow
-from hotmerge.engine.runner import EngineLimits, build_runner
+from hotmerge.engine.loader import build_runner
 from hotmerge.engine.sampling import RowSampling
 from hotmerge.generation import SamplingParams
 from hotmerge_kernels.layout import FlatAdapter
@@ -203,7 +204,7 @@ def main() -> None:
             rows_out.append(dict(path="transformers-eager", batch=batch, adapters="none",
                                  step_ms=ms))  # fmt: skip
             print(f"transformers eager   batch {batch:3d}: {ms:8.2f} ms")
-    limits = EngineLimits(
+    config = EngineConfig(
         max_batch_size=max_batch,
         max_total_tokens=args.context + 64,
         kv_cache_tokens=max_batch * (args.context + 64),
@@ -211,11 +212,13 @@ def main() -> None:
         max_lora_rank=args.max_lora_rank or args.rank,
         cuda_graphs=device.type == "cuda",
     )
-    runner = build_runner("bench", model, byte_level_tokenizer(), limits)
+    runner = build_runner("bench", model, byte_level_tokenizer(), config)
     del model
     shapes = runner.module_shapes()
     adapters = [random_adapter(shapes, args.rank, seed) for seed in range(max_batch)]
-    slots = [runner.adapters.take(a)[0] for a in adapters]
+    slots = list(range(len(adapters)))  # one slot per adapter
+    for slot, adapter in zip(slots, adapters, strict=True):
+        runner.adapters.write(slot, adapter)
     adapter_bytes = adapters[0].nbytes
     weights = weight_bytes(runner)
     cfg = runner.model.config

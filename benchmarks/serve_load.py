@@ -48,6 +48,7 @@ from hotmerge.embedded import (
     tiny_llama_config,
 )
 from hotmerge.embedded import write_peft_adapter as write_adapter
+from hotmerge.engine import EngineConfig
 from hotmerge.server import start_server
 from hotmerge.v1 import hotmerge_pb2 as pb
 from serve_clients import (
@@ -116,7 +117,7 @@ def build_adapters(model_dir: Path, root: Path, count: int, rank: int) -> list[s
 def hit_overhead_us(running, adapter_ids: list[str], reps: int) -> dict:
     """Server-side cost of resolving a cached merge spec vs a named adapter (median, µs)."""
     service = running.service
-    merger, store = service.merger, running.engine.store
+    merger, store = service.merger, running.store
     msg = pb.MergedAdapters(
         ids=adapter_ids[:3],
         weights=[0.5, 0.3, 0.2],
@@ -209,7 +210,8 @@ def load_mix(running, prompt, adapter_ids, args) -> dict:
     engine = running.engine
     step_s: list[float] = []
     profile = cProfile.Profile() if args.profile else None
-    step = engine._step  # timed (and profiled) on the engine thread during the load only
+    worker = engine._worker
+    step = worker._step  # timed (and profiled) on the engine thread during the load only
 
     def timed_step():
         t = time.perf_counter()
@@ -227,7 +229,7 @@ def load_mix(running, prompt, adapter_ids, args) -> dict:
     else:  # started (torch imported) before the load: start-up is not timed
         pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
         pool.submit(time.sleep, 0).result()
-    engine._step = timed_step
+    worker._step = timed_step
     try:
         if pool is None:
             rows, wall = run_clients(*clients)
@@ -235,7 +237,7 @@ def load_mix(running, prompt, adapter_ids, args) -> dict:
             rows, wall = pool.submit(run_clients, *clients).result()
         samples = [Sample(*x) for x in rows]
     finally:
-        engine._step = step
+        worker._step = step
         if pool is not None:
             pool.shutdown()
     counted = max(engine.stats.steps - steps_before, 1)
@@ -393,10 +395,12 @@ def main() -> None:
         host="127.0.0.1",
         port=0,
         http_port=None,
-        max_batch_size=args.max_batch_size,
-        max_loras=args.max_loras,
-        max_lora_rank=args.rank,
-        max_total_tokens=args.max_total_tokens,
+        engine=EngineConfig(
+            max_batch_size=args.max_batch_size,
+            max_loras=args.max_loras,
+            max_lora_rank=args.rank,
+            max_total_tokens=args.max_total_tokens,
+        ),
         max_workers=max(64, 2 * args.concurrency),
         merge_budget_bytes=8 * 1024**3,
         adapter_budget_bytes=16 * 1024**3,

@@ -33,13 +33,19 @@ from hotmerge import __version__
 from hotmerge.cli_eval import add_eval_parsers
 from hotmerge.client import DEFAULT_TARGET, HotmergeClient, merge_request
 from hotmerge.config import DATA_DIR_ENV, ServerConfig
+from hotmerge.engine.config import EngineConfig
 from hotmerge.errors import HotmergeError
 from hotmerge.merging.spec import is_identity, parse_merge_spec
 from hotmerge.v1 import hotmerge_pb2 as pb
 
 TARGET_ENV = "HOTMERGE_TARGET"
 ADAPTER_ROOT_ENV = "HOTMERGE_ADAPTER_ROOT"
-_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ServerConfig)}
+# The serve command's options: the server's config fields, and its engine's (--max-batch-size...).
+_ENGINE_DEFAULTS = {f.name: f.default for f in dataclasses.fields(EngineConfig)}
+_DEFAULTS = {
+    **{f.name: f.default for f in dataclasses.fields(ServerConfig) if f.name != "engine"},
+    **_ENGINE_DEFAULTS,
+}
 
 
 # -- output -----------------------------------------------------------------------------------
@@ -90,8 +96,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         options["adapter_budget_bytes"] = int(args.adapter_budget_mib * 2**20)
     if args.merge_budget_mib is not None:
         options["merge_budget_bytes"] = int(args.merge_budget_mib * 2**20)
+    engine = {name: options.pop(name) for name in _ENGINE_DEFAULTS if name in options}
     try:
-        config = ServerConfig(**options)
+        config = ServerConfig(**options, engine=EngineConfig(**engine))
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

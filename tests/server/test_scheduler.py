@@ -63,7 +63,7 @@ def test_max_new_tokens_over_max_total_tokens_is_refused(engine, monkeypatch):
 def test_eos_stops(engine, monkeypatch):
     full = ids(run(engine, max_new_tokens=10))
     eos = full[3]
-    monkeypatch.setattr(engine.runner, "eos_token_ids", frozenset({eos}))
+    monkeypatch.setattr(engine.scheduler, "eos_token_ids", frozenset({eos}))
     result = run(engine, max_new_tokens=10)
     assert result.finish_reason is FinishReason.EOS
     assert ids(result) == full[: full.index(eos) + 1]
@@ -177,14 +177,16 @@ def test_deadline_cancels(engine):
 
 
 def test_one_failing_request_does_not_fail_the_others(engine, monkeypatch):
-    real = engine._emit
+    from hotmerge.engine.sequence import Sequence
 
-    def emit(row, token, logprob):
-        if row.params.seed == 666:
+    real = Sequence.push
+
+    def push(seq, token, logprob):
+        if seq.params.seed == 666:
             raise RuntimeError("boom")
-        return real(row, token, logprob)
+        return real(seq, token, logprob)
 
-    monkeypatch.setattr(engine, "_emit", emit)
+    monkeypatch.setattr(Sequence, "push", push)
     bad = submit(engine, do_sample=True, seed=666)
     good = submit(engine, do_sample=True, seed=1)
     with pytest.raises(HotmergeError, match="boom") as err:
@@ -241,13 +243,18 @@ def test_wait_after_iterating_returns_the_result(engine):
     assert list(handle) == []
 
 
-def test_a_given_adapter_overrides_the_id(engine):
-    """The hook for merged adapters: hand the engine a FlatAdapter directly."""
+def test_a_lease_of_any_adapter_runs_it(engine):
+    """Merged adapters reach the engine as leases of their weights, as named ones do."""
+    from hotmerge.engine import AdapterLease
+
     by_id = run(engine, adapter_id="qv")
     weights = engine.store.get("qv")[0].weights
     request = GenerationRequest(PROMPT, SamplingParams(max_new_tokens=16))
-    given = engine.submit(request, adapter=weights).wait()
+    released = []
+    lease = AdapterLease(weights, on_release=lambda: released.append(True))
+    given = engine.submit(request, lease=lease).wait()
     assert ids(given) == ids(by_id) != ids(run(engine))
+    assert released == [True]  # the lease is given back when the request ends
 
 
 @settings(max_examples=200, deadline=None)
@@ -294,16 +301,21 @@ def test_cancelled_queued_request_leaves_while_the_batch_is_full(engine):
 
 
 def test_engine_limits_are_checked(engine):
+    from dataclasses import replace
+
     from hotmerge.engine import Engine
 
-    runner, store = engine.runner, engine.store
+    runner = engine.runner
+    built = runner.config
     with pytest.raises(InvalidArgument, match="max_position_embeddings"):
-        Engine(runner, store, max_total_tokens=1000)
+        Engine(runner, replace(built, max_total_tokens=1000))
     with pytest.raises(InvalidArgument, match="max_input_tokens"):
-        Engine(runner, store, max_input_tokens=100, max_total_tokens=100)
+        Engine(runner, replace(built, max_input_tokens=100, max_total_tokens=100))
     with pytest.raises(InvalidArgument, match="max_batch_size"):
-        Engine(runner, store, max_batch_size=0)
-    small = Engine(runner, store, max_total_tokens=64)
+        Engine(runner, replace(built, max_batch_size=built.max_batch_size + 1))
+    with pytest.raises(ValueError, match="max_batch_size"):
+        replace(built, max_batch_size=0)
+    small = Engine(runner, replace(built, max_total_tokens=64))
     assert (small.max_input_tokens, small.max_total_tokens) == (63, 64)
 
 

@@ -2,11 +2,13 @@
 format into these calls and the results back, and nothing else.
 
 ``sampling_params`` is the one place sampling parameters are defaulted and checked (with the
-engine's ``validate_params``); ``RequestPath.submit`` resolves the adapter (an adapter id, a
-named merge, or an inline merge spec through the Merger), hands the request to
-``Engine.submit`` with its deadline, and returns the handle (iterate it, ``wait()``, or
-``cancel()`` it when the caller goes away). What needs the tokenizer or the adapter store is
-checked by the engine, which raises the same error types.
+engine's ``validate_params``); ``RequestPath.submit`` is the one place a request's adapter is
+resolved: an adapter id (from the adapter store), a named merge, or an inline merge spec
+(through the Merger), each into a pinned ``AdapterLease`` (extend here for new kinds of
+adapter); it hands the request and its lease to ``Engine.submit`` with its deadline, and
+returns the handle (iterate it, ``wait()``, or ``cancel()`` it when the caller goes away). What
+needs the tokenizer is checked by the engine, which raises the same error types. The fronts
+list and load adapters through ``RequestPath.ready_store``.
 """
 
 from __future__ import annotations
@@ -15,9 +17,11 @@ import functools
 import logging
 import math
 import secrets
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from hotmerge.adapters.store import AdapterStore
 from hotmerge.engine import AdapterLease, Engine, GenerationHandle, validate_params
 from hotmerge.errors import InvalidArgument, Unavailable
 from hotmerge.generation import GenerationRequest, GenerationResult, SamplingParams
@@ -115,6 +119,13 @@ def _parse_spec_cached(serialized: bytes, max_adapters: int) -> MergeSpec:
     return parse_merge_spec(pb.MergedAdapters.FromString(serialized), max_adapters=max_adapters)
 
 
+def stored_adapter_lease(store: AdapterStore, adapter_id: str) -> AdapterLease:
+    """Adapter ``adapter_id`` loaded from the store and pinned until the lease is released;
+    raises NotFound, InvalidArgument or ResourceExhausted."""
+    loaded, load_ms = store.acquire(adapter_id)
+    return AdapterLease(loaded.weights, load_ms, lambda: store.release(adapter_id), name=adapter_id)
+
+
 @dataclass
 class Submission:
     """A request handed to the engine: iterate ``handle`` or ``handle.wait()``."""
@@ -140,17 +151,25 @@ class RequestPath:
         self.max_merge_adapters = max_merge_adapters
         self.metrics = metrics or Metrics()
         self.engine: Engine | None = None
+        self.store: AdapterStore | None = None
         self.merger: Merger | None = None
         self.named: NamedMerges | None = None
 
-    def attach(self, engine: Engine, merger: Merger, named: NamedMerges) -> None:
-        self.merger, self.named = merger, named
+    def attach(
+        self, engine: Engine, store: AdapterStore, merger: Merger, named: NamedMerges
+    ) -> None:
+        self.store, self.merger, self.named = store, merger, named
         self.engine = engine
 
     def ready_engine(self) -> Engine:
         if self.engine is None or self.merger is None or self.named is None:
             raise Unavailable("the model is still loading; retry when health reports SERVING")
         return self.engine
+
+    def ready_store(self) -> AdapterStore:
+        """The adapter store (to list, load or unload adapters); Unavailable while loading."""
+        self.ready_engine()
+        return self.store
 
     def params(self, **kwargs) -> SamplingParams:
         return sampling_params(default_max_new_tokens=self.default_max_new_tokens, **kwargs)
@@ -187,14 +206,17 @@ class RequestPath:
         engine = self.ready_engine()
         if merged_adapters is not None and request.adapter_id is not None:
             raise InvalidArgument("give adapter_id or merged_adapters, not both")
-        lease = outcome = None
+        lease = outcome = arrived = None
         adapter = request.adapter_id
         if merged_adapters is not None:
             spec = self.parse_spec(merged_adapters)
             lease, outcome = self._acquire(spec, None, deadline, cancelled)
         elif (named := self.named.get(adapter or "")) is not None:
             lease, outcome = self._acquire(named.spec, named.name, deadline, cancelled)
-        handle = engine.submit(request, deadline=deadline, adapter=lease)
+        elif adapter is not None:
+            arrived = time.perf_counter()  # its load counts in the request's total_ms
+            lease = stored_adapter_lease(self.store, adapter)
+        handle = engine.submit(request, lease=lease, deadline=deadline, arrived=arrived)
         return Submission(request, handle, outcome, adapter)
 
     def merge(

@@ -24,7 +24,7 @@ from hotmerge_kernels.merge.params import Strategy
 
 from hotmerge import __version__
 from hotmerge.adapters.files import short
-from hotmerge.adapters.store import AdapterInfo
+from hotmerge.adapters.store import AdapterInfo, AdapterStore
 from hotmerge.api import core
 from hotmerge.api.core import RequestPath, Submission
 from hotmerge.engine import Engine
@@ -273,8 +273,10 @@ class HotmergeService(pb_grpc.HotmergeServicer):
     def merger(self) -> Merger | None:
         return self.path.merger
 
-    def attach(self, engine: Engine, merger: Merger, named: NamedMerges) -> None:
-        self.path.attach(engine, merger, named)
+    def attach(
+        self, engine: Engine, store: AdapterStore, merger: Merger, named: NamedMerges
+    ) -> None:
+        self.path.attach(engine, store, merger, named)
 
     def _rpc(self, context: grpc.ServicerContext, method: str, request_id: str):
         return _rpc(context, method, request_id, self.metrics)
@@ -352,7 +354,7 @@ class HotmergeService(pb_grpc.HotmergeServicer):
     def Info(self, request, context):
         with self._rpc(context, "Info", _request_id(context)):
             engine = self.path.ready_engine()
-            runner, store = engine.runner, engine.store
+            runner, store = engine.runner, self.path.ready_store()
             hub = "hub ids allowed" if store.allow_hub else "local only"
             return pb.InfoResponse(
                 model_id=runner.model_id,
@@ -370,7 +372,7 @@ class HotmergeService(pb_grpc.HotmergeServicer):
 
     def ListAdapters(self, request, context):
         with self._rpc(context, "ListAdapters", _request_id(context)):
-            adapters = [adapter_message(a) for a in self.path.ready_engine().store.list()]
+            adapters = [adapter_message(a) for a in self.path.ready_store().list()]
             adapters += [named_merge_message(m) for m in self.path.named.list()]
             return pb.ListAdaptersResponse(adapters=adapters)
 
@@ -390,7 +392,7 @@ class HotmergeService(pb_grpc.HotmergeServicer):
         with self._rpc(context, "LoadAdapter", request_id):
             if not request.adapter_id:
                 raise InvalidArgument("adapter_id is empty: name the adapter to load")
-            info, load_ms = self.path.ready_engine().store.load(
+            info, load_ms = self.path.ready_store().load(
                 request.adapter_id, deadline=_deadline(context)
             )
             log.info("request %s LoadAdapter %s: %.1f ms", request_id, short(info.id), load_ms)
@@ -401,7 +403,7 @@ class HotmergeService(pb_grpc.HotmergeServicer):
         with self._rpc(context, "UnloadAdapter", request_id):
             if not request.adapter_id:
                 raise InvalidArgument("adapter_id is empty: name the adapter to unload")
-            unloaded = self.path.ready_engine().store.unload(request.adapter_id)
+            unloaded = self.path.ready_store().unload(request.adapter_id)
             adapter = short(request.adapter_id)
             log.info("request %s UnloadAdapter %s: %s", request_id, adapter, unloaded)
             return pb.UnloadAdapterResponse(unloaded=unloaded)

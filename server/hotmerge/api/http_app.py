@@ -415,7 +415,7 @@ def create_app(
             engine = path.ready_engine()
             base = model_name or engine.runner.model_id
             data = [{"id": base, "object": "model", "created": 0, "owned_by": "hotmerge"}]
-            adapters = await run_in_threadpool(engine.store.list)
+            adapters = await run_in_threadpool(path.ready_store().list)
             for a in adapters:
                 data.append(
                     {"id": a.id, "object": "model", "created": 0, "owned_by": "hotmerge",
