@@ -2,7 +2,7 @@
 
 | module | owns |
 | --- | --- |
-| requests | the adapter lease, the handle a caller waits on, parameter rules |
+| requests | the adapter lease, the handle a caller waits on |
 | scheduler | queue, admission (KV blocks, batch size, adapter slots), the step loop; no tensors |
 | batch | prefill chunks / decode rows, and the fixed-address buffers captured graphs read |
 | kv_cache | the paged block pool: reservations, blocks, usage; the cache tensors |
@@ -14,7 +14,7 @@
 | detok | incremental detokenization, stop sequences |
 """
 
-from hotmerge.engine.requests import AdapterLease, GenerationHandle, validate_params
+from hotmerge.engine.requests import AdapterLease, GenerationHandle
 from hotmerge.engine.runner import EngineLimits, ModelRunner, load_runner
 from hotmerge.engine.scheduler import Engine, EngineStats
 
@@ -26,5 +26,4 @@ __all__ = [
     "GenerationHandle",
     "ModelRunner",
     "load_runner",
-    "validate_params",
 ]

@@ -16,11 +16,12 @@ its tokens (cheap: EOS and length are known at once), launches the next, and onl
 detokenizes and streams the tokens it took and admits new requests while the device runs. A
 row that a stop sequence ends is already in the launched step: that token is dropped.
 
-Errors: :meth:`Engine.submit` raises InvalidArgument for a bad request, and NotFound /
-InvalidArgument / ResourceExhausted from the adapter store (the adapter is resolved and
-pinned at submit). Iterating a :class:`GenerationHandle` raises Cancelled (cancel or deadline),
-Unavailable (engine stopped) or HotmergeError with code INTERNAL (a failure inside the worker,
-which fails only the affected requests).
+Errors: requests come checked by the request path (``hotmerge.request_rules``), which gives
+the prompt as token ids; :meth:`Engine.submit` raises NotFound / InvalidArgument /
+ResourceExhausted from the adapter store (the adapter is resolved and pinned at submit).
+Iterating a :class:`GenerationHandle` raises Cancelled (cancel or deadline), Unavailable
+(engine stopped) or HotmergeError with code INTERNAL (a failure inside the worker, which fails
+only the affected requests).
 """
 
 from __future__ import annotations
@@ -36,17 +37,12 @@ from dataclasses import dataclass, field
 
 from hotmerge_kernels.layout import FlatAdapter
 
-from hotmerge import limits
+from hotmerge import request_rules as rules
 from hotmerge.adapters.store import AdapterStore
 from hotmerge.engine.batch import DecodeRow, PrefillChunk
 from hotmerge.engine.detok import TextStream, text_decoder
 from hotmerge.engine.kv_cache import KVBlockPool, blocks_for
-from hotmerge.engine.requests import (
-    AdapterLease,
-    GenerationHandle,
-    prompt_token_ids,
-    validate_params,
-)
+from hotmerge.engine.requests import AdapterLease, GenerationHandle
 from hotmerge.engine.runner import ModelRunner
 from hotmerge.engine.sampling import RowSampling
 from hotmerge.errors import (
@@ -98,7 +94,7 @@ class _Row:
     submitted: float  # perf_counter at submit
     queued: float
     worst_tokens: int  # prompt + the most it may generate: what admission reserves
-    queue_until: float  # monotonic: fails if still queued then (limits.queue_deadline)
+    queue_until: float  # monotonic: fails if still queued then (rules.queue_deadline)
     timings: Timings = field(default_factory=Timings)
     generated: list[int] = field(default_factory=list)
     events: list[TokenEvent] = field(default_factory=list)
@@ -279,16 +275,11 @@ class Engine:
         if not self.running:
             raise Unavailable("the engine is not running")
         params = request.params
-        validate_params(params)
-        prompt_ids = prompt_token_ids(request, self.runner, self.max_input_tokens)
-        limits.check_max_new_tokens(params.max_new_tokens, len(prompt_ids), self.max_total_tokens)
+        if request.input_ids is not None:
+            prompt_ids = list(request.input_ids)
+        else:
+            prompt_ids = self.runner.encode(request.inputs)
         worst = len(prompt_ids) + params.max_new_tokens
-        if blocks_for(worst, self.kv.block_size) > self.kv.capacity_blocks:
-            raise InvalidArgument(
-                f"the request needs up to {worst} tokens of KV cache (prompt {len(prompt_ids)} + "
-                f"max_new_tokens {params.max_new_tokens}), more than the cache's "
-                f"{self.kv.capacity_tokens}; lower max_new_tokens"
-            )
         seed = params.seed if params.seed is not None else secrets.randbits(63)
         handle = GenerationHandle(request, deadline)
         lease = self._resolve_adapter(request, adapter)  # pinned from here: release on every path
@@ -307,7 +298,7 @@ class Engine:
             submitted=submitted,
             queued=time.perf_counter(),
             worst_tokens=worst,
-            queue_until=limits.queue_deadline(deadline, time.monotonic()),
+            queue_until=rules.queue_deadline(deadline, time.monotonic()),
         )
         row.timings.adapter_load_ms = lease.load_ms
         row.timings.merge_ms = lease.merge_ms
@@ -419,7 +410,7 @@ class Engine:
             self._fail(row, Cancelled("deadline exceeded"))
         elif time.monotonic() >= row.queue_until and row not in self._running:  # still queued
             self._fail(row, ResourceExhausted(
-                f"waited {limits.MAX_QUEUE_WAIT_S:g} s (the server maximum) in the queue; the "
+                f"waited {rules.MAX_QUEUE_WAIT_S:g} s (the server maximum) in the queue; the "
                 "server is busy: retry later or on another replica"
             ))  # fmt: skip
         return not row.done
