@@ -163,10 +163,6 @@ class RequestPath:
             raise
         return lease, outcome
 
-    def named_merge(self, name: str | None) -> NamedMerge | None:
-        self.ready_engine()
-        return self.named.get(name) if name else None
-
     def submit(
         self,
         request: GenerationRequest,
