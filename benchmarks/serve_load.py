@@ -37,7 +37,6 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
-from hotmerge.api.grpc_service import parse_spec_cached
 from hotmerge.client import HotmergeClient
 from hotmerge.config import ServerConfig
 from hotmerge.embedded import (
@@ -126,7 +125,7 @@ def hit_overhead_us(running, adapter_ids: list[str], reps: int) -> dict:
     )
 
     def merge_hit():  # what the service does for a merge-spec request, up to the engine
-        spec = parse_spec_cached(msg.SerializeToString(deterministic=True), 16)
+        spec = service.path.parse_spec(msg)
         merger.acquire(spec)[0].release()
 
     merge_hit()  # merged and cached

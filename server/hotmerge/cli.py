@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import os
 import sys
 import time
 import unicodedata
@@ -29,17 +28,15 @@ from pathlib import Path
 import grpc
 from hotmerge_kernels.merge.params import Strategy
 
-from hotmerge import __version__
+from hotmerge import __version__, settings
 from hotmerge.cli_eval import add_eval_parsers
 from hotmerge.client import DEFAULT_TARGET, HotmergeClient, merge_request
-from hotmerge.config import DATA_DIR_ENV, ServerConfig
+from hotmerge.config import ServerConfig
 from hotmerge.engine.config import EngineConfig
 from hotmerge.errors import HotmergeError
 from hotmerge.merging.spec import is_identity, parse_merge_spec
 from hotmerge.v1 import hotmerge_pb2 as pb
 
-TARGET_ENV = "HOTMERGE_TARGET"
-ADAPTER_ROOT_ENV = "HOTMERGE_ADAPTER_ROOT"
 # The serve command's options: the server's config fields, and its engine's (--max-batch-size...).
 _ENGINE_DEFAULTS = {f.name: f.default for f in dataclasses.fields(EngineConfig)}
 _DEFAULTS = {
@@ -255,7 +252,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from hotmerge.merging.spec import parse_merge_spec
 
     args.merge = args.ids
-    root = args.adapter_root or os.environ.get(ADAPTER_ROOT_ENV) or "."
+    root = args.adapter_root or settings.adapter_root() or "."
     import torch  # only export runs the engine here
 
     dtype = getattr(torch, args.dtype) if args.dtype else None
@@ -330,8 +327,8 @@ def _serve_parser(sub) -> None:
     for flag, kind, text in (
         ("--model", str, "model directory (or hub id with --allow-hub); default: the embedded "
          "tiny random Llama with demo adapters"),
-        ("--data-dir", Path, f"where the embedded default is built (default: ${DATA_DIR_ENV} "
-         "or ./data)"),
+        ("--data-dir", Path, "where the embedded default is built (default: "
+         f"${settings.DATA_DIR_ENV} or ./data)"),
         ("--adapter-root", Path, "PEFT adapters, one folder per id (default: DATA_DIR/adapters)"),
         ("--device", str, "cpu, cuda, cuda:1 ... (default: cuda when available)"),
         ("--dtype", str, "float32, float16, bfloat16 (default: bfloat16 on cuda, else float32)"),
@@ -405,7 +402,8 @@ def _export_parser(sub) -> None:
     _merge_arguments(p, "ids", "comma-separated adapter ids (directories under the root)")
     p.add_argument("--out", required=True, help="directory to write the PEFT adapter to")
     p.add_argument(
-        "--adapter-root", help=f"where the adapters are (default: ${ADAPTER_ROOT_ENV} or .)"
+        "--adapter-root",
+        help=f"where the adapters are (default: ${settings.ADAPTER_ROOT_ENV} or .)",
     )
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
@@ -416,8 +414,8 @@ def _client_parsers(sub) -> None:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--target",
-        default=os.environ.get(TARGET_ENV, DEFAULT_TARGET),
-        help=f"server address (default: ${TARGET_ENV} or {DEFAULT_TARGET})",
+        default=settings.target(DEFAULT_TARGET),
+        help=f"server address (default: ${settings.TARGET_ENV} or {DEFAULT_TARGET})",
     )
     common.add_argument("--timeout", type=float, default=120.0, help="seconds (default: 120)")
 

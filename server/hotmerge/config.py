@@ -3,30 +3,25 @@
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hotmerge import settings
 from hotmerge.engine.config import EngineConfig
 
 DEFAULT_PORT = 50051
 DEFAULT_HTTP_PORT = 8080
-DATA_DIR_ENV = "HOTMERGE_DATA_DIR"
 
 
 def _ms(seconds: float) -> int:
     return int(seconds * 1000)
 
 
-def _default_data_dir() -> Path:
-    return Path(os.environ.get(DATA_DIR_ENV, "data"))
-
-
 @dataclass
 class ServerConfig:
     # None: the embedded default (a tiny random Llama and demo adapters built under data_dir).
     model: str | None = None
-    data_dir: Path = field(default_factory=_default_data_dir)
+    data_dir: Path = field(default_factory=settings.data_dir)
     # Where adapters live, one PEFT folder per adapter id. None: data_dir/adapters.
     adapter_root: Path | None = None
     allow_hub: bool = False  # let model and adapter ids fall through to the Hugging Face hub

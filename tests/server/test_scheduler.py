@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 import time
 
 import grpc
@@ -51,11 +52,10 @@ def test_max_new_tokens(engine):
     assert "".join(t.text for t in result.tokens) == result.generated_text
 
 
-def test_max_new_tokens_over_max_total_tokens_is_refused(engine, monkeypatch):
+def test_max_new_tokens_up_to_max_total_tokens_runs(engine, monkeypatch):
+    """(More is refused by the request path: tests/server/test_request_rules.py.)"""
     prompt_len = len(engine.runner.tokenizer(PROMPT)["input_ids"])
     monkeypatch.setattr(engine, "max_total_tokens", prompt_len + 3)
-    with pytest.raises(InvalidArgument, match="give max_new_tokens <= 3"):
-        run(engine, max_new_tokens=50)
     result = run(engine, max_new_tokens=3)
     assert result.finish_reason is FinishReason.LENGTH and result.generated_tokens == 3
 
@@ -208,20 +208,35 @@ def test_failing_forward_fails_its_batch_and_the_worker_goes_on(engine, monkeypa
     assert run(engine, max_new_tokens=4).generated_tokens == 4
 
 
-def test_submit_validates(engine):
-    with pytest.raises(InvalidArgument, match="max_input_tokens=255"):
-        submit(engine, prompt="x" * 400)
-    with pytest.raises(InvalidArgument, match="max_new_tokens"):
-        submit(engine, max_new_tokens=0)
-    with pytest.raises(InvalidArgument, match="top_p"):
-        submit(engine, top_p=0.0)
-    with pytest.raises(InvalidArgument, match="temperature"):
-        submit(engine, temperature=-1.0)
-    with pytest.raises(InvalidArgument, match="stop"):
-        submit(engine, stop=("",))
+def test_submit_resolves_the_adapter(engine):
+    """The request's rules are checked before the engine (tests/server/test_request_rules.py);
+    the engine resolves the adapter at submit."""
     with pytest.raises(NotFound):
         submit(engine, adapter_id="missing")
     assert engine.max_total_tokens == 256 and engine.max_batch_size == 4
+
+
+@pytest.mark.parametrize("adapter_id", [None, "qv"])
+def test_zero_new_tokens_scores_the_prompt_only(engine, adapter_id, monkeypatch):
+    """max_new_tokens 0 (with prompt_logprobs): the prompt's logprobs, no token sampled."""
+    generating = run(engine, adapter_id=adapter_id, max_new_tokens=2, prompt_logprobs=True)
+    sampled = []
+    sample = engine.runner.sample
+
+    def counting(logits, rows):
+        sampled.extend(rows)
+        return sample(logits, rows)
+
+    monkeypatch.setattr(engine.runner, "sample", counting)
+    scored = run(engine, adapter_id=adapter_id, max_new_tokens=0, prompt_logprobs=True)
+    monkeypatch.undo()
+    assert not sampled and scored.generated_tokens == 0 and scored.tokens == []
+    assert scored.generated_text == "" and scored.finish_reason is FinishReason.LENGTH
+    assert scored.prompt_tokens == len(scored.prompt) == len(generating.prompt) > 1
+    assert [t.token_id for t in scored.prompt] == [t.token_id for t in generating.prompt]
+    got, want = [t.logprob for t in scored.prompt], [t.logprob for t in generating.prompt]
+    assert math.isnan(got[0]) and got[1:] == pytest.approx(want[1:], abs=1e-5)
+    assert engine.kv.free_blocks == engine.kv.capacity_blocks  # its blocks came back
 
 
 def test_stop_fails_queued_requests(tmp_path):

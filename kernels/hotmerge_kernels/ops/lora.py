@@ -53,7 +53,6 @@ none is passed; decode launches need none.
 from __future__ import annotations
 
 import itertools
-import os
 from collections.abc import Sequence
 
 import torch
@@ -62,6 +61,7 @@ import triton
 from hotmerge_kernels.ops import lora_triton as triton_lora
 from hotmerge_kernels.ops.lora_reference import lora_expand_torch, lora_shrink_torch
 from hotmerge_kernels.ops.pdl import launch_options
+from hotmerge_kernels.settings import INTERPRETING as _INTERPRETING
 
 __all__ = [
     "LoraKernelMeta",
@@ -140,10 +140,6 @@ class LoraKernelMeta:
         self.group_count.zero_()
         self.group_count.scatter_add_(0, group, torch.ones_like(sorted_slots))
         torch.cumsum(self.group_count[:-1], 0, dtype=torch.int32, out=self.group_start[1:])
-
-
-# Read once, as Triton itself does at import: this sits on every launch's path.
-_INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _by_rows(tokens: int) -> bool:

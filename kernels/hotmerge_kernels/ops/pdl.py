@@ -12,15 +12,13 @@ has completed. ``HOTMERGE_PDL=0`` launches everything plainly (for comparisons).
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-# Read once at import: this sits on every launch's path.
-USE_PDL = os.environ.get("HOTMERGE_PDL", "1") != "0"
-_INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+from hotmerge_kernels.settings import INTERPRETING as _INTERPRETING
+from hotmerge_kernels.settings import USE_PDL
 
 
 @functools.cache

@@ -1,9 +1,9 @@
 """The gRPC servicer: protobuf messages in, the request path's calls, protobuf out.
 
 ``generation_request`` turns a GenerateRequest into the engine's GenerationRequest (proto3's
-unset values become None for ``api.core.sampling_params``, the one place parameters are checked);
-``RequestPath`` (``api/core.py``), which the HTTP fronts call too, resolves the adapter, named
-merge or merge spec and submits to the engine.
+unset values become None for ``api.core.sampling_params``, which applies the defaults);
+``RequestPath`` (``api/core.py``), which the HTTP fronts call too, checks it with the rule book
+(``request_rules``), resolves the adapter, named merge or merge spec and submits to the engine.
 
 Every RPC runs inside ``_rpc``, which turns a HotmergeError into its status code and message and
 any other exception into INTERNAL with only a request id for the client (the traceback goes to
@@ -30,21 +30,16 @@ from hotmerge.api.core import RequestPath, Submission
 from hotmerge.engine import Engine
 from hotmerge.errors import Cancelled, DeadlineExceeded, HotmergeError, InvalidArgument
 from hotmerge.generation import FinishReason, GenerationRequest, GenerationResult, TokenEvent
+from hotmerge.headers import MERGE_CACHE_KEY_HEADER, MERGE_KEY_HEADER, REQUEST_ID_HEADER
 from hotmerge.merging.cache import MergeEntry
 from hotmerge.merging.merger import MergeOutcome, Merger
 from hotmerge.merging.named import NamedMerge, NamedMerges
-from hotmerge.merging.spec import MergeSpec
 from hotmerge.metrics import Metrics
 from hotmerge.v1 import hotmerge_pb2 as pb
 from hotmerge.v1 import hotmerge_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
-REQUEST_ID_HEADER = "x-request-id"
-# Response metadata of a merge-spec request: the affinity key (the same a client sends as
-# x-merge-key request metadata for a balancer to hash on) and the merge cache's key.
-MERGE_KEY_HEADER = "x-merge-key"
-MERGE_CACHE_KEY_HEADER = "x-merge-cache-key"
 # gRPC reports "no deadline" as a deadline far in the future.
 _NO_DEADLINE_S = 1e7
 
@@ -66,7 +61,7 @@ def _wire_float(x: float) -> float:
 def generation_request(
     msg: pb.GenerateRequest, *, default_max_new_tokens: int
 ) -> GenerationRequest:
-    """Check ``msg`` and build the engine's request; raises InvalidArgument.
+    """The engine's request for ``msg``; the request path checks it (``request_rules``).
 
     Unset fields take their defaults (``api.core.sampling_params``). A merge spec
     (``merged_adapters``) is not part of the result: the request path resolves it.
@@ -104,11 +99,6 @@ def _send_merge_keys(context: grpc.ServicerContext, outcome: MergeOutcome | None
     context.send_initial_metadata(
         ((MERGE_KEY_HEADER, outcome.affinity_key), (MERGE_CACHE_KEY_HEADER, outcome.merge_key))
     )
-
-
-def parse_spec_cached(serialized: bytes, max_adapters: int) -> MergeSpec:
-    """``parse_merge_spec`` memoised on the message's bytes (the request path's cache)."""
-    return core._parse_spec_cached(serialized, max_adapters)
 
 
 # -- generation types -> proto ------------------------------------------------------------------

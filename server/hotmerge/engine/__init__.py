@@ -3,7 +3,7 @@
 | module | owns |
 | --- | --- |
 | config | ``EngineConfig``: every engine limit and default, written once |
-| requests | the adapter lease, the handle a caller waits on, parameter rules |
+| requests | the adapter lease, the handle a caller waits on (rules: ``hotmerge.request_rules``) |
 | engine | the worker thread, submit, the loop: schedule -> run -> postprocess -> emit |
 | scheduler | pure policy: admission (batch, KV, slots, adapter writes), step plans, finishing |
 | sequence | one request's state: prompt, tokens, blocks, slot, timings; its result |
@@ -25,7 +25,7 @@ Adapters reach the engine only as leases (resolved and pinned by ``hotmerge.api.
 from hotmerge.engine.config import EngineConfig
 from hotmerge.engine.engine import Engine
 from hotmerge.engine.loader import load_runner
-from hotmerge.engine.requests import AdapterLease, GenerationHandle, validate_params
+from hotmerge.engine.requests import AdapterLease, GenerationHandle
 from hotmerge.engine.runner import ModelRunner
 from hotmerge.engine.stats import EngineStats
 
@@ -37,5 +37,4 @@ __all__ = [
     "GenerationHandle",
     "ModelRunner",
     "load_runner",
-    "validate_params",
 ]

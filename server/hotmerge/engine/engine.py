@@ -10,8 +10,9 @@ its tokens (cheap: EOS and length are known at once), launches the next, and onl
 detokenizes and streams the tokens it took and admits new requests while the device runs. A
 sequence that a stop sequence ends is already in the launched step: that token is dropped.
 
-Errors: :meth:`Engine.submit` raises InvalidArgument for a bad request (its adapter lease is
-released). Iterating a :class:`GenerationHandle` raises Cancelled (cancel or deadline),
+Errors: requests come checked by the request path (``hotmerge.request_rules``);
+:meth:`Engine.submit` raises InvalidArgument only for an adapter that does not fit the pool (its
+lease is released). Iterating a :class:`GenerationHandle` raises Cancelled (cancel or deadline),
 Unavailable (engine stopped) or HotmergeError with code INTERNAL (a failure inside the worker,
 which fails only the affected requests).
 """
@@ -24,16 +25,11 @@ import secrets
 import threading
 import time
 
-from hotmerge import limits
+from hotmerge import request_rules as rules
 from hotmerge.engine.config import EngineConfig
 from hotmerge.engine.detok import TextStream, text_decoder
-from hotmerge.engine.kv_cache import KVBlockPool, blocks_for
-from hotmerge.engine.requests import (
-    AdapterLease,
-    GenerationHandle,
-    prompt_token_ids,
-    validate_params,
-)
+from hotmerge.engine.kv_cache import KVBlockPool
+from hotmerge.engine.requests import AdapterLease, GenerationHandle
 from hotmerge.engine.runner import ModelRunner
 from hotmerge.engine.sampling import RowSampling
 from hotmerge.engine.scheduler import Admission, Scheduler, StepPlan
@@ -198,18 +194,14 @@ class Engine:
         lease: AdapterLease,
         submitted: float,
     ) -> Sequence:
-        """The request checked (parameters, prompt, KV room, adapter fit) as a sequence."""
+        """The request as a sequence (its rules were checked on the request path:
+        ``request_rules.validate``); the adapter's fit to the pool is checked here."""
         params = request.params
-        validate_params(params)
-        prompt_ids = prompt_token_ids(request, self.runner, self.max_input_tokens)
-        limits.check_max_new_tokens(params.max_new_tokens, len(prompt_ids), self.max_total_tokens)
+        if request.input_ids is not None:
+            prompt_ids = list(request.input_ids)
+        else:  # callers that use the engine directly, like the tests
+            prompt_ids = self.runner.encode(request.inputs)
         worst = len(prompt_ids) + params.max_new_tokens
-        if blocks_for(worst, self.kv.block_size) > self.kv.capacity_blocks:
-            raise InvalidArgument(
-                f"the request needs up to {worst} tokens of KV cache (prompt {len(prompt_ids)} + "
-                f"max_new_tokens {params.max_new_tokens}), more than the cache's "
-                f"{self.kv.capacity_tokens}; lower max_new_tokens"
-            )
         if lease.weights is not None:
             reason = self.runner.adapters.check(lease.weights)
             if reason is not None:
@@ -226,7 +218,7 @@ class Engine:
             submitted=submitted,
             queued=time.perf_counter(),
             worst_tokens=worst,
-            queue_until=limits.queue_deadline(deadline, time.monotonic()),
+            queue_until=rules.queue_deadline(deadline, time.monotonic()),
         )
         seq.timings.adapter_load_ms = lease.load_ms
         seq.timings.merge_ms = lease.merge_ms
@@ -318,7 +310,7 @@ class _Worker:
             self._fail(seq, Cancelled("deadline exceeded"))
         elif time.monotonic() >= seq.queue_until and seq not in self.scheduler.running:
             self._fail(seq, ResourceExhausted(
-                f"waited {limits.MAX_QUEUE_WAIT_S:g} s (the server maximum) in the queue; the "
+                f"waited {rules.MAX_QUEUE_WAIT_S:g} s (the server maximum) in the queue; the "
                 "server is busy: retry later or on another replica"
             ))  # fmt: skip
         return not seq.done

@@ -29,6 +29,7 @@ from hotmerge_kernels.ops.lora import (
     lora_workspace,
 )
 
+from hotmerge import request_rules as rules
 from hotmerge.engine import ops
 
 log = logging.getLogger(__name__)
@@ -78,12 +79,7 @@ class AdapterPool:
     def check(self, adapter: FlatAdapter) -> str | None:
         """Why ``adapter`` cannot go into a slot (None: it can)."""
         widest = max((s.shape[0] for s in adapter.segments if s.part == "A"), default=0)
-        if widest > self.max_rank:
-            return (
-                f"rank {widest} is more than the engine's max LoRA rank {self.max_rank} "
-                "(start the server with a larger --max-lora-rank)"
-            )
-        return None
+        return rules.rank_problem(widest, self.max_rank)
 
     @contextmanager
     def every_slot_full(self) -> Iterator[None]:

@@ -8,15 +8,15 @@ beside them (the CPU path, and the tests' oracle). ``use_triton`` can turn the k
 
 from __future__ import annotations
 
-import os
-
 import torch
 from hotmerge_kernels.ops import fused as fused_ops
 from hotmerge_kernels.ops import lora as lora_apply
 from hotmerge_kernels.ops import paged_attention
 from hotmerge_kernels.ops import prefill_attention as prefill_kernels
 
-use_triton = os.environ.get("HOTMERGE_TRITON", "1") != "0"
+from hotmerge import settings
+
+use_triton = settings.use_triton()
 
 
 def triton_enabled(x: torch.Tensor) -> bool:
