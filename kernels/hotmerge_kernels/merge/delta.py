@@ -1,5 +1,5 @@
 """ΔW-space merges (PEFT's ``svd``, ``ties_svd``, ``dare_linear_svd``, ``dare_ties_svd``,
-``magnitude_prune_svd``): the contract is in ``merge.py``'s docstring.
+``magnitude_prune_svd``): the contract is in ``contract``'s docstring.
 
 Module by module, each adapter's ΔWᵢ = sᵢ·Bᵢ·Aᵢ (float32) is written into a workspace reused for
 every module (so the engines' address tables stay the same and memory is bounded by the largest

@@ -1,6 +1,6 @@
 """Triton kernels of the merge engine; ``reference`` holds their torch twins.
 
-- ``segment_thresholds``: the trim thresholds (``triton_thresholds``), re-exported here so this
+- ``segment_thresholds``: the trim thresholds (``thresholds``), re-exported here so this
   module offers what ``reference`` offers.
 - ``_merge_kernel``: per element across N inputs, trim or DARE, then weighted sum or TIES
   (sign election and disjoint mean), float32 inside, written once in the output dtype.
