@@ -6,10 +6,10 @@ package reads is read here, and nowhere else.
 | ``HOTMERGE_DATA_DIR`` | ``data`` | where ``serve`` builds the embedded default model |
 | ``HOTMERGE_ADAPTER_ROOT`` | ``.`` | ``hotmerge export``'s adapter folder |
 | ``HOTMERGE_TARGET`` | ``localhost:50051`` | the server the CLI's client commands call |
-| ``HOTMERGE_TRITON`` | ``1`` | ``0``: the forward's operators run their torch twins on CUDA too |
 
-The kernels package cannot import the server, so its own switches (``HOTMERGE_PDL``, and
-``TRITON_INTERPRET`` as Triton reads it) are read in ``hotmerge_kernels/settings.py``.
+The kernels package cannot import the server, so its own switches (``HOTMERGE_TRITON``,
+``HOTMERGE_PDL``, and ``TRITON_INTERPRET`` as Triton reads it) are read in
+``hotmerge_kernels/backend.py``.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from pathlib import Path
 DATA_DIR_ENV = "HOTMERGE_DATA_DIR"
 ADAPTER_ROOT_ENV = "HOTMERGE_ADAPTER_ROOT"
 TARGET_ENV = "HOTMERGE_TARGET"
-TRITON_ENV = "HOTMERGE_TRITON"
 
 
 def data_dir() -> Path:
@@ -33,7 +32,3 @@ def adapter_root() -> str | None:
 
 def target(default: str) -> str:
     return os.environ.get(TARGET_ENV, default)
-
-
-def use_triton() -> bool:
-    return os.environ.get(TRITON_ENV, "1") != "0"
