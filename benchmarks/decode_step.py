@@ -31,6 +31,7 @@ benchmarks/results/decode_step-<device>-<date>.json (or --out, or $OUT with --ou
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import gc
 import itertools
@@ -44,14 +45,15 @@ from pathlib import Path
 import torch
 import triton
 from hotmerge.embedded import ALL_PROJ, byte_level_tokenizer
+from hotmerge.engine import EngineConfig
 from hotmerge.engine.batch import DecodeRow
-from hotmerge.engine.runner import EngineLimits, build_runner
+from hotmerge.engine.loader import build_runner
 from hotmerge.engine.sampling import RowSampling
 from hotmerge.generation import SamplingParams
+from hotmerge_kernels import backend
 from hotmerge_kernels.layout import FlatAdapter
 from hotmerge_kernels.ops.lora import LoraKernelMeta, lora_expand, lora_shrink, lora_workspace
 from hotmerge_kernels.quant import QuantizedWeight
-from hotmerge_kernels.quant import linear as quant_linear
 from lora_kernels import bench, bytes_moved
 from quant_kernels import quant_kernel_rows
 
@@ -199,7 +201,9 @@ def engine_rows(runner, args, device, bandwidth: float, modes, label: str) -> li
     max_batch = max(args.batches)
     shapes = runner.module_shapes()
     adapters = [random_adapter(shapes, args.rank, seed) for seed in range(max_batch)]
-    slots = [runner.adapters.take(a)[0] for a in adapters]
+    slots = list(range(len(adapters)))  # one slot per adapter
+    for slot, adapter in zip(slots, adapters, strict=True):
+        runner.adapters.write(slot, adapter)
     adapter_bytes = adapters[0].nbytes
     weights = weight_bytes(runner)
     cfg = runner.model.config
@@ -275,22 +279,23 @@ def quant_summary(rows: list[dict]) -> None:
         )
 
 
-def quantized_bases(args, device, bandwidth: float, limits: EngineLimits) -> list[dict]:
+def quantized_bases(args, device, bandwidth: float, config: EngineConfig) -> list[dict]:
     """bf16 then each format: a fresh model per base (quantizing releases the 16-bit weights)."""
     rows = []
     for label in ["bf16", *args.quantize.split(",")]:
         fmt, _, matmul = label.partition(":")
-        quant_linear.fp8_matmul = matmul or "weight_only"
+        backend.FP8_MATMUL = matmul or "weight_only"
         model = build_model(args.shape, device, max_positions=max(4096, args.context + 64))
-        limits.quantize = None if fmt == "bf16" else fmt
-        runner = build_runner("bench", model, byte_level_tokenizer(), limits)
+        quantize = None if fmt == "bf16" else fmt
+        base_config = dataclasses.replace(config, quantize=quantize)
+        runner = build_runner("bench", model, byte_level_tokenizer(), base_config)
         del model
         rows += engine_rows(runner, args, device, bandwidth, ("none", "distinct"), label)
         del runner
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    quant_linear.fp8_matmul = "weight_only"
+    backend.FP8_MATMUL = "weight_only"
     quant_summary(rows)
     if device.type == "cuda":
         rows += quant_kernel_rows(args.quantize.split(","), SHAPES[args.shape], bandwidth)
@@ -319,7 +324,7 @@ def main() -> None:
     max_batch = max(args.batches)
     bandwidth = copy_bandwidth(device)
     print(f"copy bandwidth: {bandwidth / 1e12:.3f} TB/s")
-    limits = EngineLimits(
+    config = EngineConfig(
         max_batch_size=max_batch,
         max_total_tokens=args.context + 64,
         kv_cache_tokens=max_batch * (args.context + 64),
@@ -329,7 +334,7 @@ def main() -> None:
     )
     rows_out = []
     if args.quantize:
-        rows_out += quantized_bases(args, device, bandwidth, limits)
+        rows_out += quantized_bases(args, device, bandwidth, config)
         weights = adapter_bytes = None  # per base, in the rows
     else:
         model = build_model(args.shape, device, max_positions=max(4096, args.context + 64))
@@ -339,7 +344,7 @@ def main() -> None:
                 rows_out.append(dict(path="transformers-eager", batch=batch, adapters="none",
                                      step_ms=ms))  # fmt: skip
                 print(f"transformers eager   batch {batch:3d}: {ms:8.2f} ms")
-        runner = build_runner("bench", model, byte_level_tokenizer(), limits)
+        runner = build_runner("bench", model, byte_level_tokenizer(), config)
         del model
         weights = weight_bytes(runner)
         adapter_bytes = random_adapter(runner.module_shapes(), args.rank, 0).nbytes

@@ -14,8 +14,9 @@ import argparse
 
 import torch
 import torch.nn.functional as F
-from hotmerge_kernels.quant import linear as quant_linear
-from hotmerge_kernels.quant import qlinear, quantize
+from hotmerge_kernels import backend
+from hotmerge_kernels.quant import quantize
+from hotmerge_kernels.quant.linear import qlinear
 from lora_kernels import bench
 
 ROWS = (1, 32, 64)
@@ -42,9 +43,9 @@ def quant_kernel_rows(formats: list[str], cfg: dict, bandwidth: float) -> list[d
             for label in formats:
                 fmt, _, matmul = label.partition(":")
                 qw = quantize(w, fmt)
-                quant_linear.fp8_matmul = matmul or "weight_only"
+                backend.FP8_MATMUL = matmul or "weight_only"
                 us = bench(lambda: qlinear(x, qw))  # noqa: B023
-                quant_linear.fp8_matmul = "weight_only"
+                backend.FP8_MATMUL = "weight_only"
                 cases.append((label, us, qw.nbytes + io))
             for label, us, moved in cases:
                 of_copy = moved / (us / 1e6) / bandwidth

@@ -6,6 +6,7 @@
     hotmerge generate --merge demo-a,demo-b --weights 1,0.5 --strategy ties --density 0.5 "hi"
     hotmerge merge demo-a,demo-b --strategy dare_ties --density 0.5 --seed 7
     hotmerge info | adapters | merges | load ID | unload ID        [--target host:port]
+    hotmerge eval --skills sql,python --adapter sql-coder  |  hotmerge sweep a,b --skills ...
     hotmerge export demo-a,demo-b --strategy ties_svd --density 0.5 --out merged/ \
         [--adapter-root DIR] [--device cuda] [--dtype bfloat16]    (offline, no server)
 
@@ -18,7 +19,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import os
 import sys
 import time
 import unicodedata
@@ -28,16 +28,21 @@ from pathlib import Path
 import grpc
 from hotmerge_kernels.merge.params import Strategy
 
-from hotmerge import __version__
+from hotmerge import __version__, settings
+from hotmerge.cli_eval import add_eval_parsers
 from hotmerge.client import DEFAULT_TARGET, HotmergeClient, merge_request
-from hotmerge.config import DATA_DIR_ENV, ServerConfig
+from hotmerge.config import ServerConfig
+from hotmerge.engine.config import QUANT_FORMATS, EngineConfig
 from hotmerge.errors import HotmergeError
 from hotmerge.merging.spec import is_identity, parse_merge_spec
 from hotmerge.v1 import hotmerge_pb2 as pb
 
-TARGET_ENV = "HOTMERGE_TARGET"
-ADAPTER_ROOT_ENV = "HOTMERGE_ADAPTER_ROOT"
-_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ServerConfig)}
+# The serve command's options: the server's config fields, and its engine's (--max-batch-size...).
+_ENGINE_DEFAULTS = {f.name: f.default for f in dataclasses.fields(EngineConfig)}
+_DEFAULTS = {
+    **{f.name: f.default for f in dataclasses.fields(ServerConfig) if f.name != "engine"},
+    **_ENGINE_DEFAULTS,
+}
 
 
 # -- output -----------------------------------------------------------------------------------
@@ -88,8 +93,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         options["adapter_budget_bytes"] = int(args.adapter_budget_mib * 2**20)
     if args.merge_budget_mib is not None:
         options["merge_budget_bytes"] = int(args.merge_budget_mib * 2**20)
+    engine = {name: options.pop(name) for name in _ENGINE_DEFAULTS if name in options}
     try:
-        config = ServerConfig(**options)
+        config = ServerConfig(**options, engine=EngineConfig(**engine))
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -246,7 +252,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from hotmerge.merging.spec import parse_merge_spec
 
     args.merge = args.ids
-    root = args.adapter_root or os.environ.get(ADAPTER_ROOT_ENV) or "."
+    root = args.adapter_root or settings.adapter_root() or "."
     import torch  # only export runs the engine here
 
     dtype = getattr(torch, args.dtype) if args.dtype else None
@@ -321,8 +327,8 @@ def _serve_parser(sub) -> None:
     for flag, kind, text in (
         ("--model", str, "model directory (or hub id with --allow-hub); default: the embedded "
          "tiny random Llama with demo adapters"),
-        ("--data-dir", Path, f"where the embedded default is built (default: ${DATA_DIR_ENV} "
-         "or ./data)"),
+        ("--data-dir", Path, "where the embedded default is built (default: "
+         f"${settings.DATA_DIR_ENV} or ./data)"),
         ("--adapter-root", Path, "PEFT adapters, one folder per id (default: DATA_DIR/adapters)"),
         ("--device", str, "cpu, cuda, cuda:1 ... (default: cuda when available)"),
         ("--dtype", str, "float32, float16, bfloat16 (default: bfloat16 on cuda, else float32)"),
@@ -366,7 +372,7 @@ def _serve_parser(sub) -> None:
     ):  # fmt: skip
         p.add_argument(flag, type=kind, help=text)
     p.add_argument("--allow-hub", action="store_true", default=None, help="download from the hub")
-    p.add_argument("--quantize", choices=["fp8", "int8", "nf4", "int4"], default=None,
+    p.add_argument("--quantize", choices=QUANT_FORMATS, default=None,
                    help="quantize the base's linear weights at load (default: none)")  # fmt: skip
     p.add_argument(
         "--no-cuda-graphs", dest="cuda_graphs", action="store_false", default=None,
@@ -398,7 +404,8 @@ def _export_parser(sub) -> None:
     _merge_arguments(p, "ids", "comma-separated adapter ids (directories under the root)")
     p.add_argument("--out", required=True, help="directory to write the PEFT adapter to")
     p.add_argument(
-        "--adapter-root", help=f"where the adapters are (default: ${ADAPTER_ROOT_ENV} or .)"
+        "--adapter-root",
+        help=f"where the adapters are (default: ${settings.ADAPTER_ROOT_ENV} or .)",
     )
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
@@ -409,8 +416,8 @@ def _client_parsers(sub) -> None:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--target",
-        default=os.environ.get(TARGET_ENV, DEFAULT_TARGET),
-        help=f"server address (default: ${TARGET_ENV} or {DEFAULT_TARGET})",
+        default=settings.target(DEFAULT_TARGET),
+        help=f"server address (default: ${settings.TARGET_ENV} or {DEFAULT_TARGET})",
     )
     common.add_argument("--timeout", type=float, default=120.0, help="seconds (default: 120)")
 
@@ -462,6 +469,7 @@ def build_parser() -> argparse.ArgumentParser:
     _serve_parser(sub)
     _export_parser(sub)
     _client_parsers(sub)
+    add_eval_parsers(sub)
     return parser
 
 
@@ -473,7 +481,7 @@ def _unreachable(err: grpc.RpcError) -> bool:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command in ("serve", "export"):
+    if args.command in ("serve", "export", "eval", "sweep"):
         return args.run(args)
     with HotmergeClient(args.target, timeout=args.timeout) as client:
         try:

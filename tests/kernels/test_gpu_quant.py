@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hotmerge_kernels.quant import FORMATS, qlinear, qlinear_torch, qlinear_triton, quantize
+from hotmerge_kernels.quant import FORMATS, quantize
 from hotmerge_kernels.quant.formats import quantize_nf4
-from hotmerge_kernels.quant.linear import fp8_scaled_mm
+from hotmerge_kernels.quant.linear import fp8_scaled_mm, qlinear, qlinear_skinny
+from hotmerge_kernels.quant.reference import qlinear as qlinear_torch
 
 pytestmark = [
     pytest.mark.gpu,
@@ -62,13 +63,13 @@ def test_fp8_scaled_mm_near_twin(shape, rows):
 def test_qlinear_in_a_cuda_graph_equals_eager(name):
     qw = quantize(weight(4096, 4096, seed=5), name)
     x = torch.randn(8, 4096, device="cuda").to(torch.bfloat16)
-    eager = qlinear_triton(x, qw)  # also autotunes, outside the capture
+    eager = qlinear_skinny(x, qw)  # also autotunes, outside the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = qlinear_triton(x, qw)
+        out = qlinear_skinny(x, qw)
     x.copy_(torch.randn_like(x))
     graph.replay()
-    torch.testing.assert_close(out, qlinear_triton(x, qw), rtol=0, atol=0)
+    torch.testing.assert_close(out, qlinear_skinny(x, qw), rtol=0, atol=0)
     assert not torch.equal(out, eager)
 
 

@@ -10,10 +10,13 @@ import numpy as np
 import pytest
 import torch
 import triton.language as tl
-from hotmerge_kernels.quant import FORMATS, dequantize, qlinear, qlinear_torch, qlinear_triton
+from hotmerge_kernels.quant import FORMATS
 from hotmerge_kernels.quant import formats as fmt
 from hotmerge_kernels.quant.formats import NF4_CODE, quantize, quantize_nf4
-from hotmerge_kernels.quant.linear import dequantize_triton
+from hotmerge_kernels.quant.linear import dequantize as dequantize_triton
+from hotmerge_kernels.quant.linear import qlinear, qlinear_skinny
+from hotmerge_kernels.quant.reference import dequantize
+from hotmerge_kernels.quant.reference import qlinear as qlinear_torch
 from triton.runtime import interpreter
 
 from tests.kernels.random_adapters import needs_triton
@@ -217,7 +220,7 @@ def test_triton_qlinear_equals_twin(name, rows, dtype):
     qw = quantized(name, weight(n, k, seed=11, dtype=dtype))
     x = torch.randn(rows, k, generator=gen).to(dtype)
     bias = torch.randn(n, generator=gen).to(dtype)
-    got = qlinear_triton(x, qw, bias)
+    got = qlinear_skinny(x, qw, bias)
     want = qlinear_torch(x, qw, bias)
     assert got.shape == want.shape == (rows, n) and got.dtype == dtype
     assert torch.isfinite(got).all()
@@ -229,19 +232,17 @@ def test_triton_qlinear_equals_twin(name, rows, dtype):
 
 @needs_triton
 def test_qlinear_dispatch_and_3d_input():
-    """``use_triton=False`` is the twin; (B, T, K) inputs keep their leading shape."""
+    """(B, T, K) inputs keep their leading shape; past SKINNY_ROWS rows, the dequantize kernel."""
     qw = quantize(weight(24, 128, seed=2), "int8")
     x = torch.randn(2, 3, 128)
-    twin = qlinear(x, qw, use_triton=False)
+    twin = qlinear_torch(x, qw)
     assert twin.shape == (2, 3, 24)
-    torch.testing.assert_close(qlinear_triton(x, qw), twin, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(qlinear_skinny(x, qw), twin, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="features"):
-        qlinear_triton(torch.randn(1, 64), qw)
+        qlinear_skinny(torch.randn(1, 64), qw)
     # more than SKINNY_ROWS rows: the dequantize kernel, then one matmul
     many = torch.randn(70, 128)
-    torch.testing.assert_close(
-        qlinear(many, qw, use_triton=True), qlinear(many, qw, use_triton=False), rtol=0, atol=0
-    )
+    torch.testing.assert_close(qlinear(many, qw), qlinear_torch(many, qw), rtol=0, atol=0)
 
 
 @needs_triton
@@ -307,3 +308,30 @@ def test_kernels_compile_for_hopper():
     code = "from tests.kernels.test_quant import compile_all_for_hopper as c; c()"
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+@needs_triton
+def test_fp8_scaled_mm_switch_is_read_from_the_backend(monkeypatch):
+    """``backend.FP8_MATMUL`` (``HOTMERGE_FP8_MATMUL``) sends fp8 weights, and only them, to
+    ``_scaled_mm``; a value it does not know stops the import with the choices."""
+    import os
+    import subprocess
+    import sys
+
+    from hotmerge_kernels import backend
+    from hotmerge_kernels.quant import linear
+
+    calls = []
+    monkeypatch.setattr(linear, "fp8_scaled_mm", lambda x, qw, bias: calls.append(qw) or x)
+    monkeypatch.setattr(backend, "FP8_MATMUL", "scaled_mm")
+    w = weight(8, 128, seed=5)
+    x = torch.randn(3, 128)
+    qlinear(x, quantize(w, "fp8"))
+    qlinear(x, quantize(w, "int8"))
+    assert [qw.format for qw in calls] == ["fp8"]
+
+    env = {**os.environ, "HOTMERGE_FP8_MATMUL": "w8a8"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    code = "import hotmerge_kernels.backend"
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert done.returncode != 0 and "HOTMERGE_FP8_MATMUL must be one of" in done.stderr

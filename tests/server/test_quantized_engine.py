@@ -12,13 +12,15 @@ import torch
 from hotmerge.config import ServerConfig
 from hotmerge.embedded import byte_level_tokenizer
 from hotmerge.engine.batch import DecodeRow, PrefillChunk
+from hotmerge.engine.config import QUANT_FORMATS, EngineConfig
+from hotmerge.engine.loader import build_runner, load_runner
 from hotmerge.engine.models.llama import lora_shapes, module_paths
-from hotmerge.engine.runner import EngineLimits, build_runner, load_runner
 from hotmerge.errors import InvalidArgument
 from hotmerge_kernels.layout import FlatAdapter
 from hotmerge_kernels.merge import merge_adapters
 from hotmerge_kernels.merge.params import MergeParams, Strategy
-from hotmerge_kernels.quant import FORMATS, dequantize, quantize
+from hotmerge_kernels.quant import FORMATS, quantize
+from hotmerge_kernels.quant.reference import dequantize
 
 from tests.helpers import tiny_llama
 
@@ -60,11 +62,11 @@ def dequantized_copy(model, fmt: str):
     return ref
 
 
-def runner_for(model, quant: str | None, **limits):
-    limits = EngineLimits(
-        max_batch_size=4, block_size=4, kv_cache_tokens=512, max_loras=2, quantize=quant, **limits
+def runner_for(model, quant: str | None, **fields):
+    config = EngineConfig(
+        max_batch_size=4, block_size=4, kv_cache_tokens=512, max_loras=2, quantize=quant, **fields
     )
-    return build_runner("test", model, byte_level_tokenizer(), limits)
+    return build_runner("test", model, byte_level_tokenizer(), config)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -116,7 +118,9 @@ def test_mixed_batch_on_a_quantized_base_gives_each_row_its_own(fmt):
         [first, second], MergeParams(Strategy.TIES, (0.7, 0.5), density=0.5)
     ).adapter
     runner = runner_for(model, fmt)
-    slots = [-1, runner.adapters.take(first)[0], runner.adapters.take(merged)[0]]
+    runner.adapters.write(0, first)
+    runner.adapters.write(1, merged)
+    slots = [-1, 0, 1]
     prompts = [[5, 6, 7, 8, 9], [20, 21, 22, 23, 24], [30, 31, 32, 33, 34]]
     tables = [[1, 2], [3, 4], [5, 6]]
     chunks = [PrefillChunk(i, prompts[i], 0, tables[i], slots[i], True) for i in range(3)]
@@ -134,9 +138,10 @@ def test_mixed_batch_on_a_quantized_base_gives_each_row_its_own(fmt):
 
 
 def test_bad_quantize_settings_are_refused(tmp_path):
+    assert QUANT_FORMATS == FORMATS  # the config's list (no kernel import) is the kernels'
     with pytest.raises(ValueError, match="quantize must be one of"):
-        ServerConfig(quantize="int3")
-    assert ServerConfig(quantize="nf4").quantize == "nf4"
+        EngineConfig(quantize="int3")
+    assert ServerConfig(engine=EngineConfig(quantize="nf4")).engine.quantize == "nf4"
     narrow = copy.deepcopy(hf_model())
     narrow.model.layers[0].mlp.down_proj = torch.nn.Linear(256 - 64, 128, bias=False)
     narrow.config.intermediate_size = 256  # only layer 0's down_proj is narrow
@@ -147,8 +152,7 @@ def test_bad_quantize_settings_are_refused(tmp_path):
             "test",
             hf_model(),
             byte_level_tokenizer(),
-            EngineLimits(kv_cache_tokens=64, quantize="int8"),
-            eager=True,
+            EngineConfig(kv_cache_tokens=64, quantize="int8", eager_model=True),
         )
 
 
@@ -162,19 +166,23 @@ def test_checkpoints_saved_quantized_are_refused_with_the_way_out(tmp_path):
     }
     (model_dir / "config.json").write_text(json.dumps(config))
     with pytest.raises(InvalidArgument, match=r"saved quantized \(bitsandbytes\).*--quantize nf4"):
-        load_runner(str(model_dir), device="cpu", limits=EngineLimits(kv_cache_tokens=64))
+        load_runner(str(model_dir), device="cpu", config=EngineConfig(kv_cache_tokens=64))
 
 
 def test_server_config_quantizes_the_served_base(tmp_path):
-    """``ServerConfig.quantize`` (the CLI's --quantize) reaches the runner; requests run."""
+    """``ServerConfig.engine.quantize`` (the CLI's --quantize) reaches the runner; requests
+    run."""
     from hotmerge.generation import GenerationRequest, SamplingParams
     from hotmerge.server import build_engine
 
     model_dir = tiny_llama(tmp_path)  # hidden 64, intermediate 128: whole nf4 blocks
     config = ServerConfig(
-        model=str(model_dir), data_dir=tmp_path, device="cpu", quantize="nf4", kv_cache_tokens=256
+        model=str(model_dir),
+        data_dir=tmp_path,
+        device="cpu",
+        engine=EngineConfig(quantize="nf4", kv_cache_tokens=256),
     )
-    engine = build_engine(config)
+    engine, _ = build_engine(config)
     try:
         assert engine.runner.model.quant == "nf4"
         request = GenerationRequest("hello", SamplingParams(max_new_tokens=4))

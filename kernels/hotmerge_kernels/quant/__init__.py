@@ -1,4 +1,5 @@
-"""Quantized base weights: formats (nf4, int4, int8, fp8), their torch twins and ``qlinear``."""
+"""Quantized base weights: the formats (nf4, int4, int8, fp8) and ``quantize`` (``formats``),
+the Triton ``qlinear`` and ``dequantize`` (``linear``) and their torch twins (``reference``)."""
 
 from hotmerge_kernels.quant.formats import (
     FORMATS,
@@ -7,10 +8,8 @@ from hotmerge_kernels.quant.formats import (
     Int8Weight,
     Nf4Weight,
     QuantizedWeight,
-    dequantize,
     quantize,
 )
-from hotmerge_kernels.quant.linear import qlinear, qlinear_torch, qlinear_triton
 
 __all__ = [
     "FORMATS",
@@ -19,9 +18,5 @@ __all__ = [
     "Int8Weight",
     "Nf4Weight",
     "QuantizedWeight",
-    "dequantize",
-    "qlinear",
-    "qlinear_torch",
-    "qlinear_triton",
     "quantize",
 ]

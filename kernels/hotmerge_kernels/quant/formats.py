@@ -1,7 +1,7 @@
-"""Weight-only quantization formats of a linear weight ``W (N out, K in)``: quantize, dequantize.
+"""Weight-only quantization formats of a linear weight ``W (N out, K in)``, and ``quantize``.
 
 Each format is a small dataclass of device tensors (packed codes and scales) that the kernels of
-``qlinear`` read; ``dequantize`` is its torch twin (the CPU path, and the tests' oracle).
+``linear`` read; ``reference.dequantize`` gives the weight back (the twins' and tests' oracle).
 
 - ``nf4``: bitsandbytes' NF4, exactly: W flattened row-major, blocks of 64, ``absmax`` per block
   (float32), each value ``x / absmax`` (computed as ``x * (1 / absmax)``, clamped to [-1, 1]) to
@@ -193,12 +193,12 @@ def _pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
     return (codes[:, 0::2] << 4) | codes[:, 1::2]
 
 
-def _unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
     """(N, K // 2) bytes -> (N, K) codes (uint8)."""
     return torch.stack([packed >> 4, packed & 0xF], dim=-1).view(packed.shape[0], -1)
 
 
-# -- quantize / dequantize --------------------------------------------------------------------
+# -- quantize ----------------------------------------------------------------------------------
 
 
 def _check(weight: torch.Tensor, multiple: int, fmt: str) -> tuple[int, int]:
@@ -267,24 +267,6 @@ def quantize(weight: torch.Tensor, fmt: str) -> QuantizedWeight:
         return fn(weight)
 
 
-def dequantize(qw: QuantizedWeight, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """The weight ``(N, K)`` the quantized one stands for, in ``dtype`` (default: the original):
-    computed in float32, rounded once."""
-    n, k = qw.shape
-    dtype = dtype or qw.dtype
-    if isinstance(qw, Nf4Weight):
-        values = nf4_code(qw.packed.device)[_unpack_nibbles(qw.packed).long()]
-        w = values.view(-1, NF4_BLOCK) * qw.block_scales()[:, None]
-    elif isinstance(qw, Int4Weight):
-        codes = _unpack_nibbles(qw.packed).float().view(n, k // INT4_GROUP, INT4_GROUP)
-        w = (codes - qw.zero.float()[..., None]) * qw.scale[..., None]
-    elif isinstance(qw, Int8Weight | Fp8Weight):
-        w = qw.qweight.float() * qw.scale[:, None]
-    else:
-        raise TypeError(f"dequantize: not a quantized weight: {type(qw).__name__}")
-    return w.reshape(n, k).to(dtype)
-
-
 __all__ = [
     "FORMATS",
     "Fp8Weight",
@@ -292,8 +274,8 @@ __all__ = [
     "Int8Weight",
     "Nf4Weight",
     "QuantizedWeight",
-    "dequantize",
     "dynamic_code",
     "nf4_code",
     "quantize",
+    "unpack_nibbles",
 ]

@@ -1,23 +1,28 @@
-"""``qlinear``: a linear layer over a quantized weight, on the kernel that fits the call.
+"""The quantized-weight Triton entry points: ``qlinear`` and ``dequantize``.
 
-- CPU (or ``use_triton=False``): the torch twin, dequantize then matmul.
-- CUDA, up to ``SKINNY_ROWS`` rows (decode): the Triton skinny GEMM (``triton_qlinear``), which
-  reads the packed weight once.
-- CUDA, more rows (prefill): compute-bound, so dequantize into x's dtype (a Triton kernel, no
-  float32 copy of the weight) and let cuBLAS multiply.
-- fp8 with ``HOTMERGE_FP8_MATMUL=scaled_mm``: every size through ``torch._scaled_mm`` on the fp8
-  tensor cores, the activations quantized per row on the fly (W8A8: not weight-only, so its
-  numerics differ from the twin by the activation rounding). The default is weight-only.
+Their torch twins (same names and signatures) are in ``reference``; ``hotmerge/engine/ops.py``
+picks one or the other with ``backend.use_triton``. ``qlinear`` takes the kernel that fits the
+call:
+
+- up to ``SKINNY_ROWS`` rows (decode): the Triton skinny GEMM (``triton_qlinear``), which reads
+  the packed weight once;
+- more rows (prefill): compute-bound, so ``dequantize`` into x's dtype (a Triton kernel, no
+  float32 copy of the weight) and let cuBLAS multiply;
+- fp8 with ``HOTMERGE_FP8_MATMUL=scaled_mm`` (``backend.FP8_MATMUL``): every size through
+  ``torch._scaled_mm`` on the fp8 tensor cores, the activations quantized per row on the fly
+  (W8A8: not weight-only, so its numerics differ from the twin by the activation rounding).
+  The default is weight-only.
 """
 
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import torch.nn.functional as F
 
+from hotmerge_kernels import backend
+from hotmerge_kernels.backend import INTERPRETING
 from hotmerge_kernels.quant import triton_qlinear as tq
 from hotmerge_kernels.quant.formats import (
     FP8_MAX,
@@ -28,38 +33,20 @@ from hotmerge_kernels.quant.formats import (
     Int8Weight,
     Nf4Weight,
     QuantizedWeight,
-    dequantize,
     dynamic_code,
     nf4_code,
 )
 
 SKINNY_ROWS = 64
-FP8_MATMULS = ("weight_only", "scaled_mm")
-fp8_matmul = os.environ.get("HOTMERGE_FP8_MATMUL", "weight_only")
 
 
-def qlinear(
-    x: torch.Tensor,
-    qw: QuantizedWeight,
-    bias: torch.Tensor | None = None,
-    *,
-    use_triton: bool | None = None,
-) -> torch.Tensor:
+def qlinear(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x (..., K) · Wᵀ + bias`` with ``W`` given quantized; the result in x's dtype."""
-    if use_triton is None:
-        use_triton = x.is_cuda
-    if not use_triton:
-        return qlinear_torch(x, qw, bias)
-    if isinstance(qw, Fp8Weight) and fp8_matmul == "scaled_mm":
+    if isinstance(qw, Fp8Weight) and backend.FP8_MATMUL == "scaled_mm":
         return fp8_scaled_mm(x, qw, bias)
     rows = x.numel() // x.shape[-1]
     if rows <= SKINNY_ROWS:
-        return qlinear_triton(x, qw, bias)
-    return F.linear(x, dequantize_triton(qw, x.dtype), bias)
-
-
-def qlinear_torch(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None = None):
-    """The twin: dequantize into x's dtype, then ``F.linear``."""
+        return qlinear_skinny(x, qw, bias)
     return F.linear(x, dequantize(qw, x.dtype), bias)
 
 
@@ -72,7 +59,7 @@ def _code_table(device: torch.device) -> torch.Tensor:
     return torch.cat([nf4_code(device), dynamic_code(device), fp8]).contiguous()
 
 
-def qlinear_triton(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None = None):
+def qlinear_skinny(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None = None):
     """The skinny GEMM kernel: one launch, output allocated here (a graph's pool when
     captured), no host sync."""
     n, k = qw.shape
@@ -99,7 +86,7 @@ def qlinear_triton(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | No
         DOUBLE=isinstance(qw, Nf4Weight) and qw.absmax is None,
         GROUP=INT4_GROUP if isinstance(qw, Int4Weight) else NF4_BLOCK,
         HAS_BIAS=bias is not None,
-        INTERPRET=tq.INTERPRETING,
+        INTERPRET=INTERPRETING,
         BLOCK_M=block_m,
     )  # fmt: skip
     return y.view(*x.shape[:-1], n)
@@ -117,16 +104,17 @@ def _pointers(qw: QuantizedWeight, code: torch.Tensor):
         return qw.packed, qw.absmax, code, code, code, code
     if isinstance(qw, Int4Weight):
         return qw.packed, qw.scale, qw.zero, code, code, code
-    if isinstance(qw, Fp8Weight) and tq.INTERPRETING:
+    if isinstance(qw, Fp8Weight) and INTERPRETING:
         return qw.qweight.view(torch.uint8), qw.scale, code, code, code, code
     if isinstance(qw, Int8Weight | Fp8Weight):
         return qw.qweight, qw.scale, code, code, code, code
     raise TypeError(f"qlinear: not a quantized weight: {type(qw).__name__}")
 
 
-def dequantize_triton(qw: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
-    """``dequantize``'s kernel twin: the weight (N, K) in ``dtype``, one launch."""
+def dequantize(qw: QuantizedWeight, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The weight (N, K) in ``dtype`` (default: the original), one launch."""
     n, k = qw.shape
+    dtype = dtype or qw.dtype
     out = torch.empty(n, k, dtype=dtype, device=qw.device)
     code = _code_table(qw.device)
     w, s, z, q2, s2, off = _pointers(qw, code)
@@ -136,7 +124,7 @@ def dequantize_triton(qw: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
         FMT=_FMT[type(qw)],
         DOUBLE=isinstance(qw, Nf4Weight) and qw.absmax is None,
         GROUP=INT4_GROUP if isinstance(qw, Int4Weight) else NF4_BLOCK,
-        INTERPRET=tq.INTERPRETING,
+        INTERPRET=INTERPRETING,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
         num_warps=4,
@@ -167,11 +155,9 @@ def fp8_scaled_mm(x: torch.Tensor, qw: Fp8Weight, bias: torch.Tensor | None = No
 
 
 __all__ = [
-    "FP8_MATMULS",
     "SKINNY_ROWS",
-    "dequantize_triton",
+    "dequantize",
     "fp8_scaled_mm",
     "qlinear",
-    "qlinear_torch",
-    "qlinear_triton",
+    "qlinear_skinny",
 ]

@@ -9,12 +9,10 @@ launch, no workspace, no host sync: capturable in a CUDA graph.
 
 from __future__ import annotations
 
-import os
-
 import triton
 import triton.language as tl
 
-INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+from hotmerge_kernels.backend import INTERPRETING
 
 # Format ids (constexpr FMT).
 NF4, INT4, INT8, FP8 = 0, 1, 2, 3
@@ -199,4 +197,4 @@ def dequantize_kernel(
     tl.store(ptrs, w.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-__all__ = ["FP8", "INT4", "INT8", "INTERPRETING", "NF4", "dequantize_kernel", "qlinear_kernel"]
+__all__ = ["FP8", "INT4", "INT8", "NF4", "dequantize_kernel", "qlinear_kernel"]

@@ -7,6 +7,7 @@ import logging
 
 import torch
 
+from hotmerge.engine.config import EngineConfig
 from hotmerge.errors import InvalidArgument
 
 log = logging.getLogger("hotmerge.engine.runner")
@@ -29,16 +30,16 @@ def refuse_prequantized(model_id: str, local: bool) -> None:
         )
 
 
-def log_quantized(model, limits, per_block: int, device: torch.device) -> None:
+def log_quantized(model, config: EngineConfig, per_block: int, device: torch.device) -> None:
     """Format, the projections' bytes before and after, and the KV tokens the bytes saved buy
     (the KV cache is sized from the free memory after the weights, on CUDA)."""
     before, after = model.base_bytes_16bit, model.base_bytes
     saved = before - after
-    sized_by_memory = device.type == "cuda" and limits.kv_cache_tokens is None
-    gained = int(saved * limits.kv_cache_fraction // per_block) * limits.block_size
+    sized_by_memory = device.type == "cuda" and config.kv_cache_tokens is None
+    gained = int(saved * config.kv_cache_fraction // per_block) * config.block_size
     log.info(
         "base quantized to %s: projections %.2f GiB -> %.2f GiB (%.2f GiB saved); KV cache %s",
-        limits.quantize,
+        config.quantize,
         before / 2**30,
         after / 2**30,
         saved / 2**30,
