@@ -13,33 +13,49 @@
    pool, the batch's slots, L2 flushed: ``lora_kernels.py``'s timing and byte count): µs, GB/s
    and the fraction of the copy bandwidth above.
 
+With ``--quantize fp8,int8,nf4,int4``: the engine's decode for the bf16 base and then each
+quantized base (a fresh model each), batches 1, 32, 64 by default, no adapter and distinct
+adapters, each with its own floor (its packed weights and scales + adapters + KV); then each
+format's linear kernel alone at the model's projection shapes against bf16 ``F.linear``.
+``fp8:scaled_mm`` runs fp8 through ``torch._scaled_mm`` (W8A8) instead of the weight-only kernel.
+
 JSON rows with ``batch``, ``adapters`` ("none"|"one"|"distinct"), ``step_ms``, ``floor_ms``
-(and ``lora_kernels``) go to benchmarks/results/decode_step-<device>-<date>.json (or --out).
+(and ``lora_kernels``; ``base`` with --quantize) go to
+benchmarks/results/decode_step-<device>-<date>.json (or --out, or $OUT with --out-dir).
 
     python benchmarks/decode_step.py                    # 7B shapes, needs a GPU
     python benchmarks/decode_step.py --shape tiny --batches 1 4   # a quick run anywhere
+    python benchmarks/decode_step.py --quantize fp8,int8,nf4,int4 --no-eager --out-dir $OUT
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
+import gc
 import itertools
 import json
+import os
 import platform
 import statistics
 import time
 from pathlib import Path
 
 import torch
+import triton
 from hotmerge.embedded import ALL_PROJ, byte_level_tokenizer
+from hotmerge.engine import EngineConfig
 from hotmerge.engine.batch import DecodeRow
-from hotmerge.engine.runner import EngineLimits, build_runner
+from hotmerge.engine.loader import build_runner
 from hotmerge.engine.sampling import RowSampling
 from hotmerge.generation import SamplingParams
+from hotmerge_kernels import backend
 from hotmerge_kernels.layout import FlatAdapter
 from hotmerge_kernels.ops.lora import LoraKernelMeta, lora_expand, lora_shrink, lora_workspace
+from hotmerge_kernels.quant import QuantizedWeight
 from lora_kernels import bench, bytes_moved
+from quant_kernels import quant_kernel_rows
 
 SHAPES = {
     "7b": dict(
@@ -52,7 +68,7 @@ SHAPES = {
     ),
     "tiny": dict(
         hidden_size=256,
-        intermediate_size=688,
+        intermediate_size=768,  # whole int4 groups (128) for --quantize
         num_hidden_layers=4,
         num_attention_heads=8,
         num_key_value_heads=2,
@@ -138,15 +154,16 @@ def eager_step_ms(model, batch: int, context: int, device, iters: int) -> float:
 
 
 def weight_bytes(runner) -> int:
-    """Bytes a decode step reads of the model's weights (the embedding: one row per token)."""
+    """Bytes a decode step reads of the model's weights (the embedding: one row per token);
+    a quantized projection: its packed codes and scales."""
     total = 0
     for name, p in runner.model.named_parameters():
         if "embed" not in name:
             total += p.numel() * p.element_size()
-    for layer in runner.model.layers:  # plain tensors held as attributes, not parameters
-        for t in (layer.o_weight, layer.down_weight):
-            if not isinstance(t, torch.nn.Parameter):
-                total += t.numel() * t.element_size()
+    for layer in runner.model.layers:  # quantized weights are held as attributes
+        for w in (layer.qkv_weight, layer.o_weight, layer.gate_up_weight, layer.down_weight):
+            if isinstance(w, QuantizedWeight):
+                total += w.nbytes
     return total
 
 
@@ -179,43 +196,14 @@ def lora_kernel_rows(pool, slots: torch.Tensor, rank: int, bandwidth: float) -> 
     return rows
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--shape", choices=sorted(SHAPES), default="7b")
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 16, 32, 64])
-    parser.add_argument("--context", type=int, default=512, help="tokens in each row's cache")
-    parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--max-lora-rank", type=int, help="the pool's width (default: --rank)")
-    parser.add_argument("--iters", type=int, default=30)
-    parser.add_argument("--no-eager", action="store_true", help="skip the transformers path")
-    parser.add_argument("--out", type=Path)
-    args = parser.parse_args()
-
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def engine_rows(runner, args, device, bandwidth: float, modes, label: str) -> list[dict]:
+    """The engine's decode at each batch size and adapter mode, against its own floor."""
     max_batch = max(args.batches)
-    bandwidth = copy_bandwidth(device)
-    print(f"copy bandwidth: {bandwidth / 1e12:.3f} TB/s")
-    model = build_model(args.shape, device, max_positions=max(4096, args.context + 64))
-    rows_out = []
-    if not args.no_eager:
-        for batch in args.batches:
-            ms = eager_step_ms(model, batch, args.context, device, max(5, args.iters // 3))
-            rows_out.append(dict(path="transformers-eager", batch=batch, adapters="none",
-                                 step_ms=ms))  # fmt: skip
-            print(f"transformers eager   batch {batch:3d}: {ms:8.2f} ms")
-    limits = EngineLimits(
-        max_batch_size=max_batch,
-        max_total_tokens=args.context + 64,
-        kv_cache_tokens=max_batch * (args.context + 64),
-        max_loras=max_batch,
-        max_lora_rank=args.max_lora_rank or args.rank,
-        cuda_graphs=device.type == "cuda",
-    )
-    runner = build_runner("bench", model, byte_level_tokenizer(), limits)
-    del model
     shapes = runner.module_shapes()
     adapters = [random_adapter(shapes, args.rank, seed) for seed in range(max_batch)]
-    slots = [runner.adapters.take(a)[0] for a in adapters]
+    slots = list(range(len(adapters)))  # one slot per adapter
+    for slot, adapter in zip(slots, adapters, strict=True):
+        runner.adapters.write(slot, adapter)
     adapter_bytes = adapters[0].nbytes
     weights = weight_bytes(runner)
     cfg = runner.model.config
@@ -224,8 +212,9 @@ def main() -> None:
     )
     blocks_per_row = -(-(args.context + 1) // runner.block_size)
     greedy = SamplingParams(max_new_tokens=1)
+    rows_out = []
     for batch in args.batches:
-        for mode in ("none", "one", "distinct"):
+        for mode in modes:
             rows = []
             for i in range(batch):
                 table = list(range(1 + i * blocks_per_row, 1 + (i + 1) * blocks_per_row))
@@ -256,30 +245,125 @@ def main() -> None:
                 weights + used * adapter_bytes + batch * (args.context + 1) * kv_token_bytes
             )
             floor_ms = floor_bytes / bandwidth * 1000
-            row = dict(path="engine", batch=batch, adapters=mode, step_ms=step_ms,
-                       graph_ms=graph_ms, floor_ms=floor_ms,
+            row = dict(path="engine", base=label, batch=batch, adapters=mode, step_ms=step_ms,
+                       graph_ms=graph_ms, floor_ms=floor_ms, weight_bytes=weights,
                        step_over_floor=step_ms / floor_ms,
                        tokens_per_s=batch / step_ms * 1000)  # fmt: skip
             rows_out.append(row)
             print(
-                f"engine batch {batch:3d} {mode:8s}: step {step_ms:7.2f} ms, graph "
+                f"engine {label:14s} batch {batch:3d} {mode:8s}: step {step_ms:7.2f} ms, graph "
                 f"{graph_ms if graph_ms is None else round(graph_ms, 2)} ms, floor "
                 f"{floor_ms:6.2f} ms ({step_ms / floor_ms:.2f}x), "
                 f"{batch / step_ms * 1000:7.0f} tok/s"
             )
-            if mode != "none" and device.type == "cuda":
+            if mode != "none" and device.type == "cuda" and args.lora_kernels:
                 slots_t = torch.tensor([r.slot for r in rows], dtype=torch.int32, device=device)
                 kernels = lora_kernel_rows(runner.adapters, slots_t, args.rank, bandwidth)
                 row["lora_kernels"] = kernels
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
+    return rows_out
+
+
+def quant_summary(rows: list[dict]) -> None:
+    """Each quantized base's step against bf16's at the same batch and adapters."""
+    bf16 = {(r["batch"], r["adapters"]): r["step_ms"] for r in rows if r.get("base") == "bf16"}
+    print("\nbase            batch adapters   step ms  floor ms  x floor  x bf16")
+    for r in rows:
+        if r.get("path") != "engine" or "base" not in r:
+            continue
+        ref = bf16.get((r["batch"], r["adapters"]))
+        r["step_over_bf16"] = r["step_ms"] / ref if ref else None
+        print(
+            f"{r['base']:14s}  {r['batch']:5d} {r['adapters']:9s} {r['step_ms']:8.2f} "
+            f"{r['floor_ms']:9.2f} {r['step_over_floor']:8.2f} "
+            f"{r['step_over_bf16'] or float('nan'):7.2f}"
+        )
+
+
+def quantized_bases(args, device, bandwidth: float, config: EngineConfig) -> list[dict]:
+    """bf16 then each format: a fresh model per base (quantizing releases the 16-bit weights)."""
+    rows = []
+    for label in ["bf16", *args.quantize.split(",")]:
+        fmt, _, matmul = label.partition(":")
+        backend.FP8_MATMUL = matmul or "weight_only"
+        model = build_model(args.shape, device, max_positions=max(4096, args.context + 64))
+        quantize = None if fmt == "bf16" else fmt
+        base_config = dataclasses.replace(config, quantize=quantize)
+        runner = build_runner("bench", model, byte_level_tokenizer(), base_config)
+        del model
+        rows += engine_rows(runner, args, device, bandwidth, ("none", "distinct"), label)
+        del runner
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    backend.FP8_MATMUL = "weight_only"
+    quant_summary(rows)
+    if device.type == "cuda":
+        rows += quant_kernel_rows(args.quantize.split(","), SHAPES[args.shape], bandwidth)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="7b")
+    parser.add_argument("--batches", type=int, nargs="+", help="(default: 1 16 32 64; "
+                        "with --quantize 1 32 64)")  # fmt: skip
+    parser.add_argument("--context", type=int, default=512, help="tokens in each row's cache")
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--max-lora-rank", type=int, help="the pool's width (default: --rank)")
+    parser.add_argument("--iters", type=int, default=30)
+    parser.add_argument("--no-eager", action="store_true", help="skip the transformers path")
+    parser.add_argument("--quantize", help="comma-separated bases to compare with bf16: fp8, "
+                        "int8, nf4, int4, fp8:scaled_mm")  # fmt: skip
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--out-dir", type=Path, help="write the JSON here (default: $OUT if set)")
+    args = parser.parse_args()
+    args.batches = args.batches or ([1, 32, 64] if args.quantize else [1, 16, 32, 64])
+    args.lora_kernels = not args.quantize
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    max_batch = max(args.batches)
+    bandwidth = copy_bandwidth(device)
+    print(f"copy bandwidth: {bandwidth / 1e12:.3f} TB/s")
+    config = EngineConfig(
+        max_batch_size=max_batch,
+        max_total_tokens=args.context + 64,
+        kv_cache_tokens=max_batch * (args.context + 64),
+        max_loras=max_batch,
+        max_lora_rank=args.max_lora_rank or args.rank,
+        cuda_graphs=device.type == "cuda",
+    )
+    rows_out = []
+    if args.quantize:
+        rows_out += quantized_bases(args, device, bandwidth, config)
+        weights = adapter_bytes = None  # per base, in the rows
+    else:
+        model = build_model(args.shape, device, max_positions=max(4096, args.context + 64))
+        if not args.no_eager:
+            for batch in args.batches:
+                ms = eager_step_ms(model, batch, args.context, device, max(5, args.iters // 3))
+                rows_out.append(dict(path="transformers-eager", batch=batch, adapters="none",
+                                     step_ms=ms))  # fmt: skip
+                print(f"transformers eager   batch {batch:3d}: {ms:8.2f} ms")
+        runner = build_runner("bench", model, byte_level_tokenizer(), config)
+        del model
+        weights = weight_bytes(runner)
+        adapter_bytes = random_adapter(runner.module_shapes(), args.rank, 0).nbytes
+        rows_out += engine_rows(
+            runner, args, device, bandwidth, ("none", "one", "distinct"), "bf16"
+        )
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     result = dict(
         benchmark="decode_step",
         device=name,
         date=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         versions=dict(
-            torch=torch.__version__, python=platform.python_version(), cuda=torch.version.cuda
+            torch=torch.__version__,
+            triton=triton.__version__,
+            python=platform.python_version(),
+            cuda=torch.version.cuda,
         ),  # fmt: skip
         shape=args.shape,
+        quantize=args.quantize,
         context=args.context,
         rank=args.rank,
         max_lora_rank=args.max_lora_rank or args.rank,
@@ -288,9 +372,9 @@ def main() -> None:
         adapter_bytes=adapter_bytes,
         rows=rows_out,
     )
-    out = args.out or Path(__file__).parent / "results" / (
-        f"decode_step-{name.replace(' ', '_')}-{dt.date.today()}.json"
-    )
+    out_dir = args.out_dir or (Path(os.environ["OUT"]) if os.environ.get("OUT") else None)
+    file = f"decode_step-{name.replace(' ', '_')}-{dt.date.today()}.json"
+    out = args.out or (out_dir or Path(__file__).parent / "results") / file
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
     print(f"wrote {out}")

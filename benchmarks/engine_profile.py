@@ -24,8 +24,9 @@ from pathlib import Path
 import torch
 from decode_step import SHAPES, build_model, random_adapter
 from hotmerge.embedded import byte_level_tokenizer
+from hotmerge.engine import EngineConfig
 from hotmerge.engine.batch import DecodeRow, PrefillChunk
-from hotmerge.engine.runner import EngineLimits, build_runner
+from hotmerge.engine.loader import build_runner
 from torch.profiler import ProfilerActivity, profile
 
 
@@ -75,7 +76,7 @@ def main() -> None:
 
     model = build_model(args.shape, device, max_positions=4096)
     per_row = args.context + args.prompt_tokens + 64
-    limits = EngineLimits(
+    config = EngineConfig(
         max_batch_size=args.batch,
         max_total_tokens=per_row,
         kv_cache_tokens=2 * args.batch * per_row,
@@ -83,12 +84,12 @@ def main() -> None:
         max_lora_rank=args.rank,
         max_prefill_tokens=max(2048, args.prefill_prompts * args.prompt_tokens),
     )
-    runner = build_runner("profile", model, byte_level_tokenizer(), limits)
+    runner = build_runner("profile", model, byte_level_tokenizer(), config)
     del model
     shapes = runner.module_shapes()
-    slots = [
-        runner.adapters.take(random_adapter(shapes, args.rank, s))[0] for s in range(args.batch)
-    ]
+    slots = list(range(args.batch))  # one slot per adapter
+    for s in slots:
+        runner.adapters.write(s, random_adapter(shapes, args.rank, s))
     blocks = -(-per_row // runner.block_size)
     tables = [list(range(1 + i * blocks, 1 + (i + 1) * blocks)) for i in range(2 * args.batch)]
     report: dict[str, dict] = {}

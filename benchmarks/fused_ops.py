@@ -28,20 +28,19 @@ from triton.testing import do_bench
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "kernels"), str(ROOT)]
 
-from hotmerge_kernels.ops import fused as fused_ops  # noqa: E402
+from hotmerge_kernels.ops import fused, reference  # noqa: E402
 
 from tests.kernels.decode_inputs import SEVEN_B, DecodeInputs, decode_inputs  # noqa: E402
 
 EPS = 1e-5
 
 
-def cases(inp: DecodeInputs, fused: bool) -> dict[str, tuple[Callable[[], object], int]]:
-    """{op: (one call on preallocated buffers, bytes it must move)} for one implementation."""
+def cases(inp: DecodeInputs, kernels: bool) -> dict[str, tuple[Callable[[], object], int]]:
+    """{op: (one call on preallocated buffers, bytes it must move)} for one implementation:
+    the Triton kernels, or their torch twins."""
     s, T, e = inp.sizes, inp.x.shape[0], inp.x.element_size()
-    twin = "" if fused else "_torch"
-    norm = getattr(fused_ops, "rms_norm" + twin)
-    rotary = getattr(fused_ops, "rotary_and_cache" + twin)
-    silu = getattr(fused_ops, "silu_and_mul" + twin)
+    impl = fused if kernels else reference
+    norm, rotary, silu = impl.rms_norm, impl.rotary_and_cache, impl.silu_and_mul
     normed = torch.empty_like(inp.x)
     q, k, v = inp.qkv_views()
     q_normed = torch.empty_like(q)
@@ -77,10 +76,10 @@ def cases(inp: DecodeInputs, fused: bool) -> dict[str, tuple[Callable[[], object
 def check(inp: DecodeInputs) -> dict[str, float]:
     """Largest |fused - twin| of every op's outputs, on the same fresh inputs."""
     a, b = inp.clone(), inp.clone()
-    fused, twin = cases(a, fused=True), cases(b, fused=False)
+    kernel, twin = cases(a, kernels=True), cases(b, kernels=False)
     diffs = {}
-    for op in fused:
-        got, want = fused[op][0](), twin[op][0]()
+    for op in kernel:
+        got, want = kernel[op][0](), twin[op][0]()
         if op == "rotary_and_cache":
             got, want = (a.qkv, a.k_cache, a.v_cache), (b.qkv, b.k_cache, b.v_cache)
         got = got if isinstance(got, tuple) else (got,)
@@ -138,9 +137,9 @@ def main() -> None:
         inp = decode_inputs(T, dtype, "cuda", seed=T)
         diffs = check(inp)
         timed = {}
-        for fused in (False, True):
-            for op, (call, nbytes) in cases(inp.clone(), fused).items():
-                timed[op, fused] = (graph_ms(call, args.reps) / args.reps * 1e3, nbytes)
+        for kernels in (False, True):
+            for op, (call, nbytes) in cases(inp.clone(), kernels).items():
+                timed[op, kernels] = (graph_ms(call, args.reps) / args.reps * 1e3, nbytes)
         for op in diffs:
             torch_us, nbytes = timed[op, False]
             fused_us, _ = timed[op, True]

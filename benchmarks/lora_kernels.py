@@ -36,7 +36,7 @@ from triton.testing import do_bench
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "kernels"), str(ROOT)]
 
-from hotmerge_kernels.ops import lora as la  # noqa: E402
+from hotmerge_kernels.ops import lora, reference  # noqa: E402
 
 HIDDEN, INTERMEDIATE, KV = 4096, 14336, 1024
 GROUPS = {  # projection group: (in_features, slice widths)
@@ -140,23 +140,21 @@ def measure(group, rank, t, mix, pool, args, copy_bw) -> dict:
     slots = token_slots(t, mix)
     x = torch.randn(t, n_in, generator=gen, device="cuda").to(dtype)
     y = torch.randn(t, out_total, generator=gen, device="cuda").to(dtype)
-    buf = la.lora_workspace([n_in], ns, t, args.max_rank, "cuda").normal_()
-    meta = la.LoraKernelMeta(t, args.slots, "cuda")
+    buf = lora.lora_workspace([n_in], ns, t, args.max_rank, "cuda").normal_()
+    meta = lora.LoraKernelMeta(t, args.slots, "cuda")
     meta.update(slots)
 
     # Correctness on the real sizes first (this call also compiles both kernels).
     got, want = y.clone(), y.clone()
-    la.lora_apply(x, got, lora_a, lora_b, slot_ranks, slots, offsets, buf, meta, use_triton=True)
+    lora.lora_apply(x, got, lora_a, lora_b, slot_ranks, slots, offsets, buf, meta)
     want_buf = torch.zeros_like(buf)
-    la.lora_apply(x, want, lora_a, lora_b, slot_ranks, slots, offsets, want_buf, use_triton=False)
+    reference.lora_apply(x, want, lora_a, lora_b, slot_ranks, slots, offsets, want_buf)
     err = float((got.float() - want.float()).abs().max() / want.float().abs().max())
 
-    shrink_us = bench(lambda: la.lora_shrink(x, lora_a, slot_ranks, slots, buf, meta))
-    expand_us = bench(lambda: la.lora_expand(buf, lora_b, slot_ranks, slots, y, offsets, meta))
+    shrink_us = bench(lambda: lora.lora_shrink(x, lora_a, slot_ranks, slots, buf, meta))
+    expand_us = bench(lambda: lora.lora_expand(buf, lora_b, slot_ranks, slots, y, offsets, meta))
     torch_us = host_timed_us(
-        lambda: la.lora_apply(
-            x, y, lora_a, lora_b, slot_ranks, slots, offsets, buf, use_triton=False
-        )
+        lambda: reference.lora_apply(x, y, lora_a, lora_b, slot_ranks, slots, offsets, buf)
     )
     meta_us = bench(lambda: meta.update(slots))
     b_shrink, b_expand = bytes_moved(n_in, widths, rank, slots, lora_a.element_size())
@@ -177,8 +175,8 @@ def measure(group, rank, t, mix, pool, args, copy_bw) -> dict:
         "torch_apply_us": torch_us,
         "meta_update_us": meta_us,
         "splits": buf.shape[0],
-        "shrink_tiles": str(la._shrink_tiles(t)),
-        "expand_tiles": str(la._expand_tiles(t)),
+        "shrink_tiles": str(lora._shrink_tiles(t)),
+        "expand_tiles": str(lora._expand_tiles(t)),
     }
     print(
         f"{group:8} r{rank:<3} {t:4} {mix:9} "

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 import triton
-from hotmerge_kernels.ops import lora as la
+from hotmerge_kernels.ops import reference
 from lora_kernels import GROUPS, bench, bytes_moved, copy_bandwidth, token_slots
 
 MIXES = [(1, "distinct"), (32, "distinct"), (32, "shared")]
@@ -55,38 +55,38 @@ def run(group, t, mix, lora, copy_bw, shrink_variants, expand_variants, label):
     slots = token_slots(t, mix)
     x = torch.randn(t, n_in, device="cuda").to(a.dtype)
     y0 = torch.randn(t, offsets[-1], device="cuda").to(a.dtype)
-    meta = la.LoraKernelMeta(t, a.shape[0], "cuda")
+    meta = lora.LoraKernelMeta(t, a.shape[0], "cuda")
     meta.update(slots)
     want_buf = torch.full((1, ns, t, max_rank), float("nan"), device="cuda")
     want = y0.clone()
-    la.lora_shrink_torch(x, a, ranks, slots, want_buf)
-    la.lora_expand_torch(want_buf, b, ranks, slots, want, offsets)
+    reference.lora_shrink(x, a, ranks, slots, want_buf)
+    reference.lora_expand(want_buf, b, ranks, slots, want, offsets)
     b_shrink, b_expand = bytes_moved(n_in, widths, int(ranks[0]), slots, a.element_size())
     rows = []
     for kind, variants in (("shrink", shrink_variants), ("expand", expand_variants)):
         for v in variants:
             if kind == "shrink":
                 width, block_k, warps = v
-                la._shrink_tiles = lambda _t, bk=block_k, w=warps: dict(
+                lora._shrink_tiles = lambda _t, bk=block_k, w=warps: dict(
                     BLOCK_R=16, BLOCK_K=bk, num_warps=w, num_stages=1
                 )
                 splits = triton.cdiv(n_in, width)
             else:
                 block_n, warps = v
-                la._expand_tiles = lambda _t, bn=block_n, w=warps: dict(
+                lora._expand_tiles = lambda _t, bn=block_n, w=warps: dict(
                     BLOCK_N=bn, BLOCK_K=16, num_warps=w, num_stages=1
                 )
                 splits = triton.cdiv(n_in, 512)
             buf = torch.full((splits, ns, t, max_rank), float("nan"), device="cuda")
-            la.lora_shrink(x, a, ranks, slots, buf, meta)
+            lora.lora_shrink(x, a, ranks, slots, buf, meta)
             y = y0.clone()
-            la.lora_expand(buf, b, ranks, slots, y, offsets, meta)
+            lora.lora_expand(buf, b, ranks, slots, y, offsets, meta)
             err = float((y.float() - want.float()).abs().max() / want.float().abs().max())
             if kind == "shrink":
-                us = bench(lambda: la.lora_shrink(x, a, ranks, slots, buf, meta))  # noqa: B023
+                us = bench(lambda: lora.lora_shrink(x, a, ranks, slots, buf, meta))  # noqa: B023
                 moved = b_shrink
             else:
-                us = bench(lambda: la.lora_expand(buf, b, ranks, slots, y, offsets, meta))  # noqa: B023
+                us = bench(lambda: lora.lora_expand(buf, b, ranks, slots, y, offsets, meta))  # noqa: B023
                 moved = b_expand
             row = dict(group=group, tokens=t, mix=mix, pool=label, kernel=kind, variant=v,
                        us=us, of_copy=moved / us * 1e6 / copy_bw, err=err)  # fmt: skip
@@ -105,15 +105,15 @@ def main() -> None:
     print(f"copy {copy_bw / 1e9:.0f} GB/s")
     rows = []
     for group in GROUPS:
-        lora = pool(group, 16, 16)
+        weights = pool(group, 16, 16)
         for t, mix in MIXES:
-            rows += run(group, t, mix, lora, copy_bw, SHRINK, EXPAND, "max16")
-        del lora
+            rows += run(group, t, mix, weights, copy_bw, SHRINK, EXPAND, "max16")
+        del weights
     for out_major in (False, True):  # padded pool: does B's layout matter?
-        lora = pool("gate_up", 16, 128, out_major=out_major)
+        weights = pool("gate_up", 16, 128, out_major=out_major)
         label = "pad128-om" if out_major else "pad128"
-        rows += run("gate_up", 32, "distinct", lora, copy_bw, [], EXPAND[1:3], label)
-        del lora
+        rows += run("gate_up", 32, "distinct", weights, copy_bw, [], EXPAND[1:3], label)
+        del weights
     args.out.write_text(json.dumps(dict(copy_gbps=copy_bw / 1e9, rows=rows), indent=1))
 
 

@@ -33,8 +33,8 @@ from triton.testing import do_bench
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "kernels"), str(ROOT)]
 
-from hotmerge_kernels.merge import delta as delta_merge  # noqa: E402
 from hotmerge_kernels.merge import (  # noqa: E402
+    delta,  # noqa: E402
     merge_adapters,
     reference,
     trim_thresholds,
@@ -184,7 +184,7 @@ def run_svd_case(adapters, strategy, args) -> dict:
         strategy, tuple(0.5 + i / n for i in range(n)), DENSITY, SignMethod.TOTAL, seed=1234
     )
     ratios = []
-    original = delta_merge.low_rank
+    original = delta.low_rank
 
     def measured(m, rank, **kw):
         found = original(m, rank, **kw)
@@ -196,12 +196,12 @@ def run_svd_case(adapters, strategy, args) -> dict:
             ratios.append(float(torch.linalg.matrix_norm(m - (u * s) @ vh) / tail))
         return found
 
-    delta_merge.low_rank = measured
+    delta.low_rank = measured
     try:
         clear(adapters)
         merge_adapters(adapters, params)  # warm-up (compiles), also the accuracy sample
     finally:
-        delta_merge.low_rank = original
+        delta.low_rank = original
 
     def cold():
         clear(adapters)

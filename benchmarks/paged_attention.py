@@ -30,7 +30,7 @@ from triton.testing import do_bench
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "kernels")]
 
-from hotmerge_kernels.ops import paged_attention as pa  # noqa: E402
+from hotmerge_kernels.ops import paged_attention, reference  # noqa: E402
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK_SIZE, DTYPE = 32, 8, 128, 16, torch.bfloat16
 TUNE_SHAPES = [(32, 2048), (1, 8192), (64, 8192), (16, 512)]  # (batch, context)
@@ -76,7 +76,7 @@ def bytes_moved(batch: int, context: int, window: int) -> int:
 def graph_ms(p: dict, window: int, **launch) -> tuple[float, torch.Tensor]:
     """Median ms of one replay of the captured kernel pair, and its output."""
     batch = p["q"].shape[0]
-    attn = pa.PagedAttention(
+    attn = paged_attention.PagedAttention(
         batch, HEADS, HEAD_DIM, p["block_tables"].shape[1], BLOCK_SIZE, "cuda", **launch
     )
     out = torch.empty_like(p["q"])
@@ -96,9 +96,9 @@ def graph_ms(p: dict, window: int, **launch) -> tuple[float, torch.Tensor]:
 
 def twin_ms(p: dict, window: int) -> tuple[float, torch.Tensor]:
     args = (p["q"], p["k_cache"], p["v_cache"], p["block_tables"], p["seq_lens"])
-    out = pa.paged_decode_attention_torch(*args, HEAD_DIM**-0.5, window)
+    out = reference.paged_decode_attention(*args, HEAD_DIM**-0.5, window)
     ms = do_bench(
-        lambda: pa.paged_decode_attention_torch(*args, HEAD_DIM**-0.5, window),
+        lambda: reference.paged_decode_attention(*args, HEAD_DIM**-0.5, window),
         warmup=5, rep=100, return_mode="median",
     )  # fmt: skip
     return ms, out
@@ -177,8 +177,9 @@ def run_tune(args, bw: float) -> list[dict]:
             if best is None or ms < best["triton_ms"]:
                 best = row
         print(f"batch {batch} ctx {context}: best {best}")
+        launch = {k: getattr(paged_attention, k.upper()) for k in TUNE_GRID}
         default = [r for r in rows if r["batch"] == batch and r["context"] == context
-                   and all(r[k] == getattr(pa, k.upper()) for k in TUNE_GRID)]  # fmt: skip
+                   and all(r[k] == launch[k] for k in TUNE_GRID)]  # fmt: skip
         if default:
             print(f"  default: {default[0]}")
         del p
@@ -218,7 +219,9 @@ def main() -> None:
             "block_size": BLOCK_SIZE,
             "dtype": str(DTYPE),
         },  # fmt: skip
-        "launch": {k: getattr(pa, k.upper()) for k in TUNE_GRID},  # tile: for head_dim 128
+        "launch": {
+            k: getattr(paged_attention, k.upper()) for k in TUNE_GRID
+        },  # tile: for head_dim 128
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({**meta, "rows": rows}, indent=1))

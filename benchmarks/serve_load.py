@@ -7,8 +7,11 @@ PEFT adapters on all seven projection modules, then measures, over real gRPC on 
 1. the cost a merge-cache hit adds over a named adapter (server side, in-process, median);
 2. a cold TIES merge of 3 adapters as a share of time to first token for a 128-token prompt;
 3. a load of mixed requests (single adapters, repeated merge specs, fresh merge specs) at a
-   concurrency level: throughput, p50/p99 time to first token and total latency by class
-   (single, merge hit, merge miss), and the merge time's share of TTFT.
+   concurrency level: throughput, p50/p99 time to first token, inter-token latency (from the
+   streamed tokens' arrival times) and total latency by class (single, merge hit, merge miss),
+   the merge time's share of TTFT, and the decode batch sizes the engine reached;
+4. the inter-token latency of ``--merge-streams`` running streams while one fresh ``ties_svd``
+   merge is computed, against the same streams' outside the merge.
 
 Results go to benchmarks/results/serve_load-<device>-<date>.{json,md} (or --out-dir).
 
@@ -20,10 +23,8 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import dataclasses
 import datetime as dt
 import io
-import json
 import multiprocessing
 import platform
 import pstats
@@ -32,12 +33,10 @@ import statistics
 import tempfile
 import threading
 import time
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
-from dataclasses import dataclass
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
-from hotmerge.api.grpc_service import parse_spec_cached
 from hotmerge.client import HotmergeClient
 from hotmerge.config import ServerConfig
 from hotmerge.embedded import (
@@ -48,8 +47,25 @@ from hotmerge.embedded import (
     tiny_llama_config,
 )
 from hotmerge.embedded import write_peft_adapter as write_adapter
+from hotmerge.engine import EngineConfig
 from hotmerge.server import start_server
 from hotmerge.v1 import hotmerge_pb2 as pb
+from serve_clients import (
+    RAMP_TOKENS,
+    Sample,
+    merge_during_streams_clients,
+    run_clients,
+    stream_once,
+)
+from serve_report import (
+    PROMPT_TOKENS,
+    batch_histogram,
+    gaps_ms,
+    itl_summary,
+    pct,
+    split_gaps,
+    write_results,
+)
 
 SHAPES = {
     # Mistral-7B / Llama-2-7B-with-GQA layer sizes; the vocabulary is the byte tokenizer's.
@@ -64,7 +80,6 @@ SHAPES = {
     ),
     "tiny": dict(),
 }
-PROMPT_TOKENS = 128  # BOS + 127 bytes
 
 
 def build_model(model_dir: Path, shape: str, device: str) -> None:
@@ -98,43 +113,10 @@ def build_adapters(model_dir: Path, root: Path, count: int, rank: int) -> list[s
     return names
 
 
-@dataclass
-class Sample:
-    kind: str  # single | merge_hit | merge_miss
-    ttft_ms: float
-    total_ms: float
-    merge_ms: float
-    tokens: int
-
-
-def stream_once(client: HotmergeClient, prompt: str, max_new_tokens: int, **adapter) -> Sample:
-    start = time.perf_counter()
-    ttft = None
-    final = None
-    for msg in client.generate_stream(prompt, max_new_tokens=max_new_tokens, **adapter):
-        if ttft is None and msg.HasField("token"):
-            ttft = (time.perf_counter() - start) * 1000
-        if msg.done:
-            final = msg
-    total = (time.perf_counter() - start) * 1000
-    if "merged_adapters" in adapter:
-        kind = "merge_hit" if final.merge.cache_hit else "merge_miss"
-    else:
-        kind = "single"
-    return Sample(kind, ttft or total, total, final.timings.merge_ms, final.generated_tokens)
-
-
-def pct(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
-
-
 def hit_overhead_us(running, adapter_ids: list[str], reps: int) -> dict:
     """Server-side cost of resolving a cached merge spec vs a named adapter (median, µs)."""
     service = running.service
-    merger, store = service.merger, running.engine.store
+    merger, store = service.merger, running.store
     msg = pb.MergedAdapters(
         ids=adapter_ids[:3],
         weights=[0.5, 0.3, 0.2],
@@ -143,7 +125,7 @@ def hit_overhead_us(running, adapter_ids: list[str], reps: int) -> dict:
     )
 
     def merge_hit():  # what the service does for a merge-spec request, up to the engine
-        spec = parse_spec_cached(msg.SerializeToString(deterministic=True), 16)
+        spec = service.path.parse_spec(msg)
         merger.acquire(spec)[0].release()
 
     merge_hit()  # merged and cached
@@ -218,21 +200,6 @@ def load_plan(adapter_ids: list[str], args) -> list[dict]:
     return plan
 
 
-def run_clients(
-    target: str, prompt: str, plan: list[dict], max_new_tokens: int, concurrency: int
-) -> tuple[list[tuple], float]:
-    """The plan's requests, ``concurrency`` at a time over one channel: (samples as tuples,
-    wall s)."""
-    with HotmergeClient(target, timeout=600) as client:
-        start = time.perf_counter()
-        with ThreadPoolExecutor(concurrency) as pool:
-            samples = list(
-                pool.map(lambda kw: stream_once(client, prompt, max_new_tokens, **kw), plan)
-            )
-        wall = time.perf_counter() - start
-    return [dataclasses.astuple(x) for x in samples], wall  # plain tuples cross processes
-
-
 def load_mix(running, prompt, adapter_ids, args) -> dict:
     """A mixed load at a fixed concurrency. The clients run in a process of their own (as
     users' clients do), unless ``--in-process-clients``: then their threads share the
@@ -242,7 +209,8 @@ def load_mix(running, prompt, adapter_ids, args) -> dict:
     engine = running.engine
     step_s: list[float] = []
     profile = cProfile.Profile() if args.profile else None
-    step = engine._step  # timed (and profiled) on the engine thread during the load only
+    worker = engine._worker
+    step = worker._step  # timed (and profiled) on the engine thread during the load only
 
     def timed_step():
         t = time.perf_counter()
@@ -253,13 +221,14 @@ def load_mix(running, prompt, adapter_ids, args) -> dict:
 
     prefills = sum(engine.stats.prefill_batch_sizes.values())
     decodes = sum(engine.stats.decode_batch_sizes.values())
+    decode_sizes = engine.stats.decode_batch_sizes.copy()
     phases_before, steps_before = dict(engine.stats.step_phase_s), engine.stats.steps
     if args.in_process_clients:
         pool = None
     else:  # started (torch imported) before the load: start-up is not timed
         pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
         pool.submit(time.sleep, 0).result()
-    engine._step = timed_step
+    worker._step = timed_step
     try:
         if pool is None:
             rows, wall = run_clients(*clients)
@@ -267,7 +236,7 @@ def load_mix(running, prompt, adapter_ids, args) -> dict:
             rows, wall = pool.submit(run_clients, *clients).result()
         samples = [Sample(*x) for x in rows]
     finally:
-        engine._step = step
+        worker._step = step
         if pool is not None:
             pool.shutdown()
     counted = max(engine.stats.steps - steps_before, 1)
@@ -284,6 +253,8 @@ def load_mix(running, prompt, adapter_ids, args) -> dict:
         "engine_busy_share": sum(step_s) / wall,
         # Mean ms a step spends in each phase (the engine's own timers; "wait" is the device).
         "phase_ms_per_step": phase_ms,
+        # Steps by the number of rows decoded: the batch sizes the load really reached.
+        "decode_batch_sizes": batch_histogram(decode_sizes, engine.stats.decode_batch_sizes),
     }
     if profile is not None:
         out = io.StringIO()
@@ -292,6 +263,7 @@ def load_mix(running, prompt, adapter_ids, args) -> dict:
     by_kind = {}
     for kind in ("single", "merge_hit", "merge_miss"):
         chosen = [s for s in samples if s.kind == kind]
+        itl = itl_summary([g for s in chosen for g in gaps_ms(s.token_times)])
         by_kind[kind] = {
             "count": len(chosen),
             "ttft_ms_p50": pct([s.ttft_ms for s in chosen], 50),
@@ -299,6 +271,8 @@ def load_mix(running, prompt, adapter_ids, args) -> dict:
             "total_ms_p50": pct([s.total_ms for s in chosen], 50),
             "total_ms_p99": pct([s.total_ms for s in chosen], 99),
             "merge_share_of_ttft_p50": pct([s.merge_ms / s.ttft_ms for s in chosen], 50),
+            "itl_ms_p50": itl["itl_ms_p50"],
+            "itl_ms_p99": itl["itl_ms_p99"],
         }
     return {
         "requests": len(samples),
@@ -309,12 +283,40 @@ def load_mix(running, prompt, adapter_ids, args) -> dict:
             "fresh": round(1 - args.single - args.repeated, 3),
         },
         "max_new_tokens": args.max_new_tokens,
+        "max_batch_size": args.max_batch_size,
+        "itl": itl_summary([g for s in samples for g in gaps_ms(s.token_times)]),
         "clients": "in the server's process" if args.in_process_clients else "own process",
         "wall_s": wall,
         "requests_per_s": len(samples) / wall,
         "tokens_per_s": sum(s.tokens for s in samples) / wall,
         "by_kind": by_kind,
         "engine": steps,
+    }
+
+
+def merge_during_streams(running, prompt: str, adapter_ids: list[str], args) -> dict:
+    """Inter-token latency of running streams while a ``ties_svd`` merge is computed, against
+    the same streams' latency outside the merge."""
+    clients = (running.target, prompt, adapter_ids, args.merge_streams, args.merge_tokens)
+    if args.in_process_clients:
+        rows, start, end, merge_ms = merge_during_streams_clients(*clients)
+    else:
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(1, mp_context=context) as pool:
+            rows, start, end, merge_ms = pool.submit(
+                merge_during_streams_clients, *clients
+            ).result()
+    samples = [Sample(*x) for x in rows]
+    during, without = split_gaps([s.token_times for s in samples], start, end, RAMP_TOKENS)
+    during_s, without_s = itl_summary(during), itl_summary(without)
+    return {
+        "strategy": "ties_svd",
+        "streams": args.merge_streams,
+        "merge_wall_ms": (end - start) * 1000,
+        "merge_ms": merge_ms,
+        "during": during_s,
+        "without": without_s,
+        "p99_ratio": during_s["itl_ms_p99"] / without_s["itl_ms_p99"],
     }
 
 
@@ -333,54 +335,6 @@ def versions() -> dict:
     }
 
 
-def write_results(result: dict, out_dir: Path) -> Path:
-    device = result["device"].replace(" ", "_")
-    stem = out_dir / f"serve_load-{device}-{result['date'][:10]}{result['tag']}"
-    profile = result["load"]["engine"].pop("profile_top", None)
-    if profile is not None:
-        stem.with_suffix(".profile.txt").write_text(profile)
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    h, c, load = result["hit_overhead"], result["cold_ties"], result["load"]
-    lines = [
-        f"# Serving load, {result['device']}, {result['date']}",
-        "",
-        f"model: {result['model']}; adapters: {result['adapters']} x rank {result['rank']} on "
-        f"all seven projections; versions {result['versions']}",
-        "",
-        f"- merge-cache hit vs named adapter (server side, median): "
-        f"{h['merge_hit_us']:.1f} µs vs {h['named_adapter_us']:.1f} µs: a hit adds "
-        f"**{h['hit_adds_us']:.1f} µs** (target <= 20 µs)",
-        f"- cold TIES merge of 3 adapters, {PROMPT_TOKENS}-token prompt: merge "
-        f"{c['cold_ties_merge_ms_p50']:.2f} ms of TTFT {c['cold_ties_ttft_ms_p50']:.2f} ms = "
-        f"**{100 * c['cold_ties_merge_share_of_ttft_p50']:.1f}%** (target <= 5%); named adapter "
-        f"TTFT {c['named_ttft_ms_p50']:.2f} ms",
-        "",
-        f"Load: {load['requests']} requests at concurrency {load['concurrency']}, mix "
-        f"{load['mix']}, {load['max_new_tokens']} new tokens each: "
-        f"{load['requests_per_s']:.1f} req/s, {load['tokens_per_s']:.0f} tokens/s; engine "
-        f"{load['engine']['steps']} steps ({load['engine']['prefills']} prefills, "
-        f"{load['engine']['decodes']} decodes), step p50 {load['engine']['step_ms_p50']:.1f} ms, "
-        f"p99 {load['engine']['step_ms_p99']:.1f} ms, busy "
-        f"{100 * load['engine']['engine_busy_share']:.0f}% of the wall time",
-        "",
-        "Mean ms per step by phase: "
-        + ", ".join(f"{k} {v:.3f}" for k, v in load["engine"]["phase_ms_per_step"].items()),
-        "",
-        "| class | count | TTFT p50 ms | TTFT p99 ms | total p50 ms | total p99 ms | "
-        "merge share of TTFT p50 |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for kind, row in load["by_kind"].items():
-        lines.append(
-            f"| {kind} | {row['count']} | {row['ttft_ms_p50']:.1f} | {row['ttft_ms_p99']:.1f} | "
-            f"{row['total_ms_p50']:.1f} | {row['total_ms_p99']:.1f} | "
-            f"{100 * row['merge_share_of_ttft_p50']:.1f}% |"
-        )
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    return stem
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default="7b")
@@ -393,7 +347,12 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--cold-runs", type=int, default=10)
     parser.add_argument("--hit-reps", type=int, default=2000)
-    parser.add_argument("--max-batch-size", type=int, default=32)
+    parser.add_argument(
+        "--max-batch-size",
+        type=int,
+        default=32,
+        help="1-256; decode CUDA graphs are captured for the powers of two below it and for it",
+    )
     parser.add_argument("--max-loras", type=int, default=48, help="adapter slots")
     parser.add_argument("--max-total-tokens", type=int, default=1024)
     parser.add_argument("--profile", action="store_true", help="cProfile the engine thread")
@@ -402,10 +361,22 @@ def main() -> None:
         action="store_true",
         help="run the load's clients as threads of the server's process (they share its GIL)",
     )
+    parser.add_argument(
+        "--merge-streams",
+        type=int,
+        default=None,
+        help="streams running while a ties_svd merge is computed (default: --concurrency; "
+        "0 skips that phase)",
+    )
+    parser.add_argument("--merge-tokens", type=int, default=256, help="new tokens per stream")
     parser.add_argument("--work-dir", type=Path, default=None)
     parser.add_argument("--tag", default="", help="suffix of the result files' names")
     parser.add_argument("--out-dir", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
+    if not 1 <= args.max_batch_size <= 256:
+        parser.error(f"--max-batch-size must be 1-256, got {args.max_batch_size}")
+    if args.merge_streams is None:
+        args.merge_streams = args.concurrency
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="hotmerge-bench-"))
@@ -423,10 +394,12 @@ def main() -> None:
         host="127.0.0.1",
         port=0,
         http_port=None,
-        max_batch_size=args.max_batch_size,
-        max_loras=args.max_loras,
-        max_lora_rank=args.rank,
-        max_total_tokens=args.max_total_tokens,
+        engine=EngineConfig(
+            max_batch_size=args.max_batch_size,
+            max_loras=args.max_loras,
+            max_lora_rank=args.rank,
+            max_total_tokens=args.max_total_tokens,
+        ),
         max_workers=max(64, 2 * args.concurrency),
         merge_budget_bytes=8 * 1024**3,
         adapter_budget_bytes=16 * 1024**3,
@@ -458,6 +431,10 @@ def main() -> None:
             cold = cold_ties_share(client, prompt, adapter_ids, args.cold_runs)
             print("cold ties", cold, flush=True)
             load = load_mix(running, prompt, adapter_ids, args)
+            merge_itl = None
+            if args.merge_streams > 0:
+                merge_itl = merge_during_streams(running, prompt, adapter_ids, args)
+                print("merge during streams", merge_itl, flush=True)
     finally:
         running.stop(0)
 
@@ -475,6 +452,7 @@ def main() -> None:
         "hit_overhead": hit,
         "cold_ties": cold,
         "load": load,
+        "merge_during_streams": merge_itl,
         "tag": args.tag,
     }
     args.out_dir.mkdir(parents=True, exist_ok=True)

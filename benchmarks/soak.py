@@ -126,7 +126,7 @@ def main() -> None:
         log_level="WARNING",
     )
     with start_server(config) as running:
-        store = running.engine.store
+        store = running.store
         ids = [a.id for a in store.list()][:8] or [a.name for a in DEMO_ADAPTERS]
         sizes = [store.size_of(i) for i in ids]
         budget = (

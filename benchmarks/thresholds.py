@@ -29,8 +29,8 @@ sys.path[:0] = [str(ROOT / "kernels"), str(ROOT)]
 
 from hotmerge_kernels.layout import FlatAdapter, Segment  # noqa: E402
 from hotmerge_kernels.merge import reference, triton_merge  # noqa: E402
-from hotmerge_kernels.merge import thresholds as triton_thresholds  # noqa: E402
 from hotmerge_kernels.merge.plan import get_plan  # noqa: E402
+from hotmerge_kernels.merge.thresholds import THRESHOLD_SAMPLE, select  # noqa: E402
 
 from tests.kernels.random_adapters import mistral_adapter  # noqa: E402
 
@@ -72,7 +72,7 @@ def host_ms(fn, reps: int = 50) -> float:
 
 def unfinished(adapters, density, sample) -> int:
     """Tensors the guess and the multi-program passes leave to the in-program finisher."""
-    _, state = triton_thresholds.select(adapters, density, sample=sample, finish=False)
+    _, state = select(adapters, density, sample=sample, finish=False)
     return int((state[0] < state[1]).sum())
 
 
@@ -82,7 +82,7 @@ def case(name, adapters, baseline) -> dict:
     want = reference.segment_thresholds(adapters, DENSITY)
     got = triton_merge.segment_thresholds(adapters, DENSITY)
     row["equal"] = all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
-    row["left_to_finisher"] = unfinished(adapters, DENSITY, triton_thresholds.THRESHOLD_SAMPLE)
+    row["left_to_finisher"] = unfinished(adapters, DENSITY, THRESHOLD_SAMPLE)
     fn = lambda: triton_merge.segment_thresholds(adapters, DENSITY)  # noqa: E731
     row["ms"] = bench(fn)
     row["host_ms"] = host_ms(fn)

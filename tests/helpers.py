@@ -7,12 +7,16 @@ peft itself with ``init_lora_weights=False`` (so lora_B is random and non-zero).
 from __future__ import annotations
 
 import socket
+import time
 from collections.abc import Sequence
+from dataclasses import fields
 from pathlib import Path
 
 import torch
+from hotmerge.api.core import stored_adapter_lease
 from hotmerge.config import ServerConfig
 from hotmerge.embedded import ALL_PROJ, save_tiny_llama
+from hotmerge.engine import Engine, EngineConfig
 
 TINY_CONFIG = dict(
     hidden_size=64,
@@ -33,7 +37,8 @@ def free_port() -> int:
 
 def tiny_server_config(tmp: Path, model_dir: Path, adapter_root: Path, **overrides) -> ServerConfig:
     """A server on free loopback ports (gRPC and HTTP), on the CPU in float32, for a model
-    built by the test."""
+    built by the test; ``overrides``: ServerConfig fields, and EngineConfig fields for its
+    engine."""
     base = dict(
         model=str(model_dir),
         adapter_root=adapter_root,
@@ -44,7 +49,9 @@ def tiny_server_config(tmp: Path, model_dir: Path, adapter_root: Path, **overrid
         device="cpu",
         dtype="float32",
     )
-    return ServerConfig(**{**base, **overrides})
+    options = {**base, **overrides}
+    engine = {f.name: options.pop(f.name) for f in fields(EngineConfig) if f.name in options}
+    return ServerConfig(**options, engine=EngineConfig(**engine))
 
 
 def tiny_llama(tmp_path: Path, *, seed: int = 0, name: str = "tiny-llama", **overrides) -> Path:
@@ -101,17 +108,14 @@ def make_engine(
     budget_bytes: int = 1 << 30,
     device: str = "cpu",
     dtype: str = "float32",
-    eager: bool = False,
-    limits: dict | None = None,
-    **kwargs,
+    **config,
 ):
-    """A started Engine over ``model_dir`` with adapters under ``adapter_root``; ``limits``
-    go to the runner's EngineLimits, ``kwargs`` to Engine. Stop it with ``engine.stop()``."""
+    """A started engine over ``model_dir`` with adapters under ``adapter_root``; ``config``:
+    EngineConfig fields. Stop it with ``engine.stop()``."""
     from hotmerge.adapters.store import AdapterStore
-    from hotmerge.engine import Engine, EngineLimits, load_runner
+    from hotmerge.engine import load_runner
 
-    limits = EngineLimits(max_batch_size=kwargs.get("max_batch_size", 8), **(limits or {}))
-    runner = load_runner(str(model_dir), device=device, dtype=dtype, limits=limits, eager=eager)
+    runner = load_runner(str(model_dir), device=device, dtype=dtype, config=EngineConfig(**config))
     store = AdapterStore(
         adapter_root,
         device=runner.device,
@@ -119,9 +123,24 @@ def make_engine(
         budget_bytes=budget_bytes,
         module_shapes=runner.module_shapes(),
     )
-    engine = Engine(runner, store, **kwargs)
+    engine = StoreEngine(runner, store)
     engine.start()
     return engine
+
+
+class StoreEngine(Engine):
+    """An engine for tests that submit requests naming an adapter id: the id becomes a lease
+    from ``store`` as the request path makes it (the engine itself takes no store)."""
+
+    def __init__(self, runner, store) -> None:
+        super().__init__(runner)
+        self.store = store
+
+    def submit(self, request, *, lease=None, deadline=None):
+        arrived = time.perf_counter()
+        if lease is None and request.adapter_id is not None:
+            lease = stored_adapter_lease(self.store, request.adapter_id)
+        return super().submit(request, lease=lease, deadline=deadline, arrived=arrived)
 
 
 def peft_greedy(

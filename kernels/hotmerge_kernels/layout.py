@@ -46,6 +46,9 @@ class FlatAdapter:
     # Per-adapter caches that depend only on the adapter's contents (e.g. trim thresholds
     # by density); cleared with the adapter.
     cache: dict = field(default_factory=dict, repr=False)
+    # Set when the buffer was written on another CUDA stream (a merge's): readers on other
+    # streams wait on it before first use.
+    ready_event: torch.cuda.Event | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.buffer.dim() != 1 or not self.buffer.is_contiguous():

@@ -6,6 +6,7 @@
     hotmerge generate --merge demo-a,demo-b --weights 1,0.5 --strategy ties --density 0.5 "hi"
     hotmerge merge demo-a,demo-b --strategy dare_ties --density 0.5 --seed 7
     hotmerge info | adapters | merges | load ID | unload ID        [--target host:port]
+    hotmerge eval --skills sql,python --adapter sql-coder  |  hotmerge sweep a,b --skills ...
     hotmerge export demo-a,demo-b --strategy ties_svd --density 0.5 --out merged/ \
         [--adapter-root DIR] [--device cuda] [--dtype bfloat16]    (offline, no server)
 
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 import time
 import unicodedata
@@ -25,15 +25,16 @@ from collections.abc import Sequence
 
 import grpc
 
-from hotmerge import cli_args
-from hotmerge.cli_args import ADAPTER_ROOT_ENV, join_negative_values
+from hotmerge import cli_args, settings
+from hotmerge.cli_args import join_negative_values
 from hotmerge.client import HotmergeClient, merge_request
 from hotmerge.config import ServerConfig
+from hotmerge.engine.config import EngineConfig
 from hotmerge.errors import HotmergeError
 from hotmerge.merging.spec import is_identity, parse_merge_spec
 from hotmerge.v1 import hotmerge_pb2 as pb
 
-_DEFAULTS = cli_args.DEFAULTS
+_DEFAULTS, _ENGINE_DEFAULTS = cli_args.DEFAULTS, cli_args.ENGINE_DEFAULTS
 
 
 # -- output -----------------------------------------------------------------------------------
@@ -90,8 +91,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         options["adapter_budget_bytes"] = int(args.adapter_budget_mib * 2**20)
     if args.merge_budget_mib is not None:
         options["merge_budget_bytes"] = int(args.merge_budget_mib * 2**20)
+    engine = {name: options.pop(name) for name in _ENGINE_DEFAULTS if name in options}
     try:
-        config = ServerConfig(**options)
+        config = ServerConfig(**options, engine=EngineConfig(**engine))
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -248,7 +250,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from hotmerge.merging.spec import parse_merge_spec
 
     args.merge = args.ids
-    root = args.adapter_root or os.environ.get(ADAPTER_ROOT_ENV) or "."
+    root = args.adapter_root or settings.adapter_root() or "."
     import torch  # only export runs the engine here
 
     dtype = getattr(torch, args.dtype) if args.dtype else None
@@ -335,7 +337,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = join_negative_values(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     try:
-        if args.command in ("serve", "export"):
+        if args.command in ("serve", "export", "eval", "sweep"):
             return args.run(args)
         with HotmergeClient(args.target, timeout=args.timeout, api_key=args.api_key) as client:
             return args.run(args, client)

@@ -5,21 +5,24 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import re
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from hotmerge_kernels.merge.params import Strategy
 
-from hotmerge import __version__
+from hotmerge import __version__, settings
+from hotmerge.cli_eval import add_eval_parsers
 from hotmerge.client import DEFAULT_TARGET
-from hotmerge.config import DATA_DIR_ENV, ServerConfig
+from hotmerge.config import ServerConfig
+from hotmerge.engine.config import QUANT_FORMATS, EngineConfig
 
-TARGET_ENV = "HOTMERGE_TARGET"
-API_KEY_ENV = "HOTMERGE_API_KEY"
-ADAPTER_ROOT_ENV = "HOTMERGE_ADAPTER_ROOT"
-DEFAULTS = {f.name: f.default for f in dataclasses.fields(ServerConfig)}
+# The serve command's options: the server's config fields, and its engine's (--max-batch-size...).
+ENGINE_DEFAULTS = {f.name: f.default for f in dataclasses.fields(EngineConfig)}
+DEFAULTS = {
+    **{f.name: f.default for f in dataclasses.fields(ServerConfig) if f.name != "engine"},
+    **ENGINE_DEFAULTS,
+}
 
 
 def _serve_parser(sub, commands) -> None:
@@ -29,8 +32,8 @@ def _serve_parser(sub, commands) -> None:
     for flag, kind, text in (
         ("--model", str, "model directory (or hub id with --allow-hub); default: the embedded "
          "tiny random Llama with demo adapters"),
-        ("--data-dir", Path, f"where the embedded default is built (default: ${DATA_DIR_ENV} "
-         "or ./data)"),
+        ("--data-dir", Path, "where the embedded default is built (default: "
+         f"${settings.DATA_DIR_ENV} or ./data)"),
         ("--adapter-root", Path, "PEFT adapters, one folder per id (default: DATA_DIR/adapters)"),
         ("--device", str, "cpu, cuda, cuda:1 ... (default: cuda when available)"),
         ("--dtype", str, "float32, float16, bfloat16 (default: bfloat16 on cuda, else float32)"),
@@ -84,6 +87,8 @@ def _serve_parser(sub, commands) -> None:
     ):  # fmt: skip
         p.add_argument(flag, type=kind, help=text)
     p.add_argument("--allow-hub", action="store_true", default=None, help="download from the hub")
+    p.add_argument("--quantize", choices=QUANT_FORMATS, default=None,
+                   help="quantize the base's linear weights at load (default: none)")  # fmt: skip
     p.add_argument(
         "--no-cuda-graphs", dest="cuda_graphs", action="store_false", default=None,
         help="run decode eagerly instead of replaying captured CUDA graphs",
@@ -114,7 +119,8 @@ def _export_parser(sub, commands) -> None:
     _merge_arguments(p, "ids", "comma-separated adapter ids (directories under the root)")
     p.add_argument("--out", required=True, help="directory to write the PEFT adapter to")
     p.add_argument(
-        "--adapter-root", help=f"where the adapters are (default: ${ADAPTER_ROOT_ENV} or .)"
+        "--adapter-root",
+        help=f"where the adapters are (default: ${settings.ADAPTER_ROOT_ENV} or .)",
     )
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
@@ -125,14 +131,14 @@ def _client_parsers(sub, commands) -> None:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--target",
-        default=os.environ.get(TARGET_ENV, DEFAULT_TARGET),
-        help=f"server address (default: ${TARGET_ENV} or {DEFAULT_TARGET})",
+        default=settings.target(DEFAULT_TARGET),
+        help=f"server address (default: ${settings.TARGET_ENV} or {DEFAULT_TARGET})",
     )
     common.add_argument("--timeout", type=float, default=120.0, help="seconds (default: 120)")
     common.add_argument(
         "--api-key",
-        default=os.environ.get(API_KEY_ENV),
-        help=f"the server's API key (default: ${API_KEY_ENV})",
+        default=settings.api_key(),
+        help=f"the server's API key (default: ${settings.API_KEY_ENV})",
     )
 
     p = sub.add_parser("generate", parents=[common], help="generate text")
@@ -185,6 +191,7 @@ def build_parser(commands: Mapping[str, Callable]) -> argparse.ArgumentParser:
     _serve_parser(sub, commands)
     _export_parser(sub, commands)
     _client_parsers(sub, commands)
+    add_eval_parsers(sub)
     return parser
 
 
@@ -193,7 +200,7 @@ _NEGATIVE_VALUE = re.compile(r"-[0-9.][0-9.eE+,-]*")
 # Options that take no value: a number after one is a positional argument.
 _FLAGS = frozenset(
     ("--stream", "--do-sample", "--details", "--replace", "--allow-hub", "--no-cuda-graphs",
-     "--eager-model", "--version", "--help")
+     "--eager-model", "--version", "--help", "--base", "--no-references")
 )  # fmt: skip
 
 

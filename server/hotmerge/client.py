@@ -28,11 +28,11 @@ from typing import Any, TypedDict, Unpack
 import grpc
 
 from hotmerge.errors import HotmergeError
+from hotmerge.headers import MERGE_KEY_HEADER
 from hotmerge.v1 import hotmerge_pb2 as pb
 from hotmerge.v1 import hotmerge_pb2_grpc as pb_grpc
 
 DEFAULT_TARGET = "localhost:50051"
-MERGE_KEY_HEADER = "x-merge-key"
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Hotmerge"].full_name
 
 # gRPC's retry policy (https://github.com/grpc/proposal/blob/master/A6-client-retries.md).

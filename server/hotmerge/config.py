@@ -3,28 +3,25 @@
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hotmerge import settings
+from hotmerge.engine.config import EngineConfig
+
 DEFAULT_PORT = 50051
 DEFAULT_HTTP_PORT = 8080
-DATA_DIR_ENV = "HOTMERGE_DATA_DIR"
 
 
 def _ms(seconds: float) -> int:
     return int(seconds * 1000)
 
 
-def _default_data_dir() -> Path:
-    return Path(os.environ.get(DATA_DIR_ENV, "data"))
-
-
 @dataclass
 class ServerConfig:
     # None: the embedded default (a tiny random Llama and demo adapters built under data_dir).
     model: str | None = None
-    data_dir: Path = field(default_factory=_default_data_dir)
+    data_dir: Path = field(default_factory=settings.data_dir)
     # Where adapters live, one PEFT folder per adapter id. None: data_dir/adapters.
     adapter_root: Path | None = None
     allow_hub: bool = False  # let model and adapter ids fall through to the Hugging Face hub
@@ -51,9 +48,6 @@ class ServerConfig:
     # not hold server resources; None: never.
     max_connection_idle_s: float | None = 300.0
 
-    max_batch_size: int = 8
-    max_input_tokens: int | None = None  # None: the engine derives it from the model
-    max_total_tokens: int | None = None
     default_max_new_tokens: int = 64
     # Device memory that resident adapters may take; least recently used ones are evicted.
     adapter_budget_bytes: int = 2 * 1024**3
@@ -64,16 +58,9 @@ class ServerConfig:
     # The longest a request waits for adapter or merge-cache room, or for another request's
     # load or merge of the same thing, when its own deadline is later (or unset).
     max_wait_s: float = 30.0
-    batch_wait_ms: float = 2.0
-    # The engine (see hotmerge.engine): KV cache, adapter slots, prefill chunks, CUDA graphs.
-    kv_cache_fraction: float = 0.9  # of device memory free after weights and the LoRA budgets
-    kv_cache_tokens: int | None = None  # an exact KV capacity instead (CPU default: a full batch)
-    block_size: int = 16  # tokens per KV block
-    max_loras: int = 16  # adapter slots on the device (distinct adapters running at once)
-    max_lora_rank: int = 64  # widest adapter a slot holds (merged cat adapters add ranks up)
-    max_prefill_tokens: int = 2048  # prompt tokens one step prefills (longer prompts: chunks)
-    cuda_graphs: bool = True  # decode replayed from captured graphs (CUDA only)
-    eager_model: bool = False  # run the model through transformers' forward (any architecture)
+    # The engine (see hotmerge.engine): batch and token limits, KV cache, adapter slots,
+    # prefill chunks, CUDA graphs. ``reserved_bytes`` is set from the two budgets above.
+    engine: EngineConfig = field(default_factory=EngineConfig)
     # The HTTP server (LoRAX REST, OpenAI, /metrics, /healthz, /readyz) on ``host``; None: off,
     # 0: any free port (RunningServer.http_port says which).
     http_port: int | None = DEFAULT_HTTP_PORT
@@ -111,7 +98,6 @@ class ServerConfig:
             "http_keep_alive_s": self.http_keep_alive_s,
             "http_max_connections": self.http_max_connections,
             "max_workers": self.max_workers,
-            "max_batch_size": self.max_batch_size,
             "default_max_new_tokens": self.default_max_new_tokens,
             "adapter_budget_bytes": self.adapter_budget_bytes,
             "merge_budget_bytes": self.merge_budget_bytes,
@@ -119,29 +105,14 @@ class ServerConfig:
             "max_named_merges": self.max_named_merges,
             "http_max_body_bytes": self.http_max_body_bytes,
             "max_wait_s": self.max_wait_s,
-            "max_input_tokens": self.max_input_tokens,
-            "max_total_tokens": self.max_total_tokens,
-            "kv_cache_tokens": self.kv_cache_tokens,
-            "block_size": self.block_size,
-            "max_loras": self.max_loras,
-            "max_lora_rank": self.max_lora_rank,
-            "max_prefill_tokens": self.max_prefill_tokens,
         }
         for name, value in positive.items():
             if value is not None and value <= 0:
                 raise ValueError(f"{name} must be positive, got {value}")
-        if not 0 < self.kv_cache_fraction <= 1:
-            raise ValueError(f"kv_cache_fraction must be in (0, 1], got {self.kv_cache_fraction}")
-        if self.max_lora_rank > 128:
-            raise ValueError(
-                f"max_lora_rank must be <= 128 (the LoRA kernels' widest), got {self.max_lora_rank}"
-            )
         if self.api_key is not None and (
             not self.api_key or not self.api_key.isascii() or not self.api_key.isprintable()
         ):
             raise ValueError("api_key must be non-empty printable ASCII")
-        if self.block_size & (self.block_size - 1):
-            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
 
     def grpc_options(self) -> list[tuple[str, int]]:
         """grpc.Server channel args: keepalive, connection age and idle timeout."""

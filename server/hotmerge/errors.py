@@ -19,10 +19,6 @@ class NotFound(HotmergeError):
     code = grpc.StatusCode.NOT_FOUND
 
 
-class Unimplemented(HotmergeError):
-    code = grpc.StatusCode.UNIMPLEMENTED
-
-
 class Unavailable(HotmergeError):
     """The server cannot take the request now (draining, shutting down); retry elsewhere."""
 

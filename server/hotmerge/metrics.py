@@ -30,7 +30,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 
 def _log_buckets(lo_exp: int, hi_exp: int) -> tuple[float, ...]:
@@ -123,6 +123,12 @@ class Metrics:
         adapter names at scrape time; ``max_lora`` is how many adapters one batch can hold."""
         self.registry.register(_LoraInfo(adapter_names, max_lora))
 
+    def watch_prefix_cache(self, counts: Callable[[], tuple[int, int]]) -> None:
+        """Serve ``hotmerge_prefix_cache_queries_total`` and ``..._hits_total`` (prompt
+        tokens looked up in the KV prefix cache and found there; vLLM's pair):
+        ``counts()`` gives (queries, hits) at scrape time, e.g. the block manager's."""
+        self.registry.register(_PrefixCache(counts))
+
     # -- observations ----------------------------------------------------------------------
 
     def observe_merge(self, strategy: str, seconds: float) -> None:
@@ -183,3 +189,23 @@ class _LoraInfo:
         )
         family.add_metric([",".join(running), ",".join(waiting), str(self.max_lora)], time.time())
         yield family
+
+
+class _PrefixCache:
+    """Prompt tokens looked up in the KV prefix cache and found there, read at scrape time."""
+
+    def __init__(self, counts: Callable[[], tuple[int, int]]):
+        self.counts = counts
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        queries, hits = self.counts()
+        for name, value, what in (
+            ("queries", queries, "Prompt tokens looked up in the KV prefix cache"),
+            ("hits", hits, "Prompt tokens found in the KV prefix cache (their prefill skipped)"),
+        ):
+            family = CounterMetricFamily(f"hotmerge_prefix_cache_{name}", what)
+            family.add_metric([], value)
+            yield family

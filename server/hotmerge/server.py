@@ -12,6 +12,7 @@ both fronts call one ``RequestPath``. gRPC server reflection is served as v1 and
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import signal
 import threading
@@ -30,7 +31,7 @@ from hotmerge.api.grpc_service import HotmergeService
 from hotmerge.api.grpc_wire import DecodeErrorInterceptor
 from hotmerge.api.http_app import HttpServer, create_app
 from hotmerge.config import ServerConfig
-from hotmerge.engine import Engine, EngineLimits, load_runner
+from hotmerge.engine import Engine, load_runner
 from hotmerge.lifecycle import Lifecycle
 from hotmerge.merging.cache import MergeCache
 from hotmerge.merging.merger import Merger
@@ -82,10 +83,15 @@ class RunningServer:
             host = "127.0.0.1"
         return f"{host}:{self.port}"
 
-    def set_serving(self, engine: Engine) -> None:
-        named = build_named_merges(engine, self.config)
-        self.service.attach(engine, build_merger(engine, self.config, self.metrics), named)
-        watch_engine(self.metrics, engine)
+    @property
+    def store(self) -> AdapterStore | None:
+        return self.service.path.store
+
+    def set_serving(self, engine: Engine, store: AdapterStore) -> None:
+        named = build_named_merges(store, self.config)
+        merger = build_merger(engine, store, self.config, self.metrics)
+        self.service.attach(engine, store, merger, named)
+        watch_engine(self.metrics, engine, store)
         self.lifecycle.set_serving()
 
     def stop(self, grace: float | None = None) -> bool:
@@ -114,8 +120,9 @@ class RunningServer:
         self.stop(0)
 
 
-def build_engine(config: ServerConfig) -> Engine:
-    """Load the model (the embedded default when config.model is None) and start the engine."""
+def build_engine(config: ServerConfig) -> tuple[Engine, AdapterStore]:
+    """Load the model (the embedded default when config.model is None), build the adapter
+    store for it and start the engine."""
     from hotmerge.embedded import ensure_embedded
 
     model, adapter_root = config.model, config.adapter_root
@@ -123,25 +130,15 @@ def build_engine(config: ServerConfig) -> Engine:
         model_dir, embedded_adapters = ensure_embedded(config.data_dir)
         model, adapter_root = str(model_dir), adapter_root or embedded_adapters
     adapter_root = adapter_root or config.data_dir / "adapters"
-    limits = EngineLimits(
-        max_batch_size=config.max_batch_size,
-        max_total_tokens=config.max_total_tokens,
-        block_size=config.block_size,
-        kv_cache_fraction=config.kv_cache_fraction,
-        kv_cache_tokens=config.kv_cache_tokens,
-        reserved_bytes=config.adapter_budget_bytes + config.merge_budget_bytes,
-        max_loras=config.max_loras,
-        max_lora_rank=config.max_lora_rank,
-        max_prefill_tokens=config.max_prefill_tokens,
-        cuda_graphs=config.cuda_graphs,
+    engine_config = dataclasses.replace(
+        config.engine, reserved_bytes=config.adapter_budget_bytes + config.merge_budget_bytes
     )
     runner = load_runner(
         model,
         device=config.device,
         dtype=config.dtype,
         allow_hub=config.allow_hub,
-        limits=limits,
-        eager=config.eager_model,
+        config=engine_config,
     )
     store = AdapterStore(
         adapter_root,
@@ -151,21 +148,16 @@ def build_engine(config: ServerConfig) -> Engine:
         module_shapes=runner.module_shapes(),
         allow_hub=config.allow_hub,
         max_wait_s=config.max_wait_s,
-        max_rank=config.max_lora_rank,
+        max_rank=config.engine.max_lora_rank,
     )
-    engine = Engine(
-        runner,
-        store,
-        max_batch_size=config.max_batch_size,
-        max_input_tokens=config.max_input_tokens,
-        max_total_tokens=config.max_total_tokens,
-        batch_wait_ms=config.batch_wait_ms,
-    )
+    engine = Engine(runner)
     engine.start()
-    return engine
+    return engine, store
 
 
-def build_merger(engine: Engine, config: ServerConfig, metrics: Metrics) -> Merger:
+def build_merger(
+    engine: Engine, store: AdapterStore, config: ServerConfig, metrics: Metrics
+) -> Merger:
     cache = MergeCache(
         config.merge_budget_bytes,
         on_event=metrics.merge_cache_event,
@@ -174,14 +166,13 @@ def build_merger(engine: Engine, config: ServerConfig, metrics: Metrics) -> Merg
     metrics.merged_adapter_bytes.set_function(lambda: cache.used_bytes)
     dtype = str(engine.runner.dtype).removeprefix("torch.")
     return Merger(
-        engine.store, cache, dtype=dtype, metrics=metrics, max_rank=config.max_lora_rank,
+        store, cache, dtype=dtype, metrics=metrics, max_rank=config.engine.max_lora_rank,
         check_adapter=engine.runner.adapters.check,
     )  # fmt: skip
 
 
-def build_named_merges(engine: Engine, config: ServerConfig) -> NamedMerges:
+def build_named_merges(store: AdapterStore, config: ServerConfig) -> NamedMerges:
     """The registry, with the merges of ``config.merges_file`` (a bad file stops the start)."""
-    store = engine.store
 
     def is_adapter(name: str) -> bool:
         return store.is_loaded(name) or store.has_adapter_dir(name)
@@ -195,14 +186,14 @@ def build_named_merges(engine: Engine, config: ServerConfig) -> NamedMerges:
     return named
 
 
-def watch_engine(metrics: Metrics, engine: Engine) -> None:
+def watch_engine(metrics: Metrics, engine: Engine, store: AdapterStore) -> None:
     """Gauges read at scrape time from the engine and its adapter store."""
     metrics.queue_depth.set_function(lambda: engine.queue_depth)
     metrics.requests_running.set_function(lambda: engine.running_requests)
     metrics.kv_cache_usage.set_function(lambda: engine.kv_cache_usage)
     metrics.watch_adapters(engine.adapter_names, max_lora=engine.max_batch_size)
-    metrics.adapter_bytes.set_function(lambda: engine.store.used_bytes)
-    metrics.adapters_loaded.set_function(lambda: engine.store.loaded_count)
+    metrics.adapter_bytes.set_function(lambda: store.used_bytes)
+    metrics.adapters_loaded.set_function(lambda: store.loaded_count)
 
 
 def open_port(config: ServerConfig) -> RunningServer:
@@ -289,7 +280,7 @@ def start_server(config: ServerConfig) -> RunningServer:
     running = open_port(config)
     log.info("listening on %s:%d; loading the model", config.host, running.port)
     try:
-        running.set_serving(build_engine(config))
+        running.set_serving(*build_engine(config))
     except BaseException:
         running.stop(0)
         raise
@@ -320,7 +311,7 @@ def serve(config: ServerConfig) -> None:
         engine.max_input_tokens,
         engine.max_total_tokens,
         engine.kv_capacity_tokens,
-        engine.store.root,
+        running.store.root,
     )
     # A timed wait: Python runs signal handlers only in the main thread, and a signal the
     # kernel hands to another thread does not wake an untimed wait.

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
+from hotmerge_kernels.backend import INTERPRETING
 from hotmerge_kernels.layout import FlatAdapter, Segment
 
-HAS_TRITON = os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()
+HAS_TRITON = INTERPRETING or torch.cuda.is_available()
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="needs CUDA or TRITON_INTERPRET=1")
 
 

@@ -125,9 +125,9 @@ SHAPES = {
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
 def test_draw_to_element_mapping(backend):
-    from hotmerge_kernels.merge import contract as merge
+    from hotmerge_kernels.merge import contract
 
-    engine = merge._engine(backend)
+    engine = contract._engine(backend)
     items = list(SHAPES.items())
     orders = [items, items[::-1], items[2:] + items[:2]]
     ads = [_flat(dict(order), 1.0 + i) for i, order in enumerate(orders)]
@@ -147,9 +147,9 @@ def test_draw_to_element_mapping(backend):
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
 def test_kept_fraction_over_a_large_tensor(backend):
-    from hotmerge_kernels.merge import contract as merge
+    from hotmerge_kernels.merge import contract
 
-    engine = merge._engine(backend)
+    engine = contract._engine(backend)
     n = 1 << 19
     up = "model.layers.0.mlp.up_proj"
     ads = [_flat({(up, "A"): (1, n), (up, "B"): (8, 1)}, 0.5, rank=1)]

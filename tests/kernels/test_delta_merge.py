@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hotmerge_kernels.merge import delta as delta_merge
-from hotmerge_kernels.merge import merge_adapters
+from hotmerge_kernels.merge import delta, merge_adapters
 from hotmerge_kernels.merge.delta import low_rank
 from hotmerge_kernels.merge.params import MergeParams, SignMethod, Strategy
 from peft import LoraConfig, get_peft_model
@@ -223,9 +222,9 @@ def test_groups_of_modules_equal_one_by_one(monkeypatch, strategy):
     ads.append(make_adapter(dict(list(BIG.items())[1:]), 6, seed=3, scaling=1.5))
     params = MergeParams(Strategy(strategy), (1.0, 0.6, -0.8), 0.5, svd_rank=8, seed=9)
     together = merge_adapters(ads, params, backend="torch").adapter
-    monkeypatch.setattr(delta_merge, "GROUP_BYTES", 2 * 4 * 150 * 170)
+    monkeypatch.setattr(delta, "GROUP_BYTES", 2 * 4 * 150 * 170)
     pairs = merge_adapters(ads, params, backend="torch").adapter
-    monkeypatch.setattr(delta_merge, "GROUP_BYTES", 1)
+    monkeypatch.setattr(delta, "GROUP_BYTES", 1)
     alone = merge_adapters(ads, params, backend="torch").adapter
     for module in together.modules:
         want = alone.tensor(module, "B") @ alone.tensor(module, "A")

@@ -10,14 +10,12 @@ import numpy as np
 import pytest
 import torch
 import triton.language as tl
-from hotmerge_kernels.ops import fused as fused_ops
+from hotmerge_kernels.ops import reference
 from hotmerge_kernels.ops.fused import (
+    SILU_BLOCK,
     rms_norm,
-    rms_norm_torch,
     rotary_and_cache,
-    rotary_and_cache_torch,
     silu_and_mul,
-    silu_and_mul_torch,
 )
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import (
@@ -88,7 +86,7 @@ def test_rms_norm_equals_twin(dtype, T, H):
     weight = rand(H, dtype=dtype, seed=2)
     out = nans(T, H, dtype=dtype)
     assert rms_norm(x, weight, EPS, out=out) is out
-    assert_close(out, rms_norm_torch(x, weight, EPS))
+    assert_close(out, reference.rms_norm(x, weight, EPS))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -97,7 +95,7 @@ def test_rms_norm_with_residual_writes_the_sum_into_residual(dtype):
     residual = rand(4, 53, dtype=dtype, seed=4, scale=5.0)
     weight = rand(53, dtype=dtype, seed=5)
     want_res = residual.clone()
-    want, _ = rms_norm_torch(x, weight, EPS, residual=want_res)
+    want, _ = reference.rms_norm(x, weight, EPS, residual=want_res)
     out = nans(4, 53, dtype=dtype)
     got, res_out = rms_norm(x, weight, EPS, residual=residual, out=out)
     assert got is out and res_out is residual
@@ -109,7 +107,7 @@ def test_rms_norm_with_residual_writes_the_sum_into_residual(dtype):
 def test_rms_norm_in_place_and_allocating():
     x = rand(3, 41, dtype=torch.bfloat16, seed=6)
     weight = rand(41, dtype=torch.bfloat16, seed=7)
-    want = rms_norm_torch(x, weight, EPS)
+    want = reference.rms_norm(x, weight, EPS)
     fresh = rms_norm(x.clone(), weight, EPS)
     assert_close(fresh, want)
     inplace = x.clone()
@@ -123,7 +121,7 @@ def test_rms_norm_per_head_on_a_fused_qkv_view(dtype):
     T, nh, nkv, hd = 3, 5, 2, 24
     qkv = rand(T, (nh + 2 * nkv) * hd, dtype=dtype, seed=8)
     weight = rand(hd, dtype=dtype, seed=9)
-    want = rms_norm_torch(qkv[:, : nh * hd].reshape(T, nh, hd), weight, EPS)
+    want = reference.rms_norm(qkv[:, : nh * hd].reshape(T, nh, hd), weight, EPS)
     before = qkv.clone()
     q = qkv[:, : nh * hd].view(T, nh, hd)
     out = nans(T, nh, hd, dtype=dtype)
@@ -145,12 +143,12 @@ def test_rms_norm_twin_equals_transformers(dtype):
         head_norm.weight.copy_(rand(hd, seed=11))
         x = rand(6, H, dtype=dtype, seed=12, scale=2.0)
         residual = rand(6, H, dtype=dtype, seed=13)
-        assert torch.equal(rms_norm_torch(x, norm.weight, EPS), norm(x))
+        assert torch.equal(reference.rms_norm(x, norm.weight, EPS), norm(x))
         res = residual.clone()
-        out, _ = rms_norm_torch(x, norm.weight, EPS, residual=res)
+        out, _ = reference.rms_norm(x, norm.weight, EPS, residual=res)
         assert torch.equal(out, norm(residual + x)) and torch.equal(res, residual + x)
         heads = rand(6, 3, hd, dtype=dtype, seed=14)
-        assert torch.equal(rms_norm_torch(heads, head_norm.weight, EPS), head_norm(heads))
+        assert torch.equal(reference.rms_norm(heads, head_norm.weight, EPS), head_norm(heads))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -208,7 +206,7 @@ def test_rotary_and_cache_equals_twin(dtype, rope):
     qkv = rand(T, (NH + 2 * NKV) * HD, dtype=dtype, seed=20, scale=2.0)
     cache = poisoned_cache(dtype, SLOTS)
     got = run_rotary(rotary_and_cache, qkv, cache, rope)
-    want = run_rotary(rotary_and_cache_torch, qkv, cache, rope)
+    want = run_rotary(reference.rotary_and_cache, qkv, cache, rope)
     # Products of two stored values are exact in float32; each sum rounds once: bit equal.
     for g, w in zip(got, want, strict=True):
         assert not g.isnan().any()
@@ -229,7 +227,7 @@ def test_rotary_cache_all_or_no_rows_written(slots):
     qkv = rand(T, (NH + 2 * NKV) * HD, dtype=torch.bfloat16, seed=23)
     cache = poisoned_cache(torch.bfloat16, slots)
     got = run_rotary(rotary_and_cache, qkv, cache, slots=slots)
-    want = run_rotary(rotary_and_cache_torch, qkv, cache, slots=slots)
+    want = run_rotary(reference.rotary_and_cache, qkv, cache, slots=slots)
     for g, w in zip(got, want, strict=True):
         assert not g.isnan().any()
         assert torch.equal(g, w)
@@ -242,7 +240,7 @@ def test_rotary_without_cache(dtype):
     pos = torch.tensor(POSITIONS, device=DEVICE)
     got, want = qkv.clone(), qkv.clone()
     rotary_and_cache(*qkv_views(got)[:2], None, pos, cos, sin)
-    rotary_and_cache_torch(*qkv_views(want)[:2], None, pos, cos, sin)
+    reference.rotary_and_cache(*qkv_views(want)[:2], None, pos, cos, sin)
     assert torch.equal(got, want) and not torch.equal(got, qkv)
     assert torch.equal(got[:, (NH + NKV) * HD :], qkv[:, (NH + NKV) * HD :])
 
@@ -257,7 +255,7 @@ def test_rotary_equals_transformers(dtype, rope):
     pos = torch.tensor(POSITIONS, device=DEVICE)
     cos, sin = rotary(qkv, pos[None])  # (1, T, HD) in the model dtype
     q_hf, k_hf = apply_rotary_pos_emb(q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos, sin)
-    for fn in (rotary_and_cache_torch, rotary_and_cache):
+    for fn in (reference.rotary_and_cache, rotary_and_cache):
         got, _, _ = run_rotary(fn, qkv, poisoned_cache(dtype, SLOTS), rope)
         q_got, k_got, _ = qkv_views(got)
         assert torch.equal(q_got, q_hf[0].transpose(0, 1)), fn.__name__
@@ -269,12 +267,12 @@ def test_rotary_equals_transformers(dtype, rope):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("T, inter", [(1, 45), (4, 45), (3, fused_ops.SILU_BLOCK + 77)])
+@pytest.mark.parametrize("T, inter", [(1, 45), (4, 45), (3, SILU_BLOCK + 77)])
 def test_silu_and_mul_equals_twin(dtype, T, inter):
     gate_up = rand(T, 2 * inter, dtype=dtype, seed=30, scale=3.0)
     out = nans(T, inter, dtype=dtype)
     assert silu_and_mul(gate_up, out) is out
-    assert_close(out, silu_and_mul_torch(gate_up))
+    assert_close(out, reference.silu_and_mul(gate_up))
     assert_close(silu_and_mul(gate_up), out)
 
 
@@ -284,7 +282,7 @@ def test_silu_and_mul_strided_rows():
     out_wide = nans(3, 50, dtype=torch.bfloat16)
     out = out_wide[:, :45]
     silu_and_mul(gate_up, out)
-    assert_close(out, silu_and_mul_torch(gate_up))
+    assert_close(out, reference.silu_and_mul(gate_up))
     assert out_wide[:, 45:].isnan().all()  # nothing written past the row
 
 
@@ -299,10 +297,10 @@ def test_silu_and_mul_twin_equals_llama_mlp(dtype):
         gate_up = torch.cat((mlp.gate_proj(x), mlp.up_proj(x)), dim=-1)
         want = mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)
         if dtype == torch.float32:  # torch's CPU silu rounds a strided gate unlike a dense one
-            assert_close(silu_and_mul_torch(gate_up), want)
+            assert_close(reference.silu_and_mul(gate_up), want)
         else:
-            assert torch.equal(silu_and_mul_torch(gate_up), want)
-            assert torch.equal(mlp.down_proj(silu_and_mul_torch(gate_up)), mlp(x))
+            assert torch.equal(reference.silu_and_mul(gate_up), want)
+            assert torch.equal(mlp.down_proj(reference.silu_and_mul(gate_up)), mlp(x))
         assert_close(silu_and_mul(gate_up), want)
 
 

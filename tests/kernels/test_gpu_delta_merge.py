@@ -20,8 +20,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hotmerge_kernels.merge import delta as delta_merge
-from hotmerge_kernels.merge import merge_adapters
+from hotmerge_kernels.merge import delta, merge_adapters
 from hotmerge_kernels.merge.params import MergeParams, SignMethod, Strategy
 
 from tests.kernels.random_adapters import make_adapter, needs_triton
@@ -77,11 +76,11 @@ def _run(ads, params, backend, monkeypatch):
         batches.append(deltas.clone())
         return real(deltas, rank, clamp)
 
-    real = delta_merge.factors
+    real = delta.factors
     for a in ads:
         a.cache.clear()  # trim thresholds: each backend computes its own
     with monkeypatch.context() as patch:
-        patch.setattr(delta_merge, "factors", spy)
+        patch.setattr(delta, "factors", spy)
         merged = merge_adapters(
             ads, params, backend=backend, progress=lambda d, t, m: names.append(m)
         ).adapter
@@ -160,9 +159,9 @@ def test_delta_merge_meets_the_contract(monkeypatch, device, case, strategy):
     rank = svd_rank or max(ranks)
     ads = _adapters(device, case)
     n = PROJ[device]["q_proj"][0]
-    monkeypatch.setattr(delta_merge, "GROUP_BYTES", 2 * 4 * n * n)  # two square ΔWs a group
+    monkeypatch.setattr(delta, "GROUP_BYTES", 2 * 4 * n * n)  # two square ΔWs a group
     if device == "cpu":
-        monkeypatch.setattr(delta_merge, "EXACT_FACTOR", 1)
+        monkeypatch.setattr(delta, "EXACT_FACTOR", 1)
 
     tri, tri_deltas, groups = _run(ads, params, "triton", monkeypatch)
     twin, twin_deltas, twin_groups = _run(ads, params, "torch", monkeypatch)

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hotmerge_kernels.ops import reference
 from hotmerge_kernels.ops.fused import (
     rms_norm,
-    rms_norm_torch,
     rotary_and_cache,
-    rotary_and_cache_torch,
     silu_and_mul,
-    silu_and_mul_torch,
 )
 
 from tests.kernels.decode_inputs import DecodeInputs, assert_within_roundings, decode_inputs
@@ -33,7 +31,7 @@ def step(inp: DecodeInputs, fused: bool, outs: dict[str, torch.Tensor]) -> None:
     norm, rotary, silu = (
         (rms_norm, rotary_and_cache, silu_and_mul)
         if fused
-        else (rms_norm_torch, rotary_and_cache_torch, silu_and_mul_torch)
+        else (reference.rms_norm, reference.rotary_and_cache, reference.silu_and_mul)
     )
     norm(inp.x, inp.norm_weight, EPS, residual=inp.residual, out=outs["normed"])
     q, k, v = inp.qkv_views()

@@ -7,14 +7,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hotmerge_kernels.ops import lora as la
+from hotmerge_kernels.ops import lora, reference
 from hotmerge_kernels.ops.lora import (
     LoraKernelMeta,
     lora_apply,
     lora_expand,
-    lora_expand_torch,
     lora_shrink,
-    lora_shrink_torch,
 )
 
 from tests.kernels.random_adapters import needs_triton
@@ -65,7 +63,7 @@ def kernel_path(request, monkeypatch):
     """Both kernel pairs on the same small inputs: per-row decode kernels (T up to
     DECODE_MAX_TOKENS), and the slot-grouped tile kernels of prefill."""
     if request.param == "grouped":
-        monkeypatch.setattr(la, "DECODE_MAX_TOKENS", 0)
+        monkeypatch.setattr(lora, "DECODE_MAX_TOKENS", 0)
     return request.param
 
 
@@ -124,13 +122,13 @@ def run_both(x, y, pool, token_slots, *, kernel: bool, splits=1):
     if kernel:
         lora_shrink(x, lora_a, slot_ranks, token_slots, buf)
     else:
-        lora_shrink_torch(x, lora_a, slot_ranks, token_slots, buf)
+        reference.lora_shrink(x, lora_a, slot_ranks, token_slots, buf)
     shrunk = buf.clone()
     y = y.clone()
     if kernel:
         lora_expand(buf, lora_b, slot_ranks, token_slots, y, offsets)
     else:
-        lora_expand_torch(buf, lora_b, slot_ranks, token_slots, y, offsets)
+        reference.lora_expand(buf, lora_b, slot_ranks, token_slots, y, offsets)
     return shrunk, y
 
 
@@ -193,7 +191,7 @@ def test_expand_sums_random_splits_in_order(kernel_path):
     y0 = random_rows(21, offsets[-1], torch.bfloat16, seed=27)
     got, want = y0.clone(), y0.clone()
     lora_expand(buf.to(DEVICE), lora_b, slot_ranks, token_slots, got, offsets)
-    lora_expand_torch(buf.to(DEVICE), lora_b, slot_ranks, token_slots, want, offsets)
+    reference.lora_expand(buf.to(DEVICE), lora_b, slot_ranks, token_slots, want, offsets)
     assert_close(got, want, 2**-7)
     assert_untouched(got, y0, token_slots, slot_ranks, offsets)
 
@@ -206,11 +204,11 @@ def test_expand_reads_only_rank_prefix_of_buf(kernel_path):
     token_slots = random_slots(19, seed=8)
     buf = poisoned_buf(3, 19, splits=2)
     x = random_rows(19, IN_FEATURES, torch.bfloat16, seed=9)
-    lora_shrink_torch(x, lora_a, slot_ranks, token_slots, buf)  # defines only the rank prefixes
+    reference.lora_shrink(x, lora_a, slot_ranks, token_slots, buf)  # defines only the rank prefixes
     y0 = random_rows(19, offsets[-1], torch.bfloat16, seed=10)
     got, want = y0.clone(), y0.clone()
     lora_expand(buf, lora_b, slot_ranks, token_slots, got, offsets)
-    lora_expand_torch(buf, lora_b, slot_ranks, token_slots, want, offsets)
+    reference.lora_expand(buf, lora_b, slot_ranks, token_slots, want, offsets)
     assert_close(got, want, 2**-7)
 
 
@@ -280,7 +278,7 @@ def test_shrink_writes_only_defined_entries(kernel_path, splits):
     x = random_rows(20, IN_FEATURES, torch.bfloat16, seed=19)
     got, want = (torch.full((splits, 2, 20, MAX_RANK), 1234.5, device=DEVICE) for _ in range(2))
     lora_shrink(x, lora_a, slot_ranks, token_slots, got)
-    lora_shrink_torch(x, lora_a, slot_ranks, token_slots, want)
+    reference.lora_shrink(x, lora_a, slot_ranks, token_slots, want)
     assert torch.equal(got == 1234.5, want == 1234.5)
     assert_close(
         defined(got, slot_ranks, token_slots), defined(want, slot_ranks, token_slots), 1e-5
@@ -288,8 +286,8 @@ def test_shrink_writes_only_defined_entries(kernel_path, splits):
 
 
 @needs_triton
-@pytest.mark.parametrize("use_triton", [False, True])
-def test_lora_apply_matches_loop(kernel_path, use_triton):
+@pytest.mark.parametrize("apply", [reference.lora_apply, lora_apply], ids=["torch", "triton"])
+def test_lora_apply_matches_loop(kernel_path, apply):
     dtype = torch.bfloat16
     pool = make_pool(WIDTHS[0], dtype=dtype, seed=20)
     token_slots = random_slots(9, seed=21)
@@ -298,6 +296,6 @@ def test_lora_apply_matches_loop(kernel_path, use_triton):
     y = y0.clone()
     lora_a, lora_b, slot_ranks, offsets = pool
     buf = poisoned_buf(3, 9, splits=2)
-    lora_apply(x, y, lora_a, lora_b, slot_ranks, token_slots, offsets, buf, use_triton=use_triton)
+    apply(x, y, lora_a, lora_b, slot_ranks, token_slots, offsets, buf)
     _, want = loop_reference(x, y0, *pool, token_slots)
     assert_close(y, want, TOL[dtype])

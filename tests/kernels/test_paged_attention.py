@@ -8,11 +8,10 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from hotmerge_kernels.ops import reference
 from hotmerge_kernels.ops.paged_attention import (
     PagedAttention,
     paged_decode_attention,
-    paged_decode_attention_torch,
-    write_kv_torch,
 )
 
 from tests.kernels.random_adapters import needs_triton
@@ -80,7 +79,7 @@ def make_case(
     )  # fmt: skip
 
 
-def reference(case: Case) -> torch.Tensor:
+def per_row_oracle(case: Case) -> torch.Tensor:
     """Row by row: contiguous K/V from the block table, float64 softmax over the window."""
     q, kc, vc = case.q.double(), case.k_cache.double(), case.v_cache.double()
     block_size, kv_heads = kc.shape[1], kc.shape[2]
@@ -121,7 +120,7 @@ def poisoned_attention(case: Case, **launch) -> PagedAttention:
 
 
 def assert_kernel_matches(case: Case, **launch) -> torch.Tensor:
-    want = paged_decode_attention_torch(*case.args(), case.window)
+    want = reference.paged_decode_attention(*case.args(), case.window)
     attn = poisoned_attention(case, **launch)
     got = attn.forward(*case.args(), case.window, out=poisoned_like(case.q))
     assert not got.isnan().any(), "unwritten or poisoned output"
@@ -138,22 +137,24 @@ def assert_kernel_matches(case: Case, **launch) -> torch.Tensor:
 @pytest.mark.parametrize("group", [1, 4, 8])
 def test_twin_matches_reference(group, window):
     case = make_case([*EDGE_LENS, 0], group=group, window=window, seed=group * 7 + window)
-    got = paged_decode_attention_torch(*case.args(), case.window, out=poisoned_like(case.q))
-    torch.testing.assert_close(got.double(), reference(case), atol=1e-5, rtol=1e-5)
+    got = reference.paged_decode_attention(*case.args(), case.window, out=poisoned_like(case.q))
+    torch.testing.assert_close(got.double(), per_row_oracle(case), atol=1e-5, rtol=1e-5)
     assert torch.equal(got[-1], torch.zeros_like(got[-1]))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_twin_half_precision_matches_reference(dtype):
     case = make_case([3, 17, 40], dtype=dtype, block_size=16, window=11, seed=3)
-    got = paged_decode_attention_torch(*case.args(), case.window)
-    want = reference(case).to(dtype)  # softmax in float32 on the same inputs: one rounding apart
+    got = reference.paged_decode_attention(*case.args(), case.window)
+    want = per_row_oracle(case).to(
+        dtype
+    )  # softmax in float32 on the same inputs: one rounding apart
     torch.testing.assert_close(got, want, atol=1e-2, rtol=1e-2)
 
 
 def test_twin_all_padding_rows_give_zeros():
     case = make_case([0, 0])
-    got = paged_decode_attention_torch(*case.args(), out=poisoned_like(case.q))
+    got = reference.paged_decode_attention(*case.args(), out=poisoned_like(case.q))
     assert torch.equal(got, torch.zeros_like(got))
 
 
@@ -171,7 +172,7 @@ def test_write_kv_then_attend_equals_sdpa():
     slot_mapping = torch.cat([slots[:4], torch.tensor([-1]), slots[4:], torch.tensor([-1])])
     k_in = torch.cat([k[:4], k[n : n + 1], k[4:n], k[n + 1 :]])
     v_in = torch.cat([v[:4], v[n : n + 1], v[4:n], v[n + 1 :]])
-    write_kv_torch(k_in, v_in, k_cache, v_cache, slot_mapping)
+    reference.write_kv(k_in, v_in, k_cache, v_cache, slot_mapping)
 
     written = torch.zeros(8, block_size, dtype=torch.bool)
     written[slots // block_size, slots % block_size] = True
@@ -180,7 +181,7 @@ def test_write_kv_then_attend_equals_sdpa():
     assert torch.equal(k_cache[slots // block_size, slots % block_size], k[:n])
 
     q = torch.randn(1, kv_heads * 3, head_dim, generator=gen)
-    got = paged_decode_attention_torch(
+    got = reference.paged_decode_attention(
         q, k_cache, v_cache, blocks[None], torch.tensor([n], dtype=torch.int32), 0.3
     )
     want = torch.nn.functional.scaled_dot_product_attention(
@@ -193,10 +194,10 @@ def test_write_kv_then_attend_equals_sdpa():
 def test_rejects_contract_violations():
     case = make_case([3])
     with pytest.raises(ValueError, match="int32"):
-        paged_decode_attention_torch(case.q, case.k_cache, case.v_cache,
+        reference.paged_decode_attention(case.q, case.k_cache, case.v_cache,
                                      case.block_tables.long(), case.seq_lens, 1.0)  # fmt: skip
     with pytest.raises(ValueError, match="does not fit"):
-        paged_decode_attention_torch(case.q[:, :3], case.k_cache, case.v_cache,
+        reference.paged_decode_attention(case.q[:, :3], case.k_cache, case.v_cache,
                                      case.block_tables, case.seq_lens, 1.0)  # fmt: skip
 
 
@@ -245,7 +246,7 @@ def test_workspace_reused_across_batches_and_table_widths():
     for seed, lens in enumerate([[5, 90, 0, 41, 64, 1], [33, 2], [120]]):
         case = make_case(lens, spare_blocks=0, seed=50 + seed)
         got = attn.forward(*case.args(), out=poisoned_like(case.q))
-        want = paged_decode_attention_torch(*case.args())
+        want = reference.paged_decode_attention(*case.args())
         torch.testing.assert_close(got, want, **TOL[torch.float32])
 
 
@@ -253,7 +254,7 @@ def test_workspace_reused_across_batches_and_table_widths():
 def test_functional_form_allocates_its_output():
     case = make_case([12, 0, 40], window=20, seed=21)
     got = paged_decode_attention(*case.args(), case.window, **SMALL_LAUNCH)
-    want = paged_decode_attention_torch(*case.args(), case.window)
+    want = reference.paged_decode_attention(*case.args(), case.window)
     torch.testing.assert_close(got, want, **TOL[torch.float32])
 
 
@@ -314,5 +315,5 @@ def test_gpu_cuda_graph_replay():
         q.normal_()
         out.fill_(float("nan"))
         graph.replay()
-        want = paged_decode_attention_torch(*args)
+        want = reference.paged_decode_attention(*args)
         torch.testing.assert_close(out.float(), want.float(), **TOL[torch.bfloat16])

@@ -9,10 +9,10 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from hotmerge_kernels.ops import reference
 from hotmerge_kernels.ops.prefill_attention import (
     BLOCK_M,
     paged_prefill_attention,
-    paged_prefill_attention_torch,
 )
 
 from tests.kernels.random_adapters import needs_triton
@@ -85,7 +85,7 @@ def make_case(
     )  # fmt: skip
 
 
-def reference(case: Case) -> torch.Tensor:
+def per_query_oracle(case: Case) -> torch.Tensor:
     """Query by query: contiguous keys from the block table, float64 softmax over the window;
     rows of no sequence stay NaN."""
     q, kc, vc = case.q.double(), case.k_cache.double(), case.v_cache.double()
@@ -135,9 +135,11 @@ EDGE_SEQS = [(0, 1), (0, 7), (0, 9), (0, BLOCK_M - 1), (0, BLOCK_M + 1), (5, 4),
 @pytest.mark.parametrize("group", [1, 4])
 def test_twin_matches_reference(group, window):
     case = make_case(EDGE_SEQS, group=group, window=window, seed=group * 3 + window)
-    got = paged_prefill_attention_torch(*case.args(), out=poisoned_like(case.q))
+    got = reference.paged_prefill_attention(*case.args(), out=poisoned_like(case.q))
     rows = owned(case)
-    torch.testing.assert_close(got[rows].double(), reference(case)[rows], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        got[rows].double(), per_query_oracle(case)[rows], atol=1e-5, rtol=1e-5
+    )
     assert got[~rows].isnan().all(), "rows of no sequence were written"
 
 
@@ -151,7 +153,7 @@ def test_kernel_matches_twin(group, window, block_size):
         EDGE_SEQS, group=group, window=window, block_size=block_size, seed=group + window,
         kv_heads=2 if group < 8 else 1,
     )  # fmt: skip
-    want = paged_prefill_attention_torch(*case.args())
+    want = reference.paged_prefill_attention(*case.args())
     got = paged_prefill_attention(*case.args(), out=poisoned_like(case.q), block_n=16)
     rows = owned(case)
     assert not got[rows].isnan().any(), "unwritten or poisoned output"
@@ -163,7 +165,7 @@ def test_kernel_matches_twin(group, window, block_size):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_kernel_half_precision(dtype):
     case = make_case([(3, 30), (0, 12)], dtype=dtype, block_size=16, window=11, seed=5)
-    want = paged_prefill_attention_torch(*case.args())
+    want = reference.paged_prefill_attention(*case.args())
     got = paged_prefill_attention(*case.args(), out=poisoned_like(case.q))
     rows = owned(case)
     torch.testing.assert_close(got[rows].float(), want[rows].float(), **TOL[dtype])
@@ -172,15 +174,15 @@ def test_kernel_half_precision(dtype):
 def test_rejects_contract_violations():
     case = make_case([(0, 3)])
     with pytest.raises(ValueError, match="int32"):
-        paged_prefill_attention_torch(case.q, case.k_cache, case.v_cache,
+        reference.paged_prefill_attention(case.q, case.k_cache, case.v_cache,
                                       case.block_tables.long(), case.query_start,
                                       case.query_lens, case.query_pos, 1.0)  # fmt: skip
     with pytest.raises(ValueError, match="does not fit"):
-        paged_prefill_attention_torch(case.q[:, :3], case.k_cache, case.v_cache,
+        reference.paged_prefill_attention(case.q[:, :3], case.k_cache, case.v_cache,
                                       case.block_tables, case.query_start, case.query_lens,
                                       case.query_pos, 1.0)  # fmt: skip
     with pytest.raises(ValueError, match=r"\(S,\)"):
-        paged_prefill_attention_torch(case.q, case.k_cache, case.v_cache, case.block_tables,
+        reference.paged_prefill_attention(case.q, case.k_cache, case.v_cache, case.block_tables,
                                       case.query_start[:0], case.query_lens, case.query_pos,
                                       1.0)  # fmt: skip
 
@@ -194,7 +196,7 @@ def test_gpu_7b_shapes(window):
     seqs = [(0, 128), (0, 700), (1000, 300), (0, 0)]
     case = make_case(seqs, kv_heads=8, group=4, head_dim=128, dtype=torch.bfloat16,
                      block_size=16, window=window, device="cuda")  # fmt: skip
-    want = paged_prefill_attention_torch(*case.args())
+    want = reference.paged_prefill_attention(*case.args())
     got = paged_prefill_attention(*case.args(), out=poisoned_like(case.q))
     rows = owned(case).cuda()
     torch.testing.assert_close(got[rows].float(), want[rows].float(), **TOL[torch.bfloat16])

@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from hotmerge_kernels.layout import FlatAdapter, Segment
-from hotmerge_kernels.merge import contract as merge_module
-from hotmerge_kernels.merge import merge_adapters, reference, trim_thresholds
+from hotmerge_kernels.merge import contract, merge_adapters, reference, trim_thresholds
 from hotmerge_kernels.merge.params import MergeParams, SignMethod, Strategy
 from hotmerge_kernels.merge.plan import get_plan
 
@@ -29,7 +28,7 @@ def poisoned_output(monkeypatch):
     def new_buffer(numel, dtype, device):
         return torch.full((numel,), float("nan"), dtype=dtype, device=device)
 
-    monkeypatch.setattr(merge_module, "_new_buffer", new_buffer)
+    monkeypatch.setattr(contract, "_new_buffer", new_buffer)
 
 
 def adapters(n, *, dtype=torch.float32, overlap=True, ranks=None, modules=ODD_MODULES):

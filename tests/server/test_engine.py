@@ -8,13 +8,13 @@ import time
 import pytest
 import torch
 from hotmerge.embedded import byte_level_tokenizer
+from hotmerge.engine import EngineConfig
 from hotmerge.engine.batch import DecodeRow, PrefillChunk
 from hotmerge.engine.kv_cache import KVBlockPool
+from hotmerge.engine.loader import build_runner
 from hotmerge.engine.lora import AdapterPool
 from hotmerge.engine.models.llama import lora_shapes, module_paths
-from hotmerge.engine.runner import EngineLimits, build_runner
 from hotmerge.engine.sampling import RowSampling, sample
-from hotmerge.errors import InvalidArgument
 from hotmerge.generation import GenerationRequest, SamplingParams
 from hotmerge_kernels.layout import FlatAdapter
 
@@ -58,11 +58,11 @@ def hf_model(kind: str):
     return model.eval()
 
 
-def runner_for(model, **limits):
-    limits = EngineLimits(
-        max_batch_size=4, block_size=4, kv_cache_tokens=512, max_loras=2, **limits
+def runner_for(model, **config):
+    config = EngineConfig(
+        max_batch_size=4, block_size=4, kv_cache_tokens=512, max_loras=2, **config
     )
-    return build_runner("test", model, byte_level_tokenizer(), limits)
+    return build_runner("test", model, byte_level_tokenizer(), config)
 
 
 @pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2", "qwen3"])
@@ -134,7 +134,7 @@ def test_unsupported_architecture_runs_eagerly_with_the_same_tokens(tmp_path):
     make_peft_adapter(model_dir, tmp_path / "adapters" / "a", r=4, seed=3, scale=2.0)
     outputs = {}
     for eager in (False, True):
-        engine = make_engine(model_dir, tmp_path / "adapters", eager=eager)
+        engine = make_engine(model_dir, tmp_path / "adapters", eager_model=eager)
         try:
             assert engine.runner.kind == ("transformers" if eager else "llama")
             params = SamplingParams(max_new_tokens=8, prompt_logprobs=True)
@@ -151,7 +151,7 @@ def test_unsupported_architecture_runs_eagerly_with_the_same_tokens(tmp_path):
 
 
 def write_per_module(pool: AdapterPool, slot: int, adapter: FlatAdapter) -> None:
-    """The slot write spelled out one module at a time: the reference of ``pool._write``."""
+    """The slot write spelled out one module at a time: the reference of ``pool.write``."""
     ranks = dict.fromkeys(pool.a, 0)
     for group in pool.a:
         pool.a[group][:, slot].zero_()
@@ -204,7 +204,7 @@ def test_slot_write_equals_per_module_write(device, pool_dtype, adapter_dtype):
             t.normal_()  # stale contents of earlier adapters
         pools.append(pool)
     write_per_module(pools[0], 1, adapter)
-    pools[1]._write(1, adapter)
+    pools[1].write(1, adapter)
     for group in groups:
         assert torch.equal(pools[0].a[group], pools[1].a[group]), group
         assert torch.equal(pools[0].b[group], pools[1].b[group]), group
@@ -230,7 +230,7 @@ def small_cache_engine(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("kv")
     model_dir = tiny_llama(tmp)
     engine = make_engine(
-        model_dir, tmp / "adapters", max_batch_size=4, limits=dict(kv_cache_tokens=64, block_size=8)
+        model_dir, tmp / "adapters", max_batch_size=4, kv_cache_tokens=64, block_size=8
     )
     yield engine
     engine.stop()
@@ -252,11 +252,6 @@ def test_blocks_are_freed_on_finish_failure_and_cancel(small_cache_engine):
     while engine.running_requests and time.monotonic() < deadline:
         time.sleep(0.01)
     assert engine.kv.free_blocks == free and engine.kv_cache_usage == 0.0
-
-
-def test_request_that_can_never_fit_is_refused(small_cache_engine):
-    with pytest.raises(InvalidArgument, match="KV cache"):
-        small_cache_engine.submit(request("x" * 30, max_new_tokens=60))
 
 
 def test_requests_wait_for_blocks_then_run(small_cache_engine):

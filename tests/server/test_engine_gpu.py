@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hotmerge.engine import AdapterLease
 from hotmerge.engine.batch import DecodeRow, PrefillChunk
 from hotmerge.generation import GenerationRequest, SamplingParams
 from hotmerge_kernels.merge import merge_adapters
@@ -44,7 +45,9 @@ def generate_all(engine, count: int, max_new_tokens: int = 64) -> list[list[int]
         params = SamplingParams(max_new_tokens=max_new_tokens)
         prompt = f"prompt {i}: the quick brown fox"
         if which == "merge":
-            handles.append(engine.submit(GenerationRequest(prompt, params), adapter=merged))
+            handles.append(
+                engine.submit(GenerationRequest(prompt, params), lease=AdapterLease(merged))
+            )
         else:
             handles.append(engine.submit(GenerationRequest(prompt, params, adapter_id=which)))
     return [[t.token_id for t in h.wait().tokens] for h in handles]
@@ -90,7 +93,7 @@ def test_graph_decode_equals_eager_decode(embedded, batch):
             dtype="bfloat16",
             batch_wait_ms=300,
             max_batch_size=32,
-            limits=dict(cuda_graphs=graphs),
+            cuda_graphs=graphs,
         )
         try:
             assert bool(engine.runner._graphs) == graphs

@@ -14,12 +14,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
-from hotmerge import __version__
+from hotmerge import __version__, request_rules
 from hotmerge.api.grpc_service import generation_request
 from hotmerge.client import AsyncHotmergeClient, HotmergeClient, generate_request, request_metadata
 from hotmerge.config import ServerConfig
 from hotmerge.errors import InvalidArgument
 from hotmerge.merging.spec import affinity_key
+from hotmerge.request_rules import RequestLimits
 from hotmerge.server import SERVICE_NAME, open_port, start_server
 from hotmerge.v1 import hotmerge_pb2 as pb
 from hotmerge.v1 import hotmerge_pb2_grpc as pb_grpc
@@ -263,6 +264,32 @@ def test_merge_rpc_without_a_spec_is_invalid(server):
     assert "merged_adapters" in info.value.details()
 
 
+@pytest.mark.parametrize("name", ["", "too-wide"])
+def test_merge_and_generate_refuse_the_same_svd_rank(server, client, name):
+    """An svd_rank no adapter slot holds is refused by Merge (named or not) as by Generate,
+    with one message, before anything is merged."""
+    most = server.engine.runner.adapters.max_rank
+    spec = {"ids": ["ad-a", "ad-b"], "merge_strategy": "TIES_SVD", "svd_rank": most + 1}
+    merges = server.metrics.registry.get_sample_value
+    before = merges("hotmerge_cache_misses_total", {"cache": "merge"})
+    messages = set()
+    for call in (
+        lambda: client.merge(spec, name=name),
+        lambda: client.generate(PROMPT, merged_adapters=spec, max_new_tokens=2),
+    ):
+        with pytest.raises(grpc.RpcError) as info:
+            call()
+        assert info.value.code() == Code.INVALID_ARGUMENT
+        messages.add(info.value.details())
+    (message,) = messages
+    assert f"merged_adapters.svd_rank is {most + 1}" in message and f"<= {most}" in message
+    assert merges("hotmerge_cache_misses_total", {"cache": "merge"}) == before
+    assert "too-wide" not in {a.id for a in client.list_adapters()}
+    ok = client.merge({**spec, "svd_rank": most})  # the largest that fits: merged and served
+    assert ok.rank == most
+    assert client.generate(PROMPT, merged_adapters={**spec, "svd_rank": most}).generated_tokens
+
+
 def test_unexpected_failure_is_internal_without_details(server, client, monkeypatch):
     def boom(*args, **kwargs):
         raise RuntimeError("secret internal detail")
@@ -458,12 +485,15 @@ def test_generation_request_defaults_and_implied_sampling():
     assert (p.temperature, p.top_p) == (0.7, 0.9)  # the decimals sent, not their float32
 
 
-def test_generation_request_errors_without_a_server():
-    with pytest.raises(InvalidArgument, match="parameters.top_p"):
-        generation_request(
-            pb.GenerateRequest(inputs="hi", parameters=pb.GenerationParameters(top_p=2)),
-            default_max_new_tokens=7,
-        )
+def test_generation_request_translates_and_the_rule_book_checks():
+    bad = generation_request(
+        pb.GenerateRequest(inputs="hi", parameters=pb.GenerationParameters(top_p=2)),
+        default_max_new_tokens=7,
+    )
+    limits = RequestLimits(max_input_tokens=8, max_total_tokens=16, kv_capacity_tokens=16,
+                           vocab_size=256)  # fmt: skip
+    with pytest.raises(InvalidArgument, match="parameters.top_p must be in"):
+        request_rules.validate(bad, limits, lambda text: list(text.encode()))
     # A merge spec is resolved by the service, not here: the request carries no adapter id.
     request = generation_request(
         pb.GenerateRequest(inputs="hi", merged_adapters=pb.MergedAdapters(ids=["a"])),

@@ -482,7 +482,7 @@ def test_unload_leaves_no_reference_to_the_weights(server, client):
     client.generate("hi", adapter_id="good-c", max_new_tokens=2)
     spec = {"ids": ["good-a", "good-c"], "merge_strategy": "TIES", "density": 0.7}
     client.generate("hi", merged_adapters=spec, max_new_tokens=2)
-    store = server.engine.store
+    store = server.store
     ref = weakref.ref(store._lru.peek("good-c").weights.buffer)
     server.service.merger.cache.clear()
     deadline = time.monotonic() + 5

@@ -10,6 +10,7 @@ import json
 import math
 import time
 
+import grpc
 import httpx
 import lorax
 import openai
@@ -267,8 +268,22 @@ def test_chat_needs_a_template_then_equals_grpc(server, oai, grpc_client):
 # -- prompt logprobs -----------------------------------------------------------------------------
 
 
+@pytest.fixture
+def sampled_rows(server, monkeypatch):
+    """Every row the engine samples a token for, while the test runs."""
+    rows, sample = [], server.engine.runner.sample
+
+    def counting(logits, batch):
+        rows.extend(batch)
+        return sample(logits, batch)
+
+    monkeypatch.setattr(server.engine.runner, "sample", counting)
+    return rows
+
+
 @pytest.mark.parametrize("model", [None, "mix"])
-def test_echo_logprobs_equal_the_models_own(setup, server, http, model):
+def test_echo_logprobs_equal_the_models_own(setup, server, http, model, sampled_rows):
+    """max_tokens 0 + echo scores the prompt without generating a token."""
     if model == "mix":
         http.post("/merges", json={"name": "mix", "merged_adapters": SPEC}).raise_for_status()
     ids = server.engine.runner.encode("The cat sat on the mat")
@@ -279,6 +294,38 @@ def test_echo_logprobs_equal_the_models_own(setup, server, http, model):
     assert lp["token_logprobs"][1:] == pytest.approx(direct_logprobs(setup, ids, model), abs=1e-4)
     assert out["usage"]["completion_tokens"] == 0
     assert out["choices"][0]["text"] == server.engine.runner.tokenizer.decode(ids)
+    assert out["choices"][0]["finish_reason"] == "length"
+    # echo without logprobs: the prompt back, still nothing generated
+    plain = http.post("/v1/completions", json=body).json()["choices"][0]
+    assert plain["text"] == server.engine.runner.tokenizer.decode(ids) and plain["logprobs"] is None
+    assert not sampled_rows
+    http.post("/v1/completions", json={**body, "max_tokens": 1}).raise_for_status()
+    assert len(sampled_rows) == 1  # (the spy sees a generated token)
+
+
+@pytest.mark.parametrize("model", [None, "mix"])
+def test_grpc_zero_new_tokens_scores_the_prompt(setup, server, http, grpc_client, model,
+                                                sampled_rows):  # fmt: skip
+    """gRPC max_new_tokens 0 with prompt_logprobs: transformers' prompt logprobs, no token
+    generated, unary and streamed alike; without prompt_logprobs it is refused."""
+    if model == "mix":
+        http.post("/merges", json={"name": "mix", "merged_adapters": SPEC}).raise_for_status()
+    options = dict(adapter_id=model, max_new_tokens=0, prompt_logprobs=True)
+    reply = grpc_client.generate(PROMPT, **options)
+    assert (reply.generated_tokens, reply.generated_text, list(reply.tokens)) == (0, "", [])
+    assert reply.finish_reason == pb.LENGTH and reply.prompt_tokens == len(reply.prompt) > 2
+    ids = [t.id for t in reply.prompt]
+    assert math.isnan(reply.prompt[0].logprob)
+    want = direct_logprobs(setup, ids, model)
+    assert [t.logprob for t in reply.prompt[1:]] == pytest.approx(want, abs=1e-4)
+    (final,) = grpc_client.generate_stream(PROMPT, **options)  # no token messages
+    assert final.done and final.generated_tokens == 0 and len(final.prompt) == len(ids)
+    assert [t.logprob for t in final.prompt[1:]] == pytest.approx(want, abs=1e-4)
+    assert not sampled_rows
+    with pytest.raises(grpc.RpcError) as info:
+        grpc_client.generate(PROMPT, adapter_id=model, max_new_tokens=0)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "set parameters.prompt_logprobs" in info.value.details()
 
 
 def test_grpc_prompt_logprobs_and_counts(setup, grpc_client):
@@ -312,6 +359,11 @@ LORAX_BAD = [
     ("/generate", {"inputs": PROMPT, "parameters": {"watermark": True}}, 422),
     ("/generate_stream", {"inputs": ""}, 422),
     ("/", {"inputs": PROMPT, "parameters": {"max_new_tokens": 0}}, 422),
+    (  # LoRAX always generates: no prompt scoring there
+        "/generate",
+        {"inputs": PROMPT, "parameters": {"max_new_tokens": 0, "decoder_input_details": True}},
+        422,
+    ),
     ("/merges", {"name": "bad name!", "merged_adapters": SPEC}, 422),
 ]
 OPENAI_BAD = [
@@ -320,6 +372,12 @@ OPENAI_BAD = [
     ("/v1/completions", {"model": "nope", "prompt": PROMPT}, 404),
     ("/v1/completions", {"model": "ad-a", "prompt": PROMPT, "n": 2}, 400),
     ("/v1/completions", {"model": "ad-a", "prompt": PROMPT, "max_tokens": 0}, 400),
+    ("/v1/completions", {"model": "ad-a", "prompt": PROMPT, "max_tokens": -1}, 400),
+    (
+        "/v1/chat/completions",
+        {"model": "ad-a", "messages": [{"role": "user", "content": "x"}], "max_tokens": 0},
+        400,
+    ),
     ("/v1/completions", {"model": "ad-a", "prompt": [10**9], "max_tokens": 1}, 400),
     ("/v1/completions", {"model": "ad-a", "prompt": PROMPT, "merged_adapters": SPEC}, 400),
     ("/v1/chat/completions", {"model": "ad-a", "messages": "hi"}, 400),

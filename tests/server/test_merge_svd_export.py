@@ -9,6 +9,7 @@ import grpc
 import pytest
 import torch
 from hotmerge.cli import main as cli_main
+from hotmerge.merging import merger
 from hotmerge.merging.export import SPEC_FILE, export_merge
 from hotmerge.merging.spec import parse_merge_spec
 from hotmerge.v1 import hotmerge_pb2 as pb
@@ -90,6 +91,20 @@ def test_svd_rank_and_clamp_are_in_the_key(client):
         client.merge({**base, "svd_clamp": 1.5})
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "svd_clamp" in info.value.details()
+
+
+def test_a_delta_space_merge_yields_between_its_chunks(client, monkeypatch):
+    """The merge thread hands the GIL to the engine between a ΔW-space merge's chunks (a
+    factor-space merge, a millisecond, does not pause); the results stay the same."""
+    paused = []
+    monkeypatch.setattr(merger, "pause", lambda: paused.append(1))
+    monkeypatch.setattr(merger, "YIELD_EVERY_S", 0.0)  # at every poll
+    fresh = spec(("ad-a", "ad-r8", "ad-c"), (0.3, 0.9, 0.6), "TIES_SVD", density=0.7, seed=5)
+    reply = client.merge(fresh)
+    assert not reply.cache_hit and len(paused) >= 2  # once at the start, then between groups
+    paused.clear()
+    assert not client.merge(spec(("ad-a", "ad-b"), (0.31, 0.77))).cache_hit
+    assert paused == []
 
 
 @pytest.mark.parametrize(

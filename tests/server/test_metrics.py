@@ -100,3 +100,17 @@ def test_balancer_gauges_and_lora_info():
     adapters["now"] = ([], [])  # read at scrape time
     labels = dict(next(k[1] for k in samples(m) if k[0] == "hotmerge_lora_requests_info"))
     assert labels["running_lora_adapters"] == "" and labels["waiting_lora_adapters"] == ""
+
+
+def test_prefix_cache_counters_read_the_block_manager_at_scrape_time():
+    from hotmerge.engine.block_manager import BlockManager
+
+    metrics, pool = Metrics(), BlockManager(16, 4)
+    metrics.watch_prefix_cache(lambda: (pool.queries, pool.hits))
+    assert value(metrics, "hotmerge_prefix_cache_queries_total") == 0
+    prompt = list(range(9))
+    first = pool.allocate(prompt)
+    pool.commit(first, prompt, len(prompt))
+    pool.allocate(prompt)
+    assert value(metrics, "hotmerge_prefix_cache_queries_total") == 18
+    assert value(metrics, "hotmerge_prefix_cache_hits_total") == 8

@@ -121,6 +121,7 @@ def test_module_shapes_cover_all_projections(setup):
 def test_adapter_pool_mixes_slots_like_the_formula():
     """Each token gets its own slot's ``scaling · x·Aᵀ·Bᵀ``; slot -1 gets nothing; ranks differ."""
     from hotmerge.engine.lora import AdapterPool, LoraBatch
+    from hotmerge.engine.slots import SlotTable
 
     torch.manual_seed(0)
     shapes = {"qkv": {"q_proj": (6, 5), "k_proj": (6, 3), "v_proj": (6, 3)}}
@@ -138,8 +139,11 @@ def test_adapter_pool_mixes_slots_like_the_formula():
 
     fa1 = adapter(2, 0.5, ("q_proj", "v_proj"))
     fa2 = adapter(3, 2.0, ("q_proj", "k_proj", "v_proj"))
-    s1, _ = pool.take(fa1)
-    s2, _ = pool.take(fa2)
+    table = SlotTable(pool.num_slots)  # the scheduler's: which slot, then the pool writes it
+    (s1, fresh1), (s2, fresh2) = table.take(fa1), table.take(fa2)
+    assert fresh1 and fresh2 and s1 != s2 and table.take(fa1) == (s1, False)
+    pool.write(s1, fa1)
+    pool.write(s2, fa2)
     x = torch.randn(4, 6)
     slots = [s1, -1, s2, s1]
     y = torch.randn(4, 11)
@@ -155,10 +159,10 @@ def test_adapter_pool_mixes_slots_like_the_formula():
     assert torch.allclose(decode, want, atol=1e-5)
     assert pool.ranks["qkv"].tolist() == [2, 3]
     with pytest.raises(LookupError):  # both slots referenced
-        pool.take(adapter(1, 1.0, ("q_proj",)))
-    pool.release(s1)
-    pool.release(s1)
-    s3, fresh = pool.take(adapter(1, 1.0, ("q_proj",)))
+        table.take(adapter(1, 1.0, ("q_proj",)))
+    table.release(s1)
+    table.release(s1)
+    s3, fresh = table.take(adapter(1, 1.0, ("q_proj",)))
     assert fresh and s3 == s1  # the idle slot is reused for a new adapter
 
 

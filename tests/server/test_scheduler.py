@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 import time
 
 import grpc
@@ -58,11 +59,10 @@ def test_max_new_tokens(engine):
     assert "".join(t.text for t in result.tokens) == result.generated_text
 
 
-def test_max_new_tokens_over_max_total_tokens_is_refused(engine, monkeypatch):
+def test_max_new_tokens_up_to_max_total_tokens_runs(engine, monkeypatch):
+    """(More is refused by the request path: tests/server/test_request_rules.py.)"""
     prompt_len = len(engine.runner.tokenizer(PROMPT)["input_ids"])
     monkeypatch.setattr(engine, "max_total_tokens", prompt_len + 3)
-    with pytest.raises(InvalidArgument, match="give max_new_tokens <= 3"):
-        run(engine, max_new_tokens=50)
     result = run(engine, max_new_tokens=3)
     assert result.finish_reason is FinishReason.LENGTH and result.generated_tokens == 3
 
@@ -70,7 +70,7 @@ def test_max_new_tokens_over_max_total_tokens_is_refused(engine, monkeypatch):
 def test_eos_stops(engine, monkeypatch):
     full = ids(run(engine, max_new_tokens=10))
     eos = full[3]
-    monkeypatch.setattr(engine.runner, "eos_token_ids", frozenset({eos}))
+    monkeypatch.setattr(engine.scheduler, "eos_token_ids", frozenset({eos}))
     result = run(engine, max_new_tokens=10)
     assert result.finish_reason is FinishReason.EOS
     assert ids(result) == full[: full.index(eos) + 1]
@@ -184,14 +184,16 @@ def test_deadline_cancels(engine):
 
 
 def test_one_failing_request_does_not_fail_the_others(engine, monkeypatch):
-    real = engine._emit
+    from hotmerge.engine.sequence import Sequence
 
-    def emit(row, token, logprob):
-        if row.params.seed == 666:
+    real = Sequence.push
+
+    def push(seq, token, logprob):
+        if seq.params.seed == 666:
             raise RuntimeError("boom")
-        return real(row, token, logprob)
+        return real(seq, token, logprob)
 
-    monkeypatch.setattr(engine, "_emit", emit)
+    monkeypatch.setattr(Sequence, "push", push)
     bad = submit(engine, do_sample=True, seed=666)
     good = submit(engine, do_sample=True, seed=1)
     with pytest.raises(HotmergeError, match="boom") as err:
@@ -213,20 +215,35 @@ def test_failing_forward_fails_its_batch_and_the_worker_goes_on(engine, monkeypa
     assert run(engine, max_new_tokens=4).generated_tokens == 4
 
 
-def test_submit_validates(engine):
-    with pytest.raises(InvalidArgument, match="max_input_tokens=255"):
-        submit(engine, prompt="x" * 400)
-    with pytest.raises(InvalidArgument, match="max_new_tokens"):
-        submit(engine, max_new_tokens=0)
-    with pytest.raises(InvalidArgument, match="top_p"):
-        submit(engine, top_p=0.0)
-    with pytest.raises(InvalidArgument, match="temperature"):
-        submit(engine, temperature=-1.0)
-    with pytest.raises(InvalidArgument, match="stop"):
-        submit(engine, stop=("",))
+def test_submit_resolves_the_adapter(engine):
+    """The request's rules are checked before the engine (tests/server/test_request_rules.py);
+    the engine resolves the adapter at submit."""
     with pytest.raises(NotFound):
         submit(engine, adapter_id="missing")
     assert engine.max_total_tokens == 256 and engine.max_batch_size == 4
+
+
+@pytest.mark.parametrize("adapter_id", [None, "qv"])
+def test_zero_new_tokens_scores_the_prompt_only(engine, adapter_id, monkeypatch):
+    """max_new_tokens 0 (with prompt_logprobs): the prompt's logprobs, no token sampled."""
+    generating = run(engine, adapter_id=adapter_id, max_new_tokens=2, prompt_logprobs=True)
+    sampled = []
+    sample = engine.runner.sample
+
+    def counting(logits, rows):
+        sampled.extend(rows)
+        return sample(logits, rows)
+
+    monkeypatch.setattr(engine.runner, "sample", counting)
+    scored = run(engine, adapter_id=adapter_id, max_new_tokens=0, prompt_logprobs=True)
+    monkeypatch.undo()
+    assert not sampled and scored.generated_tokens == 0 and scored.tokens == []
+    assert scored.generated_text == "" and scored.finish_reason is FinishReason.LENGTH
+    assert scored.prompt_tokens == len(scored.prompt) == len(generating.prompt) > 1
+    assert [t.token_id for t in scored.prompt] == [t.token_id for t in generating.prompt]
+    got, want = [t.logprob for t in scored.prompt], [t.logprob for t in generating.prompt]
+    assert math.isnan(got[0]) and got[1:] == pytest.approx(want[1:], abs=1e-5)
+    assert engine.kv.free_blocks == engine.kv.capacity_blocks  # its blocks came back
 
 
 def test_stop_fails_queued_requests(tmp_path):
@@ -248,13 +265,18 @@ def test_wait_after_iterating_returns_the_result(engine):
     assert list(handle) == []
 
 
-def test_a_given_adapter_overrides_the_id(engine):
-    """The hook for merged adapters: hand the engine a FlatAdapter directly."""
+def test_a_lease_of_any_adapter_runs_it(engine):
+    """Merged adapters reach the engine as leases of their weights, as named ones do."""
+    from hotmerge.engine import AdapterLease
+
     by_id = run(engine, adapter_id="qv")
     weights = engine.store.get("qv")[0].weights
     request = GenerationRequest(PROMPT, SamplingParams(max_new_tokens=16))
-    given = engine.submit(request, adapter=weights).wait()
+    released = []
+    lease = AdapterLease(weights, on_release=lambda: released.append(True))
+    given = engine.submit(request, lease=lease).wait()
     assert ids(given) == ids(by_id) != ids(run(engine))
+    assert released == [True]  # the lease is given back when the request ends
 
 
 @settings(max_examples=200, deadline=None)
@@ -301,16 +323,21 @@ def test_cancelled_queued_request_leaves_while_the_batch_is_full(engine):
 
 
 def test_engine_limits_are_checked(engine):
+    from dataclasses import replace
+
     from hotmerge.engine import Engine
 
-    runner, store = engine.runner, engine.store
+    runner = engine.runner
+    built = runner.config
     with pytest.raises(InvalidArgument, match="max_position_embeddings"):
-        Engine(runner, store, max_total_tokens=1000)
+        Engine(runner, replace(built, max_total_tokens=1000))
     with pytest.raises(InvalidArgument, match="max_input_tokens"):
-        Engine(runner, store, max_input_tokens=100, max_total_tokens=100)
+        Engine(runner, replace(built, max_input_tokens=100, max_total_tokens=100))
     with pytest.raises(InvalidArgument, match="max_batch_size"):
-        Engine(runner, store, max_batch_size=0)
-    small = Engine(runner, store, max_total_tokens=64)
+        Engine(runner, replace(built, max_batch_size=built.max_batch_size + 1))
+    with pytest.raises(ValueError, match="max_batch_size"):
+        replace(built, max_batch_size=0)
+    small = Engine(runner, replace(built, max_total_tokens=64))
     assert (small.max_input_tokens, small.max_total_tokens) == (63, 64)
 
 

@@ -1,4 +1,5 @@
-"""Merging LoRA adapters: the contract is in ``contract``; ``merge_adapters`` is the entry."""
+"""Merging LoRA adapters: ``merge_adapters`` is the entry, its contract is ``contract``'s
+docstring; the torch twins of the kernels are in ``reference``."""
 
 from hotmerge_kernels.merge.contract import (
     MergeCancelled,

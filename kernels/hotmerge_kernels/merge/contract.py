@@ -35,7 +35,7 @@
   with the raw weights wᵢ (no folding) over the ΔWᵢ; then B' = U·S, A' = Vᴴ of the rank-r
   truncation, r = ``params.svd_rank`` or the largest input rank (zero-padded where r exceeds
   min(out, in)); with ``svd_clamp`` c, both clamped to ±quantile(B' ∪ A', c). Ranks may differ;
-  scaling 1. The factorisation (``delta_merge.low_rank``) is an exact SVD for small modules and
+  scaling 1. The factorisation (``delta.low_rank``) is an exact SVD for small modules and
   a seeded randomized range finder otherwise; **contract: the rank-r reconstruction's Frobenius
   error is within 0.1% of the exact truncated SVD's**. Singular vectors' signs are free, so
   factors (and a clamp, which sees signed entries) may differ from PEFT's where PEFT's SVD
@@ -61,9 +61,10 @@ density, an unknown backend.
 it returns True the merge stops with ``MergeCancelled`` and its output is dropped.
 
 ``backend``: ``"triton"`` runs the Triton kernels (on CUDA, or anywhere under
-``TRITON_INTERPRET=1``), ``"torch"`` the torch reference twins, ``"auto"`` Triton for CUDA
-tensors and torch otherwise. ``MergeResult.merge_ms`` is the wall time of the merge (host clock),
-the merge's stream synchronised at its end.
+``TRITON_INTERPRET=1``), ``"torch"`` the torch twins in ``reference``, ``"auto"`` what
+``hotmerge_kernels.backend.use_triton`` says (Triton for CUDA tensors unless
+``HOTMERGE_TRITON=0``, torch otherwise). ``MergeResult.merge_ms`` is the wall time of the merge
+(host clock), the merge's stream synchronised at its end.
 """
 
 from __future__ import annotations
@@ -76,6 +77,7 @@ from dataclasses import dataclass
 
 import torch
 
+from hotmerge_kernels.backend import Backend, resolve_backend
 from hotmerge_kernels.layout import FlatAdapter
 from hotmerge_kernels.merge import reference
 from hotmerge_kernels.merge.delta import Progress, delta_merge
@@ -84,8 +86,6 @@ from hotmerge_kernels.merge.plan import MergePlan, get_plan
 from hotmerge_kernels.merge.reference import MergeCancelled
 
 __all__ = ["MergeCancelled", "MergeResult", "merge_adapters", "trim_thresholds"]
-
-BACKENDS = ("auto", "torch", "triton")
 
 
 @dataclass
@@ -99,15 +99,14 @@ def merge_adapters(
     adapters: Sequence[FlatAdapter],
     params: MergeParams,
     *,
-    backend: str = "auto",
+    backend: Backend = "auto",
     progress: Progress | None = None,
     cancel: Callable[[], bool] | None = None,
 ) -> MergeResult:
     adapters = list(adapters)
-    _validate(adapters, params, backend)
+    _validate(adapters, params)
     device = adapters[0].device
-    if backend == "auto":
-        backend = "triton" if device.type == "cuda" else "torch"
+    backend = resolve_backend(backend, adapters[0].buffer)
     engine = _engine(backend)
     # The torch engine polls between its chunks; a Triton launch runs whole (milliseconds).
     stop = {"cancel": cancel} if engine is reference else {}
@@ -165,7 +164,7 @@ def _elapsed(t0: float, stream) -> float:
 
 
 def trim_thresholds(
-    adapters: Sequence[FlatAdapter], density: float, *, backend: str = "auto"
+    adapters: Sequence[FlatAdapter], density: float, *, backend: Backend = "auto"
 ) -> list[torch.Tensor]:
     """Per adapter, float32 [segments]: trim thresholds for ``density``, from the cache or computed
     (all missing adapters in one launch) and cached."""
@@ -173,8 +172,7 @@ def trim_thresholds(
     key = ("trim_thresholds", float(density))
     missing = [a for a in adapters if key not in a.cache]
     if missing:
-        if backend == "auto":
-            backend = "triton" if adapters[0].device.type == "cuda" else "torch"
+        backend = resolve_backend(backend, adapters[0].buffer)
         if density >= 1:
             found = [torch.zeros(len(a.segments), device=a.device) for a in missing]
         else:
@@ -243,18 +241,15 @@ def _new_buffer(numel: int, dtype: torch.dtype, device: torch.device) -> torch.T
 
 
 def _engine(backend: str):
+    """The module that runs a merge: ``reference`` or ``triton_merge`` (same functions)."""
     if backend == "torch":
         return reference
-    from hotmerge_kernels.merge import (
-        triton_merge,
-    )  # imported late: machines without Triton still merge
+    from hotmerge_kernels.merge import triton_merge  # late: machines without Triton still merge
 
     return triton_merge
 
 
-def _validate(adapters: list[FlatAdapter], params: MergeParams, backend: str) -> None:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+def _validate(adapters: list[FlatAdapter], params: MergeParams) -> None:
     if not adapters:
         raise ValueError("adapters: need at least one adapter to merge")
     if len(params.weights) != len(adapters):

@@ -1,5 +1,5 @@
 """ΔW-space merges (PEFT's ``svd``, ``ties_svd``, ``dare_linear_svd``, ``dare_ties_svd``,
-``magnitude_prune_svd``): the contract is in ``merge.py``'s docstring.
+``magnitude_prune_svd``): the contract is in ``contract``'s docstring.
 
 Module by module, each adapter's ΔWᵢ = sᵢ·Bᵢ·Aᵢ (float32) is written into a workspace reused for
 every module (so the engines' address tables stay the same and memory is bounded by the largest
@@ -13,15 +13,15 @@ modules, an exact SVD for small ones.
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
 import torch
 
 from hotmerge_kernels.layout import FlatAdapter, Segment
+from hotmerge_kernels.lru import LockedLRU
 from hotmerge_kernels.merge import reference
 from hotmerge_kernels.merge.params import MergeParams, SignMethod, Strategy
-from hotmerge_kernels.merge.plan import MergePlan, lru_get
+from hotmerge_kernels.merge.plan import MergePlan
 
 OVERSAMPLE = 16  # extra columns of the range finder (issue 11: rank + 16, 4 power iterations)
 POWER_ITERS = 4
@@ -34,7 +34,7 @@ GROUP_BYTES = 2 << 30
 RELATIVE_FLOOR = 1e-6
 
 Progress = Callable[[int, int, str], None]  # (modules done, modules in all, module)
-_plans: OrderedDict[tuple, MergePlan] = OrderedDict()
+_PLANS: LockedLRU[MergePlan] = LockedLRU(1024)  # one-module plans by shape and inputs present
 
 
 def merged_rank(adapters: Sequence[FlatAdapter], params: MergeParams) -> int:
@@ -288,7 +288,7 @@ def _module_plan(adapters: Sequence[FlatAdapter], module: str, shape) -> MergePl
             aligned=numel % 16 == 0,
         )
 
-    return lru_get(_plans, key, build, 1024)
+    return _PLANS.get(key, build)
 
 
 def _threshold_vectors(adapters: Sequence[FlatAdapter], density: float):

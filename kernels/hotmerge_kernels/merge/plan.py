@@ -9,18 +9,13 @@ lacks the module, which the engines read as an all-zero tensor.
 from __future__ import annotations
 
 import hashlib
-from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TypeVar
 
 import torch
 
 from hotmerge_kernels.layout import FlatAdapter, Segment
-
-T = TypeVar("T")
-_PLAN_CACHE_SIZE = 32
-_plans: OrderedDict[tuple, MergePlan] = OrderedDict()
+from hotmerge_kernels.lru import LockedLRU
 
 
 @dataclass(eq=False)
@@ -79,21 +74,13 @@ def layout_signature(adapter: FlatAdapter) -> str:
     return sig
 
 
-def lru_get(cache: OrderedDict, key, make: Callable[[], T], size: int) -> T:
-    """``cache[key]``, made by ``make()`` when absent; the least recently used past ``size`` go."""
-    value = cache.get(key)
-    if value is None:
-        value = cache[key] = make()
-        if len(cache) > size:
-            cache.popitem(last=False)
-    else:
-        cache.move_to_end(key)
-    return value
+_PLANS: LockedLRU[MergePlan] = LockedLRU(32)  # by the inputs' layouts, cat or not, device
 
 
 def get_plan(adapters: Sequence[FlatAdapter], *, cat: bool) -> MergePlan:
+    """The plan of merging these adapters' layouts, built once per combination and kept."""
     key = (tuple(layout_signature(a) for a in adapters), cat, str(adapters[0].device))
-    return lru_get(_plans, key, lambda: build_plan(adapters, cat=cat), _PLAN_CACHE_SIZE)
+    return _PLANS.get(key, lambda: build_plan(adapters, cat=cat))
 
 
 def build_plan(adapters: Sequence[FlatAdapter], *, cat: bool) -> MergePlan:

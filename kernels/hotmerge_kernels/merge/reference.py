@@ -1,9 +1,10 @@
 """Plain-torch twins of the Triton merge kernels, vectorised over whole flat buffers.
 
 Each function here computes exactly what its namesake in ``triton_merge`` computes (same float32
-operations in the same order, same random stream), so either can run a merge; this one is used
-where there is no CUDA device, and by the tests as the oracle for the kernels. Work is done in
-chunks of output elements to bound memory, never tensor by tensor.
+operations in the same order, same random stream), so either can run a merge; this one runs
+where ``backend.use_triton`` says torch (no CUDA device, or ``HOTMERGE_TRITON=0``), and is the
+tests' oracle for the kernels. It imports no Triton. Work is done in chunks of output elements to
+bound memory, never tensor by tensor.
 """
 
 from __future__ import annotations

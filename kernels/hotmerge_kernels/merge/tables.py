@@ -6,13 +6,11 @@ however many); a table is uploaded once per distinct set of addresses and kept.
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
 import torch
 import triton
 import triton.language as tl
 
-from hotmerge_kernels.merge.plan import lru_get
+from hotmerge_kernels.lru import LockedLRU
 
 TABLE_CACHE_SIZE = 256  # device copies of address / weight tables kept for reuse
 
@@ -26,15 +24,13 @@ def to_device(table: torch.Tensor, device: torch.device) -> torch.Tensor:
 def address_table(tensors: list[torch.Tensor], device) -> torch.Tensor:
     """int64 table of the tensors' addresses on the device, uploaded once per distinct table."""
     addresses = tuple(t.data_ptr() for t in tensors)
-    return lru_get(
-        _ADDRESS_TABLES,
+    return _ADDRESS_TABLES.get(
         (addresses, str(device)),
         lambda: to_device(torch.tensor(addresses, dtype=torch.int64), device),
-        TABLE_CACHE_SIZE,
     )
 
 
-_ADDRESS_TABLES: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+_ADDRESS_TABLES: LockedLRU[torch.Tensor] = LockedLRU(TABLE_CACHE_SIZE)
 
 
 @triton.jit

@@ -12,14 +12,13 @@ int64 of 16-bit fields before the block sum. ``reference.segment_thresholds`` is
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
 import torch
 import triton
 import triton.language as tl
 
 from hotmerge_kernels.layout import FlatAdapter
-from hotmerge_kernels.merge.plan import layout_signature, lru_get
+from hotmerge_kernels.lru import LockedLRU
+from hotmerge_kernels.merge.plan import layout_signature
 from hotmerge_kernels.merge.reference import trim_k
 from hotmerge_kernels.merge.tables import address_table, load_input, to_device
 
@@ -296,7 +295,7 @@ class _Launch:
         self.chunk_start = to_device(start.to(torch.int32), device)
 
 
-_launches: OrderedDict[tuple, _Launch] = OrderedDict()
+_LAUNCHES: LockedLRU[_Launch] = LockedLRU(64)
 
 
 def _launch_table(adapters: list[FlatAdapter], density: float, chunk: int) -> _Launch:
@@ -306,7 +305,7 @@ def _launch_table(adapters: list[FlatAdapter], density: float, chunk: int) -> _L
         chunk,
         str(adapters[0].device),
     )
-    return lru_get(_launches, key, lambda: _Launch(adapters, density, chunk), 64)
+    return _LAUNCHES.get(key, lambda: _Launch(adapters, density, chunk))
 
 
 def segment_thresholds(

@@ -1,6 +1,6 @@
 """Triton kernels of the merge engine; ``reference`` holds their torch twins.
 
-- ``segment_thresholds``: the trim thresholds (``triton_thresholds``), re-exported here so this
+- ``segment_thresholds``: the trim thresholds (``thresholds``), re-exported here so this
   module offers what ``reference`` offers.
 - ``_merge_kernel``: per element across N inputs, trim or DARE, then weighted sum or TIES
   (sign election and disjoint mean), float32 inside, written once in the output dtype.
@@ -15,13 +15,12 @@ repeated merge skips rebuilding them.
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
 import torch
 import triton
 import triton.language as tl
 
-from hotmerge_kernels.merge.plan import MergePlan, lru_get
+from hotmerge_kernels.lru import LockedLRU
+from hotmerge_kernels.merge.plan import MergePlan
 
 # MODE_* and ELECT_* number the kernels' MODE and ELECT constexprs
 from hotmerge_kernels.merge.reference import (
@@ -245,13 +244,11 @@ def elementwise_merge(
         plan, tables, w_key, out.data_ptr() % 16, per_segment, mode, elect, float(density),
         seed, block, num_warps,
     )  # fmt: skip
-    launch = lru_get(
-        _merge_launches,
+    launch = _MERGE_LAUNCHES.get(
         key,
         lambda: _merge_launch(
             out, plan, tables, weights, per_segment, mode, elect, density, seed, block, num_warps
-        ),  # fmt: skip
-        TABLE_CACHE_SIZE,
+        ),
     )
     if launch is not None:
         grid, args, consts = launch
@@ -296,7 +293,7 @@ def _merge_launch(
 
 
 # Launches of elementwise_merge (with their device tables), by what fixes them.
-_merge_launches: OrderedDict[tuple, tuple | None] = OrderedDict()
+_MERGE_LAUNCHES: LockedLRU[tuple | None] = LockedLRU(TABLE_CACHE_SIZE)
 
 
 @triton.jit

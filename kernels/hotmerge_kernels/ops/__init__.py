@@ -1,1 +1,2 @@
-"""The serving step's operators: multi-LoRA shrink/expand, paged attention, fused elementwise."""
+"""The serving step's operators: multi-LoRA shrink/expand, paged decode and prefill attention,
+fused elementwise ops; the torch twins of all of them in ``reference``."""

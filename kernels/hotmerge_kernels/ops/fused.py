@@ -1,4 +1,4 @@
-"""Fused elementwise kernels of a Llama-family decode step, each beside its torch twin.
+"""Fused elementwise kernels of a Llama-family decode step (torch twins: ``reference``).
 
 - ``rms_norm``: [residual add, then] RMSNorm of each row; also per head (Qwen3's q_norm/k_norm).
 - ``rotary_and_cache``: rotate-half RoPE on q and k in place, and the roped k and v written into
@@ -14,18 +14,18 @@ modules round (every bf16/fp16 torch op computes in float32 and rounds its resul
 run transformers' ops (LlamaRMSNorm, apply_rotary_pos_emb, LlamaMLP's ``act_fn(gate) * up``) and
 equal them bit for bit in bf16/fp16; the kernels differ only where float32 reduction order or
 exp ulps move a value across a rounding boundary (RoPE and the cache writes: never).
-The ``*_torch`` twins have the same signatures and in-place effects; they are the oracles of the
-tests and the eager baseline of ``benchmarks/fused_ops.py``.
+The twins in ``reference`` have the same names, signatures and in-place effects; they are the
+oracles of the tests and the eager baseline of ``benchmarks/fused_ops.py``.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 from hotmerge_kernels.ops import pdl
+from hotmerge_kernels.ops.reference import check_rotary, check_silu
 
 ROTARY_WARPS = 1  # a (token, head) program holds head_dim / 2 pairs: 64 at head_dim 128
 SILU_BLOCK = 1024
@@ -114,28 +114,6 @@ def rms_norm(
     return out if residual is None else (out, residual)
 
 
-def rms_norm_torch(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    eps: float,
-    residual: torch.Tensor | None = None,
-    out: torch.Tensor | None = None,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """The twin of ``rms_norm``: transformers' residual add and LlamaRMSNorm, op for op."""
-    if residual is not None:
-        residual.copy_(x + residual)
-        x = residual
-    input_dtype = x.dtype
-    h = x.to(torch.float32)
-    variance = h.pow(2).mean(-1, keepdim=True)
-    normed = weight * (h * torch.rsqrt(variance + eps)).to(input_dtype)
-    if out is None:
-        out = normed.to(input_dtype)
-    else:
-        out.copy_(normed)
-    return out if residual is None else (out, residual)
-
-
 # ---------------------------------------------------------------------------------------------
 # Rotary embedding + paged KV cache write
 
@@ -197,27 +175,6 @@ def _rotary_cache_kernel(
             tl.store(vc + half + d, tl.load(v + half + d, mask=mask), mask=write)
 
 
-def _check_rotary(q, k, v, positions, cos, sin, k_cache, v_cache, slot_mapping) -> None:
-    T, _, head_dim = q.shape
-    for name, x in (("q", q), ("k", k)) + ((("v", v),) if k_cache is not None else ()):
-        if x.dim() != 3 or x.shape[0] != T or x.shape[2] != head_dim or x.stride(2) != 1:
-            raise ValueError(f"{name}: want (T, heads, {head_dim}) with a contiguous last dim")
-    if head_dim % 2 or cos.shape[1:] != (head_dim // 2,) or sin.shape != cos.shape:
-        raise ValueError(f"cos, sin: want (max_positions, {head_dim // 2}); head_dim even")
-    if cos.stride(1) != 1 or sin.stride(1) != 1 or positions.shape != (T,):
-        raise ValueError("cos, sin: want a contiguous last dim; positions: want (T,)")
-    if k_cache is None:
-        return
-    want = (k.shape[1], head_dim)
-    for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
-        if c is None or c.dim() != 4 or c.shape[2:] != want or c.stride(3) != 1:
-            raise ValueError(f"{name}: want (num_blocks, block_size, {want[0]}, {head_dim})")
-    if v_cache.shape[:2] != k_cache.shape[:2] or slot_mapping is None:
-        raise ValueError("v_cache: want k_cache's blocks; slot_mapping: required with a cache")
-    if v.shape != k.shape or slot_mapping.shape != (T,):
-        raise ValueError("v: want k's shape; slot_mapping: want (T,)")
-
-
 def rotary_and_cache(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -236,7 +193,7 @@ def rotary_and_cache(
     (max_positions, D / 2) float32 (attention scaling included). With ``k_cache=None`` only
     q and k are roped; v, v_cache and slot_mapping are ignored.
     """
-    _check_rotary(q, k, v, positions, cos, sin, k_cache, v_cache, slot_mapping)
+    check_rotary(q, k, v, positions, cos, sin, k_cache, v_cache, slot_mapping)
     T, num_heads, head_dim = q.shape
     if T == 0:
         return
@@ -252,46 +209,6 @@ def rotary_and_cache(
         WRITE_CACHE=cache, HALF_BLOCK=triton.next_power_of_2(head_dim // 2),
         num_warps=ROTARY_WARPS, **pdl.launch_options(q.device),
     )  # fmt: skip
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def rotary_and_cache_torch(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor | None,
-    positions: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    k_cache: torch.Tensor | None = None,
-    v_cache: torch.Tensor | None = None,
-    slot_mapping: torch.Tensor | None = None,
-) -> None:
-    """The twin of ``rotary_and_cache``: transformers' apply_rotary_pos_emb, then the cache
-    write, with no host sync (it runs inside the benchmark's CUDA graph)."""
-    _check_rotary(q, k, v, positions, cos, sin, k_cache, v_cache, slot_mapping)
-    c = cos[positions].to(q.dtype)
-    s = sin[positions].to(q.dtype)
-    c = torch.cat((c, c), dim=-1).unsqueeze(1)
-    s = torch.cat((s, s), dim=-1).unsqueeze(1)
-    q.copy_(q * c + _rotate_half(q) * s)
-    k.copy_(k * c + _rotate_half(k) * s)
-    if k_cache is None or q.shape[0] == 0:
-        return
-    # Padding rows (-1) must write nothing, without a sync to drop them: each is pointed at the
-    # slot of the first valid row and carries that row's values, so duplicate writes agree.
-    # With no valid row at all, every row rewrites slot 0 with what it holds.
-    valid = slot_mapping >= 0
-    first = torch.argmax(valid.to(torch.int32)).view(1)  # 1-D: a 0-d index would sync
-    slots = torch.where(valid, slot_mapping, slot_mapping[first].clamp(min=0))
-    rows = torch.where(valid, torch.arange(len(valid), device=valid.device), first)
-    for x, cache in ((k, k_cache), (v, v_cache)):
-        flat = cache.view(-1, *cache.shape[2:])
-        new = torch.where(valid[first], x[rows].to(cache.dtype), flat[slots])
-        flat.index_copy_(0, slots, new)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -313,18 +230,9 @@ def _silu_and_mul_kernel(
     tl.store(out_ptr + t * o_st + cols, act * up, mask=mask)
 
 
-def _check_silu(gate_up: torch.Tensor, out: torch.Tensor | None) -> int:
-    if gate_up.dim() != 2 or gate_up.shape[1] % 2 or gate_up.stride(1) != 1:
-        raise ValueError("gate_up: want (T, 2 * I) with a contiguous last dim")
-    inter = gate_up.shape[1] // 2
-    if out is not None and (out.shape != (gate_up.shape[0], inter) or out.stride(1) != 1):
-        raise ValueError(f"out: want ({gate_up.shape[0]}, {inter}) with a contiguous last dim")
-    return inter
-
-
 def silu_and_mul(gate_up: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """``silu(gate) * up`` of ``gate_up`` (T, 2 * I) = [gate | up] into ``out`` (T, I)."""
-    inter = _check_silu(gate_up, out)
+    inter = check_silu(gate_up, out)
     T = gate_up.shape[0]
     if out is None:
         out = torch.empty((T, inter), dtype=gate_up.dtype, device=gate_up.device)
@@ -334,13 +242,3 @@ def silu_and_mul(gate_up: torch.Tensor, out: torch.Tensor | None = None) -> torc
             BLOCK=SILU_BLOCK, num_warps=SILU_WARPS, **pdl.launch_options(gate_up.device),
         )  # fmt: skip
     return out
-
-
-def silu_and_mul_torch(gate_up: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """The twin of ``silu_and_mul``: LlamaMLP's ``act_fn(gate_proj(x)) * up_proj(x)``."""
-    _check_silu(gate_up, out)
-    gate, up = gate_up.chunk(2, dim=-1)
-    y = F.silu(gate) * up
-    if out is None:
-        return y
-    return out.copy_(y)

@@ -1,5 +1,6 @@
 """Multi-LoRA apply as two Triton kernels per projection group: shrink, then expand. This module
-holds the contract, the shapes, the tiles and the launches; the kernels are in ``triton_lora``.
+holds the contract, the shapes, the tiles and the launches; the kernels are in ``lora_triton``,
+their torch twins (``lora_shrink``, ``lora_expand``, ``lora_apply``) in ``reference``.
 
 The engine keeps every loaded adapter in a *slot* of a stacked pool and tags each token (decode
 row or prefill token) with its slot, -1 meaning the base model only:
@@ -53,23 +54,20 @@ none is passed; decode launches need none.
 from __future__ import annotations
 
 import itertools
-import os
 from collections.abc import Sequence
 
 import torch
 import triton
 
-from hotmerge_kernels.ops import lora_triton as triton_lora
-from hotmerge_kernels.ops.lora_reference import lora_expand_torch, lora_shrink_torch
+from hotmerge_kernels.backend import INTERPRETING
+from hotmerge_kernels.ops import lora_triton
 from hotmerge_kernels.ops.pdl import launch_options
 
 __all__ = [
     "LoraKernelMeta",
     "lora_apply",
     "lora_expand",
-    "lora_expand_torch",
     "lora_shrink",
-    "lora_shrink_torch",
     "lora_splits",
     "lora_workspace",
 ]
@@ -142,17 +140,13 @@ class LoraKernelMeta:
         torch.cumsum(self.group_count[:-1], 0, dtype=torch.int32, out=self.group_start[1:])
 
 
-# Read once, as Triton itself does at import: this sits on every launch's path.
-_INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def _by_rows(tokens: int) -> bool:
     """Decode: one program per token (no grouping); prefill: tokens grouped by slot."""
     return tokens <= DECODE_MAX_TOKENS
 
 
 def _shrink_tiles(tokens: int) -> dict:
-    if _INTERPRETING:  # small tiles: several m tiles, k steps and rank blocks on test shapes
+    if INTERPRETING:  # small tiles: several m tiles, k steps and rank blocks on test shapes
         return dict(BLOCK_R=16, BLOCK_K=16) | ({} if _by_rows(tokens) else dict(BLOCK_M=16))
     if _by_rows(tokens):  # a split's whole range in one step: all its loads in flight at once
         return dict(BLOCK_R=16, BLOCK_K=SPLIT_WIDTH, num_warps=4, num_stages=1)
@@ -160,7 +154,7 @@ def _shrink_tiles(tokens: int) -> dict:
 
 
 def _expand_tiles(tokens: int) -> dict:
-    if _INTERPRETING:
+    if INTERPRETING:
         return dict(BLOCK_N=16, BLOCK_K=16) | ({} if _by_rows(tokens) else dict(BLOCK_M=16))
     if _by_rows(tokens):  # 16 KB of B per program at rank 16
         return dict(BLOCK_N=512, BLOCK_K=16, num_warps=4, num_stages=1)
@@ -171,7 +165,7 @@ def _dot_f32(dtype: torch.dtype) -> bool:
     """Dot in float32 (IEEE, not TF32) for float32 data, and under the interpreter, whose
     bfloat16 ``tl.dot`` multiplies bit patterns (triton-lang/triton#11584). Products of 16-bit
     floats are exact in float32, so this matches the tensor-core dot with float32 accumulation."""
-    return dtype == torch.float32 or _INTERPRETING
+    return dtype == torch.float32 or INTERPRETING
 
 
 def _ready_meta(
@@ -239,14 +233,14 @@ def lora_shrink(
     if _by_rows(t):
         _check_meta(meta, t)
         grid = (num_slices * splits, t)
-        triton_lora.shrink_rows_kernel[grid](
+        lora_triton.shrink_rows_kernel[grid](
             x, lora_a, slot_ranks, token_slots, buf, k, *strides, SPLITS=splits,
             **tiles, **launch_options(x.device),
         )  # fmt: skip
         return
     meta = _ready_meta(meta, token_slots, num_slots)
     grid = (num_slices * splits, triton.cdiv(t, tiles["BLOCK_M"]), _num_groups(t, num_slots))
-    triton_lora.shrink_kernel[grid](
+    lora_triton.shrink_kernel[grid](
         x,
         lora_a,
         slot_ranks,
@@ -307,14 +301,14 @@ def lora_expand(
     strides = (*buf.stride(), slot_stride, col_stride, rank_stride, *y.stride())
     if _by_rows(t):
         _check_meta(meta, t)
-        triton_lora.expand_rows_kernel[(n_tiles, t)](
+        lora_triton.expand_rows_kernel[(n_tiles, t)](
             buf, lora_b, slot_ranks, token_slots, y, *strides, *bounds, SPLITS=splits,
             **tiles, **launch_options(y.device),
         )  # fmt: skip
         return
     meta = _ready_meta(meta, token_slots, num_slots)
     grid = (n_tiles, triton.cdiv(t, tiles["BLOCK_M"]), _num_groups(t, num_slots))
-    triton_lora.expand_kernel[grid](
+    lora_triton.expand_kernel[grid](
         buf,
         lora_b,
         slot_ranks,
@@ -341,15 +335,9 @@ def lora_apply(
     slice_offsets: Sequence[int],
     buf: torch.Tensor,
     meta: LoraKernelMeta | None = None,
-    *,
-    use_triton: bool,
 ) -> None:
     """``y += LoRA(x)`` for a projection group: shrink into ``buf``, expand into ``y``."""
-    if use_triton:
-        if not _by_rows(x.shape[0]):  # one grouping for both launches
-            meta = _ready_meta(meta, token_slots, lora_a.shape[0])
-        lora_shrink(x, lora_a, slot_ranks, token_slots, buf, meta)
-        lora_expand(buf, lora_b, slot_ranks, token_slots, y, slice_offsets, meta)
-    else:
-        lora_shrink_torch(x, lora_a, slot_ranks, token_slots, buf)
-        lora_expand_torch(buf, lora_b, slot_ranks, token_slots, y, slice_offsets)
+    if not _by_rows(x.shape[0]):  # one grouping for both launches
+        meta = _ready_meta(meta, token_slots, lora_a.shape[0])
+    lora_shrink(x, lora_a, slot_ranks, token_slots, buf, meta)
+    lora_expand(buf, lora_b, slot_ranks, token_slots, y, slice_offsets, meta)

@@ -1,5 +1,5 @@
-"""Triton kernels of the multi-LoRA apply; ``lora_apply`` launches them (shapes, checks, tiles,
-the contract in its docstring) and ``lora_apply_reference`` holds their torch twins.
+"""Triton kernels of the multi-LoRA apply; ``lora`` launches them (shapes, checks, tiles, the
+contract in its docstring) and ``reference`` holds their torch twins.
 
 - ``shrink_rows_kernel`` / ``expand_rows_kernel``: decode, one program per token and (slice,
   split) / n tile, matrix-vector products; programmatic dependents on Hopper (``pdl``).

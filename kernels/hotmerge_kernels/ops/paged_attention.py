@@ -18,8 +18,8 @@ to a preallocated workspace; programs past the row's end or before its window do
 ``_reduce_kernel`` combines a row's live partitions. The grid depends on shapes only and nothing
 syncs with the host, so ``PagedAttention.forward`` can be captured in a CUDA graph.
 
-``paged_decode_attention_torch`` is the torch twin (the engine's CPU path), ``write_kv_torch``
-writes new K/V into the cache by flat slot.
+``reference.paged_decode_attention`` is the torch twin (the engine's CPU path), and
+``reference.write_kv`` writes new K/V into the cache by flat slot.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from hotmerge_kernels.ops import pdl
+from hotmerge_kernels.ops.reference import check_decode_attention
 
 LOG2E = 1.4426950408889634
 # Launch shapes (first guesses for Hopper; benchmarks/paged_attention.py --tune sweeps them).
@@ -207,7 +208,7 @@ class PagedAttention:
     ) -> torch.Tensor:
         batch, num_heads, head_dim = q.shape
         _, block_size, num_kv_heads, _ = k_cache.shape
-        _check(q, k_cache, v_cache, block_tables, seq_lens)
+        check_decode_attention(q, k_cache, v_cache, block_tables, seq_lens)
         if (num_heads, head_dim, block_size) != (self.num_heads, self.head_dim, self.block_size):
             raise ValueError(
                 "q / cache shapes differ from the ones this PagedAttention was built for"
@@ -249,27 +250,6 @@ class PagedAttention:
         return out
 
 
-def check_cache(q, k_cache, v_cache) -> None:
-    """q ``(tokens, heads, head_dim)`` against the paged caches (decode and prefill alike)."""
-    _, num_heads, head_dim = q.shape
-    if k_cache.shape != v_cache.shape or k_cache.dtype != v_cache.dtype:
-        raise ValueError("k_cache and v_cache differ in shape or dtype")
-    if k_cache.shape[3] != head_dim or num_heads % k_cache.shape[2]:
-        raise ValueError(f"q {tuple(q.shape)} does not fit cache {tuple(k_cache.shape)}")
-    if q.stride(2) != 1 or k_cache.stride(3) != 1 or v_cache.stride(3) != 1:
-        raise ValueError("head_dim must be the contiguous dimension of q and the caches")
-
-
-def _check(q, k_cache, v_cache, block_tables, seq_lens) -> None:
-    """Shape and dtype contract (host metadata only: no sync)."""
-    check_cache(q, k_cache, v_cache)
-    batch = q.shape[0]
-    if block_tables.dtype != torch.int32 or seq_lens.dtype != torch.int32:
-        raise ValueError("block_tables and seq_lens must be int32")
-    if block_tables.shape[0] != batch or seq_lens.shape != (batch,):
-        raise ValueError("block_tables / seq_lens rows differ from q's batch")
-
-
 def paged_decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -287,63 +267,3 @@ def paged_decode_attention(
         **launch,
     )  # fmt: skip
     return attn.forward(q, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window, out)
-
-
-def paged_decode_attention_torch(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    block_tables: torch.Tensor,
-    seq_lens: torch.Tensor,
-    scale: float,
-    sliding_window: int = 0,
-    out: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Torch twin: gather every row's blocks up to the longest length, mask, softmax in float32."""
-    _check(q, k_cache, v_cache, block_tables, seq_lens)
-    batch, num_heads, head_dim = q.shape
-    _, block_size, num_kv_heads, _ = k_cache.shape
-    if out is None:
-        out = torch.empty_like(q)
-    max_len = int(seq_lens.max()) if batch else 0  # one host sync: this is the eager path
-    if max_len == 0:
-        return out.zero_()
-    lens = seq_lens.long()[:, None]
-    pos = torch.arange(max_len, device=q.device)
-    live = pos < lens  # (B, T)
-    if sliding_window > 0:
-        live &= pos >= lens - sliding_window
-    n_blocks = triton.cdiv(max_len, block_size)
-    blocks = block_tables[:, :n_blocks].long()
-    used = torch.arange(n_blocks, device=q.device) * block_size < lens
-    blocks = torch.where(used, blocks, 0)  # entries past a row's length may hold anything
-
-    def gather(cache: torch.Tensor) -> torch.Tensor:  # (B, kv heads, T, D)
-        return cache[blocks].flatten(1, 2)[:, :max_len].float().transpose(1, 2)
-
-    group = num_heads // num_kv_heads
-    qg = q.float().view(batch, num_kv_heads, group, head_dim)
-    scores = (qg @ gather(k_cache).transpose(2, 3)) * scale  # (B, kv heads, group, T)
-    scores = scores.masked_fill(~live[:, None, None, :], float("-inf"))  # drops NaN keys too
-    probs = torch.softmax(scores, dim=-1).nan_to_num_(0.0)  # padding rows: all -inf -> zeros
-    v = torch.where(live[:, None, :, None], gather(v_cache), 0.0)  # dead slots may hold NaN
-    res = probs @ v  # (B, kv heads, group, D)
-    out.copy_(res.view(batch, num_heads, head_dim))
-    return out
-
-
-def write_kv_torch(
-    k: torch.Tensor,
-    v: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    slot_mapping: torch.Tensor,
-) -> None:
-    """Write ``k``, ``v`` ``(T, num_kv_heads, head_dim)`` at flat slots (block * block_size +
-    offset) of the caches; slot -1 skips the token. Boolean indexing syncs: eager path only."""
-    keep = slot_mapping >= 0
-    slots = slot_mapping[keep]
-    block_size = k_cache.shape[1]
-    blocks, offsets = slots // block_size, slots % block_size
-    k_cache[blocks, offsets] = k[keep].to(k_cache.dtype)
-    v_cache[blocks, offsets] = v[keep].to(v_cache.dtype)

@@ -6,21 +6,19 @@ tail. The price is a rule every such kernel keeps: it waits (``gdc_wait``) befor
 anything a kernel of the same stream wrote, so only loads of data that no kernel in flight
 writes (adapter weights, host-filled step buffers) may come first. Completion stays transitive:
 a kernel completes only after its own wait, so once a kernel's wait returns every earlier kernel
-has completed. ``HOTMERGE_PDL=0`` launches everything plainly (for comparisons).
+has completed. ``HOTMERGE_PDL=0`` launches everything plainly (for comparisons; read in
+``hotmerge_kernels.backend``).
 """
 
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-# Read once at import: this sits on every launch's path.
-USE_PDL = os.environ.get("HOTMERGE_PDL", "1") != "0"
-_INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+from hotmerge_kernels.backend import INTERPRETING, PDL_ENABLED
 
 
 @functools.cache
@@ -28,8 +26,8 @@ def launch_options(device: torch.device) -> dict:
     """The ``PDL`` constexpr (and, where it is on, the ``launch_pdl`` option) for a launch on
     ``device``: on for CUDA devices of compute capability 9 or more."""
     on = (
-        USE_PDL
-        and not _INTERPRETING
+        PDL_ENABLED
+        and not INTERPRETING
         and device.type == "cuda"
         and torch.cuda.get_device_capability(device)[0] >= 9
     )

@@ -21,18 +21,18 @@ depends on shapes only (tiles past a sequence's length exit at once) and nothing
 host, so a prefill forward can be captured in a CUDA graph. Query heads of one GQA group are
 neighbouring programs: their shared K/V tiles come from L2 after the first read.
 
-``paged_prefill_attention_torch`` is the torch twin (the engine's CPU path): one SDPA per
+``reference.paged_prefill_attention`` is the torch twin (the engine's CPU path): one SDPA per
 sequence over its gathered prefix.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from hotmerge_kernels.ops.paged_attention import LOG2E, _dot, check_cache
+from hotmerge_kernels.ops.paged_attention import LOG2E, _dot
+from hotmerge_kernels.ops.reference import check_prefill_attention
 
 BLOCK_M = 64  # queries per program
 NUM_WARPS = 4
@@ -107,17 +107,6 @@ def _prefill_kernel(
         )
 
 
-def _check(q, k_cache, v_cache, block_tables, query_start, query_lens, query_pos) -> None:
-    """Shape and dtype contract (host metadata only: no sync)."""
-    check_cache(q, k_cache, v_cache)
-    per_seq = (block_tables, query_start, query_lens, query_pos)
-    if any(t.dtype != torch.int32 for t in per_seq):
-        raise ValueError("block_tables, query_start, query_lens and query_pos must be int32")
-    seqs = block_tables.shape[0]
-    if any(t.shape != (seqs,) for t in per_seq[1:]):
-        raise ValueError("query_start / query_lens / query_pos must be (S,) like block_tables")
-
-
 def paged_prefill_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -133,7 +122,7 @@ def paged_prefill_attention(
     block_n: int | None = None,
 ) -> torch.Tensor:
     """The Triton path (see the module docstring); ``out`` defaults to a new tensor."""
-    _check(q, k_cache, v_cache, block_tables, query_start, query_lens, query_pos)
+    check_prefill_attention(q, k_cache, v_cache, block_tables, query_start, query_lens, query_pos)
     tokens, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     if out is None:
@@ -160,49 +149,4 @@ def paged_prefill_attention(
         PRECISION=precision, UPCAST=q.device.type != "cuda",
         num_warps=NUM_WARPS, num_stages=NUM_STAGES,
     )  # fmt: skip
-    return out
-
-
-def paged_prefill_attention_torch(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    block_tables: torch.Tensor,
-    query_start: torch.Tensor,
-    query_lens: torch.Tensor,
-    query_pos: torch.Tensor,
-    scale: float,
-    sliding_window: int = 0,
-    out: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Torch twin: per sequence, the keys its queries see gathered from the cache (from the
-    first query's window on), one masked SDPA in q's dtype (as transformers computes it)."""
-    _check(q, k_cache, v_cache, block_tables, query_start, query_lens, query_pos)
-    _, num_heads, head_dim = q.shape
-    _, block_size, num_kv_heads, _ = k_cache.shape
-    group = num_heads // num_kv_heads
-    if out is None:
-        out = torch.empty_like(q)
-    per_seq = zip(query_start.tolist(), query_lens.tolist(), query_pos.tolist(), strict=True)
-    for s, (first, length, start) in enumerate(per_seq):  # .tolist(): the eager path syncs
-        if length == 0:
-            continue
-        total = start + length
-        first_key = max(start - sliding_window + 1, 0) if sliding_window > 0 else 0
-        k_pos = torch.arange(first_key, total, device=q.device)
-        blocks = block_tables[s].long()[k_pos // block_size]
-        keys = k_cache[blocks, k_pos % block_size].repeat_interleave(group, dim=1)
-        values = v_cache[blocks, k_pos % block_size].repeat_interleave(group, dim=1)
-        q_pos = torch.arange(start, total, device=q.device)[:, None]
-        mask = k_pos[None, :] <= q_pos
-        if sliding_window > 0:
-            mask &= k_pos[None, :] > q_pos - sliding_window
-        o = F.scaled_dot_product_attention(
-            q[first : first + length].transpose(0, 1),  # (H, L, D)
-            keys.transpose(0, 1),
-            values.transpose(0, 1),
-            attn_mask=mask,
-            scale=scale,
-        )
-        out[first : first + length] = o.transpose(0, 1)
     return out

@@ -1,2 +1,4 @@
 """The fronts: gRPC (``grpc_service``, ``grpc_wire``), LoRAX REST and OpenAI over HTTP
-(``http_app``, translated by ``lorax`` and ``openai``); all of them call ``core``."""
+(``http_app`` assembling ``routes_lorax``, ``routes_openai``, ``routes_admin`` on
+``http_common``; translated by ``lorax`` and ``openai``); all of them call ``core``, which
+checks every request with the rule book (``hotmerge.request_rules``)."""

@@ -1,16 +1,20 @@
 """The one request path every front calls: gRPC, LoRAX REST and OpenAI translate their wire
 format into these calls and the results back, and nothing else.
 
-``sampling_params`` is the one place sampling parameters are defaulted and checked (with the
-engine's ``validate_params``); ``RequestPath.submit`` resolves the adapter (an adapter id, a
-named merge, or an inline merge spec through the Merger), hands the request to
+``sampling_params`` applies the defaults (it checks nothing); ``RequestPath.submit`` checks the
+request once with the rule book (``request_rules.validate``: parameters, adapter choice, the
+prompt and its tokens), then is the one place a request's adapter is resolved: an adapter id
+(from the adapter store), a named merge, or an inline merge spec (through the Merger, under
+``request_rules.check_merge_spec`` like ``Merge``), each into a pinned ``AdapterLease`` (extend
+here for new kinds of adapter); it hands the tokenized request and its lease to
 ``Engine.submit`` with its deadline, and returns the handle (iterate it, ``wait()``, or
-``cancel()`` it when the caller goes away). What needs the tokenizer or the adapter store is
-checked by the engine, which raises the same error types.
+``cancel()`` it when the caller goes away). The fronts list and load adapters through
+``RequestPath.ready_store``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import math
@@ -20,19 +24,19 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from hotmerge.engine import AdapterLease, Engine, GenerationHandle, validate_params
-from hotmerge.errors import InvalidArgument, Unavailable
+from hotmerge import request_rules as rules
+from hotmerge.adapters.store import AdapterStore
+from hotmerge.engine import AdapterLease, Engine, GenerationHandle
+from hotmerge.errors import Unavailable
 from hotmerge.generation import GenerationRequest, GenerationResult, SamplingParams
 from hotmerge.merging.merger import MergeOutcome, Merger
 from hotmerge.merging.named import NamedMerge, NamedMerges
 from hotmerge.merging.spec import MergeSpec, parse_merge_spec
 from hotmerge.metrics import Metrics
+from hotmerge.request_rules import RequestLimits, Wire
 from hotmerge.v1 import hotmerge_pb2 as pb
 
 log = logging.getLogger(__name__)
-
-MAX_STOP_SEQUENCES = 16
-MAX_STOP_CHARS = 512  # per stop sequence
 
 
 def new_request_id() -> str:
@@ -62,30 +66,15 @@ def sampling_params(
     details: bool = False,
     prompt_logprobs: bool = False,
 ) -> SamplingParams:
-    """Defaults applied and checked; None means unset. Raises InvalidArgument.
+    """Defaults applied; None means unset. The rule book checks the result at submit.
 
     As in LoRAX, a sampling knob implies sampling: a temperature other than 1, top_p < 1 or
     top_k > 0 turn do_sample on (a temperature of 0 is greedy).
     """
-    if max_new_tokens is not None and max_new_tokens < 1:
-        raise InvalidArgument(
-            f"parameters.max_new_tokens must be >= 1, got {max_new_tokens} (leave it unset for "
-            f"the server default of {default_max_new_tokens})"
-        )
-    if len(stop) > MAX_STOP_SEQUENCES:
-        raise InvalidArgument(
-            f"parameters.stop has {len(stop)} sequences; give at most {MAX_STOP_SEQUENCES}"
-        )
-    if any(len(s) > MAX_STOP_CHARS for s in stop):
-        raise InvalidArgument(
-            f"parameters.stop: a stop sequence is longer than {MAX_STOP_CHARS} characters"
-        )
-    if seed is not None and not 0 <= seed < 2**64:
-        raise InvalidArgument(f"parameters.seed must be in [0, 2**64), got {seed}")
     temp = 1.0 if temperature is None else float(temperature)
     p = 1.0 if top_p is None else float(top_p)
     k = top_k or 0
-    params = SamplingParams(
+    return SamplingParams(
         max_new_tokens=default_max_new_tokens if max_new_tokens is None else max_new_tokens,
         temperature=temp,
         top_p=p,
@@ -97,8 +86,6 @@ def sampling_params(
         details=details,
         prompt_logprobs=prompt_logprobs,
     )
-    validate_params(params)  # the engine's rules, so the messages are the same everywhere
-    return params
 
 
 def generation_request(
@@ -108,15 +95,8 @@ def generation_request(
     input_ids: Sequence[int] | None = None,
     adapter_id: str | None = None,
 ) -> GenerationRequest:
-    """The engine's request; exactly one of ``inputs`` and ``input_ids`` (non-empty)."""
-    if inputs and input_ids:
-        raise InvalidArgument("give inputs (text) or input_ids (token ids), not both")
-    if not inputs and not input_ids:
-        raise InvalidArgument("inputs is empty: give the prompt text (or input_ids)")
-    if adapter_id is not None and not adapter_id:
-        raise InvalidArgument(
-            "adapter_id is empty: name an adapter, or leave adapter_id unset for the base model"
-        )
+    """The engine's request (empty ``inputs`` / ``input_ids`` count as unset); the rule book
+    checks it at submit."""
     return GenerationRequest(
         inputs=inputs or None,
         input_ids=tuple(input_ids) if input_ids else None,
@@ -131,11 +111,18 @@ def _parse_spec_cached(serialized: bytes, max_adapters: int) -> MergeSpec:
     return parse_merge_spec(pb.MergedAdapters.FromString(serialized), max_adapters=max_adapters)
 
 
+def stored_adapter_lease(store: AdapterStore, adapter_id: str) -> AdapterLease:
+    """Adapter ``adapter_id`` loaded from the store and pinned until the lease is released;
+    raises NotFound, InvalidArgument or ResourceExhausted."""
+    loaded, load_ms = store.acquire(adapter_id)
+    return AdapterLease(loaded.weights, load_ms, lambda: store.release(adapter_id), name=adapter_id)
+
+
 @dataclass
 class Submission:
     """A request handed to the engine: iterate ``handle`` or ``handle.wait()``."""
 
-    request: GenerationRequest
+    request: GenerationRequest  # as the front built it (``inputs`` kept, for echo)
     handle: GenerationHandle
     merge: MergeOutcome | None  # set for an inline spec or a named merge
     adapter: str | None  # the adapter id or named merge it asked for (logs, model names)
@@ -156,17 +143,34 @@ class RequestPath:
         self.max_merge_adapters = max_merge_adapters
         self.metrics = metrics or Metrics()
         self.engine: Engine | None = None
+        self.store: AdapterStore | None = None
         self.merger: Merger | None = None
         self.named: NamedMerges | None = None
+        self.limits: RequestLimits | None = None
 
-    def attach(self, engine: Engine, merger: Merger, named: NamedMerges) -> None:
-        self.merger, self.named = merger, named
+    def attach(
+        self, engine: Engine, store: AdapterStore, merger: Merger, named: NamedMerges
+    ) -> None:
+        self.store, self.merger, self.named = store, merger, named
+        self.limits = RequestLimits(
+            max_input_tokens=engine.max_input_tokens,
+            max_total_tokens=engine.max_total_tokens,
+            kv_capacity_tokens=engine.kv_capacity_tokens,
+            vocab_size=engine.runner.vocab_size,
+            max_lora_rank=getattr(engine.runner.adapters, "max_rank", None),
+            default_max_new_tokens=self.default_max_new_tokens,
+        )
         self.engine = engine
 
     def ready_engine(self) -> Engine:
         if self.engine is None or self.merger is None or self.named is None:
             raise Unavailable("the model is still loading; retry when health reports SERVING")
         return self.engine
+
+    def ready_store(self) -> AdapterStore:
+        """The adapter store (to list, load or unload adapters); Unavailable while loading."""
+        self.ready_engine()
+        return self.store
 
     def params(self, **kwargs) -> SamplingParams:
         return sampling_params(default_max_new_tokens=self.default_max_new_tokens, **kwargs)
@@ -178,13 +182,16 @@ class RequestPath:
     def _acquire(
         self, spec: MergeSpec, name: str | None, deadline: float | None, cancelled
     ) -> tuple[AdapterLease, MergeOutcome]:
+        """The merged adapter, under the same rules for Merge and Generate."""
+        rules.check_merge_spec(spec, self.limits)
         lease, outcome = self.merger.acquire(spec, deadline=deadline, cancelled=cancelled)
         lease.name = name or outcome.merge_key
+        try:
+            rules.check_adapter_rank(outcome.rank, self.limits, f"merged adapter {lease.name}")
+        except BaseException:
+            lease.release()
+            raise
         return lease, outcome
-
-    def named_merge(self, name: str | None) -> NamedMerge | None:
-        self.ready_engine()
-        return self.named.get(name) if name else None
 
     def submit(
         self,
@@ -193,25 +200,30 @@ class RequestPath:
         merged_adapters: pb.MergedAdapters | None = None,
         deadline: float | None = None,
         cancelled: Callable[[], bool] | None = None,
+        wire: Wire = rules.GRPC,
     ) -> Submission:
-        """Resolve the adapter, submit to the engine (which checks the prompt and adapter).
+        """Check the request (the rule book, once), resolve the adapter, submit to the engine.
 
         ``request.adapter_id`` may name an adapter or a named merge; ``merged_adapters`` is an
         inline spec (not with an adapter_id). ``deadline`` is on the time.monotonic() clock;
-        it and ``cancelled`` (the client went away) bound the waits and the merge.
+        it and ``cancelled`` (the client went away) bound the waits and the merge. ``wire``
+        names the fields as the front's client spells them, in error messages.
         """
         arrived = time.perf_counter()  # total_ms counts merges and loads from here
         engine = self.ready_engine()
-        if merged_adapters is not None and request.adapter_id is not None:
-            raise InvalidArgument("give adapter_id or merged_adapters, not both")
+        merged = merged_adapters is not None
+        ids = rules.validate(request, self.limits, engine.runner.encode, wire=wire, merged=merged)
+        tokenized = dataclasses.replace(request, inputs=None, input_ids=tuple(ids))
         lease = outcome = None
         adapter = request.adapter_id
-        if merged_adapters is not None:
+        if merged:
             spec = self.parse_spec(merged_adapters)
             lease, outcome = self._acquire(spec, None, deadline, cancelled)
         elif (named := self.named.get(adapter or "")) is not None:
             lease, outcome = self._acquire(named.spec, named.name, deadline, cancelled)
-        handle = engine.submit(request, deadline=deadline, adapter=lease, arrived=arrived)
+        elif adapter is not None:
+            lease = stored_adapter_lease(self.store, adapter)
+        handle = engine.submit(tokenized, lease=lease, deadline=deadline, arrived=arrived)
         return Submission(request, handle, outcome, adapter)
 
     def merge(
@@ -224,12 +236,13 @@ class RequestPath:
         cancelled: Callable[[], bool] | None = None,
     ) -> tuple[MergeOutcome, NamedMerge | None]:
         """Merge a spec (warm the cache); with a name, also register it as a named merge, only
-        once the merge succeeded (an existing name only with ``replace``)."""
+        once the merge succeeded (an existing name only with ``replace``). The spec must be one
+        Generate would serve."""
         self.ready_engine()
         if name:
             self.named.check(name, replace=replace, message=merged_adapters)
         spec = self.parse_spec(merged_adapters)
-        lease, outcome = self.merger.acquire(spec, deadline=deadline, cancelled=cancelled)
+        lease, outcome = self._acquire(spec, name or None, deadline, cancelled)
         lease.release()
         named = self.named.register(name, merged_adapters, replace=replace) if name else None
         return outcome, named

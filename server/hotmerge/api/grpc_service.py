@@ -1,9 +1,9 @@
 """The gRPC servicer: protobuf messages in, the request path's calls, protobuf out.
 
 ``generation_request`` turns a GenerateRequest into the engine's GenerationRequest (proto3's
-unset values become None for ``api.core.sampling_params``, the one place parameters are checked);
-``RequestPath`` (``api/core.py``), which the HTTP fronts call too, resolves the adapter, named
-merge or merge spec and submits to the engine.
+unset values become None for ``api.core.sampling_params``, which applies the defaults);
+``RequestPath`` (``api/core.py``), which the HTTP fronts call too, checks it with the rule book
+(``request_rules``), resolves the adapter, named merge or merge spec and submits to the engine.
 
 Every RPC runs inside ``_rpc``, which turns a HotmergeError into its status code and message and
 any other exception into INTERNAL with only a request id for the client (the traceback goes to
@@ -24,27 +24,22 @@ from hotmerge_kernels.merge.params import Strategy
 
 from hotmerge import __version__
 from hotmerge.adapters.files import short
-from hotmerge.adapters.store import AdapterInfo
+from hotmerge.adapters.store import AdapterInfo, AdapterStore
 from hotmerge.api import core
 from hotmerge.api.core import RequestPath, Submission
 from hotmerge.engine import Engine
 from hotmerge.errors import Cancelled, DeadlineExceeded, HotmergeError, InvalidArgument
 from hotmerge.generation import FinishReason, GenerationRequest, GenerationResult, TokenEvent
+from hotmerge.headers import MERGE_CACHE_KEY_HEADER, MERGE_KEY_HEADER, REQUEST_ID_HEADER
 from hotmerge.merging.cache import MergeEntry
 from hotmerge.merging.merger import MergeOutcome, Merger
 from hotmerge.merging.named import NamedMerge, NamedMerges
-from hotmerge.merging.spec import MergeSpec
 from hotmerge.metrics import Metrics
 from hotmerge.v1 import hotmerge_pb2 as pb
 from hotmerge.v1 import hotmerge_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
-REQUEST_ID_HEADER = "x-request-id"
-# Response metadata of a merge-spec request: the affinity key (the same a client sends as
-# x-merge-key request metadata for a balancer to hash on) and the merge cache's key.
-MERGE_KEY_HEADER = "x-merge-key"
-MERGE_CACHE_KEY_HEADER = "x-merge-cache-key"
 # gRPC reports "no deadline" as a deadline far in the future.
 _NO_DEADLINE_S = 1e7
 
@@ -66,7 +61,7 @@ def _wire_float(x: float) -> float:
 def generation_request(
     msg: pb.GenerateRequest, *, default_max_new_tokens: int
 ) -> GenerationRequest:
-    """Check ``msg`` and build the engine's request; raises InvalidArgument.
+    """The engine's request for ``msg``; the request path checks it (``request_rules``).
 
     Unset fields take their defaults (``api.core.sampling_params``). A merge spec
     (``merged_adapters``) is not part of the result: the request path resolves it.
@@ -104,11 +99,6 @@ def _send_merge_keys(context: grpc.ServicerContext, outcome: MergeOutcome | None
     context.send_initial_metadata(
         ((MERGE_KEY_HEADER, outcome.affinity_key), (MERGE_CACHE_KEY_HEADER, outcome.merge_key))
     )
-
-
-def parse_spec_cached(serialized: bytes, max_adapters: int) -> MergeSpec:
-    """``parse_merge_spec`` memoised on the message's bytes (the request path's cache)."""
-    return core._parse_spec_cached(serialized, max_adapters)
 
 
 # -- generation types -> proto ------------------------------------------------------------------
@@ -273,8 +263,10 @@ class HotmergeService(pb_grpc.HotmergeServicer):
     def merger(self) -> Merger | None:
         return self.path.merger
 
-    def attach(self, engine: Engine, merger: Merger, named: NamedMerges) -> None:
-        self.path.attach(engine, merger, named)
+    def attach(
+        self, engine: Engine, store: AdapterStore, merger: Merger, named: NamedMerges
+    ) -> None:
+        self.path.attach(engine, store, merger, named)
 
     def _rpc(self, context: grpc.ServicerContext, method: str, request_id: str):
         return _rpc(context, method, request_id, self.metrics)
@@ -353,7 +345,7 @@ class HotmergeService(pb_grpc.HotmergeServicer):
     def Info(self, request, context):
         with self._rpc(context, "Info", _request_id(context)):
             engine = self.path.ready_engine()
-            runner, store = engine.runner, engine.store
+            runner, store = engine.runner, self.path.ready_store()
             hub = "hub ids allowed" if store.allow_hub else "local only"
             return pb.InfoResponse(
                 model_id=runner.model_id,
@@ -371,7 +363,7 @@ class HotmergeService(pb_grpc.HotmergeServicer):
 
     def ListAdapters(self, request, context):
         with self._rpc(context, "ListAdapters", _request_id(context)):
-            adapters = [adapter_message(a) for a in self.path.ready_engine().store.list()]
+            adapters = [adapter_message(a) for a in self.path.ready_store().list()]
             adapters += [named_merge_message(m) for m in self.path.named.list()]
             return pb.ListAdaptersResponse(adapters=adapters)
 
@@ -391,7 +383,7 @@ class HotmergeService(pb_grpc.HotmergeServicer):
         with self._rpc(context, "LoadAdapter", request_id):
             if not request.adapter_id:
                 raise InvalidArgument("adapter_id is empty: name the adapter to load")
-            info, load_ms = self.path.ready_engine().store.load(
+            info, load_ms = self.path.ready_store().load(
                 request.adapter_id, deadline=_deadline(context)
             )
             log.info("request %s LoadAdapter %s: %.1f ms", request_id, short(info.id), load_ms)
@@ -402,7 +394,7 @@ class HotmergeService(pb_grpc.HotmergeServicer):
         with self._rpc(context, "UnloadAdapter", request_id):
             if not request.adapter_id:
                 raise InvalidArgument("adapter_id is empty: name the adapter to unload")
-            unloaded = self.path.ready_engine().store.unload(request.adapter_id)
+            unloaded = self.path.ready_store().unload(request.adapter_id)
             adapter = short(request.adapter_id)
             log.info("request %s UnloadAdapter %s: %s", request_id, adapter, unloaded)
             return pb.UnloadAdapterResponse(unloaded=unloaded)

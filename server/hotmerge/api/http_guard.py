@@ -29,10 +29,9 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from hotmerge.api import lorax, openai
 from hotmerge.api.auth import MISSING, OPEN_HTTP_PATHS, key_matches
 from hotmerge.errors import InvalidArgument
+from hotmerge.headers import TIMEOUT_HEADER
 
 _BODY_METHODS = frozenset(("POST", "PUT", "PATCH"))
-# Seconds the client gives its request (generation and merges); past it: 504.
-TIMEOUT_HEADER = "x-request-timeout"
 MAX_TIMEOUT_S = 3600.0
 
 

@@ -18,6 +18,7 @@ from hotmerge.api.core import RequestPath, Submission, finite_or_none, generatio
 from hotmerge.errors import InvalidArgument
 from hotmerge.generation import FinishReason, GenerationRequest, GenerationResult, TokenEvent
 from hotmerge.merging.spec import merged_adapters_from_dict
+from hotmerge.request_rules import Wire
 from hotmerge.v1 import hotmerge_pb2 as pb
 
 FINISH_REASONS = {
@@ -25,6 +26,13 @@ FINISH_REASONS = {
     FinishReason.EOS: "eos_token",
     FinishReason.STOP_SEQUENCE: "stop_sequence",
 }
+
+
+# LoRAX's field names, for the rule book's messages; LoRAX generates at least one token.
+WIRE = Wire(
+    {"adapter_id": "parameters.adapter_id", "prompt_logprobs": "parameters.decoder_input_details"},
+    scores_prompt=False,
+)
 
 
 class Parameters(BaseModel):

@@ -4,10 +4,11 @@ the request path.
 ``model`` names the base model, an adapter id or a named merge; a ``merged_adapters`` object in
 the body (the openai client's ``extra_body``) merges inline. Completions take ``prompt`` as text
 or token ids (one prompt or a batch: each runs as its own request, batched by the engine) and
-support ``echo`` with ``logprobs`` and ``max_tokens: 0`` (prompt-token logprobs), which is what
-lm-eval-harness's loglikelihood requests send. ``top_logprobs`` holds only the chosen token
-(alternatives are not computed). As in OpenAI, ``temperature`` defaults to 1 (sampling); 0 is
-greedy. Errors are ``{"error": {"message", "type", "param", "code"}}``.
+support ``echo`` with ``logprobs`` and ``max_tokens: 0`` (prompt-token logprobs, scored without
+generating a token), which is what lm-eval-harness's loglikelihood requests send.
+``top_logprobs`` holds only the chosen token (alternatives are not computed). As in OpenAI,
+``temperature`` defaults to 1 (sampling); 0 is greedy. Errors are
+``{"error": {"message", "type", "param", "code"}}``.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from hotmerge.api.core import RequestPath, Submission, finite_or_none, generatio
 from hotmerge.errors import InvalidArgument
 from hotmerge.generation import FinishReason, GenerationRequest, GenerationResult, TokenEvent
 from hotmerge.merging.spec import merged_adapters_from_dict
+from hotmerge.request_rules import Wire
 from hotmerge.v1 import hotmerge_pb2 as pb
 
 FINISH_REASONS = {
@@ -28,6 +30,17 @@ FINISH_REASONS = {
     FinishReason.EOS: "stop",
     FinishReason.STOP_SEQUENCE: "stop",
 }
+
+
+# OpenAI's field names, for the rule book's messages. Completions score a prompt with
+# max_tokens 0 and echo; chat always generates.
+_NAMES = {
+    name: name for name in ("temperature", "top_p", "top_k", "seed", "repetition_penalty", "stop")
+} | {"max_new_tokens": "max_tokens", "adapter_id": "model"}
+COMPLETIONS_WIRE = Wire(
+    _NAMES | {"inputs": "prompt", "input_ids": "prompt", "prompt_logprobs": "echo"}
+)
+CHAT_WIRE = Wire(_NAMES | {"inputs": "messages", "input_ids": "messages"}, scores_prompt=False)
 
 
 class _Common(BaseModel):
@@ -153,18 +166,13 @@ def _adapter(body: _Common, base_names: set[str]) -> tuple[str | None, pb.Merged
 def completion_requests(
     body: CompletionRequest, path: RequestPath, base_names: set[str]
 ) -> tuple[list[GenerationRequest], pb.MergedAdapters | None]:
-    """One engine request per prompt. ``max_tokens: 0`` generates one token that the response
-    drops (the engine always generates at least one)."""
+    """One engine request per prompt. ``max_tokens: 0`` with ``echo`` scores the prompt only:
+    no token is generated (the rule book refuses 0 without echo)."""
     _check(body)
-    if body.max_tokens is not None and body.max_tokens < 0:
-        raise InvalidArgument(f"max_tokens must be >= 0, got {body.max_tokens}")
     if body.logprobs is not None and not 0 <= body.logprobs <= 5:
         raise InvalidArgument(f"logprobs must be in [0, 5], got {body.logprobs}")
-    if body.max_tokens == 0 and not body.echo:
-        raise InvalidArgument("max_tokens is 0: give echo=true (prompt logprobs) or max_tokens > 0")
-    max_tokens = body.max_tokens or (None if body.max_tokens is None else 1)
-    want_prompt = body.echo and body.logprobs is not None
-    params = _params(body, path, max_tokens=max_tokens, details=True, prompt_lp=want_prompt)
+    want_prompt = body.echo and (body.logprobs is not None or body.max_tokens == 0)
+    params = _params(body, path, max_tokens=body.max_tokens, details=True, prompt_lp=want_prompt)
     adapter, merged = _adapter(body, base_names)
     requests = []
     for p in prompts(body):
@@ -230,8 +238,7 @@ def completion_choice(
     index: int, sub: Submission, result: GenerationResult, body: CompletionRequest, tokenizer
 ) -> tuple[dict[str, Any], int]:
     """(the choice, completion tokens counted)."""
-    generated = result.tokens if body.max_tokens != 0 else []
-    text = result.generated_text if body.max_tokens != 0 else ""
+    generated, text = result.tokens, result.generated_text
     prompt_text = ""
     if body.echo:
         req = sub.request
@@ -240,12 +247,11 @@ def completion_choice(
     if body.logprobs is not None:
         events = (result.prompt if body.echo else []) + list(generated)
         logprobs = _logprobs(events, 0)
-    finish = FINISH_REASONS[result.finish_reason] if generated else "length"
     choice = {
         "index": index,
         "text": prompt_text + text,
         "logprobs": logprobs,
-        "finish_reason": finish,
+        "finish_reason": FINISH_REASONS[result.finish_reason],  # "length" for max_tokens 0
     }
     return choice, len(generated)
 

@@ -7,18 +7,16 @@ and a batch only says which slot each token uses (-1: none).
 Changing adapters or rows then changes numbers in a fixed buffer, never a captured graph.
 Fused groups: q/k/v (3 slices of one output), gate/up (2), o and down (1 each).
 
-A named or merged adapter (a FlatAdapter) is copied into a free slot when a request first
-needs it and stays there, reference counted, until the slot is wanted for another adapter
-(least recently used unreferenced slot first). Ranks up to ``max_rank`` fit; a slot's columns
-past its rank are zeros, and each group records the rank each slot really uses there (0 when
-the adapter has no module in the group) so the kernels read nothing more.
+A named or merged adapter (a FlatAdapter) is copied into a slot when the scheduler's slot
+table (``engine/slots.py``) says so: when a request first needs it, into the least recently
+used unreferenced slot. Ranks up to ``max_rank`` fit; a slot's columns past its rank are
+zeros, and each group records the rank each slot really uses there (0 when the adapter has no
+module in the group) so the kernels read nothing more.
 """
 
 from __future__ import annotations
 
 import logging
-import weakref
-from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -31,79 +29,15 @@ from hotmerge_kernels.ops.lora import (
     lora_workspace,
 )
 
+from hotmerge import request_rules as rules
 from hotmerge.engine import ops
 
 log = logging.getLogger(__name__)
 
 
-class SlotTable:
-    """Which adapter sits in which slot, with reference counts; pure bookkeeping."""
-
-    def __init__(self, num_slots: int) -> None:
-        self.num_slots = num_slots
-        # Weak references: an idle slot keeps its copy on the device for a later request, but
-        # never keeps an unloaded or evicted adapter's own memory alive.
-        self._adapter: list[weakref.ref | None] = [None] * num_slots
-        self._refs = [0] * num_slots
-        self._slot_of: dict[int, int] = {}  # id(adapter) -> slot (the slot holds the adapter)
-        self._idle: OrderedDict[int, None] = OrderedDict((s, None) for s in range(num_slots))
-
-    def adapter_in(self, slot: int) -> FlatAdapter | None:
-        ref = self._adapter[slot] if slot >= 0 else None
-        return None if ref is None else ref()
-
-    def _lookup(self, adapter: FlatAdapter) -> int | None:
-        """The slot holding this very adapter (an id of a dead one may have been reused)."""
-        slot = self._slot_of.get(id(adapter))
-        if slot is not None and self.adapter_in(slot) is not adapter:
-            del self._slot_of[id(adapter)]  # stale: that slot now holds another (or nothing)
-            return None
-        return slot
-
-    def check(self, adapter: FlatAdapter) -> str | None:
-        """Why ``adapter`` cannot go into a slot (None: it can)."""
-        return None
-
-    def can_take(self, adapter: FlatAdapter) -> bool:
-        return self._lookup(adapter) is not None or bool(self._idle)
-
-    def take(self, adapter: FlatAdapter) -> tuple[int, bool]:
-        """(slot, whether it must be written); raises LookupError when every slot is in use."""
-        slot = self._lookup(adapter)
-        fresh = slot is None
-        if fresh:
-            if not self._idle:
-                raise LookupError("every adapter slot is in use")
-            slot, _ = self._idle.popitem(last=False)  # least recently used idle slot
-            old = self.adapter_in(slot)
-            if old is not None:
-                del self._slot_of[id(old)]
-            self._adapter[slot] = weakref.ref(adapter)
-            self._slot_of[id(adapter)] = slot
-        elif self._refs[slot] == 0:
-            del self._idle[slot]
-        self._refs[slot] += 1
-        return slot, fresh
-
-    def release(self, slot: int) -> None:
-        self._refs[slot] -= 1
-        if self._refs[slot] == 0:
-            self._idle[slot] = None
-
-    def forget(self, slot: int) -> None:
-        """The slot's contents are invalid (a failed write): never reuse them."""
-        adapter = self.adapter_in(slot)
-        if adapter is not None:
-            del self._slot_of[id(adapter)]
-        self._adapter[slot] = None
-
-    @property
-    def in_use(self) -> int:
-        return sum(1 for r in self._refs if r)
-
-
-class AdapterPool(SlotTable):
-    """Slots with device storage for our own forward."""
+class AdapterPool:
+    """The slots' device storage for our own forward; which adapter goes where is the
+    scheduler's (its slot table), and :meth:`write` carries it out."""
 
     def __init__(
         self,
@@ -116,7 +50,7 @@ class AdapterPool(SlotTable):
         dtype: torch.dtype,
         device: torch.device,
     ) -> None:
-        super().__init__(num_slots)
+        self.num_slots = num_slots
         self.max_rank = max_rank
         self.dtype = dtype
         self.module_paths = module_paths
@@ -145,12 +79,7 @@ class AdapterPool(SlotTable):
     def check(self, adapter: FlatAdapter) -> str | None:
         """Why ``adapter`` cannot go into a slot (None: it can)."""
         widest = max((s.shape[0] for s in adapter.segments if s.part == "A"), default=0)
-        if widest > self.max_rank:
-            return (
-                f"rank {widest} is more than the engine's max LoRA rank {self.max_rank} "
-                "(start the server with a larger --max-lora-rank)"
-            )
-        return None
+        return rules.rank_problem(widest, self.max_rank)
 
     @contextmanager
     def every_slot_full(self) -> Iterator[None]:
@@ -165,22 +94,13 @@ class AdapterPool(SlotTable):
             for g, r in self.ranks.items():
                 r.copy_(saved[g])
 
-    def take(self, adapter: FlatAdapter) -> tuple[int, bool]:
-        slot, fresh = super().take(adapter)
-        if fresh:
-            try:
-                self._write(slot, adapter)
-            except BaseException:
-                self.forget(slot)
-                self.release(slot)
-                raise
-        return slot, fresh
-
     @torch.inference_mode()
-    def _write(self, slot: int, adapter: FlatAdapter) -> None:
+    def write(self, slot: int, adapter: FlatAdapter) -> None:
         """Copy ``adapter`` into ``slot``: a few multi-tensor ops, not a few per module (this
         runs on the engine thread between steps, where each torch call costs host time)."""
         ranks = dict.fromkeys(self.a, 0)
+        if adapter.ready_event is not None:  # written on another stream (a merge's)
+            torch.cuda.current_stream(adapter.device).wait_event(adapter.ready_event)
         torch._foreach_zero_([t[:, slot] for t in (*self.a.values(), *self.b.values())])
         dst_a, src_a, dst_b, src_b = [], [], [], []
         for module in adapter.modules:
@@ -203,6 +123,8 @@ class AdapterPool(SlotTable):
                 torch._foreach_copy_(dst_b, [b.float() * adapter.scaling for b in src_b])
         for group, r in ranks.items():
             self.ranks[group][slot] = r
+        if adapter.buffer.is_cuda:  # its memory is not reused before these copies have run
+            adapter.buffer.record_stream(torch.cuda.current_stream(adapter.device))
 
 
 class LoraBatch:

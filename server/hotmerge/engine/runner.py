@@ -1,10 +1,11 @@
 """The runner: the model on the device, its KV cache and adapter pool, one call per phase.
 
-``load_runner`` loads the tokenizer and the transformers model, then runs Llama-family models
-(Llama, Mistral, Qwen2, Qwen3) through our own forward (:class:`LlamaRunner`: paged KV cache,
-prefill and decode replayed from CUDA graphs, per padded token count and batch size) and any other
-architecture through transformers, eagerly (:class:`~hotmerge.engine.models.hf_eager.EagerRunner`),
-behind the same interface. Only the scheduler's worker thread calls ``prefill``/``decode``.
+Llama-family models (Llama, Mistral, Qwen2, Qwen3) run through our own forward
+(:class:`LlamaRunner`: paged KV cache, prefill and decode replayed from CUDA graphs, per padded
+token count and batch size); any other architecture through transformers, eagerly
+(:class:`~hotmerge.engine.models.hf_eager.EagerRunner`), behind the same interface
+(:class:`ModelRunner`); ``loader.py`` picks one. Only the engine's worker thread calls
+``prefill``/``decode`` and writes adapters into slots.
 """
 
 from __future__ import annotations
@@ -14,10 +15,10 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
-from pathlib import Path
+from typing import Protocol
 
 import torch
+from hotmerge_kernels.layout import FlatAdapter
 
 from hotmerge.engine.batch import (
     DecodeBuffers,
@@ -26,64 +27,33 @@ from hotmerge.engine.batch import (
     PrefillChunk,
     padded_sizes,
 )
+from hotmerge.engine.config import FALLBACK_CONTEXT_TOKENS, EngineConfig
 from hotmerge.engine.kv_cache import allocate_kv, block_bytes, blocks_for
-from hotmerge.engine.lora import AdapterPool, LoraBatch, SlotTable
+from hotmerge.engine.lora import AdapterPool, LoraBatch
 from hotmerge.engine.models.llama import (
     AttentionBatch,
     LlamaModel,
     module_paths,
-    unsupported_reason,
 )
+from hotmerge.engine.quantized_base import log_quantized
 from hotmerge.engine.sampling import RowSampling, Sampler
-from hotmerge.errors import InvalidArgument, NotFound
+from hotmerge.errors import InvalidArgument
 
 log = logging.getLogger(__name__)
 
-_DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "half": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-}
 _SCORE_ROWS = 256  # prompt positions scored at once (bounds the (rows, vocab) logits)
 
 
-def resolve_device(device: str | None) -> torch.device:
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(device)
+class AdapterSlots(Protocol):
+    """The runner's adapter slots on the device; the scheduler decides what goes where."""
 
+    num_slots: int
 
-def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype is None or dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    try:
-        return _DTYPES[dtype.lower()]
-    except KeyError:
-        raise InvalidArgument(
-            f"dtype: unknown {dtype!r}; use one of float32, float16, bfloat16"
-        ) from None
+    def check(self, adapter: FlatAdapter) -> str | None:
+        """Why ``adapter`` cannot go into a slot (None: it can)."""
 
-
-@dataclass
-class EngineLimits:
-    """Sizes the runner is built for (from the server config)."""
-
-    max_batch_size: int = 8
-    max_total_tokens: int | None = None  # None: the model's max_position_embeddings
-    block_size: int = 16
-    kv_cache_fraction: float = 0.9  # of the device memory free after weights and budgets
-    kv_cache_tokens: int | None = None  # an exact capacity instead (tests, CPU)
-    reserved_bytes: int = 0  # device memory kept for adapters and merges (their budgets)
-    max_loras: int = 16  # adapter slots
-    max_lora_rank: int = 64
-    max_prefill_tokens: int = 2048  # prompt tokens one step may prefill
-    cuda_graphs: bool = True
+    def write(self, slot: int, adapter: FlatAdapter) -> None:
+        """Put ``adapter`` into ``slot`` (the next forward reading the slot uses it)."""
 
 
 class Tokenizer:
@@ -115,14 +85,14 @@ class ModelRunner:
     eos_token_ids: frozenset[int]
     pad_token_id: int
     max_position_embeddings: int | None
-    adapters: SlotTable
+    adapters: AdapterSlots
     num_blocks: int
     block_size: int
     kind: str  # "llama" (our forward) or "transformers" (eager fallback)
 
-    def __init__(self, model_id: str, hf_model, tok: Tokenizer, limits: EngineLimits) -> None:
+    def __init__(self, model_id: str, hf_model, tok: Tokenizer, config: EngineConfig) -> None:
         """What both kinds take from the loaded model and its tokenizer."""
-        config = hf_model.config
+        model_config = hf_model.config
         self.model_id = model_id
         self.device = next(hf_model.parameters()).device
         self.dtype = next(hf_model.parameters()).dtype
@@ -130,11 +100,13 @@ class ModelRunner:
         self.tokenizer = tok.tokenizer
         self.eos_token_ids = tok.eos_token_ids
         self.pad_token_id = tok.pad_token_id
-        self.max_position_embeddings = getattr(config, "max_position_embeddings", None)
-        self.vocab_size: int = config.vocab_size
-        self.limits = limits
-        self.max_total_tokens = limits.max_total_tokens or self.max_position_embeddings or 4096
-        self.sampler = Sampler(limits.max_batch_size, self.device)  # a step samples <= a batch
+        self.max_position_embeddings = getattr(model_config, "max_position_embeddings", None)
+        self.vocab_size: int = model_config.vocab_size
+        self.config = config
+        self.max_total_tokens = (
+            config.max_total_tokens or self.max_position_embeddings or FALLBACK_CONTEXT_TOKENS
+        )
+        self.sampler = Sampler(config.max_batch_size, self.device)  # a step samples <= a batch
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text)
@@ -164,84 +136,21 @@ class ModelRunner:
         """A sequence ended (the eager runner drops its cache; the paged one has nothing to do)."""
 
 
-def load_runner(
-    model_id_or_path: str,
-    *,
-    device: str | None = None,
-    dtype: str | None = None,
-    allow_hub: bool = False,
-    limits: EngineLimits | None = None,
-    eager: bool = False,
-) -> ModelRunner:
-    """Load tokenizer and model; our forward for Llama-family models, transformers otherwise
-    (or when ``eager``)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    limits = limits or EngineLimits()
-    model_id = str(model_id_or_path)
-    dev = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, dev)
-    local = Path(model_id).is_dir()
-    if not local and not allow_hub:
-        raise NotFound(
-            f"model {model_id!r}: no such directory (hub downloads are off; "
-            "enable them to fetch from the Hugging Face Hub)"
-        )
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model_id, local_files_only=local)
-    except (OSError, ValueError, TypeError, KeyError) as exc:  # transformers' many ways
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InvalidArgument(
-            f"model {model_id!r}: no usable tokenizer ({reason[:200]}); save the "
-            "tokenizer with the model (tokenizer.json, tokenizer_config.json)"
-        ) from None
-    model = AutoModelForCausalLM.from_pretrained(
-        model_id, dtype=torch_dtype, local_files_only=local
-    )
-    return build_runner(model_id, model.to(dev), tokenizer, limits, eager=eager)
-
-
-def build_runner(
-    model_id: str, model, tokenizer, limits: EngineLimits, *, eager: bool = False
-) -> ModelRunner:
-    """A runner over an already loaded transformers model (on its device and dtype)."""
-    model = model.eval().requires_grad_(False)
-    tok = Tokenizer(tokenizer, _eos_ids(model, tokenizer))
-    reason = "the eager path was asked for" if eager else unsupported_reason(model)
-    if reason is None:
-        return LlamaRunner(model_id, model, tok, limits)
-    from hotmerge.engine.models.hf_eager import EagerRunner
-
-    log.warning("model %s runs through transformers, eagerly: %s", model_id, reason)
-    return EagerRunner(model_id, model, tok, limits)
-
-
-def _eos_ids(model, tokenizer) -> set[int]:
-    ids: set[int] = set()
-    gen_config = getattr(model, "generation_config", None)
-    for source in (getattr(gen_config, "eos_token_id", None), tokenizer.eos_token_id):
-        if isinstance(source, int):
-            ids.add(source)
-        elif source is not None:
-            ids.update(source)
-    return ids
-
-
 def kv_capacity_blocks(
-    limits: EngineLimits, device: torch.device, per_block: int, max_total: int
+    config: EngineConfig, device: torch.device, per_block: int, max_total: int
 ) -> int:
     """How many KV blocks to allocate (the null block included)."""
-    if limits.kv_cache_tokens is not None:
-        return blocks_for(limits.kv_cache_tokens, limits.block_size) + 1
+    if config.kv_cache_tokens is not None:
+        return blocks_for(config.kv_cache_tokens, config.block_size) + 1
     if device.type != "cuda":  # room for a full batch of the longest requests
-        return blocks_for(limits.max_batch_size * max_total, limits.block_size) + 1
+        return blocks_for(config.max_batch_size * max_total, config.block_size) + 1
     free, _ = torch.cuda.mem_get_info(device)
     headroom = 2 * 1024**3  # activations, logits, graph pools
-    usable = (free - limits.reserved_bytes - headroom) * limits.kv_cache_fraction
+    usable = (free - config.reserved_bytes - headroom) * config.kv_cache_fraction
     blocks = int(usable // per_block)
-    if blocks < blocks_for(max_total, limits.block_size) + 1:
+    if blocks < blocks_for(max_total, config.block_size) + 1:
         raise InvalidArgument(
-            f"the KV cache fits {max(blocks, 0)} blocks of {limits.block_size} tokens, less than "
+            f"the KV cache fits {max(blocks, 0)} blocks of {config.block_size} tokens, less than "
             f"one request of max_total_tokens={max_total}: free device memory, lower the "
             "adapter/merge budgets or max_total_tokens, or raise --kv-cache-fraction"
         )
@@ -251,14 +160,17 @@ def kv_capacity_blocks(
 class LlamaRunner(ModelRunner):
     kind = "llama"
 
-    def __init__(self, model_id: str, hf_model, tok: Tokenizer, limits: EngineLimits) -> None:
-        super().__init__(model_id, hf_model, tok, limits)
-        config = hf_model.config
+    def __init__(self, model_id: str, hf_model, tok: Tokenizer, config: EngineConfig) -> None:
+        super().__init__(model_id, hf_model, tok, config)
+        model_config = hf_model.config
         self._paths = module_paths(hf_model)
         self._shapes = {}
         lora_shapes = None
         with torch.inference_mode():
-            self.model = LlamaModel(hf_model)
+            try:
+                self.model = LlamaModel(hf_model, config.quantize)
+            except ValueError as exc:  # a format's shape rule (e.g. int4: K % 128)
+                raise InvalidArgument(f"quantize: {exc}") from None
             lora_shapes = self.model.lora_shapes
         for path, (group, name, _) in self._paths.items():
             self._shapes[path] = lora_shapes[group][name]
@@ -270,16 +182,16 @@ class LlamaRunner(ModelRunner):
             lora_shapes,
             self._paths,
             num_layers=num_layers,
-            num_slots=limits.max_loras,
-            max_rank=limits.max_lora_rank,
+            num_slots=config.max_loras,
+            max_rank=config.max_lora_rank,
             dtype=self.dtype,
             device=self.device,
         )
-        self.block_size = limits.block_size
+        self.block_size = config.block_size
         per_block = block_bytes(
             num_layers, self.block_size, self.model.num_kv_heads, self.model.head_dim, self.dtype
         )
-        self.num_blocks = kv_capacity_blocks(limits, self.device, per_block, self.max_total_tokens)
+        self.num_blocks = kv_capacity_blocks(config, self.device, per_block, self.max_total_tokens)
         self.kv = allocate_kv(
             num_layers,
             self.num_blocks,
@@ -290,14 +202,14 @@ class LlamaRunner(ModelRunner):
             self.device,
         )
         self.max_blocks = blocks_for(self.max_total_tokens, self.block_size)
-        self.buffers = DecodeBuffers(limits.max_batch_size, self.max_blocks, self.device)
-        self.sizes = padded_sizes(limits.max_batch_size)
+        self.buffers = DecodeBuffers(config.max_batch_size, self.max_blocks, self.device)
+        self.sizes = padded_sizes(config.max_batch_size)
         # (padded batch size, whether any row has an adapter) -> (graph, its logits output)
         self._graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         # A prefill never holds more tokens than all its sequences can.
-        max_prefill = min(limits.max_prefill_tokens, limits.max_batch_size * self.max_total_tokens)
+        max_prefill = min(config.max_prefill_tokens, config.max_batch_size * self.max_total_tokens)
         self.prefill_buffers = PrefillBuffers(
-            max_prefill, limits.max_batch_size, self.max_blocks, self.device
+            max_prefill, config.max_batch_size, self.max_blocks, self.device
         )
         self.prefill_sizes = padded_sizes(max_prefill, smallest=min(16, max_prefill))
         # (padded token count, whether any token has an adapter) -> (graph, (hidden, logits))
@@ -307,8 +219,8 @@ class LlamaRunner(ModelRunner):
             from hotmerge_kernels.ops.paged_attention import PagedAttention
 
             self.attention = PagedAttention(
-                limits.max_batch_size,
-                config.num_attention_heads,
+                config.max_batch_size,
+                model_config.num_attention_heads,
                 self.model.head_dim,
                 self.max_blocks,
                 self.block_size,
@@ -321,12 +233,14 @@ class LlamaRunner(ModelRunner):
             self.block_size,
             (self.num_blocks - 1) * self.block_size,
             self.num_blocks * per_block / 2**30,
-            limits.max_loras,
-            limits.max_lora_rank,
+            config.max_loras,
+            config.max_lora_rank,
             self.adapters.nbytes / 2**30,
         )
+        if config.quantize is not None:
+            log_quantized(self.model, config, per_block, self.device)
         if self.device.type == "cuda":
-            self._warm_up(capture=limits.cuda_graphs)
+            self._warm_up(capture=config.cuda_graphs)
 
     def module_shapes(self) -> dict[str, tuple[int, int]]:
         return dict(self._shapes)

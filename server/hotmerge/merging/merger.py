@@ -14,12 +14,24 @@ the request's deadline and the stores' server maximum; inputs that together exce
 budget fail at once (no retry can help); a running merge stops between chunks when the request's
 deadline passes, its client goes away or the server stops (``stop``); a merged adapter that is
 not finite (weights too large for the dtype) is refused.
+
+Off the engine's path: on CUDA, merges run on a stream of their own at CUDA's lowest priority
+(kernels of a higher-priority stream, the engine's, are scheduled first) and never queue behind
+a decode step (inputs are complete when loaded, or carry a ``ready_event``). Between the
+chunks of a ΔW-space merge (hundreds of milliseconds of work; the polls after each module
+group's factorisation) the merge thread waits for its stream, with the GIL released, and
+yields the GIL: at most one chunk of merge work is queued ahead of decode, the engine thread
+never waits on the merge's host code for long, and a cancelled merge stops within a chunk. The
+merged adapter carries a ``ready_event`` recorded after its last write; the adapter pool's
+slot write waits on it on the engine's stream.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -44,6 +56,8 @@ from hotmerge.merging.spec import MergeSpec, affinity_key, is_identity, merge_ke
 from hotmerge.metrics import Metrics
 
 log = logging.getLogger(__name__)
+
+YIELD_EVERY_S = 0.002  # a ΔW-space merge hands the GIL over at most this often
 
 
 @dataclass(frozen=True)
@@ -81,6 +95,8 @@ class Merger:
         self.max_rank = max_rank
         self.check_adapter = check_adapter
         self._stopping = threading.Event()
+        self._streams: dict[torch.device, torch.cuda.Stream] = {}
+        self._streams_lock = threading.Lock()
 
     def stop(self) -> None:
         """Stop running merges at their next chunk (shutdown); new merges fail UNAVAILABLE."""
@@ -103,7 +119,6 @@ class Merger:
         if self._stopping.is_set():
             raise Unavailable("the server is shutting down; retry on another replica")
         self._check_inputs_fit(spec)
-        self._check_svd_rank(spec)
         inputs: list[LoadedAdapter] = []
         load_ms = 0.0
         try:
@@ -164,23 +179,6 @@ class Merger:
                 "adapters or raise the adapter budget (--adapter-budget-mib)"
             )
 
-    def _check_svd_rank(self, spec: MergeSpec) -> None:
-        """A ΔW-space merge's svd_rank within what the engine serves and the modules' width,
-        before any work (a huge rank would take memory for nothing)."""
-        rank = spec.params.svd_rank
-        if not spec.params.strategy.in_delta_space or not rank:
-            return
-        widths = [min(shape) for shape in self.store.module_shapes.values()]
-        bounds = {"the narrowest target module's width": min(widths, default=rank)}
-        if self.max_rank is not None:
-            bounds["the server's --max-lora-rank"] = self.max_rank
-        what, bound = min(bounds.items(), key=lambda kv: kv[1])
-        if rank > bound:
-            raise InvalidArgument(
-                f"merged_adapters.svd_rank is {rank}, more than {what} ({bound}); give "
-                f"svd_rank <= {bound}, or leave it unset for the largest input rank"
-            )
-
     def _check_cat_rank(self, spec: MergeSpec, inputs: Sequence[LoadedAdapter]) -> None:
         """cat adds the ranks up: refuse a sum the engine could not serve, before merging."""
         if spec.params.strategy is not Strategy.CAT or self.max_rank is None:
@@ -212,6 +210,29 @@ class Merger:
         stop: Callable[[], bool],
         deadline: float | None,
     ) -> FlatAdapter:
+        stream = self._stream(weights[0].device)
+        for adapter in weights:  # an input written on another stream (a named merge's)
+            if stream is not None and adapter.ready_event is not None:
+                stream.wait_event(adapter.ready_event)
+        try:
+            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                if spec.params.strategy.in_delta_space:  # long: let decode through its chunks
+                    stop = _yielding(stop, stream)
+                merged = self._merge_on(spec, weights, stop, deadline)
+                if stream is not None:
+                    merged.ready_event = stream.record_event()
+        finally:
+            if stream is not None:  # nothing of a failed merge still runs once it has failed
+                stream.synchronize()
+        return merged
+
+    def _merge_on(
+        self,
+        spec: MergeSpec,
+        weights: list[FlatAdapter],
+        stop: Callable[[], bool],
+        deadline: float | None,
+    ) -> FlatAdapter:
         try:
             merged = merge_adapters(weights, spec.params, cancel=stop).adapter
         except ValueError as err:  # inputs the engine cannot merge together
@@ -232,6 +253,21 @@ class Merger:
             raise InvalidArgument(f"merged_adapters: the merged adapter's {reason}")
         return merged
 
+    def _stream(self, device: torch.device) -> torch.cuda.Stream | None:
+        """The merges' stream on ``device`` (None off CUDA). It does not wait for the default
+        stream (a fresh merge must not queue behind a decode step there): the adapter store's
+        copy to the device is a blocking one, complete when the adapter is loaded, and an
+        input made on another stream carries its ``ready_event``."""
+        if device.type != "cuda":
+            return None
+        with self._streams_lock:
+            stream = self._streams.get(device)
+            if stream is None:
+                # 0 is CUDA's lowest priority (and the default): merges yield to any stream
+                # created with a negative priority, as the engine's must be.
+                stream = self._streams[device] = torch.cuda.Stream(device, priority=0)
+        return stream
+
     def _outcome(
         self,
         key: str,
@@ -250,6 +286,31 @@ class Merger:
             rank=adapter.rank,
             nbytes=adapter.nbytes,
         )
+
+
+def _yielding(stop: Callable[[], bool], stream: torch.cuda.Stream | None) -> Callable[[], bool]:
+    """``stop``, polled between a merge's chunks, that first lets the engine run: waits for
+    the chunk on the device (GIL released; at once when the stream is idle, as at all but the
+    first of a group's polls) and yields the GIL at most every ``YIELD_EVERY_S`` (each yield
+    can cost the merge thread an engine step's hold of the GIL)."""
+    last = -math.inf
+
+    def check() -> bool:
+        nonlocal last
+        if stream is not None:
+            stream.synchronize()
+        now = time.monotonic()
+        if now - last >= YIELD_EVERY_S:
+            last = now
+            pause()
+        return stop()
+
+    return check
+
+
+def pause() -> None:
+    """Hand the GIL to any other thread that wants it (the engine's)."""
+    time.sleep(0)
 
 
 @functools.lru_cache(maxsize=4096)

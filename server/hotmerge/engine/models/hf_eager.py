@@ -7,6 +7,7 @@ sequence's). Slow but general: the fallback for models our forward does not cove
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 
 import torch
@@ -15,7 +16,6 @@ from torch import nn
 
 from hotmerge.engine.batch import DecodeRow, PrefillChunk
 from hotmerge.engine.kv_cache import block_bytes
-from hotmerge.engine.lora import SlotTable
 from hotmerge.engine.runner import ModelRunner, kv_capacity_blocks
 
 
@@ -59,24 +59,44 @@ def wrap_linears(model: nn.Module, current: list) -> dict[str, tuple[int, int]]:
     return shapes
 
 
+class EagerSlots:
+    """The eager runner's adapter slots: a (weak) reference to the adapter each slot holds,
+    read by the wrapped layers at each forward."""
+
+    def __init__(self, num_slots: int) -> None:
+        self.num_slots = num_slots
+        # Weak: an idle slot never keeps an unloaded or evicted adapter's memory alive.
+        self._adapter: list[weakref.ref | None] = [None] * num_slots
+
+    def check(self, adapter: FlatAdapter) -> str | None:
+        return None  # any rank: the wrapped layers multiply by the adapter's own tensors
+
+    def write(self, slot: int, adapter: FlatAdapter) -> None:
+        self._adapter[slot] = weakref.ref(adapter)
+
+    def adapter_in(self, slot: int) -> FlatAdapter | None:
+        ref = self._adapter[slot] if slot >= 0 else None
+        return None if ref is None else ref()
+
+
 class EagerRunner(ModelRunner):
     kind = "transformers"
 
-    def __init__(self, model_id: str, hf_model, tok, limits) -> None:
-        super().__init__(model_id, hf_model, tok, limits)
-        config = hf_model.config
+    def __init__(self, model_id: str, hf_model, tok, config) -> None:
+        super().__init__(model_id, hf_model, tok, config)
+        model_config = hf_model.config
         self.model = hf_model
         self._current: list = [None]
         self._shapes = wrap_linears(hf_model, self._current)
-        self.adapters = SlotTable(limits.max_loras)
-        self.block_size = limits.block_size
-        heads = config.num_attention_heads
-        kv_heads = getattr(config, "num_key_value_heads", None) or heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        self.adapters = EagerSlots(config.max_loras)
+        self.block_size = config.block_size
+        heads = model_config.num_attention_heads
+        kv_heads = getattr(model_config, "num_key_value_heads", None) or heads
+        head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // heads
         per_block = block_bytes(
-            config.num_hidden_layers, self.block_size, kv_heads, head_dim, self.dtype
+            model_config.num_hidden_layers, self.block_size, kv_heads, head_dim, self.dtype
         )
-        self.num_blocks = kv_capacity_blocks(limits, self.device, per_block, self.max_total_tokens)
+        self.num_blocks = kv_capacity_blocks(config, self.device, per_block, self.max_total_tokens)
         self._caches: dict[int, object] = {}
 
     def module_shapes(self) -> dict[str, tuple[int, int]]:

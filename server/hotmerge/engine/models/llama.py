@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from hotmerge_kernels.quant import QuantizedWeight, quantize
 from torch import nn
 
 from hotmerge.engine import ops
@@ -75,7 +76,9 @@ class AttentionBatch:
 
 
 class LlamaLayer(nn.Module):
-    def __init__(self, hf_layer: nn.Module, config, index: int, window: int) -> None:
+    def __init__(
+        self, hf_layer: nn.Module, config, index: int, window: int, quant: str | None = None
+    ) -> None:
         super().__init__()
         attn, mlp = hf_layer.self_attn, hf_layer.mlp
         self.index = index
@@ -85,7 +88,7 @@ class LlamaLayer(nn.Module):
         self.head_dim = attn.q_proj.out_features // self.num_heads
         self.scale = attn.scaling if hasattr(attn, "scaling") else self.head_dim**-0.5
         projs = [getattr(attn, n) for n in ATTN_PROJ]
-        self.qkv_weight = nn.Parameter(torch.cat([p.weight for p in projs]), requires_grad=False)
+        self.qkv_weight = _base_weight(torch.cat([p.weight for p in projs]), quant)
         biases = [p.bias for p in projs]
         self.qkv_bias = (
             nn.Parameter(torch.cat(biases), requires_grad=False)
@@ -93,13 +96,16 @@ class LlamaLayer(nn.Module):
             else None
         )
         self.qkv_offsets = _offsets([p.out_features for p in projs])
-        self.o_weight = attn.o_proj.weight
+        self.o_weight = _base_weight(attn.o_proj.weight, quant)
         self.o_bias = attn.o_proj.bias
-        self.gate_up_weight = nn.Parameter(
-            torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]), requires_grad=False
+        self.gate_up_weight = _base_weight(
+            torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]), quant
         )
         self.intermediate = mlp.gate_proj.out_features
-        self.down_weight = mlp.down_proj.weight
+        self.down_weight = _base_weight(mlp.down_proj.weight, quant)
+        if quant is not None:  # the 16-bit originals go now, so the KV cache gets their room
+            for proj in (*projs, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj):
+                proj.weight = None
         self.input_norm = hf_layer.input_layernorm
         self.post_norm = hf_layer.post_attention_layernorm
         self.q_norm = getattr(attn, "q_norm", None)  # Qwen3
@@ -113,7 +119,7 @@ class LlamaLayer(nn.Module):
             h, residual = ops.rms_norm(
                 hidden, self.input_norm.weight, self.input_norm.variance_epsilon, residual
             )
-        qkv = F.linear(h, self.qkv_weight, self.qkv_bias)
+        qkv = ops.linear(h, self.qkv_weight, self.qkv_bias)
         if lora is not None:
             lora.apply(self.index, "qkv", h, qkv)
         q_end, k_end = self.qkv_offsets[1], self.qkv_offsets[2]
@@ -151,26 +157,30 @@ class LlamaLayer(nn.Module):
                 self.window,
             )
         out = out.reshape(tokens, self.num_heads * self.head_dim)
-        o = F.linear(out, self.o_weight, self.o_bias)
+        o = ops.linear(out, self.o_weight, self.o_bias)
         if lora is not None:
             lora.apply(self.index, "o", out, o)
         h, residual = ops.rms_norm(
             o, self.post_norm.weight, self.post_norm.variance_epsilon, residual
         )
-        gate_up = F.linear(h, self.gate_up_weight)
+        gate_up = ops.linear(h, self.gate_up_weight)
         if lora is not None:
             lora.apply(self.index, "gate_up", h, gate_up)
         act = ops.silu_and_mul(gate_up)
-        down = F.linear(act, self.down_weight)
+        down = ops.linear(act, self.down_weight)
         if lora is not None:
             lora.apply(self.index, "down", act, down)
         return down, residual
 
 
 class LlamaModel(nn.Module):
-    """The whole network over a flat batch of tokens; returns hidden states (T, H)."""
+    """The whole network over a flat batch of tokens; returns hidden states (T, H).
 
-    def __init__(self, hf_model: nn.Module) -> None:
+    ``quant`` (one of ``hotmerge_kernels.quant.FORMATS``) quantizes the base's projections
+    (q/k/v/o, gate/up/down) as they are taken; embeddings, norms and lm_head stay 16-bit.
+    """
+
+    def __init__(self, hf_model: nn.Module, quant: str | None = None) -> None:
         super().__init__()
         reason = unsupported_reason(hf_model)
         if reason is not None:
@@ -182,8 +192,14 @@ class LlamaModel(nn.Module):
         self.norm = inner.norm
         self.lm_head = hf_model.lm_head
         windows = layer_windows(config)
+        self.quant = quant
+        self.base_bytes_16bit = sum(  # the projections' bytes before quantization
+            p.weight.numel() * p.weight.element_size()
+            for layer in inner.layers
+            for p in _projections(layer)
+        )
         self.layers = nn.ModuleList(
-            LlamaLayer(layer, config, i, windows[i]) for i, layer in enumerate(inner.layers)
+            LlamaLayer(layer, config, i, windows[i], quant) for i, layer in enumerate(inner.layers)
         )
         first = self.layers[0]
         self.num_kv_heads, self.head_dim = first.num_kv_heads, first.head_dim
@@ -191,7 +207,7 @@ class LlamaModel(nn.Module):
         rope = inner.rotary_emb
         positions = torch.arange(config.max_position_embeddings, dtype=torch.float32)
         freqs = positions[:, None] * rope.inv_freq.float().cpu()[None, :]
-        device = first.qkv_weight.device
+        device = first.input_norm.weight.device
         self.cos = (freqs.cos() * rope.attention_scaling).to(device)  # (P, D/2) fp32
         self.sin = (freqs.sin() * rope.attention_scaling).to(device)
 
@@ -206,6 +222,30 @@ class LlamaModel(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return F.linear(hidden, self.lm_head.weight).float()
+
+    @property
+    def base_bytes(self) -> int:
+        """Device bytes of the projections as held (packed codes and scales when quantized)."""
+        total = 0
+        for layer in self.layers:
+            for w in (layer.qkv_weight, layer.o_weight, layer.gate_up_weight, layer.down_weight):
+                total += (
+                    w.nbytes if isinstance(w, QuantizedWeight) else w.numel() * w.element_size()
+                )
+        return total
+
+
+def _base_weight(weight: torch.Tensor, quant: str | None) -> nn.Parameter | QuantizedWeight:
+    if quant is None:
+        return nn.Parameter(weight, requires_grad=False)
+    return quantize(weight.detach(), quant)
+
+
+def _projections(hf_layer: nn.Module) -> list[nn.Linear]:
+    attn, mlp = hf_layer.self_attn, hf_layer.mlp
+    return [getattr(attn, n) for n in (*ATTN_PROJ, "o_proj")] + [
+        getattr(mlp, n) for n in (*MLP_PROJ, "down_proj")
+    ]
 
 
 def layer_windows(config) -> list[int]:

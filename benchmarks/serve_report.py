@@ -1,0 +1,113 @@
+"""Figures and the report of ``serve_load.py``: percentiles, inter-token latency from streaming
+timestamps, batch-size histograms, and the markdown summary."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+
+PROMPT_TOKENS = 128  # BOS + 127 bytes
+
+
+def pct(values: Sequence[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+def gaps_ms(token_times: Sequence[float]) -> list[float]:
+    """Inter-token latency of one stream: ms between consecutive tokens' arrivals (the first
+    token's wait is time to first token, not counted here)."""
+    return [(b - a) * 1000 for a, b in zip(token_times, token_times[1:], strict=False)]
+
+
+def itl_summary(gaps: Sequence[float]) -> dict:
+    return {"tokens": len(gaps), "itl_ms_p50": pct(gaps, 50), "itl_ms_p99": pct(gaps, 99)}
+
+
+def split_gaps(
+    streams: Sequence[Sequence[float]], start: float, end: float, skip: int = 0
+) -> tuple[list, list]:
+    """(gaps that overlap [start, end], gaps wholly outside it), in ms, over all streams;
+    each stream's first ``skip`` tokens (the batch ramping up) are left out of both."""
+    during, outside = [], []
+    for times in streams:
+        times = times[skip:]
+        for a, b in zip(times, times[1:], strict=False):
+            (during if a < end and b > start else outside).append((b - a) * 1000)
+    return during, outside
+
+
+def batch_histogram(before: Counter, after: Counter) -> dict[int, int]:
+    """Steps by batch size between two snapshots of an engine counter (sizes ascending)."""
+    diff = after - before
+    return {size: diff[size] for size in sorted(diff)}
+
+
+def write_results(result: dict, out_dir: Path) -> Path:
+    device = result["device"].replace(" ", "_")
+    stem = out_dir / f"serve_load-{device}-{result['date'][:10]}{result['tag']}"
+    profile = result["load"]["engine"].pop("profile_top", None)
+    if profile is not None:
+        stem.with_suffix(".profile.txt").write_text(profile)
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    h, c, load = result["hit_overhead"], result["cold_ties"], result["load"]
+    engine = load["engine"]
+    lines = [
+        f"# Serving load, {result['device']}, {result['date']}",
+        "",
+        f"model: {result['model']}; adapters: {result['adapters']} x rank {result['rank']} on "
+        f"all seven projections; versions {result['versions']}",
+        "",
+        f"- merge-cache hit vs named adapter (server side, median): "
+        f"{h['merge_hit_us']:.1f} µs vs {h['named_adapter_us']:.1f} µs: a hit adds "
+        f"**{h['hit_adds_us']:.1f} µs** (target <= 20 µs)",
+        f"- cold TIES merge of 3 adapters, {PROMPT_TOKENS}-token prompt: merge "
+        f"{c['cold_ties_merge_ms_p50']:.2f} ms of TTFT {c['cold_ties_ttft_ms_p50']:.2f} ms = "
+        f"**{100 * c['cold_ties_merge_share_of_ttft_p50']:.1f}%** (target <= 5%); named adapter "
+        f"TTFT {c['named_ttft_ms_p50']:.2f} ms",
+        "",
+        f"Load: {load['requests']} requests at concurrency {load['concurrency']} (max batch "
+        f"{load['max_batch_size']}), mix {load['mix']}, {load['max_new_tokens']} new tokens each: "
+        f"{load['requests_per_s']:.1f} req/s, {load['tokens_per_s']:.0f} tokens/s; engine "
+        f"{engine['steps']} steps ({engine['prefills']} prefills, {engine['decodes']} decodes), "
+        f"step p50 {engine['step_ms_p50']:.1f} ms, p99 {engine['step_ms_p99']:.1f} ms, busy "
+        f"{100 * engine['engine_busy_share']:.0f}% of the wall time",
+        "",
+        f"Inter-token latency (all streams, per token): p50 {load['itl']['itl_ms_p50']:.2f} ms, "
+        f"p99 {load['itl']['itl_ms_p99']:.2f} ms over {load['itl']['tokens']} gaps",
+        "",
+        "Decode batch sizes reached (steps): "
+        + ", ".join(f"{k}: {v}" for k, v in engine["decode_batch_sizes"].items()),
+        "",
+        "Mean ms per step by phase: "
+        + ", ".join(f"{k} {v:.3f}" for k, v in engine["phase_ms_per_step"].items()),
+        "",
+        "| class | count | TTFT p50 ms | TTFT p99 ms | total p50 ms | total p99 ms | "
+        "ITL p50 ms | ITL p99 ms | merge share of TTFT p50 |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for kind, row in load["by_kind"].items():
+        lines.append(
+            f"| {kind} | {row['count']} | {row['ttft_ms_p50']:.1f} | {row['ttft_ms_p99']:.1f} | "
+            f"{row['total_ms_p50']:.1f} | {row['total_ms_p99']:.1f} | {row['itl_ms_p50']:.2f} | "
+            f"{row['itl_ms_p99']:.2f} | {100 * row['merge_share_of_ttft_p50']:.1f}% |"
+        )
+    m = result.get("merge_during_streams")
+    if m is not None:
+        lines += [
+            "",
+            f"A fresh `{m['strategy']}` merge of 3 adapters ({m['merge_wall_ms']:.0f} ms wall, "
+            f"server merge_ms {m['merge_ms']:.0f}) fired while {m['streams']} streams ran: "
+            f"inter-token latency of those streams during the merge p50 "
+            f"{m['during']['itl_ms_p50']:.2f} ms, p99 **{m['during']['itl_ms_p99']:.2f} ms** "
+            f"({m['during']['tokens']} gaps) vs without p50 {m['without']['itl_ms_p50']:.2f} ms, "
+            f"p99 {m['without']['itl_ms_p99']:.2f} ms: p99 ratio **{m['p99_ratio']:.2f}** "
+            "(target <= 1.5)",
+        ]
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return stem

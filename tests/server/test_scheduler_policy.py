@@ -1,0 +1,221 @@
+"""The scheduler's policy on its own: no runner, no model, no thread.
+
+Admission order and batch size, KV reservation, adapter slots (assignment, sharing, eviction,
+writes), prompt chunking, tokens and finishing, and the queue's expiry rules.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+from hotmerge.engine.detok import TextStream
+from hotmerge.engine.kv_cache import KVBlockPool
+from hotmerge.engine.requests import AdapterLease, GenerationHandle
+from hotmerge.engine.scheduler import AdapterWrite, Scheduler
+from hotmerge.engine.sequence import Sequence
+from hotmerge.engine.slots import SlotTable
+from hotmerge.generation import FinishReason, GenerationRequest, SamplingParams
+
+EOS = 2
+BLOCK = 4
+_ids = itertools.count()
+
+
+class Adapter:
+    """Stands in for a FlatAdapter: the scheduler only keeps (weak) references to it."""
+
+
+def sequence(prompt_len=5, max_new_tokens=4, adapter=None, *, deadline=None, queue_until=1e9,
+             **params) -> Sequence:  # fmt: skip
+    prompt = list(range(10, 10 + prompt_len))
+    params = SamplingParams(max_new_tokens=max_new_tokens, **params)
+    request = GenerationRequest(input_ids=tuple(prompt), params=params)
+    return Sequence(
+        seq_id=next(_ids),
+        handle=GenerationHandle(request, deadline),
+        prompt_ids=prompt,
+        lease=AdapterLease(adapter),
+        stream=TextStream(lambda ids: "", prompt, ()),
+        seed=0,
+        submitted=0.0,
+        queued=0.0,
+        worst_tokens=prompt_len + max_new_tokens,
+        queue_until=queue_until,
+    )
+
+
+def scheduler(*, blocks=64, slots=2, batch=4, prefill=64, total=256) -> Scheduler:
+    return Scheduler(
+        KVBlockPool(blocks + 1, BLOCK),  # + the null block
+        SlotTable(slots),
+        max_batch_size=batch,
+        max_prefill_tokens=prefill,
+        max_total_tokens=total,
+        eos_token_ids=frozenset({EOS}),
+    )
+
+
+def add(sched: Scheduler, *seqs: Sequence) -> None:
+    for s in seqs:
+        sched.add(s)
+
+
+def step(sched: Scheduler, token: int = 7):
+    """Plan a step and give every sampled sequence ``token``."""
+    plan = sched.schedule()
+    assert plan is not None
+    return plan, sched.postprocess(plan, [token] * len(plan.sampled))
+
+
+def test_admission_is_first_come_first_served_up_to_the_batch_size():
+    sched = scheduler(batch=2)
+    a, b, c = sequence(), sequence(), sequence()
+    add(sched, a, b, c)
+    admission = sched.admit(now=0.0)
+    assert admission.admitted == [a, b] and list(sched.waiting) == [c]
+    assert sched.admit(now=0.0).admitted == []  # the batch is full
+    assert sched.finish(a) and not sched.finish(a)  # ends once
+    assert sched.admit(now=0.0).admitted == [c] and sched.running == [b, c]
+
+
+def test_kv_worst_case_is_reserved_and_a_big_request_is_not_overtaken():
+    sched = scheduler(blocks=6)
+    big, first, small = sequence(12, 4), sequence(8, 4), sequence(2, 2)  # 4, 3, 1 blocks
+    add(sched, big, first, small)
+    assert sched.admit(now=0.0).admitted == [big]
+    assert sched.kv.can_reserve(2) and not sched.kv.can_reserve(3)  # 6 - 4 reserved
+    assert sched.admit(now=0.0).admitted == []  # ``first`` waits, and ``small`` behind it
+    assert big.reserved == 4 and big.blocks == []  # reserved, not yet taken
+    step(sched)  # the prompt's 12 tokens take 3 blocks; the 4th is taken as tokens come
+    assert len(big.blocks) == 3 and big.reserved == 1
+    sched.finish(big)
+    assert sched.kv.free_blocks == 6 and sched.kv.can_reserve(6)
+    assert sched.admit(now=0.0).admitted == [first, small]
+
+
+def test_adapter_slots_are_shared_written_once_and_evicted_least_recently_used():
+    sched = scheduler(slots=2)
+    x, y, z = Adapter(), Adapter(), Adapter()
+    sx1, sx2, sy, sz = (
+        sequence(adapter=x),
+        sequence(adapter=x),
+        sequence(adapter=y),
+        sequence(adapter=z),
+    )
+    base = sequence()
+    add(sched, sx1, sx2, sy, sz, base)
+    admission = sched.admit(now=0.0)
+    assert admission.admitted == [sx1, sx2, sy]  # z waits for a slot, and base behind it
+    assert sx1.slot == sx2.slot != sy.slot
+    x_slot = sx1.slot
+    assert admission.writes == [AdapterWrite(sx1.slot, x), AdapterWrite(sy.slot, y)]
+    sched.finish(sx1)
+    assert sched.admit(now=0.0).admitted == []  # x's slot is still read by sx2
+    sched.finish(sy)
+    admission = sched.admit(now=0.0)
+    assert admission.admitted == [sz, base] and base.slot == -1
+    assert admission.writes == [AdapterWrite(sz.slot, z)] and sz.slot != x_slot
+    sched.finish(sx2)
+    again = sequence(adapter=x)
+    add(sched, again)
+    admission = sched.admit(now=0.0)
+    assert admission.writes == [] and again.slot == x_slot  # x is still in its idle slot
+
+
+def test_evicted_adapter_is_written_again():
+    sched = scheduler(slots=1)
+    x, y = Adapter(), Adapter()
+    for adapter in (x, y, x):
+        seq = sequence(adapter=adapter)
+        add(sched, seq)
+        assert sched.admit(now=0.0).writes == [AdapterWrite(0, adapter)]
+        sched.finish(seq)
+
+
+def test_prompts_go_in_chunks_within_the_prefill_budget():
+    sched = scheduler(prefill=5)
+    long, short = sequence(7, 2), sequence(3, 2)
+    add(sched, long, short)
+    sched.admit(now=0.0)
+    plan, _ = step(sched)
+    assert [(c.seq_id, c.start, len(c.token_ids)) for c in plan.chunks] == [(long.seq_id, 0, 5)]
+    assert not plan.chunks[0].last and plan.chunks[0].next_token == long.prompt_ids[5]
+    assert plan.decode == [] and plan.sampled == [] and long.prefilling
+    plan, _ = step(sched, token=8)
+    assert [(c.seq_id, c.start, len(c.token_ids)) for c in plan.chunks] == [
+        (long.seq_id, 5, 2),
+        (short.seq_id, 0, 3),
+    ]
+    assert all(c.last for c in plan.chunks) and plan.sampled == [long, short]
+    assert long.generated == short.generated == [8]
+    plan, _ = step(sched)
+    assert plan.chunks == [] and [r.seq_id for r in plan.decode] == [long.seq_id, short.seq_id]
+    assert [(r.token_id, r.position) for r in plan.decode] == [(8, 7), (8, 3)]
+
+
+def test_one_chunk_always_runs_even_over_the_budget():
+    sched = scheduler(prefill=1)
+    a, b = sequence(3, 1), sequence(3, 1)
+    add(sched, a, b)
+    sched.admit(now=0.0)
+    plan, _ = step(sched)
+    assert [c.seq_id for c in plan.chunks] == [a.seq_id] and len(plan.chunks[0].token_ids) == 1
+
+
+def test_tokens_end_sequences_by_length_eos_and_total():
+    sched = scheduler(total=8)
+    by_length, by_eos, by_total = sequence(3, 2), sequence(3, 5), sequence(6, 5)
+    add(sched, by_length, by_eos, by_total)
+    sched.admit(now=0.0)
+    step(sched)  # prefill: each takes its first token
+    assert by_length.ending is None and by_eos.ending is None and by_total.ending is None
+    plan = sched.schedule()
+    sched.postprocess(plan, [7, EOS, 7])
+    assert by_length.ending is FinishReason.LENGTH  # 2 of max_new_tokens 2
+    assert by_eos.ending is FinishReason.EOS
+    assert by_total.ending is FinishReason.LENGTH  # 6 + 2 tokens = max_total_tokens
+    assert sched.schedule() is None  # all ending: nothing to decode
+    for seq in (by_length, by_eos, by_total):
+        sched.finish(seq)
+    assert sched.running == [] and sched.kv.free_blocks == sched.kv.capacity_blocks
+
+
+def test_finished_sequence_takes_no_token_and_gives_its_slot_back():
+    sched = scheduler(slots=1)
+    x = Adapter()
+    seq = sequence(adapter=x)
+    add(sched, seq)
+    sched.admit(now=0.0)
+    plan = sched.schedule()
+    sched.finish(seq)  # e.g. cancelled while its step ran
+    assert sched.postprocess(plan, [7]) == [] and seq.generated == []
+    assert seq.slot == -1 and sched.slots.in_use == 0
+
+
+def test_prompt_scoring_only_finishes_when_its_prompt_is_in():
+    sched = scheduler(prefill=4)
+    scored = sequence(6, 0, prompt_logprobs=True)
+    add(sched, scored)
+    sched.admit(now=0.0)
+    plan, done = step(sched)
+    assert done == [] and plan.sampled == []
+    plan, done = step(sched)
+    assert done == [scored] and plan.chunks[0].last is False and plan.chunks[0].score
+
+
+@pytest.mark.parametrize("why", ["cancelled", "deadline", "queue wait"])
+def test_queued_sequences_no_longer_wanted_are_dropped(why):
+    sched = scheduler()
+    seq = {
+        "cancelled": sequence(),
+        "deadline": sequence(deadline=5.0),
+        "queue wait": sequence(queue_until=5.0),
+    }[why]
+    if why == "cancelled":
+        seq.handle.cancel()
+    kept = sequence()
+    add(sched, seq, kept)
+    admission = sched.admit(now=10.0)
+    assert admission.dropped == [seq] and admission.admitted == [kept]
+    assert not sched.finish(seq) and seq.done  # it was never running: nothing to give back
