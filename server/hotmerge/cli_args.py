@@ -200,7 +200,8 @@ _NEGATIVE_VALUE = re.compile(r"-[0-9.][0-9.eE+,-]*")
 # Options that take no value: a number after one is a positional argument.
 _FLAGS = frozenset(
     ("--stream", "--do-sample", "--details", "--replace", "--allow-hub", "--no-cuda-graphs",
-     "--eager-model", "--version", "--help", "--base", "--no-references")
+     "--eager-model", "--version", "--help", "--base", "--no-references", "--no-loglik",
+     "--raw-prompts", "--no-progress", "--serve")
 )  # fmt: skip
 
 

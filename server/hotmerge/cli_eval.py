@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from collections.abc import Iterator
@@ -25,6 +24,7 @@ from typing import Any
 
 import grpc
 
+from hotmerge import settings
 from hotmerge.client import DEFAULT_TARGET, HotmergeClient
 from hotmerge.errors import HotmergeError, InvalidArgument
 from hotmerge.evaluation.eval import (
@@ -42,9 +42,6 @@ from hotmerge.evaluation.plot import plot_sweep
 from hotmerge.evaluation.report import write_eval, write_sweep_tables
 from hotmerge.evaluation.sweep import rank, run_sweep, settings_key
 from hotmerge.merging.spec import merged_adapters_from_dict, parse_merge_spec
-
-TARGET_ENV = "HOTMERGE_TARGET"
-
 
 # -- shared setup -----------------------------------------------------------------------------
 
@@ -79,7 +76,7 @@ def session(args: argparse.Namespace) -> Iterator[Session]:
         running = start_server(config)
         target = running.target
     try:
-        with HotmergeClient(target, timeout=args.timeout) as client:
+        with HotmergeClient(target, timeout=args.timeout, api_key=args.api_key) as client:
             info = client.info()
             if running is not None:
                 tokenizer = running.engine.runner.tokenizer
@@ -289,8 +286,10 @@ def _common(p: argparse.ArgumentParser) -> None:
       help="requests in flight (default: twice the server's max batch size)")  # fmt: skip
     a("--out", help="output folder")
     a("--no-progress", action="store_true", help="no progress bar")
-    a("--target", default=os.environ.get(TARGET_ENV, DEFAULT_TARGET),
-      help=f"server address (default: ${TARGET_ENV} or {DEFAULT_TARGET})")  # fmt: skip
+    a("--target", default=settings.target(DEFAULT_TARGET),
+      help=f"server address (default: ${settings.TARGET_ENV} or {DEFAULT_TARGET})")  # fmt: skip
+    a("--api-key", default=settings.api_key(),
+      help=f"the server's API key (default: ${settings.API_KEY_ENV})")  # fmt: skip
     a("--timeout", type=float, default=300.0, help="seconds per request (default: 300)")
     a("--serve", action="store_true", help="start a server in this process instead of --target")
     a("--model", help="with --serve: model folder (default: the embedded default)")

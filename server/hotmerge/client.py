@@ -28,7 +28,7 @@ from typing import Any, TypedDict, Unpack
 import grpc
 
 from hotmerge.errors import HotmergeError
-from hotmerge.headers import MERGE_KEY_HEADER
+from hotmerge.headers import AUTHORIZATION_HEADER, MERGE_KEY_HEADER
 from hotmerge.v1 import hotmerge_pb2 as pb
 from hotmerge.v1 import hotmerge_pb2_grpc as pb_grpc
 
@@ -156,7 +156,7 @@ class ApiKey(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor
     """Adds ``authorization: Bearer KEY`` to every call (a server started with --api-key)."""
 
     def __init__(self, key: str) -> None:
-        self._header = ("authorization", f"Bearer {key}")
+        self._header = (AUTHORIZATION_HEADER, f"Bearer {key}")
 
     def _details(self, details):
         metadata = (*(details.metadata or ()), self._header)

@@ -11,3 +11,5 @@ MERGE_CACHE_KEY_HEADER = "x-merge-cache-key"
 # Seconds an HTTP client gives its request (generation and merges); past it: 504. (gRPC callers
 # set the call's own deadline.)
 TIMEOUT_HEADER = "x-request-timeout"
+# The API key (a server started with --api-key): "Bearer KEY", on HTTP and gRPC alike.
+AUTHORIZATION_HEADER = "authorization"

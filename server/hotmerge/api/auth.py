@@ -11,6 +11,8 @@ import hmac
 
 import grpc
 
+from hotmerge.headers import AUTHORIZATION_HEADER
+
 # Probes, scrapes and service discovery need no key.
 OPEN_HTTP_PATHS = frozenset(("/healthz", "/readyz", "/health", "/metrics"))
 OPEN_GRPC_PREFIXES = ("/grpc.health.", "/grpc.reflection.")
@@ -47,7 +49,7 @@ class ApiKeyInterceptor(grpc.ServerInterceptor):
         if handler is None or handler_call_details.method.startswith(OPEN_GRPC_PREFIXES):
             return handler
         metadata = dict(handler_call_details.invocation_metadata or ())
-        if key_matches(metadata.get("authorization"), self.key):
+        if key_matches(metadata.get(AUTHORIZATION_HEADER), self.key):
             return handler
         if handler.unary_unary is not None:
             return handler._replace(unary_unary=_deny)

@@ -29,7 +29,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from hotmerge.api import lorax, openai
 from hotmerge.api.auth import MISSING, OPEN_HTTP_PATHS, key_matches
 from hotmerge.errors import InvalidArgument
-from hotmerge.headers import TIMEOUT_HEADER
+from hotmerge.headers import AUTHORIZATION_HEADER, TIMEOUT_HEADER
 
 _BODY_METHODS = frozenset(("POST", "PUT", "PATCH"))
 MAX_TIMEOUT_S = 3600.0
@@ -87,7 +87,7 @@ class HttpGuard:
         if (
             self.api_key
             and not exempt
-            and not key_matches(headers.get("authorization"), self.api_key)
+            and not key_matches(headers.get(AUTHORIZATION_HEADER), self.api_key)
         ):
             return await refuse(401, MISSING, {"www-authenticate": "Bearer"})
         if scope.get("method") not in _BODY_METHODS:
