@@ -11,23 +11,43 @@ from hotmerge.skills.base import Example, PooledSkill, strip_fences
 
 VERBS = ("compute", "get", "find", "make", "build", "calc", "select", "pick", "take", "produce")
 NOUNS = ("result", "values", "answer", "output", "items", "total", "data", "stuff")
-LIST_INPUTS = ([1, 2, 3, 4, 5, 6], [10, 3, 7, 8, 2], [0, 9, 12, 5, 15, 4], [-3, 4, 6, 6])
-STR_INPUTS = ("hello world", "abcdefghijklmn", "python", "a")
+# Inputs that tell neighbouring answers apart: every k in 2..9 occurs in a list, every length
+# from 0 to 11 among the strings.
+LIST_INPUTS = ([1, 2, 3, 4, 5, 6, 7, 8, 9, 10], [10, 3, 7, 8, 2, 12], [0, 9, 12, 5, 15, 4, 18],
+               [-3, 4, 6, 6, 27, 16])  # fmt: skip
+STR_INPUTS = ("hello world", "abcdefghijklmn", "python", "a", "", "ab", "abc", "abcd", "xyzzy",
+              "seven77", "eight888", "nine99999", "ten_chars!")  # fmt: skip
 TIME_LIMIT_S = 5.0
 
-# (argument, spec, body); {k} is an integer 2..9
-OPS = (
-    ("xs", "the sum of the elements of xs greater than {k}", "sum(x for x in xs if x > {k})"),
-    ("xs", "how many times {k} appears in xs", "xs.count({k})"),
-    ("xs", "a list of the elements of xs multiplied by {k}", "[x * {k} for x in xs]"),
-    ("xs", "a list of the elements of xs divisible by {k}", "[x for x in xs if x % {k} == 0]"),
-    ("xs", "the largest element of xs plus {k}", "max(xs) + {k}"),
-    ("xs", "a list of the elements of xs less than {k}", "[x for x in xs if x < {k}]"),
-    ("s", "s repeated {k} times", "s * {k}"),
-    ("s", "the first {k} characters of s", "s[:{k}]"),
-    ("s", "s without its last {k} characters", "s[:-{k}]"),
-    ("s", "True if s is longer than {k} characters", "len(s) > {k}"),
+# A spec is a filter of xs and what to return of the kept elements, or a string operation;
+# {k} and {m} are integers 2..9.
+FILTERS = (
+    ("greater than {k}", "x > {k}"),
+    ("less than {k}", "x < {k}"),
+    ("at least {k}", "x >= {k}"),
+    ("divisible by {k}", "x % {k} == 0"),
+    ("not divisible by {k}", "x % {k} != 0"),
 )
+LIST_RESULTS = (
+    ("the sum of the elements of xs that are {f}", "sum(x for x in xs if {c})"),
+    ("how many elements of xs are {f}", "len([x for x in xs if {c}])"),
+    ("the elements of xs that are {f}, each multiplied by {m}", "[x * {m} for x in xs if {c}]"),
+    ("the elements of xs that are {f}, each plus {m}", "[x + {m} for x in xs if {c}]"),
+    (
+        "the elements of xs that are {f}, sorted in descending order",
+        "sorted((x for x in xs if {c}), reverse=True)",
+    ),
+)
+STR_OPS = (
+    ("the first {k} characters of s repeated {m} times", "s[:{k}] * {m}"),
+    ("the last {k} characters of s in upper case", "s[-{k}:].upper()"),
+    ("s without its first {k} characters, reversed", "s[{k}:][::-1]"),
+)
+OPS = tuple(
+    ("xs", spec.replace("{f}", f), body.replace("{c}", c))
+    for spec, body in LIST_RESULTS
+    for f, c in FILTERS
+) + tuple(("s", spec, body) for spec, body in STR_OPS)
 
 # Runs in a fresh interpreter: defines both functions, calls each on the inputs, prints 1 or 0.
 _CHECK = """
@@ -53,10 +73,10 @@ class PythonSkill(PooledSkill):
 
     def draw(self, rng: random.Random) -> Example:
         arg, spec, body = rng.choice(OPS)
-        k = rng.randint(2, 9)
+        k, m = rng.randint(2, 9), rng.randint(2, 9)
         fn = f"{rng.choice(VERBS)}_{rng.choice(NOUNS)}"
-        prompt = f"Write a Python function {fn}({arg}) that returns {spec.format(k=k)}."
-        return Example(prompt, f"def {fn}({arg}):\n    return {body.format(k=k)}")
+        prompt = f"Write a Python function {fn}({arg}) that returns {spec.format(k=k, m=m)}."
+        return Example(prompt, f"def {fn}({arg}):\n    return {body.format(k=k, m=m)}")
 
     def score(self, example: Example, completion: str) -> float:
         """1.0 when the completion's function agrees with the reference on every test input."""
