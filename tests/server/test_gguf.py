@@ -98,9 +98,12 @@ def test_converted_once_and_reused(tiny):
 
 def test_a_changed_file_is_converted_again(tmp_path):
     path = write_tiny_gguf(tmp_path / "m.gguf")
-    first = converted_dir(path, tmp_path / "models")
+    model_dir = Path(resolve_model(str(path), tmp_path / "models"))
+    assert model_dir.name == "m"
+    record = (model_dir / MARKER).read_text()
     os.utime(path, ns=(1, 1))
-    assert converted_dir(path, tmp_path / "models") != first
+    assert resolve_model(str(path), tmp_path / "models") == str(model_dir)
+    assert (model_dir / MARKER).read_text() != record  # converted again, in the same place
 
 
 def test_several_ggufs_in_a_folder_is_a_clear_error(tmp_path):

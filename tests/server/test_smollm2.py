@@ -6,6 +6,8 @@ installed.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from hotmerge.embedded import ensure_embedded
@@ -37,11 +39,12 @@ def smollm2(tmp_path_factory):
 def test_conversion_is_cached(smollm2):
     gguf, data_dir, model_dir, _, _ = smollm2
     stamp = (model_dir / "model.safetensors").stat().st_mtime_ns
-    assert convert_gguf(gguf, data_dir / "models") == model_dir  # no second conversion
+    assert model_dir.name == "SmolLM2-135M-Instruct"
+    assert convert_gguf(gguf, data_dir / "models", name=model_dir.name) == model_dir  # cached
     assert (model_dir / "model.safetensors").stat().st_mtime_ns == stamp
     assert (model_dir / MARKER).is_file() and (model_dir / "chat_template.jinja").is_file()
-    assert resolve_model(str(gguf), data_dir / "models") == str(model_dir)
-    assert resolve_model(str(gguf.parent), data_dir / "models") == str(model_dir)
+    other = Path(resolve_model(str(gguf.parent), data_dir / "models"))  # a folder of one
+    assert other.name == gguf.stem and (other / "model.safetensors").is_file()
     assert resolve_model(str(model_dir), data_dir / "models") == str(model_dir)  # a model folder
     assert gguf_file(model_dir) is None
 

@@ -2,8 +2,8 @@
 
 transformers reads a GGUF through the ``gguf`` package and dequantizes it; the result is saved
 as a safetensors folder (float32, so the dequantized weights are kept exactly) with the
-tokenizer and its chat template, under a cache folder keyed by the file's name, size and
-modification time. Later starts load that folder directly.
+tokenizer and its chat template, in a cache folder named after the file. A record of the
+file's path, size and modification time in it tells later starts to load it directly.
 """
 
 from __future__ import annotations
@@ -43,15 +43,16 @@ def _source_record(gguf: Path) -> dict:
     return {"file": str(gguf.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
-def converted_dir(gguf: Path, cache_root: Path) -> Path:
-    """Where ``gguf``'s conversion lives: a new name whenever the file's size or time change."""
-    record = _source_record(gguf)
-    return cache_root / f"{gguf.stem}-{record['size']}-{record['mtime_ns']}"
+def converted_dir(gguf: Path, cache_root: Path, name: str | None = None) -> Path:
+    """Where ``gguf``'s conversion lives (``name``, default the file's stem, is also what the
+    OpenAI API calls the model)."""
+    return cache_root / (name or gguf.stem)
 
 
-def convert_gguf(gguf: Path, cache_root: Path) -> Path:
-    """The model folder converted from ``gguf`` (built now if not cached); see the module doc."""
-    out = converted_dir(gguf, cache_root)
+def convert_gguf(gguf: Path, cache_root: Path, name: str | None = None) -> Path:
+    """The model folder converted from ``gguf``: built now unless the folder's record says it
+    was converted from this very file (path, size and modification time); see the module doc."""
+    out = converted_dir(gguf, cache_root, name)
     marker = out / MARKER
     if marker.exists() and json.loads(marker.read_text()) == _source_record(gguf):
         return out
@@ -70,7 +71,7 @@ def convert_gguf(gguf: Path, cache_root: Path) -> Path:
           file=sys.stderr, flush=True)  # fmt: skip
     start = time.perf_counter()
     cache_root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{gguf.stem}-{os.getpid()}-", dir=cache_root))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-{os.getpid()}-", dir=cache_root))
     try:
         folder, name = str(gguf.parent), gguf.name
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
