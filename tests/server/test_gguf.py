@@ -13,7 +13,7 @@ from hotmerge.engine.models.gguf import MARKER, converted_dir, gguf_file, resolv
 from hotmerge.errors import InvalidArgument
 from hotmerge.generation import GenerationRequest, SamplingParams
 
-from tests.helpers import make_engine
+from tests.helpers import make_engine, make_peft_adapter
 
 gguf = pytest.importorskip("gguf")
 
@@ -139,3 +139,39 @@ def test_forward_gives_transformers_logits(tiny):
     want_tokens = out[0, ids.shape[1] :].tolist()
     got = [t.token_id for t in result.tokens]
     assert got == want_tokens[: len(got)] and (len(got) == 8 or got[-1] == 2)
+
+
+def test_embedded_default_serves_the_shipped_adapters(tmp_path, monkeypatch):
+    """The SmolLM2 default's set-up, on a tiny GGUF: random demo adapters of the model's shapes
+    while no skill adapters are shipped; the shipped ones (copied, kept in step) once there are."""
+    import hotmerge.smollm2 as smollm2
+    from hotmerge.embedded import DEMO_ADAPTERS, ensure_embedded
+
+    source = write_tiny_gguf(tmp_path / "tiny.gguf")
+    monkeypatch.setattr(smollm2, "smollm2_gguf", lambda: source)
+    monkeypatch.setattr(smollm2, "SHIPPED_ADAPTERS", tmp_path / "shipped")
+    model_dir, root = ensure_embedded(tmp_path / "data", kind="smollm2")
+    assert model_dir.name == smollm2.MODEL_NAME
+    assert sorted(p.name for p in root.iterdir()) == [a.name for a in DEMO_ADAPTERS]
+
+    shipped = make_peft_adapter(model_dir, tmp_path / "shipped" / "sql", seed=3, scale=20.0)
+    (shipped / "training.json").write_text("{}\n")
+    assert ensure_embedded(tmp_path / "data", kind="smollm2") == (model_dir, root)
+    for name in ("adapter_config.json", "adapter_model.safetensors", "training.json"):
+        assert (root / "sql" / name).read_bytes() == (shipped / name).read_bytes()
+    make_peft_adapter(model_dir, shipped, seed=4, scale=20.0)  # a retrained adapter replaces it
+    ensure_embedded(tmp_path / "data", kind="smollm2")
+    assert (root / "sql" / "adapter_model.safetensors").read_bytes() == (
+        shipped / "adapter_model.safetensors"
+    ).read_bytes()
+    engine = make_engine(model_dir, root)
+    try:
+        outs = {
+            a: engine.submit(GenerationRequest("hello", SamplingParams(max_new_tokens=6), a))
+            .wait()
+            .tokens
+            for a in (None, "sql")
+        }
+    finally:
+        engine.stop()
+    assert [t.token_id for t in outs[None]] != [t.token_id for t in outs["sql"]]
