@@ -199,9 +199,14 @@ def train(base, tok, skill: Skill, args, device) -> tuple:
 
 def save_adapter(model, folder: Path) -> None:
     """PEFT's files, with the weights cast to bfloat16 (half the bytes; hotmerge serves bf16)."""
-    model.peft_config["default"].base_model_name_or_path = BASE_NAME  # not this machine's path
     model.save_pretrained(folder)
     (folder / "README.md").unlink(missing_ok=True)  # PEFT's empty model card
+    # The base's name rather than this machine's path, written after saving: given a hub name,
+    # save_pretrained would look the base's config up online.
+    config_path = folder / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config["base_model_name_or_path"] = BASE_NAME
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     weights = folder / "adapter_model.safetensors"
     tensors = {k: v.to(torch.bfloat16).contiguous() for k, v in load_file(weights).items()}
     save_file(tensors, weights, metadata={"format": "pt"})
@@ -213,7 +218,7 @@ def device_name(device: torch.device) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -235,7 +240,7 @@ def main() -> None:
     ap.add_argument(
         "--base", type=Path, default=None, help="a .gguf, a folder holding one, or a model folder"
     )
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     names = [s for s in args.skills.split(",") if s]
     unknown = [s for s in names if s not in SKILLS]
     if unknown:
