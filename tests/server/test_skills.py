@@ -98,6 +98,7 @@ def test_python_runs_the_test_cases():
     assert skill.score(ex, "def other(xs):\n    return sum(x for x in xs if x > 4)") == 0.0
     assert skill.score(ex, "def get_total(xs):\n    return sum(x for x in xs if x > 4") == 0.0
     assert skill.score(ex, "def get_total(xs):\n    raise SystemExit(0)") == 0.0
+    assert skill.score(ex, "import os\nprint(1)\nos._exit(0)") == 0.0  # no passing by printing
     s = Example("p", "def take_data(s):\n    return s[:3]")
     assert skill.score(s, "def take_data(s):\n    return s[0:3]") == 1.0
     assert skill.score(s, "def take_data(s):\n    return s[:4]") == 0.0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import secrets
 import subprocess
 import sys
 
@@ -49,7 +50,8 @@ OPS = tuple(
     for f, c in FILTERS
 ) + tuple(("s", spec, body) for spec, body in STR_OPS)
 
-# Runs in a fresh interpreter: defines both functions, calls each on the inputs, prints 1 or 0.
+# Runs in a fresh interpreter: defines both functions, calls each on the inputs, and prints the
+# job's nonce only if they agree (a completion that prints and exits cannot pass by itself).
 _CHECK = """
 import json, sys
 job = json.load(sys.stdin)
@@ -61,7 +63,7 @@ try:
     ok = all(repr(fn(a)) == repr(ns_want[job["fn"]](a)) for a in job["inputs"])
 except BaseException:
     ok = False
-print(1 if ok else 0)
+print(job["nonce"] if ok else 0)
 """
 
 
@@ -85,12 +87,13 @@ class PythonSkill(PooledSkill):
             return 1.0  # identical source: same behaviour, no interpreter needed
         fn = example.reference.split("(", 1)[0].removeprefix("def ")
         inputs = LIST_INPUTS if f"{fn}(xs)" in example.reference else STR_INPUTS
-        job = json.dumps(dict(reference=example.reference, candidate=code, fn=fn, inputs=inputs))
+        nonce = secrets.token_hex(8)
+        job = dict(reference=example.reference, candidate=code, fn=fn, inputs=inputs, nonce=nonce)
         try:
             out = subprocess.run(
                 [sys.executable, "-I", "-S", "-c", _CHECK],
-                input=job, capture_output=True, text=True, timeout=TIME_LIMIT_S,
+                input=json.dumps(job), capture_output=True, text=True, timeout=TIME_LIMIT_S,
             )  # fmt: skip
         except subprocess.TimeoutExpired:
             return 0.0
-        return float(out.stdout.strip() == "1")
+        return float(out.stdout.strip() == nonce)
