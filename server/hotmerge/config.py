@@ -19,7 +19,8 @@ def _ms(seconds: float) -> int:
 
 @dataclass
 class ServerConfig:
-    # None: the embedded default (a tiny random Llama and demo adapters built under data_dir).
+    # None: the embedded default (SmolLM2-135M-Instruct and its skill adapters, set up under
+    # data_dir; $HOTMERGE_EMBEDDED=tiny: a tiny random Llama). A .gguf is converted once.
     model: str | None = None
     data_dir: Path = field(default_factory=settings.data_dir)
     # Where adapters live, one PEFT folder per adapter id. None: data_dir/adapters.

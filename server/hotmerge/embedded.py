@@ -1,7 +1,10 @@
-"""The embedded default: a small random Llama model, a byte-level tokenizer and demo adapters.
+"""The embedded default model and adapters, built under the data dir when no --model is given.
 
-Built from a config with a fixed seed, so ``make serve`` needs no network. The text it writes
-is meaningless; it exists so that the whole path (adapters, batching, timings) runs anywhere.
+Two kinds, chosen by ``$HOTMERGE_EMBEDDED``:
+- ``smollm2`` (the default): SmolLM2-135M-Instruct with the trained skill adapters (smollm2.py);
+- ``tiny``: a small random Llama with a byte-level tokenizer and random demo adapters, built
+  from a config with a fixed seed. Its text is meaningless; it exists so that the whole path
+  (adapters, batching, timings) runs anywhere in seconds, and the tests use it.
 The demo adapters are written in PEFT's on-disk format without importing peft.
 """
 
@@ -19,6 +22,9 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+
+from hotmerge import settings
+from hotmerge.errors import InvalidArgument
 
 log = logging.getLogger(__name__)
 
@@ -225,8 +231,26 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def ensure_embedded(data_dir: Path | str) -> tuple[Path, Path]:
-    """Build the embedded model and demo adapters under ``data_dir`` once; return their dirs.
+KINDS = ("smollm2", "tiny")
+
+
+def ensure_embedded(data_dir: Path | str, kind: str | None = None) -> tuple[Path, Path]:
+    """The embedded default of ``kind`` (default: ``$HOTMERGE_EMBEDDED``, else smollm2), built
+    under ``data_dir`` once; returns (model dir, adapter root)."""
+    kind = kind or settings.embedded_kind() or KINDS[0]
+    if kind == "tiny":
+        return ensure_tiny(data_dir)
+    if kind == "smollm2":
+        from hotmerge.smollm2 import ensure_smollm2  # it builds on this module's writers
+
+        return ensure_smollm2(Path(data_dir))
+    raise InvalidArgument(
+        f"${settings.EMBEDDED_ENV}={kind!r}: the embedded default is one of {KINDS}"
+    )
+
+
+def ensure_tiny(data_dir: Path | str) -> tuple[Path, Path]:
+    """Build the tiny random model and demo adapters under ``data_dir`` once; return their dirs.
 
     Idempotent: a complete build is marked by a file listing what it wrote (sizes; hashes of the
     demo adapters), checked at each start, and rebuilt when damaged. A build is written to a

@@ -124,11 +124,14 @@ def build_engine(config: ServerConfig) -> tuple[Engine, AdapterStore]:
     """Load the model (the embedded default when config.model is None), build the adapter
     store for it and start the engine."""
     from hotmerge.embedded import ensure_embedded
+    from hotmerge.engine.models.gguf import resolve_model
 
     model, adapter_root = config.model, config.adapter_root
     if model is None:
         model_dir, embedded_adapters = ensure_embedded(config.data_dir)
         model, adapter_root = str(model_dir), adapter_root or embedded_adapters
+    else:  # a GGUF file (or a folder of one) is converted once, cached under the data dir
+        model = resolve_model(model, config.data_dir / "models")
     adapter_root = adapter_root or config.data_dir / "adapters"
     engine_config = dataclasses.replace(
         config.engine, reserved_bytes=config.adapter_budget_bytes + config.merge_budget_bytes
