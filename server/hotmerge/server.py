@@ -178,7 +178,7 @@ def build_named_merges(store: AdapterStore, config: ServerConfig) -> NamedMerges
     """The registry, with the merges of ``config.merges_file`` (a bad file stops the start)."""
 
     def is_adapter(name: str) -> bool:
-        return store.is_loaded(name) or store.has_adapter_dir(name)
+        return store.is_loaded(name) or store.adapter_root.has_adapter_dir(name)
 
     named = NamedMerges(
         is_adapter, max_adapters=config.max_merge_adapters, max_names=config.max_named_merges
@@ -314,7 +314,7 @@ def serve(config: ServerConfig) -> None:
         engine.max_input_tokens,
         engine.max_total_tokens,
         engine.kv_capacity_tokens,
-        running.store.root,
+        running.store.adapter_root.path,
     )
     # A timed wait: Python runs signal handlers only in the main thread, and a signal the
     # kernel hands to another thread does not wake an untimed wait.

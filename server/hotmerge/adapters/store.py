@@ -1,9 +1,10 @@
 """The adapter store: PEFT LoRA adapters loaded once, resident on the device, LRU by bytes.
 
 An adapter id is a directory under the store's root (``name`` or ``org/name``) holding
-``adapter_config.json`` and ``adapter_model.safetensors`` in PEFT's format. Ids never resolve
-outside the root. A running request pins its adapter (:meth:`AdapterStore.acquire` /
-:meth:`AdapterStore.release`, or :meth:`AdapterStore.use`) so that eviction never takes it.
+``adapter_config.json`` and ``adapter_model.safetensors`` in PEFT's format; ``root.AdapterRoot``
+checks ids and resolves them to folders, never outside the root. A running request pins its
+adapter (:meth:`AdapterStore.acquire` / :meth:`AdapterStore.release`, or :meth:`AdapterStore.use`)
+so that eviction never takes it.
 
 The files are checked by ``adapter_files`` before anything is read into memory: the config, and
 the safetensors header against the served model's modules and the adapter budget. Residency
@@ -15,7 +16,6 @@ and headers only; an adapter whose files are bad is left out of the list (and lo
 from __future__ import annotations
 
 import logging
-import re
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -38,14 +38,12 @@ from hotmerge.adapters.files import (
     short,
 )
 from hotmerge.adapters.pinned_lru import PinnedLRU
+from hotmerge.adapters.root import AdapterRoot
 from hotmerge.errors import InvalidArgument, NotFound
 
 log = logging.getLogger(__name__)
 
 __all__ = ["AdapterInfo", "AdapterStore", "LoadedAdapter", "LoraConfig", "parse_lora_config"]
-# One or two path components of plain characters; no component may start with '.'.
-_ID_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*(/[A-Za-z0-9_][A-Za-z0-9._-]*)?")
-MAX_ID_PART = 255  # a file name's limit on common file systems
 
 
 @dataclass(frozen=True)
@@ -83,12 +81,11 @@ class AdapterStore:
         max_wait_s: float = 30.0,
         max_rank: int | None = None,
     ) -> None:
-        self.root = Path(root)
+        self.adapter_root = AdapterRoot(root, allow_hub=allow_hub)  # where the folders are
         self.max_rank = max_rank  # the engine's --max-lora-rank: LoadAdapter refuses wider
         self.device = torch.device(device)
         self.dtype = dtype
         self.module_shapes = dict(module_shapes)
-        self.allow_hub = allow_hub
         self._lru: PinnedLRU[LoadedAdapter] = PinnedLRU(
             budget_bytes,
             what="adapter",
@@ -140,9 +137,9 @@ class AdapterStore:
 
     def load(self, adapter_id: str, *, deadline: float | None = None) -> tuple[AdapterInfo, float]:
         """Load (LoadAdapter): an adapter wider than ``max_rank`` is refused, not loaded."""
-        self._check_id(adapter_id)
+        self.adapter_root.check_id(adapter_id)
         if self.max_rank is not None and self._lru.peek(adapter_id) is None:
-            info = self._describe(adapter_id, self._resolve(adapter_id))[0]
+            info = self._describe(adapter_id, self.adapter_root.resolve(adapter_id))[0]
             if info.rank > self.max_rank:
                 raise InvalidArgument(
                     f"adapter {short(adapter_id)}: rank {info.rank} is more than the engine's "
@@ -157,7 +154,7 @@ class AdapterStore:
 
         Its device memory goes back at once: nothing else keeps the tensors (on CUDA the
         allocator's cache is emptied too)."""
-        self._check_id(adapter_id)
+        self.adapter_root.check_id(adapter_id)
         if self._lru.remove(adapter_id) is None:
             return False
         free_device_memory(self.device)
@@ -168,11 +165,11 @@ class AdapterStore:
 
         Reads configs and safetensors headers only; a folder with bad files is left out."""
         infos = {aid: a.info for aid, a in self._lru.items()}
-        for adapter_id in self._scan_root():
+        for adapter_id in self.adapter_root.ids():
             if adapter_id in infos:
                 continue
             try:
-                directory = self._local_dir(adapter_id)
+                directory = self.adapter_root.local_dir(adapter_id)
                 infos[adapter_id] = self._describe(adapter_id, directory, fits_model=False)[0]
             except (InvalidArgument, NotFound, OSError) as exc:
                 log.warning("adapter list: skipping %s: %s", short(adapter_id), exc)
@@ -193,7 +190,7 @@ class AdapterStore:
         resident = self._lru.peek(adapter_id)
         if resident is not None:
             return resident.info.nbytes
-        return self._describe(adapter_id, self._resolve(adapter_id))[0].nbytes
+        return self._describe(adapter_id, self.adapter_root.resolve(adapter_id))[0].nbytes
 
     @property
     def loaded_count(self) -> int:
@@ -207,16 +204,16 @@ class AdapterStore:
     def _get(
         self, adapter_id: str, *, pin: bool, deadline: float | None
     ) -> tuple[LoadedAdapter, float]:
-        self._check_id(adapter_id)
+        self.adapter_root.check_id(adapter_id)
         checked = None
         if self._lru.peek(adapter_id) is None:  # check files and budget before reading weights
-            directory = self._resolve(adapter_id)
+            directory = self.adapter_root.resolve(adapter_id)
             checked = directory, *self._describe(adapter_id, directory)
 
         def make() -> tuple[LoadedAdapter, int]:
             nonlocal checked
             if checked is None:  # it was resident, and was evicted since: check again
-                directory = self._resolve(adapter_id)
+                directory = self.adapter_root.resolve(adapter_id)
                 checked = directory, *self._describe(adapter_id, directory)
             adapter = self._read(adapter_id, *checked)
             return adapter, adapter.info.nbytes
@@ -264,112 +261,13 @@ class AdapterStore:
             rank=packed.rank,
             scaling=packed.scaling,
         )
-        self._revisions[self._file_key(directory)] = revision
+        self._revisions[self.adapter_root.file_key(directory)] = revision
         self.loads += 1
         return LoadedAdapter(
             replace(info, loaded=True, nbytes=weights.nbytes, revision=revision), weights
         )
 
-    def _check_shapes(self, adapter_id: str, rank: int, header: WeightsHeader) -> None:
-        """The header's tensors against the served model's modules and the config's rank."""
-        shapes = {(t.module, t.part): t.shape for t in header.tensors}
-        for module in sorted({m for m, _ in shapes}):
-            if module not in self.module_shapes:
-                raise InvalidArgument(
-                    f"adapter {short(adapter_id)}: module {module!r} is not a LoRA target layer "
-                    "of the served model (wrong base model?)"
-                )
-            fan_in, fan_out = self.module_shapes[module]
-            for part, expected in (("A", (rank, fan_in)), ("B", (fan_out, rank))):
-                shape = shapes.get((module, part))
-                if shape is None:
-                    raise InvalidArgument(
-                        f"adapter {short(adapter_id)}: module {module!r} has no lora_{part} tensor"
-                    )
-                if shape != expected:
-                    raise InvalidArgument(
-                        f"adapter {short(adapter_id)}: module {module!r} lora_{part} has shape "
-                        f"{shape}, expected {expected} (wrong base model?)"
-                    )
-
-    # -- files ------------------------------------------------------------------------------
-
-    def _check_id(self, adapter_id: str) -> None:
-        if not isinstance(adapter_id, str) or not _ID_RE.fullmatch(adapter_id):
-            raise InvalidArgument(
-                f"adapter id {short(str(adapter_id))} is not valid: use 'name' or 'org/name' "
-                "(letters, digits, '.', '_', '-'; no '..', no absolute path)"
-            )
-        longest = max(len(part) for part in adapter_id.split("/"))
-        if longest > MAX_ID_PART:
-            raise InvalidArgument(
-                f"adapter id {short(adapter_id)} has a part of {longest} characters; each part "
-                f"of an id is a folder name, at most {MAX_ID_PART} characters"
-            )
-
-    def _local_dir(self, adapter_id: str) -> Path:
-        """The adapter's directory under the root; never a path outside it (symlinks too)."""
-        self._check_id(adapter_id)
-        try:
-            root = self.root.resolve()
-            directory = (root / adapter_id).resolve()
-            if not directory.is_relative_to(root):
-                raise InvalidArgument(
-                    f"adapter id {short(adapter_id)} resolves outside the adapter root"
-                )
-            for name in (CONFIG_FILE, WEIGHTS_FILE):
-                path = directory / name
-                if path.exists() and not path.resolve().is_relative_to(root):
-                    raise InvalidArgument(
-                        f"adapter {short(adapter_id)}: {name} resolves outside the adapter root"
-                    )
-        except (RuntimeError, OSError) as exc:  # a symlink loop (RuntimeError on Python 3.11)
-            raise InvalidArgument(
-                f"adapter {short(adapter_id)}: its path cannot be resolved ({exc}); a symlink loop?"
-            ) from None
-        return directory
-
-    def has_adapter_dir(self, name: str) -> bool:
-        """Whether ``name`` is an adapter id with a folder under the root. A name that is not a
-        valid id is not one, and the disk is never looked at outside the root."""
-        try:
-            return self._local_dir(name).is_dir()
-        except InvalidArgument:
-            return False
-
-    def _resolve(self, adapter_id: str) -> Path:
-        directory = self._local_dir(adapter_id)
-        if not (directory / CONFIG_FILE).is_file():
-            if self.allow_hub and "/" in adapter_id:
-                return self._download(adapter_id)
-            raise NotFound(f"adapter {short(adapter_id)} not found under the adapter root")
-        if not (directory / WEIGHTS_FILE).is_file():
-            if any(directory.glob("*.bin")):
-                raise InvalidArgument(
-                    f"adapter {short(adapter_id)} has only pickle weights (.bin); convert it to "
-                    f"safetensors ({WEIGHTS_FILE}), e.g. load it with peft and save_pretrained"
-                )
-            raise NotFound(f"adapter {short(adapter_id)}: no {WEIGHTS_FILE} in its directory")
-        return directory
-
-    def _download(self, adapter_id: str) -> Path:
-        """Fetch config + safetensors of a hub adapter into the root (only with allow_hub)."""
-        from huggingface_hub import snapshot_download
-
-        try:
-            path = snapshot_download(
-                repo_id=adapter_id,
-                allow_patterns=[CONFIG_FILE, "*.safetensors"],
-                local_dir=str(self.root / adapter_id),
-            )
-        except Exception as exc:  # the hub's errors are many; all mean "could not get it"
-            raise NotFound(f"adapter {short(adapter_id)}: hub download failed: {exc}") from exc
-        directory = Path(path)
-        if not (directory / WEIGHTS_FILE).is_file():
-            raise InvalidArgument(
-                f"adapter {short(adapter_id)}: the hub repo has no {WEIGHTS_FILE}"
-            )
-        return directory
+    # -- describing ---------------------------------------------------------------------------
 
     def _describe(
         self, adapter_id: str, directory: Path, *, fits_model: bool = True
@@ -382,7 +280,7 @@ class AdapterStore:
             raise NotFound(f"adapter {short(adapter_id)}: no {WEIGHTS_FILE}")
         header = read_header(adapter_id, weights)
         if fits_model:
-            self._check_shapes(adapter_id, config.rank, header)
+            _check_fits_model(adapter_id, config.rank, header, self.module_shapes)
         info = AdapterInfo(
             id=adapter_id,
             rank=config.rank,
@@ -391,29 +289,34 @@ class AdapterStore:
             target_modules=config.target_modules,
             nbytes=header.numel * self.dtype.itemsize,
             loaded=False,
-            revision=self._revisions.get(self._file_key(directory), ""),
+            revision=self._revisions.get(self.adapter_root.file_key(directory), ""),
         )
         return info, config, header
 
-    @staticmethod
-    def _file_key(directory: Path) -> tuple:
-        try:
-            st, sc = (directory / WEIGHTS_FILE).stat(), (directory / CONFIG_FILE).stat()
-        except OSError:  # vanished or a loop since it was read: no revision to remember
-            return (str(directory),)
-        return (str(directory), st.st_size, st.st_mtime_ns, sc.st_size, sc.st_mtime_ns)
 
-    def _scan_root(self) -> list[str]:
-        if not self.root.is_dir():
-            return []
-        found = []
-        for config in sorted(self.root.glob(f"*/{CONFIG_FILE}")) + sorted(
-            self.root.glob(f"*/*/{CONFIG_FILE}")
-        ):
-            adapter_id = config.parent.relative_to(self.root).as_posix()
-            if _ID_RE.fullmatch(adapter_id):
-                found.append(adapter_id)
-        return found
+def _check_fits_model(
+    adapter_id: str, rank: int, header: WeightsHeader, module_shapes: dict[str, tuple[int, int]]
+) -> None:
+    """The header's tensors against the served model's modules and the config's rank."""
+    shapes = {(t.module, t.part): t.shape for t in header.tensors}
+    for module in sorted({m for m, _ in shapes}):
+        if module not in module_shapes:
+            raise InvalidArgument(
+                f"adapter {short(adapter_id)}: module {module!r} is not a LoRA target layer "
+                "of the served model (wrong base model?)"
+            )
+        fan_in, fan_out = module_shapes[module]
+        for part, expected in (("A", (rank, fan_in)), ("B", (fan_out, rank))):
+            shape = shapes.get((module, part))
+            if shape is None:
+                raise InvalidArgument(
+                    f"adapter {short(adapter_id)}: module {module!r} has no lora_{part} tensor"
+                )
+            if shape != expected:
+                raise InvalidArgument(
+                    f"adapter {short(adapter_id)}: module {module!r} lora_{part} has shape "
+                    f"{shape}, expected {expected} (wrong base model?)"
+                )
 
 
 def free_device_memory(device: torch.device) -> None:

@@ -346,7 +346,7 @@ class HotmergeService(pb_grpc.HotmergeServicer):
         with self._rpc(context, "Info", _request_id(context)):
             engine = self.path.ready_engine()
             runner, store = engine.runner, self.path.ready_store()
-            hub = "hub ids allowed" if store.allow_hub else "local only"
+            hub = "hub ids allowed" if store.adapter_root.allow_hub else "local only"
             return pb.InfoResponse(
                 model_id=runner.model_id,
                 dtype=str(runner.dtype).removeprefix("torch."),
@@ -358,7 +358,7 @@ class HotmergeService(pb_grpc.HotmergeServicer):
                 max_merge_adapters=self.path.max_merge_adapters,
                 merge_strategies=[s.value for s in Strategy],
                 version=__version__,
-                adapter_source=f"{store.root} ({hub})",
+                adapter_source=f"{store.adapter_root.path} ({hub})",
             )
 
     def ListAdapters(self, request, context):
