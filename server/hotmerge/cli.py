@@ -379,6 +379,10 @@ def _serve_parser(sub) -> None:
         help="run decode eagerly instead of replaying captured CUDA graphs",
     )  # fmt: skip
     p.add_argument(
+        "--no-prefix-caching", dest="prefix_caching", action="store_false", default=None,
+        help="compute every prompt's KV, never reusing a cached prefix's blocks",
+    )  # fmt: skip
+    p.add_argument(
         "--eager-model", action="store_true", default=None,
         help="run the model through transformers' own forward (any architecture, slower)",
     )  # fmt: skip

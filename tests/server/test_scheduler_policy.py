@@ -10,7 +10,7 @@ import itertools
 
 import pytest
 from hotmerge.engine.detok import TextStream
-from hotmerge.engine.kv_cache import KVBlockPool
+from hotmerge.engine.block_manager import BlockManager
 from hotmerge.engine.requests import AdapterLease, GenerationHandle
 from hotmerge.engine.scheduler import AdapterWrite, Scheduler
 from hotmerge.engine.sequence import Sequence
@@ -45,9 +45,9 @@ def sequence(prompt_len=5, max_new_tokens=4, adapter=None, *, deadline=None, que
     )
 
 
-def scheduler(*, blocks=64, slots=2, batch=4, prefill=64, total=256) -> Scheduler:
+def scheduler(*, blocks=64, slots=2, batch=4, prefill=64, total=256, caching=True) -> Scheduler:
     return Scheduler(
-        KVBlockPool(blocks + 1, BLOCK),  # + the null block
+        BlockManager(blocks + 1, BLOCK, prefix_caching=caching),  # + the null block
         SlotTable(slots),
         max_batch_size=batch,
         max_prefill_tokens=prefill,
@@ -79,18 +79,19 @@ def test_admission_is_first_come_first_served_up_to_the_batch_size():
     assert sched.admit(now=0.0).admitted == [c] and sched.running == [b, c]
 
 
-def test_kv_worst_case_is_reserved_and_a_big_request_is_not_overtaken():
+def test_admission_takes_the_prompts_blocks_and_a_big_request_is_not_overtaken():
     sched = scheduler(blocks=6)
-    big, first, small = sequence(12, 4), sequence(8, 4), sequence(2, 2)  # 4, 3, 1 blocks
+    big, first, small = sequence(16, 4), sequence(12, 4), sequence(2, 2)  # 4, 3, 1 blocks
     add(sched, big, first, small)
-    assert sched.admit(now=0.0).admitted == [big]
-    assert sched.kv.can_reserve(2) and not sched.kv.can_reserve(3)  # 6 - 4 reserved
+    assert sched.admit(now=0.0).admitted == [big]  # by need: its prompt's 4 blocks only
+    assert len(big.table.blocks) == 4 and sched.kv.free_blocks == 2
     assert sched.admit(now=0.0).admitted == []  # ``first`` waits, and ``small`` behind it
-    assert big.reserved == 4 and big.blocks == []  # reserved, not yet taken
-    step(sched)  # the prompt's 12 tokens take 3 blocks; the 4th is taken as tokens come
-    assert len(big.blocks) == 3 and big.reserved == 1
+    step(sched)  # the prompt is in; its first token's block comes when it is decoded
+    assert len(big.table.blocks) == 4
+    step(sched)
+    assert len(big.table.blocks) == 5 and sched.kv.free_blocks == 1
     sched.finish(big)
-    assert sched.kv.free_blocks == 6 and sched.kv.can_reserve(6)
+    assert sched.kv.free_blocks == 6 and big.table is None
     assert sched.admit(now=0.0).admitted == [first, small]
 
 
