@@ -9,8 +9,8 @@ from __future__ import annotations
 import itertools
 
 import pytest
-from hotmerge.engine.detok import TextStream
 from hotmerge.engine.block_manager import BlockManager
+from hotmerge.engine.detok import TextStream
 from hotmerge.engine.requests import AdapterLease, GenerationHandle
 from hotmerge.engine.scheduler import AdapterWrite, Scheduler
 from hotmerge.engine.sequence import Sequence
