@@ -220,3 +220,76 @@ def test_queued_sequences_no_longer_wanted_are_dropped(why):
     admission = sched.admit(now=10.0)
     assert admission.dropped == [seq] and admission.admitted == [kept]
     assert not sched.finish(seq) and seq.done  # it was never running: nothing to give back
+
+
+def test_a_cached_prefix_is_shared_and_its_prefill_skipped():
+    sched = scheduler()
+    first = sequence(10, 4)  # blocks of 4: two full blocks, then 2 tokens
+    add(sched, first)
+    sched.admit(now=0.0)
+    step(sched)  # prefilled and committed
+    same, other = sequence(10, 4), sequence(10, 4, adapter=Adapter())
+    other.kv_key = ("object", 1)  # KV computed with an adapter is never the base's
+    add(sched, same, other)
+    sched.admit(now=0.0)
+    assert same.prefilled == 8 and same.table.blocks[:2] == first.table.blocks[:2]
+    assert other.prefilled == 0 and not set(other.table.blocks) & set(first.table.blocks)
+    plan = sched.schedule()
+    assert [(c.start, len(c.token_ids)) for c in plan.chunks] == [(8, 2), (0, 10)]
+    for seq in (first, same, other):
+        sched.finish(seq)
+    assert sched.kv.free_blocks == sched.kv.capacity_blocks and sched.kv.hits == 8
+
+
+def test_a_prompt_to_score_is_computed_whole():
+    sched = scheduler()
+    first, scored = sequence(10, 4), sequence(10, 4, prompt_logprobs=True)
+    add(sched, first)
+    sched.admit(now=0.0)
+    step(sched)
+    add(sched, scored)
+    sched.admit(now=0.0)
+    assert scored.prefilled == 0 and sched.schedule().chunks[0].score
+
+
+def test_the_latest_admitted_row_is_preempted_and_resumes_where_it_was():
+    sched = scheduler(blocks=6, caching=False)
+    old, new = sequence(7, 8), sequence(7, 8)  # 2 blocks each at admission
+    add(sched, old, new)
+    sched.admit(now=0.0)
+    step(sched, 20)  # prompts in: positions 0-6, first tokens sampled
+    step(sched, 21)  # position 7 (old: 2 blocks; new: 2) ...
+    step(sched, 22)  # position 8: each takes a 3rd block: 6 of 6 used
+    assert sched.kv.free_blocks == 0 and old.generated == new.generated == [20, 21, 22]
+    for token in (23, 24, 25):  # positions 9-11 fit the 3rd block
+        step(sched, token)
+    plan = sched.schedule()  # position 12: old needs a 4th block, and ``new`` makes room
+    assert [r.seq_id for r in plan.decode] == [old.seq_id] and plan.chunks == []
+    assert sched.running == [old] and list(sched.waiting) == [new] and new.table is None
+    assert new.prefill_end == 7 + 6 - 1 and new.prefilled == 0 and sched.preemptions == 1
+    sched.postprocess(plan, [26])
+    sched.finish(old)
+    sched.admit(now=0.0)  # back first, its queue wait no obstacle
+    plan = sched.schedule()  # recompute: the prompt and every token but the last
+    chunk = plan.chunks[0]
+    assert chunk.token_ids == [*range(10, 17), 20, 21, 22, 23, 24] and chunk.start == 0
+    assert not chunk.last and not chunk.score and plan.sampled == []
+    sched.postprocess(plan, [])
+    plan = sched.schedule()  # then decoding goes on from its last token: nothing repeated
+    assert [(r.token_id, r.position) for r in plan.decode] == [(25, 12)]
+    sched.postprocess(plan, [26])
+    assert new.generated == [20, 21, 22, 23, 24, 25, 26]
+    sched.finish(new)
+    assert sched.kv.free_blocks == sched.kv.capacity_blocks
+
+
+def test_a_row_preempts_itself_when_it_is_the_latest():
+    sched = scheduler(blocks=4, caching=False)
+    old, new = sequence(7, 8), sequence(3, 8)  # 2 blocks, 1 block
+    add(sched, old, new)
+    sched.admit(now=0.0)
+    step(sched)  # prompts in
+    step(sched)  # old at position 7 (2nd block), new at 3 (1st block)
+    plan = sched.schedule()  # old: a 3rd block (the last free); new: a 2nd, none left
+    assert [r.seq_id for r in plan.decode] == [old.seq_id]
+    assert list(sched.waiting) == [new] and sched.kv.free_blocks == 1  # new's block back
