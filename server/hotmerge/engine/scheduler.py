@@ -62,6 +62,8 @@ class StepPlan:
     chunks: list[PrefillChunk]
     chunk_seqs: list[Sequence]  # the sequence of each chunk
     sampled: list[Sequence] = field(default_factory=list)
+    # Decode rows whose token fills their last block (registered for reuse after the step).
+    filling: list[Sequence] = field(default_factory=list)
 
 
 class Scheduler:
@@ -128,20 +130,32 @@ class Scheduler:
         must make room for others' tokens are preempted first."""
         decoding = [s for s in self.running if not s.prefilling and s.ending is None]
         preempted: list[Sequence] = []
+        size = self.kv.block_size
+        rows, filling = [], []  # the block manager sees a row only at a block boundary
         for s in decoding:
-            if s.table is not None:  # not preempted for an earlier row
-                self._grow(s, len(s.prompt_ids) + len(s.generated), preempted)
-        sampled = [s for s in decoding if s.table is not None] if preempted else decoding
-        decode = []
-        for s in sampled:
+            table = s.table
+            if table is None:  # preempted for an earlier row
+                continue
             position = len(s.prompt_ids) + len(s.generated) - 1
-            decode.append(DecodeRow(s.seq_id, s.generated[-1], position, s.table.blocks, s.slot))
+            offset = position % size
+            if offset == 0 and position >= len(table.blocks) * size:  # a new block
+                self._grow(s, position + 1, preempted)
+                if s.table is None:
+                    continue
+            elif offset == size - 1:
+                filling.append(s)
+            rows.append(DecodeRow(s.seq_id, s.generated[-1], position, table.blocks, s.slot))
+        if preempted:  # rows made room for later ones: those gone leave the step
+            gone = {v.seq_id for v in preempted}
+            rows = [r for r in rows if r.seq_id not in gone]
+            decoding = [s for s in decoding if s.table is not None]
+            filling = [s for s in filling if s.table is not None]
         chunks, chunk_seqs = self._prefill_chunks()
         if chunks:
-            sampled.extend(s for s, c in zip(chunk_seqs, chunks, strict=True) if c.last)
-        elif not decode:
+            decoding.extend(s for s, c in zip(chunk_seqs, chunks, strict=True) if c.last)
+        elif not rows:
             return None
-        return StepPlan(decode, chunks, chunk_seqs, sampled)
+        return StepPlan(rows, chunks, chunk_seqs, decoding, filling)
 
     def _prefill_chunks(self) -> tuple[list[PrefillChunk], list[Sequence]]:
         """The next prefill chunks, up to ``max_prefill_tokens`` (at least one chunk); each
@@ -212,10 +226,8 @@ class Scheduler:
         what the next step feeds them, and whether it ends them (``ending``: EOS, length).
         Returns the sequences the step finished without a token: prompt scoring only
         (max_new_tokens 0) whose prompt is now all in."""
-        size = self.kv.block_size
-        for seq, row in zip(plan.sampled, plan.decode, strict=False):  # decode rows first
-            if (row.position + 1) % size == 0:  # it filled its last block
-                self._commit(seq, row.position + 1)
+        for seq in plan.filling:
+            self._commit(seq, len(seq.prompt_ids) + len(seq.generated))  # its token not in yet
         for seq in plan.chunk_seqs:
             self._commit(seq, seq.prefilled)
         for seq, token in zip(plan.sampled, tokens, strict=True):
