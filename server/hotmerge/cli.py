@@ -383,6 +383,10 @@ def _serve_parser(sub) -> None:
         help="compute every prompt's KV, never reusing a cached prefix's blocks",
     )  # fmt: skip
     p.add_argument(
+        "--no-mixed-steps", dest="mixed_steps", action="store_false", default=None,
+        help="run prompt chunks in a forward of their own, not with the decode rows",
+    )  # fmt: skip
+    p.add_argument(
         "--eager-model", action="store_true", default=None,
         help="run the model through transformers' own forward (any architecture, slower)",
     )  # fmt: skip

@@ -45,7 +45,9 @@ def sequence(prompt_len=5, max_new_tokens=4, adapter=None, *, deadline=None, que
     )
 
 
-def scheduler(*, blocks=64, slots=2, batch=4, prefill=64, total=256, caching=True) -> Scheduler:
+def scheduler(
+    *, blocks=64, slots=2, batch=4, prefill=64, total=256, caching=True, mixed=True
+) -> Scheduler:
     return Scheduler(
         BlockManager(blocks + 1, BLOCK, prefix_caching=caching),  # + the null block
         SlotTable(slots),
@@ -53,6 +55,7 @@ def scheduler(*, blocks=64, slots=2, batch=4, prefill=64, total=256, caching=Tru
         max_prefill_tokens=prefill,
         max_total_tokens=total,
         eos_token_ids=frozenset({EOS}),
+        mixed_steps=mixed,
     )
 
 
@@ -235,7 +238,8 @@ def test_a_cached_prefix_is_shared_and_its_prefill_skipped():
     assert same.prefilled == 8 and same.table.blocks[:2] == first.table.blocks[:2]
     assert other.prefilled == 0 and not set(other.table.blocks) & set(first.table.blocks)
     plan = sched.schedule()
-    assert [(c.start, len(c.token_ids)) for c in plan.chunks] == [(8, 2), (0, 10)]
+    prompts = plan.chunks[plan.decode_chunks :]  # after ``first``'s decode row (mixed step)
+    assert [(c.start, len(c.token_ids)) for c in prompts] == [(8, 2), (0, 10)]
     for seq in (first, same, other):
         sched.finish(seq)
     assert sched.kv.free_blocks == sched.kv.capacity_blocks and sched.kv.hits == 8
@@ -249,7 +253,9 @@ def test_a_prompt_to_score_is_computed_whole():
     step(sched)
     add(sched, scored)
     sched.admit(now=0.0)
-    assert scored.prefilled == 0 and sched.schedule().chunks[0].score
+    assert scored.prefilled == 0 and sched.kv.hits == 0
+    plan = sched.schedule()
+    assert plan.chunks[plan.decode_chunks].start == 0 and plan.chunks[plan.decode_chunks].score
 
 
 def test_the_latest_admitted_row_is_preempted_and_resumes_where_it_was():
@@ -293,3 +299,30 @@ def test_a_row_preempts_itself_when_it_is_the_latest():
     plan = sched.schedule()  # old: a 3rd block (the last free); new: a 2nd, none left
     assert [r.seq_id for r in plan.decode] == [old.seq_id]
     assert list(sched.waiting) == [new] and sched.kv.free_blocks == 1  # new's block back
+
+
+@pytest.mark.parametrize("mixed", [True, False])
+def test_a_mixed_step_puts_decode_rows_first_as_one_token_chunks(mixed):
+    sched = scheduler(prefill=8, mixed=mixed, caching=False)
+    running, late = sequence(5, 8), sequence(10, 4)
+    add(sched, running)
+    sched.admit(now=0.0)
+    step(sched, 20)  # its prompt: it decodes from now on
+    add(sched, late)
+    sched.admit(now=0.0)
+    plan, _ = step(sched, 21)
+    assert plan.sampled == [running]  # late's first chunk gives no token
+    prompt = plan.chunks[plan.decode_chunks :]
+    if mixed:  # one forward; the decode row's token counts against the budget
+        assert plan.decode == [] and plan.decode_chunks == 1 and sched.mixed_plans == 1
+        row = plan.chunks[0]
+        assert (row.token_ids, row.start, row.last, row.score) == ([20], 5, True, False)
+        assert row.block_table is running.table.blocks and plan.chunk_seqs[0] is running
+        assert [(c.start, len(c.token_ids)) for c in prompt] == [(0, 7)]
+    else:
+        assert [(r.token_id, r.position) for r in plan.decode] == [(20, 5)]
+        assert plan.decode_chunks == 0 and sched.mixed_plans == 0
+        assert [(c.start, len(c.token_ids)) for c in prompt] == [(0, 8)]
+    plan, _ = step(sched, 22)  # late's prompt ends: it is sampled after the decode row
+    assert plan.sampled == [running, late] and running.generated == [20, 21, 22]
+    assert late.generated == [22]

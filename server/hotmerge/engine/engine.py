@@ -93,6 +93,7 @@ class Engine:
             max_prefill_tokens=config.max_prefill_tokens,
             max_total_tokens=self.max_total_tokens,
             eos_token_ids=runner.eos_token_ids,
+            mixed_steps=config.mixed_steps,
         )
         self._decode_text = text_decoder(runner.tokenizer)
         self.stats = EngineStats()

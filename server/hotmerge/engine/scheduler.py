@@ -56,7 +56,9 @@ class Admission:
 @dataclass(eq=False)
 class StepPlan:
     """One step: decode rows, prompt chunks, and the sequences that get a token from it (in
-    the order of the logits: the decoding ones, then those whose prompt ends in this step)."""
+    the order of the logits: the decoding ones, then those whose prompt ends in this step).
+    A mixed step has no decode rows: they come as one-token chunks before the prompts', so
+    one forward reads the weights once for both."""
 
     decode: list[DecodeRow]
     chunks: list[PrefillChunk]
@@ -64,6 +66,7 @@ class StepPlan:
     sampled: list[Sequence] = field(default_factory=list)
     # Decode rows whose token fills their last block (registered for reuse after the step).
     filling: list[Sequence] = field(default_factory=list)
+    decode_chunks: int = 0  # the first chunks that are decode rows (a mixed step)
 
 
 class Scheduler:
@@ -76,6 +79,7 @@ class Scheduler:
         max_prefill_tokens: int,
         max_total_tokens: int,
         eos_token_ids: Collection[int],
+        mixed_steps: bool = True,
     ) -> None:
         self.kv = kv
         self.slots = slots
@@ -85,7 +89,9 @@ class Scheduler:
         self.eos_token_ids = eos_token_ids
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # admitted, in admission order
+        self.mixed_steps = mixed_steps  # decode rows and prompt chunks in one forward
         self.preemptions = 0
+        self.mixed_plans = 0
         self._order = itertools.count()
 
     def add(self, seq: Sequence) -> None:
@@ -150,17 +156,33 @@ class Scheduler:
             rows = [r for r in rows if r.seq_id not in gone]
             decoding = [s for s in decoding if s.table is not None]
             filling = [s for s in filling if s.table is not None]
-        chunks, chunk_seqs = self._prefill_chunks()
-        if chunks:
-            decoding.extend(s for s, c in zip(chunk_seqs, chunks, strict=True) if c.last)
-        elif not rows:
-            return None
-        return StepPlan(rows, chunks, chunk_seqs, decoding, filling)
+        mixing = self.mixed_steps and 0 < len(rows) < self.max_prefill_tokens
+        chunks, chunk_seqs = self._prefill_chunks(
+            self.max_prefill_tokens - len(rows) if mixing else self.max_prefill_tokens
+        )
+        if not chunks:
+            return StepPlan(rows, [], [], decoding, filling) if rows else None
+        sampled = decoding + [s for s, c in zip(chunk_seqs, chunks, strict=True) if c.last]
+        if mixing:  # one forward: each decode row is a one-token chunk, first (logits order)
+            self.mixed_plans += 1
+            chunks[:0] = [
+                PrefillChunk(
+                    seq_id=r.seq_id,
+                    token_ids=[r.token_id],
+                    start=r.position,
+                    block_table=r.block_table,
+                    slot=r.slot,
+                    last=True,
+                )
+                for r in rows
+            ]
+            chunk_seqs[:0] = decoding
+            return StepPlan([], chunks, chunk_seqs, sampled, filling, len(rows))
+        return StepPlan(rows, chunks, chunk_seqs, sampled, filling)
 
-    def _prefill_chunks(self) -> tuple[list[PrefillChunk], list[Sequence]]:
-        """The next prefill chunks, up to ``max_prefill_tokens`` (at least one chunk); each
+    def _prefill_chunks(self, budget: int) -> tuple[list[PrefillChunk], list[Sequence]]:
+        """The next prefill chunks, up to ``budget`` tokens (at least one chunk); each
         sequence's tokens count as in the cache from here (their blocks came at admission)."""
-        budget = self.max_prefill_tokens
         chunks, seqs = [], []
         for s in self.running:
             if not s.prefilling or (budget <= 0 and chunks):
@@ -228,7 +250,7 @@ class Scheduler:
         (max_new_tokens 0) whose prompt is now all in."""
         for seq in plan.filling:
             self._commit(seq, len(seq.prompt_ids) + len(seq.generated))  # its token not in yet
-        for seq in plan.chunk_seqs:
+        for seq in plan.chunk_seqs[plan.decode_chunks :]:
             self._commit(seq, seq.prefilled)
         for seq, token in zip(plan.sampled, tokens, strict=True):
             if seq.done:

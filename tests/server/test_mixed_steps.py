@@ -1,0 +1,68 @@
+"""Mixed steps end to end (CPU, float32, greedy, tiny model): prompts prefilled in the same
+forward as running rows' decode give every row the tokens it gets in steps of its own."""
+
+from __future__ import annotations
+
+import pytest
+from hotmerge.generation import GenerationRequest, SamplingParams
+
+from tests.helpers import make_engine, make_peft_adapter, tiny_llama
+
+PROMPT = "You are a helpful assistant. Answer briefly. Question {}: "
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("mixed")
+    model_dir = tiny_llama(tmp)
+    make_peft_adapter(model_dir, tmp / "adapters" / "qv", r=4, alpha=8, seed=1, scale=2.0)
+    engine = make_engine(
+        model_dir,
+        tmp / "adapters",
+        max_batch_size=4,
+        block_size=4,
+        max_prefill_tokens=16,  # prompts of ~60 tokens take several mixed steps
+        prefix_caching=False,
+        batch_wait_ms=1,
+    )
+    yield engine
+    engine.stop()
+
+
+def request(i: int, adapter_id=None, max_new_tokens=12) -> GenerationRequest:
+    params = SamplingParams(max_new_tokens=max_new_tokens)
+    return GenerationRequest(PROMPT.format(i), params, adapter_id)
+
+
+def token_ids(result) -> list[int]:
+    return [t.token_id for t in result.tokens]
+
+
+def test_prompts_joining_running_rows_get_the_tokens_of_separate_steps(engine):
+    cases = [(0, None, 40), (1, "qv", 12), (2, None, 12), (3, "qv", 30)]
+    alone = [token_ids(engine.submit(request(*case)).wait()) for case in cases]
+    plans = engine.scheduler.mixed_plans
+    first = engine.submit(request(*cases[0]))
+    events = iter(first)
+    streamed = [next(events).token_id]  # it decodes now: the others' prompts join its steps
+    later = [engine.submit(request(*case)) for case in cases[1:]]
+    streamed += [e.token_id for e in events]
+    together = [streamed, *(token_ids(h.wait()) for h in later)]
+    assert engine.scheduler.mixed_plans > plans
+    assert together == alone
+    assert engine.kv.free_blocks == engine.kv.capacity_blocks
+
+
+def test_without_mixed_steps_the_tokens_are_the_same(engine, monkeypatch):
+    cases = [(4, "qv", 20), (5, None, 8)]
+    monkeypatch.setattr(engine.scheduler, "mixed_steps", False)
+    plans = engine.scheduler.mixed_plans
+    first = engine.submit(request(*cases[0]))
+    events = iter(first)
+    streamed = [next(events).token_id]
+    second = engine.submit(request(*cases[1]))
+    streamed += [e.token_id for e in events]
+    separate = [streamed, token_ids(second.wait())]
+    monkeypatch.undo()
+    assert engine.scheduler.mixed_plans == plans
+    assert separate == [token_ids(engine.submit(request(*case)).wait()) for case in cases]
