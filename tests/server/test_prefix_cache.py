@@ -153,10 +153,13 @@ def test_hit_counters_reach_the_metrics(engine):
     assert value("hotmerge_prefix_cache_queries_total") == engine.kv.queries >= engine.kv.hits
 
 
-def test_the_serve_flag_turns_prefix_caching_off():
+def test_the_serve_flags_turn_prefix_caching_and_mixed_steps_off():
     from hotmerge.cli import _ENGINE_DEFAULTS, build_parser
 
     assert _ENGINE_DEFAULTS["prefix_caching"] is True  # on by default
     args = build_parser().parse_args(["serve", "--model", "m", "--no-prefix-caching"])
     assert args.prefix_caching is False
     assert build_parser().parse_args(["serve", "--model", "m"]).prefix_caching is None
+    assert _ENGINE_DEFAULTS["mixed_steps"] is True
+    args = build_parser().parse_args(["serve", "--model", "m", "--no-mixed-steps"])
+    assert args.mixed_steps is False

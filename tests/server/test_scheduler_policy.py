@@ -326,3 +326,18 @@ def test_a_mixed_step_puts_decode_rows_first_as_one_token_chunks(mixed):
     plan, _ = step(sched, 22)  # late's prompt ends: it is sampled after the decode row
     assert plan.sampled == [running, late] and running.generated == [20, 21, 22]
     assert late.generated == [22]
+
+
+def test_a_preempted_sequence_ended_meanwhile_leaves_the_queue():
+    """Its last token, taken before the preemption, is emitted after it: a stop sequence
+    there finishes it while it waits."""
+    sched = scheduler(blocks=4, caching=False)
+    old, new = sequence(7, 8), sequence(3, 8)
+    add(sched, old, new)
+    sched.admit(now=0.0)
+    step(sched)
+    step(sched)
+    sched.schedule()  # ``new`` is preempted
+    assert list(sched.waiting) == [new]
+    assert not sched.finish(new)  # the engine finishes it: a stop sequence
+    assert sched.admit(now=0.0).dropped == [new] and not sched.waiting

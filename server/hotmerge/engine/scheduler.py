@@ -11,7 +11,10 @@ not in its slot comes with an :class:`AdapterWrite` for the runner.
 
 Each step (:meth:`Scheduler.schedule`): one decode row per generating sequence, and up to
 ``max_prefill_tokens`` of prompt for the sequences still prefilling (long prompts go in chunks,
-so a new prompt never stalls the running rows for long). A decode row that needs a block when
+so a new prompt never stalls the running rows for long). With prompts to prefill, the decode
+rows go into the same forward as one-token chunks (a mixed step: the weights are read once for
+both; their tokens count against the budget); decode-only steps keep the decode path. A decode
+row that needs a block when
 none is free preempts the most recently admitted rows: their blocks are freed and they go back
 to the front of the queue, to re-prefill their prompt and generated tokens later (recompute;
 their cached blocks often survive) and go on without repeating a token.
@@ -105,7 +108,10 @@ class Scheduler:
         dropped = [
             s
             for s in self.waiting
-            if s.handle.cancelled or s.handle.expired(now) or now >= s.queue_until
+            if s.done  # preempted, then ended by a stop sequence in its last token
+            or s.handle.cancelled
+            or s.handle.expired(now)
+            or now >= s.queue_until
         ]
         for seq in dropped:
             self.waiting.remove(seq)
