@@ -14,10 +14,9 @@ Each step (:meth:`Scheduler.schedule`): one decode row per generating sequence, 
 so a new prompt never stalls the running rows for long). With prompts to prefill, the decode
 rows go into the same forward as one-token chunks (a mixed step: the weights are read once for
 both; their tokens count against the budget); decode-only steps keep the decode path. A decode
-row that needs a block when
-none is free preempts the most recently admitted rows: their blocks are freed and they go back
-to the front of the queue, to re-prefill their prompt and generated tokens later (recompute;
-their cached blocks often survive) and go on without repeating a token.
+row that needs a block when none is free preempts the most recently admitted rows: their blocks
+are freed and they go back to the front of the queue, to re-prefill their prompt and generated
+tokens later (recompute; their cached blocks often survive) and go on without repeating a token.
 :meth:`Scheduler.postprocess` gives each sampled sequence its token, marks those it ends (EOS,
 length) and registers the blocks the step filled for reuse; a stop sequence shows only once
 the engine detokenizes. :meth:`Scheduler.finish` gives a sequence's blocks and slot back at
