@@ -66,3 +66,23 @@ def test_without_mixed_steps_the_tokens_are_the_same(engine, monkeypatch):
     monkeypatch.undo()
     assert engine.scheduler.mixed_plans == plans
     assert separate == [token_ids(engine.submit(request(*case)).wait()) for case in cases]
+
+
+def test_prefill_buffers_lay_out_decode_rows_and_prompt_chunks():
+    import torch
+    from hotmerge.engine.batch import PrefillBuffers, PrefillChunk
+
+    buf = PrefillBuffers(max_tokens=16, max_seqs=4, max_blocks=4, device=torch.device("cpu"))
+    chunks = [
+        PrefillChunk(0, [7], start=5, block_table=[3, 9], slot=1, last=True),  # a decode row
+        PrefillChunk(1, [4, 5, 6], start=2, block_table=[2, 8], slot=-1, last=False),
+    ]
+    assert buf.fill(chunks, padded=6, block_size=4) == 4
+    assert buf.input_ids[:6].tolist() == [7, 4, 5, 6, 0, 0]
+    assert buf.positions[:6].tolist() == [5, 2, 3, 4, 0, 0]
+    # position p of a chunk lives in block table[p // 4] at offset p % 4; padding: not written
+    assert buf.slot_mapping[:6].tolist() == [9 * 4 + 1, 2 * 4 + 2, 2 * 4 + 3, 8 * 4 + 0, -1, -1]
+    assert buf.lora_slots[:6].tolist() == [1, -1, -1, -1, -1, -1]
+    assert buf.query_start[:2].tolist() == [0, 1] and buf.query_lens[:4].tolist() == [1, 3, 0, 0]
+    assert buf.query_pos[:2].tolist() == [5, 2] and buf.last[:2].tolist() == [0, 3]
+    assert buf.block_tables[:2].tolist() == [[3, 9, 0, 0], [2, 8, 0, 0]]
