@@ -11,11 +11,10 @@ detokenizes and streams the tokens it took and admits new requests while the dev
 sequence that a stop sequence ends is already in the launched step: that token is dropped.
 
 Errors: requests come checked by the request path (``hotmerge.request_rules``);
-:meth:`Engine.submit` raises InvalidArgument only for an adapter that does not fit the pool or a
-request that can never fit the KV cache (its lease is released). Iterating a
-:class:`GenerationHandle` raises Cancelled (cancel or deadline), Unavailable (engine stopped) or
-HotmergeError with code INTERNAL (a failure inside the worker, which fails only the affected
-requests).
+:meth:`Engine.submit` raises InvalidArgument only for an adapter that does not fit the pool (its
+lease is released). Iterating a :class:`GenerationHandle` raises Cancelled (cancel or deadline),
+Unavailable (engine stopped) or HotmergeError with code INTERNAL (a failure inside the worker,
+which fails only the affected requests).
 """
 
 from __future__ import annotations
