@@ -223,6 +223,8 @@ def load_mix(running, prompt, adapter_ids, args) -> dict:
     decodes = sum(engine.stats.decode_batch_sizes.values())
     decode_sizes = engine.stats.decode_batch_sizes.copy()
     phases_before, steps_before = dict(engine.stats.step_phase_s), engine.stats.steps
+    sched, kv = engine.scheduler, engine.kv
+    kv_before = (sched.mixed_plans, sched.preemptions, kv.queries, kv.hits)
     if args.in_process_clients:
         pool = None
     else:  # started (torch imported) before the load: start-up is not timed
@@ -255,6 +257,11 @@ def load_mix(running, prompt, adapter_ids, args) -> dict:
         "phase_ms_per_step": phase_ms,
         # Steps by the number of rows decoded: the batch sizes the load really reached.
         "decode_batch_sizes": batch_histogram(decode_sizes, engine.stats.decode_batch_sizes),
+        # Steps whose decode rows went into the prefill forward (counted in "prefills", not
+        # in decode_batch_sizes), rows preempted, prompt tokens found in the prefix cache.
+        "mixed_steps": sched.mixed_plans - kv_before[0],
+        "preemptions": sched.preemptions - kv_before[1],
+        "prefix_hit_rate": (kv.hits - kv_before[3]) / max(kv.queries - kv_before[2], 1),
     }
     if profile is not None:
         out = io.StringIO()

@@ -95,6 +95,14 @@ def _serve_parser(sub, commands) -> None:
         help="run decode eagerly instead of replaying captured CUDA graphs",
     )  # fmt: skip
     p.add_argument(
+        "--no-prefix-caching", dest="prefix_caching", action="store_false", default=None,
+        help="compute every prompt's KV, never reusing a cached prefix's blocks",
+    )  # fmt: skip
+    p.add_argument(
+        "--no-mixed-steps", dest="mixed_steps", action="store_false", default=None,
+        help="run prompt chunks in a forward of their own, not with the decode rows",
+    )  # fmt: skip
+    p.add_argument(
         "--eager-model", action="store_true", default=None,
         help="run the model through transformers' own forward (any architecture, slower)",
     )  # fmt: skip
@@ -201,8 +209,8 @@ _NEGATIVE_VALUE = re.compile(r"-[0-9.][0-9.eE+,-]*")
 # Options that take no value: a number after one is a positional argument.
 _FLAGS = frozenset(
     ("--stream", "--do-sample", "--details", "--replace", "--allow-hub", "--no-cuda-graphs",
-     "--eager-model", "--version", "--help", "--base", "--no-references", "--no-loglik",
-     "--raw-prompts", "--no-progress", "--serve")
+     "--no-prefix-caching", "--no-mixed-steps", "--eager-model", "--version", "--help", "--base",
+     "--no-references", "--no-loglik", "--raw-prompts", "--no-progress", "--serve")
 )  # fmt: skip
 
 

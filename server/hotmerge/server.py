@@ -194,6 +194,7 @@ def watch_engine(metrics: Metrics, engine: Engine, store: AdapterStore) -> None:
     metrics.queue_depth.set_function(lambda: engine.queue_depth)
     metrics.requests_running.set_function(lambda: engine.running_requests)
     metrics.kv_cache_usage.set_function(lambda: engine.kv_cache_usage)
+    metrics.watch_prefix_cache(lambda: (engine.kv.queries, engine.kv.hits))
     metrics.watch_adapters(engine.adapter_names, max_lora=engine.max_batch_size)
     metrics.adapter_bytes.set_function(lambda: store.used_bytes)
     metrics.adapters_loaded.set_function(lambda: store.loaded_count)

@@ -10,7 +10,6 @@ import torch
 from hotmerge.embedded import byte_level_tokenizer
 from hotmerge.engine import EngineConfig
 from hotmerge.engine.batch import DecodeRow, PrefillChunk
-from hotmerge.engine.kv_cache import KVBlockPool
 from hotmerge.engine.loader import build_runner
 from hotmerge.engine.lora import AdapterPool
 from hotmerge.engine.models.llama import lora_shapes, module_paths
@@ -212,19 +211,6 @@ def test_slot_write_equals_per_module_write(device, pool_dtype, adapter_dtype):
     assert pools[1].ranks["qkv"][1] == 6 and pools[1].b["qkv"][:, 1].abs().sum() > 0
 
 
-def test_block_pool_reserves_takes_and_returns():
-    pool = KVBlockPool(num_blocks=5, block_size=4)
-    assert pool.capacity_tokens == 16 and pool.usage == 0.0
-    pool.reserve(3)
-    assert not pool.can_reserve(2) and pool.can_reserve(1)
-    blocks = pool.take(2)
-    assert 0 not in blocks and pool.usage == 0.5
-    with pytest.raises(RuntimeError):
-        pool.take(2)  # only one reserved block left
-    pool.release(blocks, unused_reservation=1)
-    assert pool.usage == 0.0 and pool.can_reserve(4)
-
-
 @pytest.fixture(scope="module")
 def small_cache_engine(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("kv")
@@ -254,13 +240,19 @@ def test_blocks_are_freed_on_finish_failure_and_cancel(small_cache_engine):
     assert engine.kv.free_blocks == free and engine.kv_cache_usage == 0.0
 
 
-def test_requests_wait_for_blocks_then_run(small_cache_engine):
-    """Four requests of 40 tokens each, a cache of 64: they run one or two at a time, all end."""
+def test_requests_outgrowing_the_cache_are_preempted_and_all_end(small_cache_engine):
+    """Four requests of 40 tokens each, a cache of 64: all start, the latest are preempted as
+    the others grow, and each ends with the tokens it gets alone."""
     engine = small_cache_engine
+    alone = [engine.submit(request(f"p{i}", max_new_tokens=37)).wait() for i in range(4)]
+    before = engine.scheduler.preemptions
     handles = [engine.submit(request(f"p{i}", max_new_tokens=37)) for i in range(4)]
     results = [h.wait() for h in handles]
+    assert engine.scheduler.preemptions > before
+    assert [[t.token_id for t in r.tokens] for r in results] == [
+        [t.token_id for t in r.tokens] for r in alone
+    ]
     assert all(r.generated_tokens == 37 for r in results)
-    assert max(engine.stats.decode_batch_sizes) <= 2
     assert engine.kv.free_blocks == engine.kv.capacity_blocks
 
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 import itertools
 
 import pytest
+from hotmerge.engine.block_manager import BlockManager
 from hotmerge.engine.detok import TextStream
-from hotmerge.engine.kv_cache import KVBlockPool
 from hotmerge.engine.requests import AdapterLease, GenerationHandle
 from hotmerge.engine.scheduler import AdapterWrite, Scheduler
 from hotmerge.engine.sequence import Sequence
@@ -45,14 +45,17 @@ def sequence(prompt_len=5, max_new_tokens=4, adapter=None, *, deadline=None, que
     )
 
 
-def scheduler(*, blocks=64, slots=2, batch=4, prefill=64, total=256) -> Scheduler:
+def scheduler(
+    *, blocks=64, slots=2, batch=4, prefill=64, total=256, caching=True, mixed=True
+) -> Scheduler:
     return Scheduler(
-        KVBlockPool(blocks + 1, BLOCK),  # + the null block
+        BlockManager(blocks + 1, BLOCK, prefix_caching=caching),  # + the null block
         SlotTable(slots),
         max_batch_size=batch,
         max_prefill_tokens=prefill,
         max_total_tokens=total,
         eos_token_ids=frozenset({EOS}),
+        mixed_steps=mixed,
     )
 
 
@@ -79,18 +82,19 @@ def test_admission_is_first_come_first_served_up_to_the_batch_size():
     assert sched.admit(now=0.0).admitted == [c] and sched.running == [b, c]
 
 
-def test_kv_worst_case_is_reserved_and_a_big_request_is_not_overtaken():
+def test_admission_takes_the_prompts_blocks_and_a_big_request_is_not_overtaken():
     sched = scheduler(blocks=6)
-    big, first, small = sequence(12, 4), sequence(8, 4), sequence(2, 2)  # 4, 3, 1 blocks
+    big, first, small = sequence(16, 4), sequence(12, 4), sequence(2, 2)  # 4, 3, 1 blocks
     add(sched, big, first, small)
-    assert sched.admit(now=0.0).admitted == [big]
-    assert sched.kv.can_reserve(2) and not sched.kv.can_reserve(3)  # 6 - 4 reserved
+    assert sched.admit(now=0.0).admitted == [big]  # by need: its prompt's 4 blocks only
+    assert len(big.table.blocks) == 4 and sched.kv.free_blocks == 2
     assert sched.admit(now=0.0).admitted == []  # ``first`` waits, and ``small`` behind it
-    assert big.reserved == 4 and big.blocks == []  # reserved, not yet taken
-    step(sched)  # the prompt's 12 tokens take 3 blocks; the 4th is taken as tokens come
-    assert len(big.blocks) == 3 and big.reserved == 1
+    step(sched)  # the prompt is in; its first token's block comes when it is decoded
+    assert len(big.table.blocks) == 4
+    step(sched)
+    assert len(big.table.blocks) == 5 and sched.kv.free_blocks == 1
     sched.finish(big)
-    assert sched.kv.free_blocks == 6 and sched.kv.can_reserve(6)
+    assert sched.kv.free_blocks == 6 and big.table is None
     assert sched.admit(now=0.0).admitted == [first, small]
 
 
@@ -219,3 +223,121 @@ def test_queued_sequences_no_longer_wanted_are_dropped(why):
     admission = sched.admit(now=10.0)
     assert admission.dropped == [seq] and admission.admitted == [kept]
     assert not sched.finish(seq) and seq.done  # it was never running: nothing to give back
+
+
+def test_a_cached_prefix_is_shared_and_its_prefill_skipped():
+    sched = scheduler()
+    first = sequence(10, 4)  # blocks of 4: two full blocks, then 2 tokens
+    add(sched, first)
+    sched.admit(now=0.0)
+    step(sched)  # prefilled and committed
+    same, other = sequence(10, 4), sequence(10, 4, adapter=Adapter())
+    other.kv_key = ("object", 1)  # KV computed with an adapter is never the base's
+    add(sched, same, other)
+    sched.admit(now=0.0)
+    assert same.prefilled == 8 and same.table.blocks[:2] == first.table.blocks[:2]
+    assert other.prefilled == 0 and not set(other.table.blocks) & set(first.table.blocks)
+    plan = sched.schedule()
+    prompts = plan.chunks[plan.decode_chunks :]  # after ``first``'s decode row (mixed step)
+    assert [(c.start, len(c.token_ids)) for c in prompts] == [(8, 2), (0, 10)]
+    for seq in (first, same, other):
+        sched.finish(seq)
+    assert sched.kv.free_blocks == sched.kv.capacity_blocks and sched.kv.hits == 8
+
+
+def test_a_prompt_to_score_is_computed_whole():
+    sched = scheduler()
+    first, scored = sequence(10, 4), sequence(10, 4, prompt_logprobs=True)
+    add(sched, first)
+    sched.admit(now=0.0)
+    step(sched)
+    add(sched, scored)
+    sched.admit(now=0.0)
+    assert scored.prefilled == 0 and sched.kv.hits == 0
+    plan = sched.schedule()
+    assert plan.chunks[plan.decode_chunks].start == 0 and plan.chunks[plan.decode_chunks].score
+
+
+def test_the_latest_admitted_row_is_preempted_and_resumes_where_it_was():
+    sched = scheduler(blocks=6, caching=False)
+    old, new = sequence(7, 8), sequence(7, 8)  # 2 blocks each at admission
+    add(sched, old, new)
+    sched.admit(now=0.0)
+    step(sched, 20)  # prompts in: positions 0-6, first tokens sampled
+    step(sched, 21)  # position 7 (old: 2 blocks; new: 2) ...
+    step(sched, 22)  # position 8: each takes a 3rd block: 6 of 6 used
+    assert sched.kv.free_blocks == 0 and old.generated == new.generated == [20, 21, 22]
+    for token in (23, 24, 25):  # positions 9-11 fit the 3rd block
+        step(sched, token)
+    plan = sched.schedule()  # position 12: old needs a 4th block, and ``new`` makes room
+    assert [r.seq_id for r in plan.decode] == [old.seq_id] and plan.chunks == []
+    assert sched.running == [old] and list(sched.waiting) == [new] and new.table is None
+    assert new.prefill_end == 7 + 6 - 1 and new.prefilled == 0 and sched.preemptions == 1
+    sched.postprocess(plan, [26])
+    sched.finish(old)
+    sched.admit(now=0.0)  # back first, its queue wait no obstacle
+    plan = sched.schedule()  # recompute: the prompt and every token but the last
+    chunk = plan.chunks[0]
+    assert chunk.token_ids == [*range(10, 17), 20, 21, 22, 23, 24] and chunk.start == 0
+    assert not chunk.last and not chunk.score and plan.sampled == []
+    sched.postprocess(plan, [])
+    plan = sched.schedule()  # then decoding goes on from its last token: nothing repeated
+    assert [(r.token_id, r.position) for r in plan.decode] == [(25, 12)]
+    sched.postprocess(plan, [26])
+    assert new.generated == [20, 21, 22, 23, 24, 25, 26]
+    sched.finish(new)
+    assert sched.kv.free_blocks == sched.kv.capacity_blocks
+
+
+def test_a_row_preempts_itself_when_it_is_the_latest():
+    sched = scheduler(blocks=4, caching=False)
+    old, new = sequence(7, 8), sequence(3, 8)  # 2 blocks, 1 block
+    add(sched, old, new)
+    sched.admit(now=0.0)
+    step(sched)  # prompts in
+    step(sched)  # old at position 7 (2nd block), new at 3 (1st block)
+    plan = sched.schedule()  # old: a 3rd block (the last free); new: a 2nd, none left
+    assert [r.seq_id for r in plan.decode] == [old.seq_id]
+    assert list(sched.waiting) == [new] and sched.kv.free_blocks == 1  # new's block back
+
+
+@pytest.mark.parametrize("mixed", [True, False])
+def test_a_mixed_step_puts_decode_rows_first_as_one_token_chunks(mixed):
+    sched = scheduler(prefill=8, mixed=mixed, caching=False)
+    running, late = sequence(5, 8), sequence(10, 4)
+    add(sched, running)
+    sched.admit(now=0.0)
+    step(sched, 20)  # its prompt: it decodes from now on
+    add(sched, late)
+    sched.admit(now=0.0)
+    plan, _ = step(sched, 21)
+    assert plan.sampled == [running]  # late's first chunk gives no token
+    prompt = plan.chunks[plan.decode_chunks :]
+    if mixed:  # one forward; the decode row's token counts against the budget
+        assert plan.decode == [] and plan.decode_chunks == 1 and sched.mixed_plans == 1
+        row = plan.chunks[0]
+        assert (row.token_ids, row.start, row.last, row.score) == ([20], 5, True, False)
+        assert row.block_table is running.table.blocks and plan.chunk_seqs[0] is running
+        assert [(c.start, len(c.token_ids)) for c in prompt] == [(0, 7)]
+    else:
+        assert [(r.token_id, r.position) for r in plan.decode] == [(20, 5)]
+        assert plan.decode_chunks == 0 and sched.mixed_plans == 0
+        assert [(c.start, len(c.token_ids)) for c in prompt] == [(0, 8)]
+    plan, _ = step(sched, 22)  # late's prompt ends: it is sampled after the decode row
+    assert plan.sampled == [running, late] and running.generated == [20, 21, 22]
+    assert late.generated == [22]
+
+
+def test_a_preempted_sequence_ended_meanwhile_leaves_the_queue():
+    """Its last token, taken before the preemption, is emitted after it: a stop sequence
+    there finishes it while it waits."""
+    sched = scheduler(blocks=4, caching=False)
+    old, new = sequence(7, 8), sequence(3, 8)
+    add(sched, old, new)
+    sched.admit(now=0.0)
+    step(sched)
+    step(sched)
+    sched.schedule()  # ``new`` is preempted
+    assert list(sched.waiting) == [new]
+    assert not sched.finish(new)  # the engine finishes it: a stop sequence
+    assert sched.admit(now=0.0).dropped == [new] and not sched.waiting

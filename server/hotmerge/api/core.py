@@ -115,7 +115,13 @@ def stored_adapter_lease(store: AdapterStore, adapter_id: str) -> AdapterLease:
     """Adapter ``adapter_id`` loaded from the store and pinned until the lease is released;
     raises NotFound, InvalidArgument or ResourceExhausted."""
     loaded, load_ms = store.acquire(adapter_id)
-    return AdapterLease(loaded.weights, load_ms, lambda: store.release(adapter_id), name=adapter_id)
+    return AdapterLease(
+        loaded.weights,
+        load_ms,
+        lambda: store.release(adapter_id),
+        name=adapter_id,
+        kv_key=f"{adapter_id}@{loaded.info.revision}",
+    )
 
 
 @dataclass

@@ -5,10 +5,11 @@
 | config | ``EngineConfig``: every engine limit and default, written once |
 | requests | the adapter lease, the handle a caller waits on (rules: ``hotmerge.request_rules``) |
 | engine | the worker thread, submit, the loop: schedule -> run -> postprocess -> emit |
-| scheduler | pure policy: admission (batch, KV, slots, adapter writes), step plans, finishing |
+| scheduler | pure policy: admission (batch, KV, slots, adapter writes), step plans, preemption |
 | sequence | one request's state: prompt, tokens, blocks, slot, timings; its result |
 | slots | the slot table: which adapter is in which slot, references, idle LRU |
-| kv_cache | the paged block pool: reservations, blocks, usage; the cache tensors |
+| kv_cache | the paged cache tensors and their block layout |
+| block_manager | the blocks' bookkeeping: prefix caching, growth by need, preemption victims |
 | stats | counters and per-phase step times |
 | loader | loading the tokenizer and model, and picking the runner |
 | runner | the runner interface; our forward, prefill and decode replayed from CUDA graphs |

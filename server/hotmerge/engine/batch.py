@@ -3,6 +3,7 @@ and the fixed-address device buffers a captured graph reads them from."""
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -122,21 +123,23 @@ class PrefillBuffers:
         per_seq[:, :seqs] = 0
         last[:seqs] = 0
         tables[:seqs] = 0
-        first = 0
+        n = len(chunks)  # vectorized: a mixed step has a one-token chunk per decode row
+        lens = np.fromiter((len(c.token_ids) for c in chunks), np.int64, n)
+        starts = np.fromiter((c.start for c in chunks), np.int64, n)
+        ends = np.cumsum(lens)
+        firsts, total = ends - lens, int(ends[-1]) if n else 0
+        chunk_of = np.repeat(np.arange(n), lens)  # each token's chunk
+        positions = np.arange(total) - firsts[chunk_of] + starts[chunk_of]
         for s, c in enumerate(chunks):
-            n, end = len(c.token_ids), first + len(c.token_ids)
-            table = np.asarray(c.block_table, dtype=np.int64)
-            positions = np.arange(c.start, c.start + n)
-            tokens[0, first:end] = c.token_ids
-            tokens[1, first:end] = positions
-            tokens[2, first:end] = table[positions // block_size] * block_size + (
-                positions % block_size
-            )
-            slots[first:end] = c.slot
-            per_seq[:, s] = (first, n, c.start)
-            last[s] = end - 1
-            tables[s, : len(table)] = table
-            first = end
+            tables[s, : len(c.block_table)] = c.block_table
+        tokens[0, :total] = list(itertools.chain.from_iterable(c.token_ids for c in chunks))
+        tokens[1, :total] = positions
+        tokens[2, :total] = tables[chunk_of, positions // block_size] * block_size + (
+            positions % block_size
+        )
+        slots[:total] = np.repeat(np.fromiter((c.slot for c in chunks), np.int64, n), lens)
+        per_seq[0, :n], per_seq[1, :n], per_seq[2, :n] = firsts, lens, starts
+        last[:n] = ends - 1
         self.tokens[:, :padded].copy_(self._host_tokens[:, :padded], non_blocking=True)
         self.lora_slots[:padded].copy_(self._host_slots[:padded], non_blocking=True)
         self.seqs[:, :seqs].copy_(self._host_seqs[:, :seqs], non_blocking=True)

@@ -104,14 +104,15 @@ class BlockManager:
     # -- a sequence's life ---------------------------------------------------------------------
 
     def allocate(
-        self, tokens: Sequence[int], key: Hashable = None, *, reserve: int = 0
+        self, tokens: Sequence[int], key: Hashable = None, *, reserve: int = 0, lookup: bool = True
     ) -> BlockTable | None:
-        """Blocks for ``tokens`` (cached ones first) and ``reserve`` more promised; None, with
-        nothing changed, when the pool cannot give that many now."""
+        """Blocks for ``tokens`` (cached ones first, unless not ``lookup``: a sequence that
+        must compute every token, e.g. to score its prompt) and ``reserve`` more promised;
+        None, with nothing changed, when the pool cannot give that many now."""
         size = self.block_size
         hits: list[int] = []
         ids: list[int] = []
-        if self.prefix_caching:
+        if self.prefix_caching and lookup:
             parent, content, by_content = _NO_PARENT, self._content_of, self._by_content
             whole = tuple(tokens)  # one copy; its slices are cheap
             for start in range(0, len(whole) - size, size):  # full blocks before the last token
@@ -129,7 +130,7 @@ class BlockManager:
             self._ref(block)
         table = BlockTable(key, hits + self._take(fresh), len(hits) * size, reserve, ids)
         self._reserved += reserve
-        if self.prefix_caching:
+        if self.prefix_caching and lookup:
             self.queries += len(tokens)
             self.hits += table.cached_tokens
         return table

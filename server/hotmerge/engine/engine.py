@@ -27,10 +27,10 @@ import threading
 import time
 
 from hotmerge import request_rules as rules
+from hotmerge.engine.block_manager import BlockManager
 from hotmerge.engine.config import EngineConfig
 from hotmerge.engine.detok import TextStream, text_decoder
-from hotmerge.engine.kv_cache import KVBlockPool
-from hotmerge.engine.requests import AdapterLease, GenerationHandle
+from hotmerge.engine.requests import AdapterKeys, AdapterLease, GenerationHandle
 from hotmerge.engine.runner import ModelRunner
 from hotmerge.engine.sampling import RowSampling
 from hotmerge.engine.scheduler import Admission, Scheduler, StepPlan
@@ -82,7 +82,12 @@ class Engine:
         self.config = config = config or runner.config
         self.max_total_tokens, self.max_input_tokens = _token_limits(runner, config)
         self.max_batch_size = config.max_batch_size
-        self.kv = KVBlockPool(runner.num_blocks, runner.block_size)
+        self.kv = BlockManager(
+            runner.num_blocks,
+            runner.block_size,
+            prefix_caching=config.prefix_caching and runner.prefix_caching,
+        )
+        self._kv_keys = AdapterKeys()
         self.scheduler = Scheduler(
             self.kv,
             SlotTable(runner.adapters.num_slots),
@@ -90,6 +95,7 @@ class Engine:
             max_prefill_tokens=config.max_prefill_tokens,
             max_total_tokens=self.max_total_tokens,
             eos_token_ids=runner.eos_token_ids,
+            mixed_steps=config.mixed_steps,
         )
         self._decode_text = text_decoder(runner.tokenizer)
         self.stats = EngineStats()
@@ -204,6 +210,12 @@ class Engine:
         else:  # callers that use the engine directly, like the tests
             prompt_ids = self.runner.encode(request.inputs)
         worst = len(prompt_ids) + params.max_new_tokens
+        if not self.kv.fits_ever(worst):
+            raise InvalidArgument(
+                f"the prompt ({len(prompt_ids)} tokens) + max_new_tokens ({params.max_new_tokens})"
+                f" needs more than the whole KV cache ({self.kv.capacity_tokens} tokens); "
+                "shorten the prompt or lower max_new_tokens"
+            )
         if lease.weights is not None:
             reason = self.runner.adapters.check(lease.weights)
             if reason is not None:
@@ -221,6 +233,7 @@ class Engine:
             queued=time.perf_counter(),
             worst_tokens=worst,
             queue_until=rules.queue_deadline(deadline, time.monotonic()),
+            kv_key=self._kv_keys.key(lease),
         )
         seq.timings.adapter_load_ms = lease.load_ms
         seq.timings.merge_ms = lease.merge_ms

@@ -3,10 +3,12 @@ on. The rules a request must follow are the request path's (``hotmerge.request_r
 
 from __future__ import annotations
 
+import itertools
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
+import weakref
+from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass
 
 from hotmerge_kernels.layout import FlatAdapter
@@ -24,11 +26,36 @@ class AdapterLease:
     on_release: Callable[[], None] | None = None  # unpins it; called once
     merge_ms: float = 0.0  # spent merging it (a merged adapter on a cache miss)
     name: str | None = None  # adapter id, named merge or merge key: for logs and metrics
+    # Names the adapter's content (``id@revision``, a merge key), so KV computed with it can be
+    # reused by a later request (prefix caching); None: this very object names it.
+    kv_key: str | None = None
 
     def release(self) -> None:
         on_release, self.on_release = self.on_release, None
         if on_release is not None:
             on_release()
+
+
+class AdapterKeys:
+    """The prefix cache's key of a lease's adapter: its ``kv_key``, else a key of its own
+    for that very object (never reused, even when another object later gets its id)."""
+
+    def __init__(self) -> None:
+        self._own: dict[int, tuple[weakref.ref, int]] = {}
+        self._ids = itertools.count()
+        self._lock = threading.Lock()  # request threads submit at once
+
+    def key(self, lease: AdapterLease) -> Hashable:
+        adapter = lease.weights
+        if adapter is None or lease.kv_key is not None:
+            return lease.kv_key
+        with self._lock:
+            known = self._own.get(id(adapter))
+            if known is None or known[0]() is not adapter:
+                known = self._own[id(adapter)] = (weakref.ref(adapter), next(self._ids))
+                if len(self._own) > 4096:  # drop the keys of adapters gone
+                    self._own = {i: k for i, k in self._own.items() if k[0]() is not None}
+            return ("object", known[1])
 
 
 class GenerationHandle:

@@ -88,6 +88,7 @@ class ModelRunner:
     adapters: AdapterSlots
     num_blocks: int
     block_size: int
+    prefix_caching = True  # its KV lives in the shared blocks: a sequence may start on cached ones
     kind: str  # "llama" (our forward) or "transformers" (eager fallback)
 
     def __init__(self, model_id: str, hf_model, tok: Tokenizer, config: EngineConfig) -> None:

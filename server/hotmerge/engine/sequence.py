@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
+from hotmerge.engine.block_manager import BlockTable
 from hotmerge.engine.detok import TextStream
 from hotmerge.engine.requests import AdapterLease, GenerationHandle
 from hotmerge.generation import (
@@ -21,7 +22,8 @@ from hotmerge.generation import (
 @dataclass(eq=False)
 class Sequence:
     """A request's prompt, tokens, KV blocks and adapter slot. The scheduler moves it through
-    waiting -> running -> done; the engine fills in its timings and streams its tokens."""
+    waiting -> running -> done (and back to waiting when preempted); the engine fills in its
+    timings and streams its tokens."""
 
     seq_id: int
     handle: GenerationHandle
@@ -31,20 +33,29 @@ class Sequence:
     seed: int
     submitted: float  # perf_counter at submit
     queued: float
-    worst_tokens: int  # prompt + the most it may generate: what admission reserves
+    worst_tokens: int  # prompt + the most it may generate: must fit the whole KV cache
     queue_until: float  # monotonic: fails if still queued then (limits.queue_deadline)
     timings: Timings = field(default_factory=Timings)
     generated: list[int] = field(default_factory=list)
     events: list[TokenEvent] = field(default_factory=list)
     prompt_scores: list[float] = field(default_factory=list)
-    blocks: list[int] = field(default_factory=list)
-    reserved: int = 0  # blocks reserved and not yet taken
+    kv_key: Hashable = None  # what its KV was computed with (adapter, merge; None: the base)
+    table: BlockTable | None = None  # its KV blocks while running
+    admitted_order: int = -1  # larger: admitted later (preemption takes the latest first)
     slot: int = -1  # the adapter slot it reads (-1: the base model)
-    prefilled: int = 0  # prompt tokens in the KV cache
+    prefilled: int = 0  # tokens in the KV cache (cached prefix, then prefilled)
+    # Tokens prefilled before it decodes: its prompt; after a preemption, also every generated
+    # token but the last (the next decode step feeds that one).
+    prefill_end: int = -1
+    preemptions: int = 0
     prefill_started: float = 0.0
     prefill_done: float = 0.0
     ending: FinishReason | None = None  # its last token ends it (EOS, length): not emitted yet
     done: bool = False
+
+    def __post_init__(self) -> None:
+        if self.prefill_end < 0:
+            self.prefill_end = len(self.prompt_ids)
 
     @property
     def params(self) -> SamplingParams:
@@ -52,7 +63,24 @@ class Sequence:
 
     @property
     def prefilling(self) -> bool:
-        return self.prefilled < len(self.prompt_ids)
+        return self.prefilled < self.prefill_end
+
+    @property
+    def resumed(self) -> bool:
+        """Re-prefilling after a preemption, its tokens so far already emitted."""
+        return self.prefill_end > len(self.prompt_ids)
+
+    def tokens(self, start: int, end: int) -> list[int]:
+        """Its tokens ``start:end`` (prompt, then generated) without copying the rest."""
+        n = len(self.prompt_ids)
+        if end <= n:
+            return self.prompt_ids[start:end]
+        if start >= n:
+            return self.generated[start - n : end - n]
+        return self.prompt_ids[start:] + self.generated[: end - n]
+
+    def all_tokens(self) -> list[int]:
+        return self.prompt_ids + self.generated
 
     def push(self, token: int, logprob: float) -> FinishReason | None:
         """Stream a taken token to the handle (its text; stop sequences held back, then cut);

@@ -130,7 +130,10 @@ class Merger:
             if is_identity(spec):
                 only = inputs.pop()  # stays pinned: the lease releases it
                 lease = AdapterLease(
-                    only.weights, load_ms, lambda: self.store.release(only.info.id)
+                    only.weights,
+                    load_ms,
+                    lambda: self.store.release(only.info.id),
+                    kv_key=f"{only.info.id}@{only.info.revision}",
                 )
                 return lease, self._outcome(key, affinity, True, 0.0, load_ms, only.weights)
             check_compatible(spec, inputs)
@@ -148,7 +151,9 @@ class Merger:
                 self.store.release(loaded.info.id)
         if not hit and self.metrics is not None:
             self.metrics.observe_merge(spec.params.strategy.value, merge_ms / 1000.0)
-        lease = AdapterLease(entry.adapter, load_ms, lambda: self.cache.release(entry), merge_ms)
+        lease = AdapterLease(
+            entry.adapter, load_ms, lambda: self.cache.release(entry), merge_ms, kv_key=key
+        )
         outcome = self._outcome(key, affinity, hit, merge_ms, load_ms, entry.adapter)
         log.debug("merge %s: hit=%s merge=%.2fms load=%.2fms", key, hit, merge_ms, load_ms)
         return lease, outcome
@@ -163,7 +168,7 @@ class Merger:
             entry = self.cache.acquire(key).entry
         except KeyError:
             return None
-        lease = AdapterLease(entry.adapter, 0.0, lambda: self.cache.release(entry))
+        lease = AdapterLease(entry.adapter, 0.0, lambda: self.cache.release(entry), kv_key=key)
         return lease, self._outcome(key, affinity, True, 0.0, 0.0, entry.adapter)
 
     def _check_inputs_fit(self, spec: MergeSpec) -> None:

@@ -81,6 +81,7 @@ class EagerSlots:
 
 class EagerRunner(ModelRunner):
     kind = "transformers"
+    prefix_caching = False  # its KV lives in per-sequence caches, not the shared blocks
 
     def __init__(self, model_id: str, hf_model, tok, config) -> None:
         super().__init__(model_id, hf_model, tok, config)
@@ -107,7 +108,7 @@ class EagerRunner(ModelRunner):
         from transformers import DynamicCache
 
         cache = self._caches.get(seq_id)
-        if cache is None:
+        if cache is None or start == 0:  # from the start: also a preempted sequence's recompute
             cache = self._caches[seq_id] = DynamicCache(config=self.model.config)
         input_ids = torch.tensor([list(ids)], device=self.device)
         positions = torch.arange(start, start + len(ids), device=self.device)[None, :]

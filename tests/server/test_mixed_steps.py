@@ -1,0 +1,88 @@
+"""Mixed steps end to end (CPU, float32, greedy, tiny model): prompts prefilled in the same
+forward as running rows' decode give every row the tokens it gets in steps of its own."""
+
+from __future__ import annotations
+
+import pytest
+from hotmerge.generation import GenerationRequest, SamplingParams
+
+from tests.helpers import make_engine, make_peft_adapter, tiny_llama
+
+PROMPT = "You are a helpful assistant. Answer briefly. Question {}: "
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("mixed")
+    model_dir = tiny_llama(tmp)
+    make_peft_adapter(model_dir, tmp / "adapters" / "qv", r=4, alpha=8, seed=1, scale=2.0)
+    engine = make_engine(
+        model_dir,
+        tmp / "adapters",
+        max_batch_size=4,
+        block_size=4,
+        max_prefill_tokens=16,  # prompts of ~60 tokens take several mixed steps
+        prefix_caching=False,
+        batch_wait_ms=1,
+    )
+    yield engine
+    engine.stop()
+
+
+def request(i: int, adapter_id=None, max_new_tokens=12) -> GenerationRequest:
+    params = SamplingParams(max_new_tokens=max_new_tokens)
+    return GenerationRequest(PROMPT.format(i), params, adapter_id)
+
+
+def token_ids(result) -> list[int]:
+    return [t.token_id for t in result.tokens]
+
+
+def test_prompts_joining_running_rows_get_the_tokens_of_separate_steps(engine):
+    cases = [(0, None, 40), (1, "qv", 12), (2, None, 12), (3, "qv", 30)]
+    alone = [token_ids(engine.submit(request(*case)).wait()) for case in cases]
+    plans = engine.scheduler.mixed_plans
+    first = engine.submit(request(*cases[0]))
+    events = iter(first)
+    streamed = [next(events).token_id]  # it decodes now: the others' prompts join its steps
+    later = [engine.submit(request(*case)) for case in cases[1:]]
+    streamed += [e.token_id for e in events]
+    together = [streamed, *(token_ids(h.wait()) for h in later)]
+    assert engine.scheduler.mixed_plans > plans
+    assert together == alone
+    assert engine.kv.free_blocks == engine.kv.capacity_blocks
+
+
+def test_without_mixed_steps_the_tokens_are_the_same(engine, monkeypatch):
+    cases = [(4, "qv", 20), (5, None, 8)]
+    monkeypatch.setattr(engine.scheduler, "mixed_steps", False)
+    plans = engine.scheduler.mixed_plans
+    first = engine.submit(request(*cases[0]))
+    events = iter(first)
+    streamed = [next(events).token_id]
+    second = engine.submit(request(*cases[1]))
+    streamed += [e.token_id for e in events]
+    separate = [streamed, token_ids(second.wait())]
+    monkeypatch.undo()
+    assert engine.scheduler.mixed_plans == plans
+    assert separate == [token_ids(engine.submit(request(*case)).wait()) for case in cases]
+
+
+def test_prefill_buffers_lay_out_decode_rows_and_prompt_chunks():
+    import torch
+    from hotmerge.engine.batch import PrefillBuffers, PrefillChunk
+
+    buf = PrefillBuffers(max_tokens=16, max_seqs=4, max_blocks=4, device=torch.device("cpu"))
+    chunks = [
+        PrefillChunk(0, [7], start=5, block_table=[3, 9], slot=1, last=True),  # a decode row
+        PrefillChunk(1, [4, 5, 6], start=2, block_table=[2, 8], slot=-1, last=False),
+    ]
+    assert buf.fill(chunks, padded=6, block_size=4) == 4
+    assert buf.input_ids[:6].tolist() == [7, 4, 5, 6, 0, 0]
+    assert buf.positions[:6].tolist() == [5, 2, 3, 4, 0, 0]
+    # position p of a chunk lives in block table[p // 4] at offset p % 4; padding: not written
+    assert buf.slot_mapping[:6].tolist() == [9 * 4 + 1, 2 * 4 + 2, 2 * 4 + 3, 8 * 4 + 0, -1, -1]
+    assert buf.lora_slots[:6].tolist() == [1, -1, -1, -1, -1, -1]
+    assert buf.query_start[:2].tolist() == [0, 1] and buf.query_lens[:4].tolist() == [1, 3, 0, 0]
+    assert buf.query_pos[:2].tolist() == [5, 2] and buf.last[:2].tolist() == [0, 3]
+    assert buf.block_tables[:2].tolist() == [[3, 9, 0, 0], [2, 8, 0, 0]]
