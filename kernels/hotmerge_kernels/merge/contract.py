@@ -77,7 +77,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hotmerge_kernels.backend import Backend, resolve_backend
+from hotmerge_kernels.backend import BACKENDS, Backend, resolve_backend
 from hotmerge_kernels.layout import FlatAdapter
 from hotmerge_kernels.merge import reference
 from hotmerge_kernels.merge.delta import Progress, delta_merge
@@ -104,7 +104,7 @@ def merge_adapters(
     cancel: Callable[[], bool] | None = None,
 ) -> MergeResult:
     adapters = list(adapters)
-    _validate(adapters, params)
+    _validate(adapters, params, backend)
     device = adapters[0].device
     backend = resolve_backend(backend, adapters[0].buffer)
     engine = _engine(backend)
@@ -249,7 +249,9 @@ def _engine(backend: str):
     return triton_merge
 
 
-def _validate(adapters: list[FlatAdapter], params: MergeParams) -> None:
+def _validate(adapters: list[FlatAdapter], params: MergeParams, backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if not adapters:
         raise ValueError("adapters: need at least one adapter to merge")
     if len(params.weights) != len(adapters):
