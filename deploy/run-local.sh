@@ -3,7 +3,7 @@
 # all on loopback. Ctrl-C stops everything (replicas drain first).
 #
 #   deploy/run-local.sh [N]          # default 3 replicas; HAProxy (gRPC) on 127.0.0.1:8000
-#   hotmerge generate --target 127.0.0.1:8000 --adapter demo-a hello
+#   hotmerge generate --target 127.0.0.1:8000 --adapter sql hello
 #
 # Replica i listens on gRPC port 50050+i and on HTTP port 8080+i (LoRAX REST, OpenAI API,
 # /readyz, /metrics); each has its
