@@ -63,10 +63,13 @@ def session(args: argparse.Namespace) -> Iterator[Session]:
     target = args.target
     if args.serve:
         from hotmerge.config import ServerConfig
+        from hotmerge.engine.config import EngineConfig
         from hotmerge.server import start_server
 
-        options = {k: getattr(args, k) for k in ("model", "device", "dtype", "max_batch_size")}
+        options = {k: getattr(args, k) for k in ("model", "device", "dtype")}
         options = {k: v for k, v in options.items() if v is not None}
+        if args.max_batch_size is not None:  # an engine field (ServerConfig.engine)
+            options["engine"] = EngineConfig(max_batch_size=args.max_batch_size)
         if args.adapter_root:
             options["adapter_root"] = Path(args.adapter_root)
         if args.data_dir:

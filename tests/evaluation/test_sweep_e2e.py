@@ -129,7 +129,8 @@ def test_eval_cli_in_process_server_with_chat_template(setup, skills, tmp_path, 
     spec = {"ids": ["ad-a", "ad-b"], "merge_strategy": "ties", "density": 0.5}
     rc = main([
         "eval", "--serve", "--model", str(chat_model), "--adapter-root", str(root),
-        "--device", "cpu", "--dtype", "float32", "--skills", "even,third", "-n", "2",
+        "--device", "cpu", "--dtype", "float32", "--max-batch-size", "3",  # an engine field
+        "--skills", "even,third", "-n", "2",
         "--base", "--adapter", "ad-a", "--spec", json.dumps(spec),
         "--out", str(tmp_path), "--no-progress",
     ])  # fmt: skip
