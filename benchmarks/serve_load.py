@@ -168,9 +168,40 @@ def cold_ties_share(client, prompt: str, adapter_ids: list[str], runs: int) -> d
     }
 
 
-def load_plan(adapter_ids: list[str], args) -> list[dict]:
-    """Each request's adapter arguments: the mix drawn once; fresh specs never repeat,
-    repeated ones do."""
+def shared_prefix_ttft(client, adapter_id: str, runs: int, prefix_tokens: int) -> dict:
+    """TTFT of prompts that share a ``prefix_tokens`` prefix (cached after the first) against
+    prompts of the same length that share nothing, one request at a time. The byte tokenizer
+    makes a character a token."""
+    rng = random.Random(2)
+
+    def text(n: int) -> str:
+        return "".join(rng.choice("abcdefghij ") for _ in range(n))
+
+    suffix = 16
+    uncached = [
+        stream_once(client, text(prefix_tokens + suffix), 1, adapter_id=adapter_id)
+        for _ in range(runs)
+    ]
+    prefix = text(prefix_tokens)
+    stream_once(client, prefix + text(suffix), 1, adapter_id=adapter_id)  # fills the cache
+    cached = [
+        stream_once(client, prefix + text(suffix), 1, adapter_id=adapter_id) for _ in range(runs)
+    ]
+    uncached_p50 = pct([s.ttft_ms for s in uncached], 50)
+    cached_p50 = pct([s.ttft_ms for s in cached], 50)
+    return {
+        "prefix_tokens": prefix_tokens,
+        "suffix_tokens": suffix,
+        "runs": runs,
+        "uncached_ttft_ms_p50": uncached_p50,
+        "cached_ttft_ms_p50": cached_p50,
+        "ratio": cached_p50 / uncached_p50,
+    }
+
+
+def load_plan(adapter_ids: list[str], args, phase: int = 0) -> list[dict]:
+    """Each request's adapter arguments: the mix drawn once; fresh specs never repeat (nor
+    across load phases), repeated ones do."""
     rng = random.Random(0)
     repeated = [
         {
@@ -192,7 +223,7 @@ def load_plan(adapter_ids: list[str], args) -> list[dict]:
         else:
             spec = {
                 "ids": rng.sample(adapter_ids, 3),
-                "weights": [1.0, 1.0 + 1e-3 * n, 0.5],
+                "weights": [1.0, 1.0 + 1e-3 * n, 0.5 + 1e-2 * phase],
                 "merge_strategy": "TIES",
                 "density": 0.5,
             }
@@ -200,12 +231,12 @@ def load_plan(adapter_ids: list[str], args) -> list[dict]:
     return plan
 
 
-def load_mix(running, prompt, adapter_ids, args) -> dict:
+def load_mix(running, prompt, adapter_ids, args, concurrency: int, phase: int) -> dict:
     """A mixed load at a fixed concurrency. The clients run in a process of their own (as
     users' clients do), unless ``--in-process-clients``: then their threads share the
     server's GIL."""
-    plan = load_plan(adapter_ids, args)
-    clients = (running.target, prompt, plan, args.max_new_tokens, args.concurrency)
+    plan = load_plan(adapter_ids, args, phase)
+    clients = (running.target, prompt, plan, args.max_new_tokens, concurrency)
     engine = running.engine
     step_s: list[float] = []
     profile = cProfile.Profile() if args.profile else None
@@ -283,7 +314,7 @@ def load_mix(running, prompt, adapter_ids, args) -> dict:
         }
     return {
         "requests": len(samples),
-        "concurrency": args.concurrency,
+        "concurrency": concurrency,
         "mix": {
             "single": args.single,
             "repeated": args.repeated,
@@ -348,7 +379,11 @@ def main() -> None:
     parser.add_argument("--adapters", type=int, default=8)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--requests", type=int, default=400)
-    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument(
+        "--concurrency",
+        default="32",
+        help="comma-separated: one load phase per level, on the same server (default: 32)",
+    )
     parser.add_argument("--single", type=float, default=0.4, help="share of named-adapter requests")
     parser.add_argument("--repeated", type=float, default=0.4, help="share of repeated specs")
     parser.add_argument("--max-new-tokens", type=int, default=128)
@@ -372,9 +407,17 @@ def main() -> None:
         "--merge-streams",
         type=int,
         default=None,
-        help="streams running while a ties_svd merge is computed (default: --concurrency; "
+        help="streams running while a ties_svd merge is computed (default: the first "
+        "--concurrency; "
         "0 skips that phase)",
     )
+    parser.add_argument(
+        "--prefix-runs",
+        type=int,
+        default=10,
+        help="requests per side of the shared-prefix TTFT phase (0 skips it)",
+    )
+    parser.add_argument("--prefix-tokens", type=int, default=512, help="the shared prefix's length")
     parser.add_argument("--merge-tokens", type=int, default=256, help="new tokens per stream")
     parser.add_argument("--work-dir", type=Path, default=None)
     parser.add_argument("--tag", default="", help="suffix of the result files' names")
@@ -382,8 +425,9 @@ def main() -> None:
     args = parser.parse_args()
     if not 1 <= args.max_batch_size <= 256:
         parser.error(f"--max-batch-size must be 1-256, got {args.max_batch_size}")
+    args.concurrency = [int(c) for c in args.concurrency.split(",")]
     if args.merge_streams is None:
-        args.merge_streams = args.concurrency
+        args.merge_streams = args.concurrency[0]
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="hotmerge-bench-"))
@@ -407,7 +451,7 @@ def main() -> None:
             max_lora_rank=args.rank,
             max_total_tokens=args.max_total_tokens,
         ),
-        max_workers=max(64, 2 * args.concurrency),
+        max_workers=max(64, 2 * max(args.concurrency)),
         merge_budget_bytes=8 * 1024**3,
         adapter_budget_bytes=16 * 1024**3,
         log_level="WARNING",
@@ -437,7 +481,16 @@ def main() -> None:
             print("hit overhead", hit, flush=True)
             cold = cold_ties_share(client, prompt, adapter_ids, args.cold_runs)
             print("cold ties", cold, flush=True)
-            load = load_mix(running, prompt, adapter_ids, args)
+            prefix = None
+            if args.prefix_runs > 0:
+                prefix = shared_prefix_ttft(
+                    client, adapter_ids[0], args.prefix_runs, args.prefix_tokens
+                )
+                print("shared prefix", prefix, flush=True)
+            loads = [
+                load_mix(running, prompt, adapter_ids, args, concurrency, phase)
+                for phase, concurrency in enumerate(args.concurrency)
+            ]
             merge_itl = None
             if args.merge_streams > 0:
                 merge_itl = merge_during_streams(running, prompt, adapter_ids, args)
@@ -458,7 +511,8 @@ def main() -> None:
         "prompt_tokens": PROMPT_TOKENS,
         "hit_overhead": hit,
         "cold_ties": cold,
-        "load": load,
+        "shared_prefix": prefix,
+        "loads": loads,
         "merge_during_streams": merge_itl,
         "tag": args.tag,
     }

@@ -50,12 +50,11 @@ def batch_histogram(before: Counter, after: Counter) -> dict[int, int]:
 def write_results(result: dict, out_dir: Path) -> Path:
     device = result["device"].replace(" ", "_")
     stem = out_dir / f"serve_load-{device}-{result['date'][:10]}{result['tag']}"
-    profile = result["load"]["engine"].pop("profile_top", None)
-    if profile is not None:
-        stem.with_suffix(".profile.txt").write_text(profile)
+    profiles = [load["engine"].pop("profile_top", None) for load in result["loads"]]
+    if any(profiles):
+        stem.with_suffix(".profile.txt").write_text("\n".join(p for p in profiles if p))
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    h, c, load = result["hit_overhead"], result["cold_ties"], result["load"]
-    engine = load["engine"]
+    h, c = result["hit_overhead"], result["cold_ties"]
     lines = [
         f"# Serving load, {result['device']}, {result['date']}",
         "",
@@ -69,13 +68,48 @@ def write_results(result: dict, out_dir: Path) -> Path:
         f"{c['cold_ties_merge_ms_p50']:.2f} ms of TTFT {c['cold_ties_ttft_ms_p50']:.2f} ms = "
         f"**{100 * c['cold_ties_merge_share_of_ttft_p50']:.1f}%** (target <= 5%); named adapter "
         f"TTFT {c['named_ttft_ms_p50']:.2f} ms",
+    ]
+    prefix = result.get("shared_prefix")
+    if prefix is not None:
+        lines.append(
+            f"- shared {prefix['prefix_tokens']}-token prefix (+{prefix['suffix_tokens']} own "
+            f"tokens), one request at a time: TTFT p50 {prefix['cached_ttft_ms_p50']:.2f} ms "
+            f"cached vs {prefix['uncached_ttft_ms_p50']:.2f} ms uncached = **"
+            f"{prefix['ratio']:.2f}x** (target <= 0.3)"
+        )
+    for load in result["loads"]:
+        lines += load_lines(load)
+    m = result.get("merge_during_streams")
+    if m is not None:
+        lines += [
+            "",
+            f"A fresh `{m['strategy']}` merge of 3 adapters ({m['merge_wall_ms']:.0f} ms wall, "
+            f"server merge_ms {m['merge_ms']:.0f}) fired while {m['streams']} streams ran: "
+            f"inter-token latency of those streams during the merge p50 "
+            f"{m['during']['itl_ms_p50']:.2f} ms, p99 **{m['during']['itl_ms_p99']:.2f} ms** "
+            f"({m['during']['tokens']} gaps) vs without p50 {m['without']['itl_ms_p50']:.2f} ms, "
+            f"p99 {m['without']['itl_ms_p99']:.2f} ms: p99 ratio **{m['p99_ratio']:.2f}** "
+            "(target <= 1.5)",
+        ]
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return stem
+
+
+def load_lines(load: dict) -> list[str]:
+    """One load phase's section of the report."""
+    engine = load["engine"]
+    lines = [
         "",
-        f"Load: {load['requests']} requests at concurrency {load['concurrency']} (max batch "
-        f"{load['max_batch_size']}), mix {load['mix']}, {load['max_new_tokens']} new tokens each: "
-        f"{load['requests_per_s']:.1f} req/s, {load['tokens_per_s']:.0f} tokens/s; engine "
-        f"{engine['steps']} steps ({engine['prefills']} prefills, {engine['decodes']} decodes), "
-        f"step p50 {engine['step_ms_p50']:.1f} ms, p99 {engine['step_ms_p99']:.1f} ms, busy "
-        f"{100 * engine['engine_busy_share']:.0f}% of the wall time",
+        f"## Load at concurrency {load['concurrency']}",
+        "",
+        f"{load['requests']} requests (max batch {load['max_batch_size']}), mix {load['mix']}, "
+        f"{load['max_new_tokens']} new tokens each: {load['requests_per_s']:.1f} req/s, "
+        f"**{load['tokens_per_s']:.0f} tokens/s**; engine {engine['steps']} steps "
+        f"({engine['prefills']} prefills, {engine['decodes']} decodes, {engine['mixed_steps']} "
+        f"mixed, {engine['preemptions']} preemptions), step p50 {engine['step_ms_p50']:.1f} ms, "
+        f"p99 {engine['step_ms_p99']:.1f} ms, busy {100 * engine['engine_busy_share']:.0f}% of "
+        "the wall time",
         "",
         f"Inter-token latency (all streams, per token): p50 {load['itl']['itl_ms_p50']:.2f} ms, "
         f"p99 {load['itl']['itl_ms_p99']:.2f} ms over {load['itl']['tokens']} gaps",
@@ -96,18 +130,4 @@ def write_results(result: dict, out_dir: Path) -> Path:
             f"{row['total_ms_p50']:.1f} | {row['total_ms_p99']:.1f} | {row['itl_ms_p50']:.2f} | "
             f"{row['itl_ms_p99']:.2f} | {100 * row['merge_share_of_ttft_p50']:.1f}% |"
         )
-    m = result.get("merge_during_streams")
-    if m is not None:
-        lines += [
-            "",
-            f"A fresh `{m['strategy']}` merge of 3 adapters ({m['merge_wall_ms']:.0f} ms wall, "
-            f"server merge_ms {m['merge_ms']:.0f}) fired while {m['streams']} streams ran: "
-            f"inter-token latency of those streams during the merge p50 "
-            f"{m['during']['itl_ms_p50']:.2f} ms, p99 **{m['during']['itl_ms_p99']:.2f} ms** "
-            f"({m['during']['tokens']} gaps) vs without p50 {m['without']['itl_ms_p50']:.2f} ms, "
-            f"p99 {m['without']['itl_ms_p99']:.2f} ms: p99 ratio **{m['p99_ratio']:.2f}** "
-            "(target <= 1.5)",
-        ]
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    return stem
+    return lines

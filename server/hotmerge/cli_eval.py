@@ -26,6 +26,7 @@ import grpc
 
 from hotmerge import settings
 from hotmerge.client import DEFAULT_TARGET, HotmergeClient
+from hotmerge.engine.config import QUANT_FORMATS
 from hotmerge.errors import HotmergeError, InvalidArgument
 from hotmerge.evaluation.eval import (
     EvalError,
@@ -68,8 +69,10 @@ def session(args: argparse.Namespace) -> Iterator[Session]:
 
         options = {k: getattr(args, k) for k in ("model", "device", "dtype")}
         options = {k: v for k, v in options.items() if v is not None}
-        if args.max_batch_size is not None:  # an engine field (ServerConfig.engine)
-            options["engine"] = EngineConfig(max_batch_size=args.max_batch_size)
+        engine = {k: getattr(args, k) for k in ("max_batch_size", "quantize")}
+        engine = {k: v for k, v in engine.items() if v is not None}
+        if engine:  # engine fields (ServerConfig.engine)
+            options["engine"] = EngineConfig(**engine)
         if args.adapter_root:
             options["adapter_root"] = Path(args.adapter_root)
         if args.data_dir:
@@ -86,7 +89,8 @@ def session(args: argparse.Namespace) -> Iterator[Session]:
             else:
                 tokenizer = _load_tokenizer(args.tokenizer or info.model_id)
             root = args.adapter_root or info.adapter_source.rsplit(" (", 1)[0]
-            yield Session(client, tokenizer, f"{info.model_id} ({info.dtype})", root)
+            dtype = f"{info.dtype}, {info.quantize}" if info.quantize else info.dtype
+            yield Session(client, tokenizer, f"{info.model_id} ({dtype})", root)
     finally:
         if running is not None:
             running.stop(0)
@@ -302,6 +306,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     a("--device", help="with --serve: cpu, cuda ...")
     a("--dtype", help="with --serve: float32, bfloat16 ...")
     a("--max-batch-size", type=int, help="with --serve")
+    a("--quantize", choices=QUANT_FORMATS, help="with --serve: the base's weight format")
 
 
 def add_eval_parsers(sub) -> None:

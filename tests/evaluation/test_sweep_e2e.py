@@ -153,6 +153,22 @@ def test_eval_cli_in_process_server_with_chat_template(setup, skills, tmp_path, 
     assert md.count("\n") == 2 + 3 * 2 and "| ad-a | even | 2 |" in md
 
 
+def test_eval_cli_serves_a_quantized_base_and_says_so(setup, skills, tmp_path, capsys):
+    """--quantize reaches the in-process server's engine; the results name the format (and a
+    sweep's resume key changes with it)."""
+    _, model_dir, root = setup
+    rc = main([
+        "eval", "--serve", "--model", str(model_dir), "--adapter-root", str(root),
+        "--device", "cpu", "--dtype", "float32", "--quantize", "nf4", "--raw-prompts",
+        "--skills", "even", "-n", "2", "--adapter", "ad-a", "--out", str(tmp_path),
+        "--no-progress", "--no-loglik",
+    ])  # fmt: skip
+    assert rc == 0, capsys.readouterr().err
+    doc = json.loads((tmp_path / "eval.json").read_text())
+    assert doc["model"].endswith("(float32, nf4)")
+    assert len(doc["targets"]["ad-a"]["examples"]) == 2
+
+
 def test_eval_cli_reports_a_bad_target(setup, skills, tmp_path, capsys):
     rc = main(["eval", "--target", setup[0].target, "--skills", "even", "-n", "2",
                "--raw-prompts", "--adapter", "no-such-adapter", "--out", str(tmp_path),

@@ -177,8 +177,8 @@ def test_nf4_double_quant_equals_bitsandbytes(shape):
 
 
 def test_bad_shapes_are_refused():
-    with pytest.raises(ValueError, match="multiple of 128"):
-        quantize(weight(8, 64, seed=1), "int4")
+    with pytest.raises(ValueError, match="multiple of 64"):
+        quantize(weight(8, 96, seed=1), "int4")  # neither 128 nor 64 divides K
     with pytest.raises(ValueError, match="multiple of 64"):
         quantize(weight(8, 96 + 8, seed=1), "nf4")
     with pytest.raises(ValueError, match="unknown format"):
@@ -205,18 +205,27 @@ def bf16_rounds_to_nearest(monkeypatch):
 def quantized(name: str, w: torch.Tensor):
     if name == "nf4-dq":
         return quantize_nf4(w, double_quant=True)
+    if name == "int4-g64":
+        qw = quantize(w, "int4")
+        assert qw.group == 64  # K = 576, SmolLM2's width: not a multiple of 128
+        return qw
     return quantize(w, name)
+
+
+# K per variant: int4 whole groups of 128; int4-g64 576 (groups of 64); the rest a partial tile
+K_OF = {"int4": 384, "int4-g64": 576}
+VARIANTS = [*FORMATS, "nf4-dq", "int4-g64"]
 
 
 @needs_triton
 @pytest.mark.usefixtures("bf16_rounds_to_nearest")
-@pytest.mark.parametrize("name", [*FORMATS, "nf4-dq"])
+@pytest.mark.parametrize("name", VARIANTS)
 @pytest.mark.parametrize("rows", [1, 3, 17])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_triton_qlinear_equals_twin(name, rows, dtype):
     """Odd N (a partial tile), K with a partial K tile (int4: whole groups), bias."""
     gen = torch.Generator().manual_seed(rows)
-    n, k = 40, 384 if name == "int4" else 320
+    n, k = 40, K_OF.get(name, 320)
     qw = quantized(name, weight(n, k, seed=11, dtype=dtype))
     x = torch.randn(rows, k, generator=gen).to(dtype)
     bias = torch.randn(n, generator=gen).to(dtype)
@@ -247,12 +256,12 @@ def test_qlinear_dispatch_and_3d_input():
 
 @needs_triton
 @pytest.mark.usefixtures("bf16_rounds_to_nearest")
-@pytest.mark.parametrize("name", [*FORMATS, "nf4-dq"])
+@pytest.mark.parametrize("name", VARIANTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_triton_dequantize_equals_twin(name, dtype):
     """The prefill path's dequantize kernel: bit for bit the twin (same float32 math, one
     rounding); partial tiles in N and K."""
-    qw = quantized(name, weight(40, 384 if name == "int4" else 320, seed=13, dtype=dtype))
+    qw = quantized(name, weight(40, K_OF.get(name, 320), seed=13, dtype=dtype))
     assert torch.equal(dequantize_triton(qw, dtype), dequantize(qw, dtype))
 
 

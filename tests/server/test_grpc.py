@@ -394,7 +394,7 @@ def test_info(setup, client):
     server, model_dir, root = setup
     info = client.info()
     assert info.model_id == str(model_dir)
-    assert (info.dtype, info.device) == ("float32", "cpu")
+    assert (info.dtype, info.device, info.quantize) == ("float32", "cpu", "")
     assert (info.max_input_tokens, info.max_total_tokens) == (64, 256)
     assert (info.max_batch_size, info.default_max_new_tokens) == (4, 16)
     assert info.version == __version__

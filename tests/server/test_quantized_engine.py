@@ -143,9 +143,9 @@ def test_bad_quantize_settings_are_refused(tmp_path):
         EngineConfig(quantize="int3")
     assert ServerConfig(engine=EngineConfig(quantize="nf4")).engine.quantize == "nf4"
     narrow = copy.deepcopy(hf_model())
-    narrow.model.layers[0].mlp.down_proj = torch.nn.Linear(256 - 64, 128, bias=False)
+    narrow.model.layers[0].mlp.down_proj = torch.nn.Linear(256 - 32, 128, bias=False)
     narrow.config.intermediate_size = 256  # only layer 0's down_proj is narrow
-    with pytest.raises(InvalidArgument, match="quantize: int4: in_features 192"):
+    with pytest.raises(InvalidArgument, match="quantize: int4: in_features 224"):
         runner_for(narrow, "int4")
     with pytest.raises(InvalidArgument, match="quantize: needs hotmerge's Llama-family forward"):
         build_runner(

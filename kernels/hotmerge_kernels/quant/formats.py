@@ -9,7 +9,8 @@ Each format is a small dataclass of device tensors (packed codes and scales) tha
   element in the high nibble. Optional double quantization of the absmax as bitsandbytes does it
   (``compress_statistics``): ``absmax - mean`` blockwise-quantized with its signed 8-bit dynamic
   code, blocks of 256, a float32 absmax per block and the mean kept as ``offset``.
-- ``int4``: asymmetric, groups of 128 along K: per group ``scale = (max - min) / 15`` and an
+- ``int4``: asymmetric, groups of 128 along K (64 where K is not a multiple of 128, as in
+  SmolLM2's 576-wide layers): per group ``scale = (max - min) / 15`` and an
   integer zero point, codes 0..15 packed two per byte like nf4 (even element high).
 - ``int8``: symmetric, per output channel: ``scale = absmax / 127``, codes -127..127.
 - ``fp8``: e4m3 (``float8_e4m3fn``), per output channel: ``scale = absmax / 448``.
@@ -102,12 +103,16 @@ class Nf4Weight(QuantizedWeight):
 @dataclass
 class Int4Weight(QuantizedWeight):
     packed: torch.Tensor  # (N, K // 2) uint8, even element in the high nibble, codes 0..15
-    scale: torch.Tensor  # (N, K // 128) float32
-    zero: torch.Tensor  # (N, K // 128) uint8, the code of 0.0
+    scale: torch.Tensor  # (N, K // group) float32
+    zero: torch.Tensor  # (N, K // group) uint8, the code of 0.0
 
     @property
     def format(self) -> str:
         return "int4"
+
+    @property
+    def group(self) -> int:
+        return self.shape[1] // self.scale.shape[1]
 
 
 @dataclass
@@ -226,7 +231,13 @@ def quantize_nf4(weight: torch.Tensor, double_quant: bool = False) -> Nf4Weight:
     return out
 
 
-def quantize_int4(weight: torch.Tensor, group: int = INT4_GROUP) -> Int4Weight:
+def int4_group(k: int) -> int:
+    """The int4 group along K: 128, or 64 where K is not a multiple of 128."""
+    return INT4_GROUP if k % INT4_GROUP == 0 else INT4_GROUP // 2
+
+
+def quantize_int4(weight: torch.Tensor, group: int | None = None) -> Int4Weight:
+    group = group or int4_group(weight.shape[-1])
     n, k = _check(weight, group, "int4")
     w = weight.float().view(n, k // group, group)
     lo = w.amin(dim=-1).clamp(max=0)  # the range always holds 0, so 0 has an exact code
@@ -275,6 +286,7 @@ __all__ = [
     "Nf4Weight",
     "QuantizedWeight",
     "dynamic_code",
+    "int4_group",
     "nf4_code",
     "quantize",
     "unpack_nibbles",

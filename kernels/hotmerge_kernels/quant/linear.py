@@ -26,7 +26,6 @@ from hotmerge_kernels.backend import INTERPRETING
 from hotmerge_kernels.quant import triton_qlinear as tq
 from hotmerge_kernels.quant.formats import (
     FP8_MAX,
-    INT4_GROUP,
     NF4_BLOCK,
     Fp8Weight,
     Int4Weight,
@@ -84,7 +83,7 @@ def qlinear_skinny(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | No
         m, n, k, x2.stride(0), y.stride(0),
         FMT=_FMT[type(qw)],
         DOUBLE=isinstance(qw, Nf4Weight) and qw.absmax is None,
-        GROUP=INT4_GROUP if isinstance(qw, Int4Weight) else NF4_BLOCK,
+        GROUP=qw.group if isinstance(qw, Int4Weight) else NF4_BLOCK,
         HAS_BIAS=bias is not None,
         INTERPRET=INTERPRETING,
         BLOCK_M=block_m,
@@ -123,7 +122,7 @@ def dequantize(qw: QuantizedWeight, dtype: torch.dtype | None = None) -> torch.T
         w, s, z, code, q2, s2, off, out, n, k,
         FMT=_FMT[type(qw)],
         DOUBLE=isinstance(qw, Nf4Weight) and qw.absmax is None,
-        GROUP=INT4_GROUP if isinstance(qw, Int4Weight) else NF4_BLOCK,
+        GROUP=qw.group if isinstance(qw, Int4Weight) else NF4_BLOCK,
         INTERPRET=INTERPRETING,
         BLOCK_N=block_n,
         BLOCK_K=block_k,

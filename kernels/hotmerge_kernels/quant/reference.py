@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 
 from hotmerge_kernels.quant.formats import (
-    INT4_GROUP,
     NF4_BLOCK,
     Fp8Weight,
     Int4Weight,
@@ -38,7 +37,7 @@ def dequantize(qw: QuantizedWeight, dtype: torch.dtype | None = None) -> torch.T
         values = nf4_code(qw.packed.device)[unpack_nibbles(qw.packed).long()]
         w = values.view(-1, NF4_BLOCK) * qw.block_scales()[:, None]
     elif isinstance(qw, Int4Weight):
-        codes = unpack_nibbles(qw.packed).float().view(n, k // INT4_GROUP, INT4_GROUP)
+        codes = unpack_nibbles(qw.packed).float().view(n, k // qw.group, qw.group)
         w = (codes - qw.zero.float()[..., None]) * qw.scale[..., None]
     elif isinstance(qw, Int8Weight | Fp8Weight):
         w = qw.qweight.float() * qw.scale[:, None]

@@ -359,6 +359,7 @@ class HotmergeService(pb_grpc.HotmergeServicer):
                 merge_strategies=[s.value for s in Strategy],
                 version=__version__,
                 adapter_source=f"{store.adapter_root.path} ({hub})",
+                quantize=runner.config.quantize or "",
             )
 
     def ListAdapters(self, request, context):
