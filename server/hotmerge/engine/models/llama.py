@@ -103,9 +103,14 @@ class LlamaLayer(nn.Module):
         )
         self.intermediate = mlp.gate_proj.out_features
         self.down_weight = _base_weight(mlp.down_proj.weight, quant)
-        if quant is not None:  # the 16-bit originals go now, so the KV cache gets their room
-            for proj in (*projs, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj):
-                proj.weight = None
+        # The originals that were copied (concatenated or quantized) go now, so the KV cache,
+        # sized after this, gets their room (~9 GB of q/k/v and gate/up at 7B in bf16): the
+        # transformers model is consumed.
+        copied = (*projs, mlp.gate_proj, mlp.up_proj)
+        if quant is not None:
+            copied += (attn.o_proj, mlp.down_proj)
+        for proj in copied:
+            proj.weight = None
         self.input_norm = hf_layer.input_layernorm
         self.post_norm = hf_layer.post_attention_layernorm
         self.q_norm = getattr(attn, "q_norm", None)  # Qwen3
