@@ -252,7 +252,7 @@ def load_mix(running, prompt, adapter_ids, args, concurrency: int, phase: int) -
 
     prefills = sum(engine.stats.prefill_batch_sizes.values())
     decodes = sum(engine.stats.decode_batch_sizes.values())
-    decode_sizes = engine.stats.decode_batch_sizes.copy()
+    decode_sizes = engine.stats.decode_batch_sizes + engine.stats.mixed_decode_rows
     phases_before, steps_before = dict(engine.stats.step_phase_s), engine.stats.steps
     sched, kv = engine.scheduler, engine.kv
     kv_before = (sched.mixed_plans, sched.preemptions, kv.queries, kv.hits)
@@ -286,10 +286,13 @@ def load_mix(running, prompt, adapter_ids, args, concurrency: int, phase: int) -
         "engine_busy_share": sum(step_s) / wall,
         # Mean ms a step spends in each phase (the engine's own timers; "wait" is the device).
         "phase_ms_per_step": phase_ms,
-        # Steps by the number of rows decoded: the batch sizes the load really reached.
-        "decode_batch_sizes": batch_histogram(decode_sizes, engine.stats.decode_batch_sizes),
-        # Steps whose decode rows went into the prefill forward (counted in "prefills", not
-        # in decode_batch_sizes), rows preempted, prompt tokens found in the prefix cache.
+        # Steps by the number of rows decoded (decode-only and mixed steps): the batch sizes
+        # the load really reached.
+        "decode_batch_sizes": batch_histogram(
+            decode_sizes, engine.stats.decode_batch_sizes + engine.stats.mixed_decode_rows
+        ),
+        # Steps whose decode rows went into the prefill forward (counted in "prefills"), rows
+        # preempted, prompt tokens found in the prefix cache.
         "mixed_steps": sched.mixed_plans - kv_before[0],
         "preemptions": sched.preemptions - kv_before[1],
         "prefix_hit_rate": (kv.hits - kv_before[3]) / max(kv.queries - kv_before[2], 1),

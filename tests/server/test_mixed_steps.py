@@ -42,6 +42,7 @@ def test_prompts_joining_running_rows_get_the_tokens_of_separate_steps(engine):
     cases = [(0, None, 40), (1, "qv", 12), (2, None, 12), (3, "qv", 30)]
     alone = [token_ids(engine.submit(request(*case)).wait()) for case in cases]
     plans = engine.scheduler.mixed_plans
+    mixed_rows = sum(engine.stats.mixed_decode_rows.values())
     first = engine.submit(request(*cases[0]))
     events = iter(first)
     streamed = [next(events).token_id]  # it decodes now: the others' prompts join its steps
@@ -49,6 +50,10 @@ def test_prompts_joining_running_rows_get_the_tokens_of_separate_steps(engine):
     streamed += [e.token_id for e in events]
     together = [streamed, *(token_ids(h.wait()) for h in later)]
     assert engine.scheduler.mixed_plans > plans
+    # every mixed step's decode rows are counted (the rows-per-step histogram serve_load reads)
+    assert sum(engine.stats.mixed_decode_rows.values()) - mixed_rows == (
+        engine.scheduler.mixed_plans - plans
+    )
     assert together == alone
     assert engine.kv.free_blocks == engine.kv.capacity_blocks
 

@@ -13,6 +13,9 @@ class EngineStats:
 
     prefill_batch_sizes: Counter = field(default_factory=Counter)
     decode_batch_sizes: Counter = field(default_factory=Counter)
+    # Decode rows that rode in a mixed step's forward (one-token chunks before the prompts'),
+    # by how many there were: with decode_batch_sizes, the rows decoded per step.
+    mixed_decode_rows: Counter = field(default_factory=Counter)
     requests_finished: int = 0
     requests_failed: int = 0
     steps: int = 0

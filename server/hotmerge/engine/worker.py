@@ -172,6 +172,8 @@ class Worker:
                     )
             prefill_logits, scores = self.runner.prefill(plan.chunks)
             self.stats.prefill_batch_sizes[len(plan.chunks)] += 1
+            if plan.decode_chunks:
+                self.stats.mixed_decode_rows[plan.decode_chunks] += 1
             for seq, score in zip(plan.chunk_seqs, scores, strict=True):
                 seq.prompt_scores.extend(score)
             lap("prefill")
