@@ -112,7 +112,7 @@ class SqlSkill(PooledSkill):
     name = "sql"
     max_new_tokens = 64
     seed = 11
-    pool_size = 1500
+    pool_size = 2350  # every distinct prompt of the templates: 300 held-out, 2050 train
 
     def draw(self, rng: random.Random) -> Example:
         question, query = rng.choice(TEMPLATES)
