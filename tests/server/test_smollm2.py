@@ -87,3 +87,34 @@ def test_chat_answer_stops_at_its_end_token(smollm2):
     result = engine.submit(GenerationRequest(text, SamplingParams(max_new_tokens=40), None)).wait()
     assert result.finish_reason == FinishReason.EOS
     assert "Paris" in result.generated_text
+
+
+def test_sweep_over_the_shipped_adapters_keeps_their_skills(smollm2, tmp_path, capsys):
+    """``hotmerge sweep`` on the real model and the shipped adapters (a two-skill grid, a few
+    held-out examples): the table, the front, the plot, and the chosen merge written for
+    ``hotmerge serve --merges``. Each adapter scores on its own skill, above the base."""
+    import json
+
+    from hotmerge.cli import main
+
+    _, data_dir, model_dir, adapter_root, _ = smollm2
+    out = tmp_path / "sweep"
+    rc = main([
+        "sweep", "json,python", "--serve", "--model", str(model_dir),
+        "--adapter-root", str(adapter_root), "--data-dir", str(data_dir),
+        "--max-batch-size", "8", "--skills", "json,python", "-n", "3",
+        "--strategies", "ties", "--densities", "0.5", "--register", "json-python",
+        "--out", str(out), "--no-progress", "--no-loglik",
+    ])  # fmt: skip
+    assert rc == 0, capsys.readouterr().err
+    rows = {r["label"]: r for r in json.loads((out / "sweep.json").read_text())["candidates"]}
+    assert set(rows) == {"base", "json", "python", "ties d=0.5"}
+    assert all(r["status"] == "ok" for r in rows.values())
+    for skill in ("json", "python"):  # the adapter has its skill; the base lacks it
+        assert rows[skill][f"score:{skill}"] >= 2 / 3 > rows["base"][f"score:{skill}"]
+    assert any(r["front"] for r in rows.values()) and rows["ties d=0.5"]["merge_ms"] > 0
+    assert (out / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+    (chosen,) = [r for r in rows.values() if r["chosen"]]
+    assert json.loads((out / "merges.json").read_text()) == {
+        "json-python": json.loads(chosen["spec"])
+    }
