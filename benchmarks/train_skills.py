@@ -118,32 +118,36 @@ def autocast(device: torch.device):
 
 @torch.no_grad()
 def accuracy(model, tok, skill: Skill, n: int, batch_size: int, device) -> tuple[float, list[dict]]:
-    """Held-out accuracy by left-padded batched greedy generation; with the first few samples."""
+    """Held-out accuracy by batched greedy generation, with every completion. A batch holds
+    prompts of one token length: no padding, so each answer is the one the prompt gets alone
+    (as `hotmerge eval` gets it; left padding changed some answers of this small model)."""
     model.eval()
     examples = skill.examples("heldout", n)
-    tok.padding_side = "left"
-    scores, samples = [], []
-    for start in range(0, len(examples), batch_size):
-        chunk = examples[start : start + batch_size]
-        enc = tok(
-            [chat_prompt(tok, ex) for ex in chunk],
-            return_tensors="pt",
-            padding=True,
-            add_special_tokens=False,
-        )
-        with autocast(device):
-            out = model.generate(
-                **enc.to(device),
-                max_new_tokens=skill.max_new_tokens,
-                do_sample=False,
-                pad_token_id=tok.pad_token_id,
-                eos_token_id=tok.eos_token_id,
-            )
-        texts = tok.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-        for ex, text in zip(chunk, texts, strict=True):
-            scores.append(skill.score(ex, text))
-            if len(samples) < 3:
-                samples.append({"prompt": ex.prompt, "reference": ex.reference, "completion": text})
+    by_length: dict[int, list[tuple[int, list[int]]]] = {}
+    for i, ex in enumerate(examples):
+        ids = tok(chat_prompt(tok, ex), add_special_tokens=False)["input_ids"]
+        by_length.setdefault(len(ids), []).append((i, ids))
+    texts: dict[int, str] = {}
+    for rows in by_length.values():
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start : start + batch_size]
+            ids = torch.tensor([r[1] for r in chunk], device=device)
+            with autocast(device):
+                out = model.generate(
+                    input_ids=ids,
+                    attention_mask=torch.ones_like(ids),
+                    max_new_tokens=skill.max_new_tokens,
+                    do_sample=False,
+                    pad_token_id=tok.pad_token_id,
+                    eos_token_id=tok.eos_token_id,
+                )
+            decoded = tok.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
+            texts.update((r[0], text) for r, text in zip(chunk, decoded, strict=True))
+    scores = [skill.score(ex, texts[i]) for i, ex in enumerate(examples)]
+    samples = [
+        {"prompt": ex.prompt, "reference": ex.reference, "completion": texts[i], "score": scores[i]}
+        for i, ex in enumerate(examples)
+    ]
     return sum(scores) / len(scores), samples
 
 

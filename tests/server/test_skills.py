@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+from collections import Counter
+
 import pytest
 from hotmerge.skills import HELDOUT_SIZE, SKILLS, Example, chat_prompt
 from hotmerge.skills.base import strip_fences
@@ -23,7 +25,7 @@ def test_splits_are_deterministic_disjoint_and_large_enough(name):
     fresh = type(skill)()  # a new instance draws its pool again from the seed
     heldout, train = fresh.examples("heldout"), fresh.examples("train")
     assert heldout == skill.examples("heldout") and train == skill.examples("train")
-    assert len(heldout) == HELDOUT_SIZE >= 200
+    assert abs(len(heldout) - HELDOUT_SIZE) <= 5 and len(heldout) >= 200  # strata round
     assert len(train) >= 1000
     prompts_h, prompts_t = {e.prompt for e in heldout}, {e.prompt for e in train}
     assert len(prompts_h) == len(heldout) and len(prompts_t) == len(train)  # no duplicates
@@ -31,6 +33,11 @@ def test_splits_are_deterministic_disjoint_and_large_enough(name):
     assert skill.examples("heldout", 5) == heldout[:5]
     with pytest.raises(ValueError, match="split"):
         skill.examples("test")
+    # every stratum (sql: every query shape) of two or more prompts is in both splits
+    strata = {skill.stratum(e) for e in heldout}
+    sizes = Counter(skill.stratum(e) for e in heldout + train)
+    assert strata == {s for s, n in sizes.items() if n >= 2}
+    assert strata <= {skill.stratum(e) for e in train}
 
 
 @pytest.mark.parametrize("name", sorted(SKILLS))

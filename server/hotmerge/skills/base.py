@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import random
 import re
+from collections import Counter
+from collections.abc import Hashable
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Protocol
@@ -46,8 +48,12 @@ def strip_fences(completion: str) -> str:
 class PooledSkill:
     """A skill whose examples come from ``draw(rng)``: a seeded pool of distinct prompts.
 
-    The pool is drawn once with ``random.Random(seed)``; its first ``HELDOUT_SIZE`` examples are
-    the held-out split and the rest the train split, so the splits never share a prompt.
+    The pool is drawn once with ``random.Random(seed)`` and split so that the splits never
+    share a prompt. The held-out split takes, from each stratum (``stratum(example)``; the whole
+    pool is one unless a skill says otherwise), its first examples in pool order, in proportion
+    to the stratum's size (at least one of a stratum of two or more): about ``HELDOUT_SIZE`` in
+    all. The rest is the train split. Strata keep a kind of question that has few distinct
+    prompts from landing wholly in the held-out split, never trained on.
     """
 
     name: str
@@ -57,6 +63,9 @@ class PooledSkill:
 
     def draw(self, rng: random.Random) -> Example:
         raise NotImplementedError
+
+    def stratum(self, example: Example) -> Hashable:
+        return None
 
     @cached_property
     def _pool(self) -> list[Example]:
@@ -71,9 +80,26 @@ class PooledSkill:
             raise ValueError(f"skill {self.name!r} drew only {len(seen)} distinct prompts")
         return list(seen.values())
 
+    @cached_property
+    def _splits(self) -> dict[str, list[Example]]:
+        pool = self._pool
+        strata = [self.stratum(ex) for ex in pool]
+        sizes = Counter(strata)
+        quota = {
+            s: max(round(n * HELDOUT_SIZE / len(pool)), 1 if n >= 2 else 0)
+            for s, n in sizes.items()
+        }
+        taken: Counter = Counter()
+        splits: dict[str, list[Example]] = {"heldout": [], "train": []}
+        for ex, s in zip(pool, strata, strict=True):
+            split = "heldout" if taken[s] < quota[s] else "train"
+            taken[s] += split == "heldout"
+            splits[split].append(ex)
+        return splits
+
     def examples(self, split: str, n: int | None = None) -> list[Example]:
         """The first ``n`` examples of ``split`` ("train" or "heldout"), all of it if n is None."""
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, not {split!r}")
-        part = self._pool[:HELDOUT_SIZE] if split == "heldout" else self._pool[HELDOUT_SIZE:]
+        part = self._splits[split]
         return part if n is None else part[:n]

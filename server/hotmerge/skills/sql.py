@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import re
 import sqlite3
 
 from hotmerge.skills.base import Example, PooledSkill, strip_fences
@@ -85,6 +86,9 @@ def build_db() -> sqlite3.Connection:
     return db
 
 
+_LITERAL = re.compile(r"'[^']*'|\b\d+\b")
+
+
 def _normalise(query: str) -> str:
     return " ".join(query.replace(";", " ").split()).lower()
 
@@ -125,6 +129,10 @@ class SqlSkill(PooledSkill):
         )
         prompt = f"Tables: {SCHEMA}. Write one SQLite query: {question.format(**fields)}"
         return Example(prompt, query.format(**fields))
+
+    def stratum(self, example: Example) -> str:
+        """The query's shape (its template): literals masked."""
+        return _LITERAL.sub("?", example.reference)
 
     def score(self, example: Example, completion: str) -> float:
         """1.0 when the completion's rows equal the reference's (in order only if it orders)."""
