@@ -77,6 +77,8 @@ def load_base(base: Path | None):
     if path.suffix == ".gguf":
         kwargs["gguf_file"], path = path.name, path.parent
     tok = AutoTokenizer.from_pretrained(path, **kwargs)
+    if tok.pad_token_id is None:  # transformers 5.17 reads SmolLM2's GGUF with no pad token
+        tok.pad_token = tok.eos_token  # padding is masked out of the loss either way
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kwargs)
     model.hf_quantizer = None  # a GGUF load is dequantized already; PEFT/saving need it gone
     if hasattr(model.config, "quantization_config"):

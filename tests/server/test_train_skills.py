@@ -40,6 +40,7 @@ def test_trains_saves_and_records(tmp_path):
     model_dir = tiny_llama(tmp_path)
     tok = byte_level_tokenizer()
     tok.chat_template = TEMPLATE
+    tok.pad_token = None  # as transformers 5.17 loads SmolLM2's GGUF (on the GPU machine)
     tok.save_pretrained(model_dir)
     out = tmp_path / "adapters"
     args = ["--base", str(model_dir), "--skills", "json", "--steps", "3", "--batch-size", "2"]
