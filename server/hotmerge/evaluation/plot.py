@@ -57,9 +57,9 @@ def _scatter(ax, ranking: Ranking, skills: Sequence[str], idx: list[int]) -> Non
         ax.scatter(x, y, c=colour, marker=marker, s=size, edgecolors="black", linewidths=0.5,
                    zorder=z)  # fmt: skip
         labels.setdefault((x, y), []).append(r["label"])
-    for (x, y), names in labels.items():
-        ax.annotate("\n".join(names), (x, y), xytext=(5, -3), textcoords="offset points",
-                    fontsize=7, va="top")  # fmt: skip
+    for (x, y), text_y, names in _spread(labels):
+        ax.annotate("\n".join(names), (x, y), xytext=(x + 0.03, text_y), fontsize=7, va="center",
+                    arrowprops={"arrowstyle": "-", "lw": 0.4, "color": "0.5"})  # fmt: skip
     front = sorted(
         ((ranking.records[i]["scores"][a], ranking.records[i]["scores"][b])
          for i in idx if ranking.front[i]),
@@ -77,11 +77,22 @@ def _scatter(ax, ranking: Ranking, skills: Sequence[str], idx: list[int]) -> Non
     ax.scatter([], [], c=_CHOSEN, marker="*", s=120, label="chosen")
     ax.set_xlabel(f"{a} score")
     ax.set_ylabel(f"{b} score")
-    ax.set_xlim(-0.05, 1.25)  # room for the labels right of the points
+    ax.set_xlim(-0.05, 1.45)  # room for the labels right of the points
     ax.set_xticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
     ax.set_ylim(-0.08, 1.05)
     ax.grid(alpha=0.3)
-    ax.legend(loc="upper left", fontsize=8)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)  # off the points
+
+
+def _spread(labels: dict[tuple[float, float], list[str]], gap: float = 0.035):
+    """(point, label height, names): labels of points close in x stacked at least ``gap`` apart
+    (score units), so that a crowded corner stays legible; each keeps a line to its point."""
+    placed: list[tuple[tuple[float, float], float, list[str]]] = []
+    for (x, y), names in sorted(labels.items(), key=lambda kv: -kv[0][1]):
+        near = [h - gap * len(n) for (px, _), h, n in placed if abs(px - x) < 0.15]
+        height = min([y, *near]) if near else y
+        placed.append(((x, y), height - gap * (len(names) - 1) / 2, names))
+    return placed
 
 
 def _parallel(ax, ranking: Ranking, skills: Sequence[str], idx: list[int]) -> None:
