@@ -1,7 +1,8 @@
 """Skills the base model lacks: seeded task generators with exact scoring, for training and eval.
 
 Each skill draws a pool of distinct prompts from templates with a fixed seed; the held-out and
-train splits are disjoint slices of it (see base.PooledSkill). Scoring is exact: SQL by executing
+train splits are disjoint parts of it, the held-out one stratified (sql by query shape, so
+that every kind of question is trained on; see base.PooledSkill). Scoring is exact: SQL by executing
 against a fixed in-memory sqlite database, JSON by comparing parsed objects, Python by running
 test cases in a subprocess with a time limit.
 """
