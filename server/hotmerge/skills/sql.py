@@ -116,7 +116,7 @@ class SqlSkill(PooledSkill):
     name = "sql"
     max_new_tokens = 64
     seed = 11
-    pool_size = 2350  # every distinct prompt of the templates: 300 held-out, 2050 train
+    pool_size = 2350  # every distinct prompt of the templates: 301 held-out, 2049 train
 
     def draw(self, rng: random.Random) -> Example:
         question, query = rng.choice(TEMPLATES)
