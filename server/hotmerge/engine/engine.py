@@ -20,7 +20,6 @@ sampling parameters cannot be used fails alone (InvalidArgument).
 from __future__ import annotations
 
 import itertools
-import logging
 import secrets
 import threading
 import time
@@ -41,8 +40,6 @@ from hotmerge.errors import (
     Unavailable,
 )
 from hotmerge.generation import GenerationRequest
-
-log = logging.getLogger(__name__)
 
 
 def _token_limits(runner: ModelRunner, config: EngineConfig) -> tuple[int, int]:
