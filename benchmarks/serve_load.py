@@ -6,11 +6,13 @@ PEFT adapters on all seven projection modules, then measures, over real gRPC on 
 
 1. the cost a merge-cache hit adds over a named adapter (server side, in-process, median);
 2. a cold TIES merge of 3 adapters as a share of time to first token for a 128-token prompt;
-3. a load of mixed requests (single adapters, repeated merge specs, fresh merge specs) at a
-   concurrency level: throughput, p50/p99 time to first token, inter-token latency (from the
+3. the time to first token of prompts that share a 512-token prefix (cached after the first)
+   against prompts of the same length that share nothing, one at a time;
+4. a load of mixed requests (single adapters, repeated merge specs, fresh merge specs) at each
+   ``--concurrency`` level (``32,64,128``: one phase per level, same server): throughput, p50/p99 time to first token, inter-token latency (from the
    streamed tokens' arrival times) and total latency by class (single, merge hit, merge miss),
    the merge time's share of TTFT, and the decode batch sizes the engine reached;
-4. the inter-token latency of ``--merge-streams`` running streams while one fresh ``ties_svd``
+5. the inter-token latency of ``--merge-streams`` running streams while one fresh ``ties_svd``
    merge is computed, against the same streams' outside the merge.
 
 Results go to benchmarks/results/serve_load-<device>-<date>.{json,md} (or --out-dir).
