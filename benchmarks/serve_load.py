@@ -9,9 +9,10 @@ PEFT adapters on all seven projection modules, then measures, over real gRPC on 
 3. the time to first token of prompts that share a 512-token prefix (cached after the first)
    against prompts of the same length that share nothing, one at a time;
 4. a load of mixed requests (single adapters, repeated merge specs, fresh merge specs) at each
-   ``--concurrency`` level (``32,64,128``: one phase per level, same server): throughput, p50/p99 time to first token, inter-token latency (from the
-   streamed tokens' arrival times) and total latency by class (single, merge hit, merge miss),
-   the merge time's share of TTFT, and the decode batch sizes the engine reached;
+   ``--concurrency`` level (``32,64,128``: one phase per level, same server): throughput,
+   p50/p99 time to first token, inter-token latency (from the streamed tokens' arrival times)
+   and total latency by class (single, merge hit, merge miss), the merge time's share of TTFT,
+   and the decode batch sizes the engine reached;
 5. the inter-token latency of ``--merge-streams`` running streams while one fresh ``ties_svd``
    merge is computed, against the same streams' outside the merge.
 
