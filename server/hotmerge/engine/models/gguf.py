@@ -49,6 +49,21 @@ def converted_dir(gguf: Path, cache_root: Path, name: str | None = None) -> Path
     return cache_root / (name or gguf.stem)
 
 
+def load_gguf(gguf: Path, **kwargs):
+    """(model, tokenizer) that transformers reads from ``gguf``, dequantized; ``kwargs`` go to
+    ``from_pretrained`` (``dtype``...). The model no longer carries the GGUF quantizer, which
+    would stop ``save_pretrained`` and PEFT."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = str(gguf.parent), gguf.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, **kwargs)
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    return model, tokenizer
+
+
 def convert_gguf(gguf: Path, cache_root: Path, name: str | None = None) -> Path:
     """The model folder converted from ``gguf``: built now unless the folder's record says it
     was converted from this very file (path, size and modification time); see the module doc."""
@@ -63,8 +78,6 @@ def convert_gguf(gguf: Path, cache_root: Path, name: str | None = None) -> Path:
             f"model {str(gguf)!r} is a GGUF file: install the gguf package to read it "
             "(pip install 'gguf>=0.10,<1')"
         ) from None
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     size_mb = gguf.stat().st_size / 1e6
     # A line on stderr as well as the log: the first start waits on this.
     print(f"hotmerge: converting {gguf.name} ({size_mb:.0f} MB) into {out} (once) ...",
@@ -73,14 +86,7 @@ def convert_gguf(gguf: Path, cache_root: Path, name: str | None = None) -> Path:
     cache_root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-{os.getpid()}-", dir=cache_root))
     try:
-        folder, name = str(gguf.parent), gguf.name
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)
-        # Loaded from GGUF, the model is already dequantized; transformers refuses to save it
-        # while it still carries the GGUF quantizer and its config entry.
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
+        model, tokenizer = load_gguf(gguf)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / MARKER).write_text(json.dumps(_source_record(gguf)) + "\n")
