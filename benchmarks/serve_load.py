@@ -414,9 +414,9 @@ def main() -> None:
         type=int,
         default=None,
         help="streams running while a ties_svd merge is computed (default: the first "
-        "--concurrency; "
-        "0 skips that phase)",
+        "--concurrency; 0 skips that phase)",
     )
+    parser.add_argument("--merge-tokens", type=int, default=256, help="new tokens per stream")
     parser.add_argument(
         "--prefix-runs",
         type=int,
@@ -424,7 +424,6 @@ def main() -> None:
         help="requests per side of the shared-prefix TTFT phase (0 skips it)",
     )
     parser.add_argument("--prefix-tokens", type=int, default=512, help="the shared prefix's length")
-    parser.add_argument("--merge-tokens", type=int, default=256, help="new tokens per stream")
     parser.add_argument("--work-dir", type=Path, default=None)
     parser.add_argument("--tag", default="", help="suffix of the result files' names")
     parser.add_argument("--out-dir", type=Path, default=Path(__file__).parent / "results")

@@ -59,6 +59,11 @@ class AdapterInfo:
     # file is read then anyway); "" in a listing of an adapter not loaded since it changed.
     revision: str
 
+    @property
+    def content_key(self) -> str:
+        """Names these weights (``id@revision``): what KV computed with them is cached under."""
+        return f"{self.id}@{self.revision}"
+
 
 @dataclass(eq=False)
 class LoadedAdapter:

@@ -120,7 +120,7 @@ def stored_adapter_lease(store: AdapterStore, adapter_id: str) -> AdapterLease:
         load_ms,
         lambda: store.release(adapter_id),
         name=adapter_id,
-        kv_key=f"{adapter_id}@{loaded.info.revision}",
+        kv_key=loaded.info.content_key,
     )
 
 

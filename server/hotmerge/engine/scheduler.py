@@ -232,12 +232,7 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         """Free a running sequence's blocks and slot and queue it first, to recompute its KV:
         its prompt and every generated token but the last, which the next decode feeds."""
-        self.running.remove(seq)
-        self.kv.release(seq.table)
-        seq.table = None
-        if seq.slot >= 0:
-            self.slots.release(seq.slot)
-            seq.slot = -1
+        self._leave(seq)
         if seq.generated:
             seq.prefill_end = len(seq.prompt_ids) + len(seq.generated) - 1
         else:
@@ -288,13 +283,17 @@ class Scheduler:
         seq.done = True
         if seq not in self.running:
             return False
+        self._leave(seq)
+        return True
+
+    def _leave(self, seq: Sequence) -> None:
+        """Take a running sequence out of the batch: its blocks and slot go back."""
         self.running.remove(seq)
         self.kv.release(seq.table)
         seq.table = None
         if seq.slot >= 0:
             self.slots.release(seq.slot)
             seq.slot = -1
-        return True
 
 
 class _Tokens:

@@ -79,9 +79,6 @@ class Sequence:
             return self.generated[start - n : end - n]
         return self.prompt_ids[start:] + self.generated[: end - n]
 
-    def all_tokens(self) -> list[int]:
-        return self.prompt_ids + self.generated
-
     def push(self, token: int, logprob: float) -> FinishReason | None:
         """Stream a taken token to the handle (its text; stop sequences held back, then cut);
         returns why the request ends with it, if it does."""

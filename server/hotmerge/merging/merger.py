@@ -133,7 +133,7 @@ class Merger:
                     only.weights,
                     load_ms,
                     lambda: self.store.release(only.info.id),
-                    kv_key=f"{only.info.id}@{only.info.revision}",
+                    kv_key=only.info.content_key,
                 )
                 return lease, self._outcome(key, affinity, True, 0.0, load_ms, only.weights)
             check_compatible(spec, inputs)
