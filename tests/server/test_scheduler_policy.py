@@ -40,7 +40,6 @@ def sequence(prompt_len=5, max_new_tokens=4, adapter=None, *, deadline=None, que
         seed=0,
         submitted=0.0,
         queued=0.0,
-        worst_tokens=prompt_len + max_new_tokens,
         queue_until=queue_until,
     )
 

@@ -223,7 +223,6 @@ class Engine:
             seed=seed,
             submitted=submitted,
             queued=time.perf_counter(),
-            worst_tokens=worst,
             queue_until=rules.queue_deadline(deadline, time.monotonic()),
             kv_key=self._kv_keys.key(lease),
         )

@@ -33,7 +33,6 @@ class Sequence:
     seed: int
     submitted: float  # perf_counter at submit
     queued: float
-    worst_tokens: int  # prompt + the most it may generate: must fit the whole KV cache
     queue_until: float  # monotonic: fails if still queued then (limits.queue_deadline)
     timings: Timings = field(default_factory=Timings)
     generated: list[int] = field(default_factory=list)
