@@ -403,6 +403,9 @@ def main() -> None:
     )
     parser.add_argument("--max-loras", type=int, default=48, help="adapter slots")
     parser.add_argument("--max-total-tokens", type=int, default=1024)
+    parser.add_argument(
+        "--quantize", default=None, help="quantize the base's linear weights: fp8, int8, nf4, int4"
+    )
     parser.add_argument("--profile", action="store_true", help="cProfile the engine thread")
     parser.add_argument(
         "--in-process-clients",
@@ -455,6 +458,7 @@ def main() -> None:
             max_loras=args.max_loras,
             max_lora_rank=args.rank,
             max_total_tokens=args.max_total_tokens,
+            quantize=args.quantize,
         ),
         max_workers=max(64, 2 * max(args.concurrency)),
         merge_budget_bytes=8 * 1024**3,
@@ -510,7 +514,8 @@ def main() -> None:
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "versions": versions(),
         "model": f"random Llama, shape {args.shape} ({SHAPES[args.shape] or 'embedded tiny'}), "
-        f"{'bf16' if device == 'cuda' else 'fp32'}",
+        f"{'bf16' if device == 'cuda' else 'fp32'}"
+        + (f", linear weights {args.quantize}" if args.quantize else ""),
         "adapters": args.adapters,
         "rank": args.rank,
         "prompt_tokens": PROMPT_TOKENS,
