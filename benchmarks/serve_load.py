@@ -32,7 +32,6 @@ import multiprocessing
 import platform
 import pstats
 import random
-import statistics
 import tempfile
 import threading
 import time
@@ -52,13 +51,16 @@ from hotmerge.embedded import (
 from hotmerge.embedded import write_peft_adapter as write_adapter
 from hotmerge.engine import EngineConfig
 from hotmerge.server import start_server
-from hotmerge.v1 import hotmerge_pb2 as pb
 from serve_clients import (
-    RAMP_TOKENS,
     Sample,
-    merge_during_streams_clients,
     run_clients,
     stream_once,
+)
+from serve_probes import (
+    cold_ties_share,
+    hit_overhead_us,
+    merge_during_streams,
+    shared_prefix_ttft,
 )
 from serve_report import (
     PROMPT_TOKENS,
@@ -66,7 +68,6 @@ from serve_report import (
     gaps_ms,
     itl_summary,
     pct,
-    split_gaps,
     write_results,
 )
 
@@ -114,92 +115,6 @@ def build_adapters(model_dir: Path, root: Path, count: int, rank: int) -> list[s
         write_adapter(root / name, shapes, spec, base_model=str(model_dir), seed=100 + i)
         names.append(name)
     return names
-
-
-def hit_overhead_us(running, adapter_ids: list[str], reps: int) -> dict:
-    """Server-side cost of resolving a cached merge spec vs a named adapter (median, µs)."""
-    service = running.service
-    merger, store = service.merger, running.store
-    msg = pb.MergedAdapters(
-        ids=adapter_ids[:3],
-        weights=[0.5, 0.3, 0.2],
-        merge_strategy=pb.TIES,
-        density=0.5,
-    )
-
-    def merge_hit():  # what the service does for a merge-spec request, up to the engine
-        spec = service.path.parse_spec(msg)
-        merger.acquire(spec)[0].release()
-
-    merge_hit()  # merged and cached
-
-    def timed(fn) -> float:
-        samples = []
-        for _ in range(reps):
-            t = time.perf_counter_ns()
-            fn()
-            samples.append(time.perf_counter_ns() - t)
-        return statistics.median(samples) / 1000
-
-    def named():
-        store.acquire(adapter_ids[0])
-        store.release(adapter_ids[0])
-
-    named_us = timed(named)
-    hit_us = timed(merge_hit)
-    return {"named_adapter_us": named_us, "merge_hit_us": hit_us, "hit_adds_us": hit_us - named_us}
-
-
-def cold_ties_share(client, prompt: str, adapter_ids: list[str], runs: int) -> dict:
-    """Fresh TIES specs of 3 adapters, one at a time: merge time over TTFT."""
-    named = [stream_once(client, prompt, 1, adapter_id=adapter_ids[0]) for _ in range(runs)]
-    cold = []
-    for i in range(runs):
-        spec = {
-            "ids": adapter_ids[:3],
-            "weights": [1.0, 0.5 + i * 1e-3, 0.25],
-            "merge_strategy": "TIES",
-            "density": 0.5,
-        }
-        cold.append(stream_once(client, prompt, 1, merged_adapters=spec))
-    assert all(s.kind == "merge_miss" for s in cold)
-    return {
-        "named_ttft_ms_p50": pct([s.ttft_ms for s in named], 50),
-        "cold_ties_ttft_ms_p50": pct([s.ttft_ms for s in cold], 50),
-        "cold_ties_merge_ms_p50": pct([s.merge_ms for s in cold], 50),
-        "cold_ties_merge_share_of_ttft_p50": pct([s.merge_ms / s.ttft_ms for s in cold], 50),
-    }
-
-
-def shared_prefix_ttft(client, adapter_id: str, runs: int, prefix_tokens: int) -> dict:
-    """TTFT of prompts that share a ``prefix_tokens`` prefix (cached after the first) against
-    prompts of the same length that share nothing, one request at a time. The byte tokenizer
-    makes a character a token."""
-    rng = random.Random(2)
-
-    def text(n: int) -> str:
-        return "".join(rng.choice("abcdefghij ") for _ in range(n))
-
-    suffix = 16
-    uncached = [
-        stream_once(client, text(prefix_tokens + suffix), 1, adapter_id=adapter_id)
-        for _ in range(runs)
-    ]
-    prefix = text(prefix_tokens)
-    stream_once(client, prefix + text(suffix), 1, adapter_id=adapter_id)  # fills the cache
-    cached = [
-        stream_once(client, prefix + text(suffix), 1, adapter_id=adapter_id) for _ in range(runs)
-    ]
-    uncached_p50 = pct([s.ttft_ms for s in uncached], 50)
-    cached_p50 = pct([s.ttft_ms for s in cached], 50)
-    return {
-        "prefix_tokens": prefix_tokens,
-        "suffix_tokens": suffix,
-        "runs": runs,
-        "uncached_ttft_ms_p50": uncached_p50,
-        "cached_ttft_ms_p50": cached_p50,
-        "ratio": cached_p50 / uncached_p50,
-    }
 
 
 def load_plan(adapter_ids: list[str], args, phase: int = 0) -> list[dict]:
@@ -335,32 +250,6 @@ def load_mix(running, prompt, adapter_ids, args, concurrency: int, phase: int) -
         "tokens_per_s": sum(s.tokens for s in samples) / wall,
         "by_kind": by_kind,
         "engine": steps,
-    }
-
-
-def merge_during_streams(running, prompt: str, adapter_ids: list[str], args) -> dict:
-    """Inter-token latency of running streams while a ``ties_svd`` merge is computed, against
-    the same streams' latency outside the merge."""
-    clients = (running.target, prompt, adapter_ids, args.merge_streams, args.merge_tokens)
-    if args.in_process_clients:
-        rows, start, end, merge_ms = merge_during_streams_clients(*clients)
-    else:
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(1, mp_context=context) as pool:
-            rows, start, end, merge_ms = pool.submit(
-                merge_during_streams_clients, *clients
-            ).result()
-    samples = [Sample(*x) for x in rows]
-    during, without = split_gaps([s.token_times for s in samples], start, end, RAMP_TOKENS)
-    during_s, without_s = itl_summary(during), itl_summary(without)
-    return {
-        "strategy": "ties_svd",
-        "streams": args.merge_streams,
-        "merge_wall_ms": (end - start) * 1000,
-        "merge_ms": merge_ms,
-        "during": during_s,
-        "without": without_s,
-        "p99_ratio": during_s["itl_ms_p99"] / without_s["itl_ms_p99"],
     }
 
 
