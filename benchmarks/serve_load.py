@@ -385,10 +385,13 @@ def main() -> None:
                     client, adapter_ids[0], args.prefix_runs, args.prefix_tokens
                 )
                 print("shared prefix", prefix, flush=True)
-            loads = [
-                load_mix(running, prompt, adapter_ids, args, concurrency, phase)
-                for phase, concurrency in enumerate(args.concurrency)
-            ]
+            loads = []
+            for phase, concurrency in enumerate(args.concurrency):
+                load = load_mix(running, prompt, adapter_ids, args, concurrency, phase)
+                loads.append(load)
+                ttft = {k: round(v["ttft_ms_p50"], 1) for k, v in load["by_kind"].items()}
+                print(f"load c={concurrency}: {load['tokens_per_s']:.0f} tokens/s, TTFT p50 "
+                      f"by class {ttft}, ITL {load['itl']}", flush=True)  # fmt: skip
             merge_itl = None
             if args.merge_streams > 0:
                 merge_itl = merge_during_streams(running, prompt, adapter_ids, args)
