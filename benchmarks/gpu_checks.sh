@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# The GPU checks of the quantized base and serving round 3 in one run on one card, so every ratio
+# compares figures of the same card and lease:
+#   1. decode_step: bf16 and each quantized base at batch 1, 32, 64 (none / distinct adapters);
+#      bf16 batch 32 distinct is serving's decode-only ceiling;
+#   2. serve_load at concurrency 32, 64, 128 on bf16 (with the shared-prefix and ties_svd phases);
+#   3. serve_load at concurrency 64 on the quantized base fastest at batch 64 in (1);
+#   4. pytest -m gpu (the suites that need no packages beyond the serving ones).
+# Each step has its own time limit (seconds: DECODE_S, SERVE_S, SERVE_Q_S, PYTEST_S) and writes
+# its log and results under OUT (default benchmarks/results/gpu-checks-<date>).
+#     bash benchmarks/gpu_checks.sh          # needs a CUDA GPU and `make setup-test`
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-benchmarks/results/gpu-checks-$(date -u +%F)}
+FORMATS=${FORMATS:-nf4,int4,int8,fp8}
+SHAPE=${SHAPE:-7b}  # tiny: a quick run of the script itself anywhere
+mkdir -p "$OUT"
+export PYTHONPATH=${PYTHONPATH:-}:$PWD/server:$PWD/kernels:$PWD:$PWD/benchmarks PYTHONUNBUFFERED=1
+PY=${PY:-python3}
+
+step() {  # step NAME LIMIT_S COMMAND...: run it under its limit, log to OUT/NAME.log, say how it ended
+  local name=$1 limit=$2 t0=$SECONDS; shift 2
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  echo "$name: rc=$? in $((SECONDS - t0)) s" | tee -a "$OUT/$name.log"
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$OUT/gpu.txt"
+step decode_quant "${DECODE_S:-300}" $PY benchmarks/decode_step.py --no-eager --shape "$SHAPE" \
+  --quantize "$FORMATS" --out "$OUT/decode_quant.json"
+sed -n "/^base /,/^wrote/p" "$OUT/decode_quant.log"
+step serve_bf16 "${SERVE_S:-400}" $PY benchmarks/serve_load.py --shape "$SHAPE" --concurrency 32,64,128 \
+  --max-batch-size 128 --requests 320 --work-dir "${WORK:-/tmp/hotmerge-gpu-checks}" --out-dir "$OUT"
+grep -E "^load c=|^- |p99 ratio" "$OUT/serve_bf16.log"
+BEST=$($PY - "$OUT/decode_quant.json" <<'PY'
+import json, sys
+rows = json.load(open(sys.argv[1]))["rows"]
+quant = [r for r in rows if r.get("base", "bf16") != "bf16" and r["batch"] == 64
+         and r["adapters"] == "distinct"]
+print(min(quant, key=lambda r: r["step_ms"])["base"].split(":")[0] if quant else "")
+PY
+)
+if [ -n "$BEST" ]; then
+  echo "fastest quantized base at batch 64, distinct adapters: $BEST"
+  step "serve_$BEST" "${SERVE_Q_S:-240}" $PY benchmarks/serve_load.py --shape "$SHAPE" --concurrency 64 \
+    --max-batch-size 128 --requests 320 --merge-streams 0 --prefix-runs 0 --quantize "$BEST" \
+    --work-dir "${WORK:-/tmp/hotmerge-gpu-checks}" --out-dir "$OUT" --tag="-$BEST"
+  grep -E "^load c=" "$OUT/serve_$BEST.log"
+fi
+step pytest_gpu "${PYTEST_S:-540}" $PY -m pytest -q -m gpu -p no:cacheprovider tests/kernels \
+  tests/server tests/evaluation --ignore=tests/server/test_http.py
+grep -E "passed|failed|error" "$OUT/pytest_gpu.log" | tail -2
