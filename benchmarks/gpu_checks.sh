@@ -14,6 +14,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results/gpu-checks-$(date -u +%F)}
 FORMATS=${FORMATS:-nf4,int4,int8,fp8}
 SHAPE=${SHAPE:-7b}  # tiny: a quick run of the script itself anywhere
+WORK=${WORK:-/tmp/hotmerge-gpu-checks}  # the random model both serve_load runs share
 mkdir -p "$OUT"
 export PYTHONPATH=${PYTHONPATH:-}:$PWD/server:$PWD/kernels:$PWD:$PWD/benchmarks PYTHONUNBUFFERED=1
 PY=${PY:-python3}
@@ -29,7 +30,7 @@ step decode_quant "${DECODE_S:-300}" $PY benchmarks/decode_step.py --no-eager --
   --quantize "$FORMATS" --out "$OUT/decode_quant.json"
 sed -n "/^base /,/^wrote/p" "$OUT/decode_quant.log"
 step serve_bf16 "${SERVE_S:-400}" $PY benchmarks/serve_load.py --shape "$SHAPE" --concurrency 32,64,128 \
-  --max-batch-size 128 --requests 320 --work-dir "${WORK:-/tmp/hotmerge-gpu-checks}" --out-dir "$OUT"
+  --max-batch-size 128 --requests 320 --work-dir "$WORK" --out-dir "$OUT"
 grep -E "^load c=|^- |p99 ratio" "$OUT/serve_bf16.log"
 BEST=$($PY - "$OUT/decode_quant.json" <<'PY'
 import json, sys
@@ -43,7 +44,7 @@ if [ -n "$BEST" ]; then
   echo "fastest quantized base at batch 64, distinct adapters: $BEST"
   step "serve_$BEST" "${SERVE_Q_S:-240}" $PY benchmarks/serve_load.py --shape "$SHAPE" --concurrency 64 \
     --max-batch-size 128 --requests 320 --merge-streams 0 --prefix-runs 0 --quantize "$BEST" \
-    --work-dir "${WORK:-/tmp/hotmerge-gpu-checks}" --out-dir "$OUT" --tag="-$BEST"
+    --work-dir "$WORK" --out-dir "$OUT" --tag="-$BEST"
   grep -E "^load c=" "$OUT/serve_$BEST.log"
 fi
 step pytest_gpu "${PYTEST_S:-540}" $PY -m pytest -q -m gpu -p no:cacheprovider tests/kernels \
