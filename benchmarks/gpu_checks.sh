@@ -7,7 +7,9 @@
 #   3. serve_load at concurrency 64 on the quantized base fastest at batch 64 in (1);
 #   4. pytest -m gpu (the suites that need no packages beyond the serving ones).
 # Each step has its own time limit (seconds: DECODE_S, SERVE_S, SERVE_Q_S, PYTEST_S) and writes
-# its log and results under OUT (default benchmarks/results/gpu-checks-<date>).
+# its log and results under OUT (default benchmarks/results/gpu-checks-<date>). STEPS picks some of
+# decode,serve,serve_q,pytest (all by default), so a device lease can run them over several calls
+# into one OUT; serve_q reads the decode step's results from OUT.
 #     bash benchmarks/gpu_checks.sh          # needs a CUDA GPU and `make setup-test`
 set -u
 cd "$(dirname "$0")/.."
@@ -18,6 +20,8 @@ WORK=${WORK:-/tmp/hotmerge-gpu-checks}  # the random model both serve_load runs 
 mkdir -p "$OUT"
 export PYTHONPATH=${PYTHONPATH:-}:$PWD/server:$PWD/kernels:$PWD:$PWD/benchmarks PYTHONUNBUFFERED=1
 PY=${PY:-python3}
+STEPS=,${STEPS:-decode,serve,serve_q,pytest},
+want() { [[ $STEPS == *,$1,* ]]; }
 
 step() {  # step NAME LIMIT_S COMMAND...: run it under its limit, log to OUT/NAME.log, say how it ended
   local name=$1 limit=$2 t0=$SECONDS; shift 2
@@ -26,12 +30,17 @@ step() {  # step NAME LIMIT_S COMMAND...: run it under its limit, log to OUT/NAM
 }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$OUT/gpu.txt"
+if want decode; then
 step decode_quant "${DECODE_S:-300}" $PY benchmarks/decode_step.py --no-eager --shape "$SHAPE" \
   --quantize "$FORMATS" --out "$OUT/decode_quant.json"
 sed -n "/^base /,/^wrote/p" "$OUT/decode_quant.log"
+fi
+if want serve; then
 step serve_bf16 "${SERVE_S:-400}" $PY benchmarks/serve_load.py --shape "$SHAPE" --concurrency 32,64,128 \
   --max-batch-size 128 --requests 320 --work-dir "$WORK" --out-dir "$OUT"
 grep -E "^load c=|^- |p99 ratio" "$OUT/serve_bf16.log"
+fi
+if want serve_q && [ -f "$OUT/decode_quant.json" ]; then
 BEST=$($PY - "$OUT/decode_quant.json" <<'PY'
 import json, sys
 rows = json.load(open(sys.argv[1]))["rows"]
@@ -47,6 +56,9 @@ if [ -n "$BEST" ]; then
     --work-dir "$WORK" --out-dir "$OUT" --tag="-$BEST"
   grep -E "^load c=" "$OUT/serve_$BEST.log"
 fi
+fi
+if want pytest; then
 step pytest_gpu "${PYTEST_S:-540}" $PY -m pytest -q -m gpu -p no:cacheprovider tests/kernels \
   tests/server tests/evaluation --ignore=tests/server/test_http.py
 grep -E "passed|failed|error" "$OUT/pytest_gpu.log" | tail -2
+fi
