@@ -280,9 +280,15 @@ def quant_summary(rows: list[dict]) -> None:
 
 
 def quantized_bases(args, device, bandwidth: float, config: EngineConfig) -> list[dict]:
-    """bf16 then each format: a fresh model per base (quantizing releases the 16-bit weights)."""
-    rows = []
-    for label in ["bf16", *args.quantize.split(",")]:
+    """bf16 then each format: a fresh model per base (quantizing releases the 16-bit weights).
+    With ``--bf16-from``, bf16's rows come from that earlier run's JSON (same card and lease:
+    formats measured in processes of their own against one baseline)."""
+    rows, labels = [], ["bf16", *args.quantize.split(",")]
+    if args.bf16_from:
+        saved = json.loads(args.bf16_from.read_text())["rows"]
+        rows = [r for r in saved if r.get("path") == "engine" and r.get("base") == "bf16"]
+        labels = labels[1:]
+    for label in labels:
         fmt, _, matmul = label.partition(":")
         backend.FP8_MATMUL = matmul or "weight_only"
         model = build_model(args.shape, device, max_positions=max(4096, args.context + 64))
@@ -314,6 +320,8 @@ def main() -> None:
     parser.add_argument("--no-eager", action="store_true", help="skip the transformers path")
     parser.add_argument("--quantize", help="comma-separated bases to compare with bf16: fp8, "
                         "int8, nf4, int4, fp8:scaled_mm")  # fmt: skip
+    parser.add_argument("--bf16-from", type=Path, help="with --quantize: bf16's rows from this "
+                        "earlier JSON instead of measuring them again")  # fmt: skip
     parser.add_argument("--out", type=Path)
     parser.add_argument("--out-dir", type=Path, help="write the JSON here (default: $OUT if set)")
     args = parser.parse_args()

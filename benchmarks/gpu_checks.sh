@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # The GPU checks of the quantized base and serving round 3 in one run on one card, so every ratio
 # compares figures of the same card and lease:
-#   1. decode_step: bf16 and each quantized base at batch 1, 32, 64 (none / distinct adapters);
-#      bf16 batch 32 distinct is serving's decode-only ceiling;
+#   1. decode_step: bf16 and each quantized base at batch 1, 32, 64 (none / distinct adapters),
+#      a process per format (one that fails loses only its own rows), bf16 measured with the
+#      first and read by the others (--bf16-from); bf16 batch 32 distinct is serving's
+#      decode-only ceiling;
 #   2. serve_load at concurrency 32, 64, 128 on bf16 (with the shared-prefix and ties_svd phases);
 #   3. serve_load at concurrency 64 on the quantized base fastest at batch 64 in (1);
 #   4. pytest -m gpu (the suites that need no packages beyond the serving ones).
 # Each step has its own time limit (seconds: DECODE_S, SERVE_S, SERVE_Q_S, PYTEST_S) and writes
 # its log and results under OUT (default benchmarks/results/gpu-checks-<date>). STEPS picks some of
 # decode,serve,serve_q,pytest (all by default), so a device lease can run them over several calls
-# into one OUT; serve_q reads the decode step's results from OUT.
+# into one OUT; serve_q reads the decode step's results from OUT. DECODE_S is per format.
 #     bash benchmarks/gpu_checks.sh          # needs a CUDA GPU and `make setup-test`
 set -u
 cd "$(dirname "$0")/.."
@@ -31,19 +33,23 @@ step() {  # step NAME LIMIT_S COMMAND...: run it under its limit, log to OUT/NAM
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$OUT/gpu.txt"
 if want decode; then
-step decode_quant "${DECODE_S:-300}" $PY benchmarks/decode_step.py --no-eager --shape "$SHAPE" \
-  --quantize "$FORMATS" --out "$OUT/decode_quant.json"
-sed -n "/^base /,/^wrote/p" "$OUT/decode_quant.log"
+BASELINE=
+for fmt in ${FORMATS//,/ }; do
+  step "decode_$fmt" "${DECODE_S:-150}" $PY benchmarks/decode_step.py --no-eager --shape "$SHAPE" \
+    --quantize "$fmt" --out "$OUT/decode_$fmt.json" ${BASELINE:+--bf16-from "$BASELINE"}
+  sed -n "/^base /,/^wrote/p" "$OUT/decode_$fmt.log"
+  [ -z "$BASELINE" ] && [ -f "$OUT/decode_$fmt.json" ] && BASELINE=$OUT/decode_$fmt.json
+done
 fi
 if want serve; then
 step serve_bf16 "${SERVE_S:-400}" $PY benchmarks/serve_load.py --shape "$SHAPE" --concurrency 32,64,128 \
   --max-batch-size 128 --requests 320 --work-dir "$WORK" --out-dir "$OUT"
 grep -E "^load c=|^- |p99 ratio" "$OUT/serve_bf16.log"
 fi
-if want serve_q && [ -f "$OUT/decode_quant.json" ]; then
-BEST=$($PY - "$OUT/decode_quant.json" <<'PY'
+if want serve_q; then
+BEST=$($PY - "$OUT"/decode_*.json <<'PY'
 import json, sys
-rows = json.load(open(sys.argv[1]))["rows"]
+rows = [r for path in sys.argv[1:] for r in json.load(open(path))["rows"]]
 quant = [r for r in rows if r.get("base", "bf16") != "bf16" and r["batch"] == 64
          and r["adapters"] == "distinct"]
 print(min(quant, key=lambda r: r["step_ms"])["base"].split(":")[0] if quant else "")

@@ -278,8 +278,8 @@ def _compile_for_hopper(kernel, signature: dict, constexprs: dict, **options):
 
 
 def compile_all_for_hopper() -> None:
-    """Every format's kernels compiled for sm_90: one row and 64 rows, the smallest and the
-    largest tile (run outside the interpreter: see the test below)."""
+    """Every format's kernels compiled for sm_90: one row and 64 rows, the first and the last
+    tile of each row count's set (run outside the interpreter: see the test below)."""
     from hotmerge_kernels.quant import triton_qlinear as tq
 
     configs = tq._configs()
@@ -294,7 +294,8 @@ def compile_all_for_hopper() -> None:
         signature = dict(x_ptr="*bf16", **ptrs, bias_ptr="*bf16", y_ptr="*bf16", M="i32",
                          N="i32", K="i32", stride_xm="i32", stride_ym="i32")  # fmt: skip
         for block_m in (1, 64):
-            for config in (configs[0], configs[-1]):
+            fitting = [c for c in configs if c.kwargs["GEMV"] == (block_m == 1)]
+            for config in (fitting[0], fitting[-1]):
                 consts = dict(flags, HAS_BIAS=True, BLOCK_M=block_m, **config.kwargs)
                 options = dict(num_warps=config.num_warps, num_stages=config.num_stages)
                 compiled = _compile_for_hopper(tq.qlinear_kernel.fn, signature, consts, **options)

@@ -206,6 +206,12 @@ def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
 # -- quantize ----------------------------------------------------------------------------------
 
 
+def _over(x: torch.Tensor, d: float) -> torch.Tensor:
+    """``x / d`` correctly rounded on every device: CUDA divides a tensor by a Python number as
+    ``x * (1 / d)``, a last-bit difference from the CPU that can move a code."""
+    return x / torch.tensor(d, dtype=x.dtype, device=x.device)
+
+
 def _check(weight: torch.Tensor, multiple: int, fmt: str) -> tuple[int, int]:
     if weight.dim() != 2 or not weight.is_floating_point():
         raise ValueError(f"{fmt}: expected a 2-D floating weight, got {tuple(weight.shape)}")
@@ -242,7 +248,7 @@ def quantize_int4(weight: torch.Tensor, group: int | None = None) -> Int4Weight:
     w = weight.float().view(n, k // group, group)
     lo = w.amin(dim=-1).clamp(max=0)  # the range always holds 0, so 0 has an exact code
     hi = w.amax(dim=-1).clamp(min=0)
-    scale = ((hi - lo) / 15).clamp(min=1e-10)
+    scale = _over(hi - lo, 15).clamp(min=1e-10)
     zero = torch.round(-lo / scale).clamp(0, 15)
     codes = torch.clamp(torch.round(w / scale[..., None]) + zero[..., None], 0, 15)
     packed = _pack_nibbles(codes.to(torch.uint8).view(n, k))
@@ -252,7 +258,7 @@ def quantize_int4(weight: torch.Tensor, group: int | None = None) -> Int4Weight:
 def quantize_int8(weight: torch.Tensor) -> Int8Weight:
     n, k = _check(weight, 1, "int8")
     w = weight.float()
-    scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-10)
+    scale = _over(w.abs().amax(dim=1), 127).clamp(min=1e-10)
     q = torch.clamp(torch.round(w / scale[:, None]), -127, 127).to(torch.int8)
     return Int8Weight((n, k), weight.dtype, qweight=q, scale=scale)
 
@@ -260,7 +266,7 @@ def quantize_int8(weight: torch.Tensor) -> Int8Weight:
 def quantize_fp8(weight: torch.Tensor) -> Fp8Weight:
     n, k = _check(weight, 1, "fp8")
     w = weight.float()
-    scale = (w.abs().amax(dim=1) / FP8_MAX).clamp(min=1e-12)
+    scale = _over(w.abs().amax(dim=1), FP8_MAX).clamp(min=1e-12)
     q = torch.clamp(w / scale[:, None], -FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
     return Fp8Weight((n, k), weight.dtype, qweight=q, scale=scale)
 

@@ -1,10 +1,22 @@
 """Triton skinny GEMM over a quantized weight: ``y (M, N) = x (M, K) · dequantize(W)ᵀ (+ bias)``.
 
-For decode (M up to 64 rows): memory-bound, so each program reads its ``BLOCK_N`` rows of the
-packed weight once, dequantizes a ``(BLOCK_N, BLOCK_K)`` tile in registers (codes -> value ->
-times scale, rounded to x's dtype as the torch twin rounds it), and accumulates in float32:
-a multiply-and-sum for one row, a tensor-core ``tl.dot`` for 16 and more (rows padded). One
-launch, no workspace, no host sync: capturable in a CUDA graph.
+For decode (M up to 64 rows): each program reads its ``BLOCK_N`` rows of the packed weight once
+and dequantizes a ``(BLOCK_N, BLOCK_K)`` tile in registers (codes -> value -> times scale). At
+4 and 8 bits the instructions per weight bound it as much as the bytes do (an H100 issues about
+3·10¹³ thread instructions a second: at 8 a weight, a 7B model's 6.5·10⁹ weights take 1.7 ms,
+more than reading them at 4 bits), so each one counts:
+
+- one row (batch 1): products summed elementwise into a 2-D float32 accumulator, reduced once
+  at the end; the float32 weight is not rounded to x's dtype first (the twin rounds it: a
+  conversion per weight, on a pipe a quarter as fast, would cost more than the weight's read),
+  and int8/fp8's per-channel scale multiplies the sum, not each weight. Small ``BLOCK_N``
+  tiles, so that N spreads over every SM;
+- 16 to 64 rows (padded): a tensor-core ``tl.dot`` on the tile rounded to x's dtype, as the
+  twin rounds it;
+- int8 codes become floats by the exponent trick (the code in the low mantissa bits of 2**23,
+  minus 2**23: exact, and no int8-to-float conversion, which runs on that slow pipe).
+
+One launch, no workspace, no host sync: capturable in a CUDA graph.
 """
 
 from __future__ import annotations
@@ -16,37 +28,51 @@ from hotmerge_kernels.backend import INTERPRETING
 
 # Format ids (constexpr FMT).
 NF4, INT4, INT8, FP8 = 0, 1, 2, 3
+MAGIC = tl.constexpr(0x4B000000)  # 2.0**23's bits: adding an integer below 2**22 adds it
+TWO23 = tl.constexpr(8388608.0)
+# Offsets in the value table (``linear._code_table``): NF4's 16 values, the 256 of the double
+# quantization's dynamic code, e4m3's by byte, then NF4's high and low nibble's value by byte.
+DYNAMIC = tl.constexpr(16)
+FP8_BY_BYTE = tl.constexpr(272)
+NF4_HI_BY_BYTE = tl.constexpr(528)
+NF4_LO_BY_BYTE = tl.constexpr(784)
 
 
 def _configs() -> list[triton.Config]:
+    """One row: few rows a program (4096 outputs make 256 to 1024 programs) and long K steps.
+    16 to 64 rows: tensor-core tiles; the one-stage ones keep NF4's table lookups out of the
+    software pipeline (which would stage every looked-up value through shared memory). Few
+    candidates: a step's warm-up tunes every (row bucket, N, K) of the model."""
     if INTERPRETING:  # one small config: the interpreter runs every candidate
         return [triton.Config({"BLOCK_N": 16, "BLOCK_K": 128}, num_warps=4)]
-    # Few candidates: a step's warm-up tunes every (row bucket, N, K) of the model.
+    gemv = [(4, 256, 2, 4), (8, 256, 4, 4), (8, 512, 4, 3), (16, 256, 4, 3), (16, 512, 8, 3)]
+    dot = [(16, 128, 4, 3), (32, 128, 4, 3), (32, 256, 8, 4), (64, 128, 4, 3), (64, 128, 8, 4),
+           (64, 256, 8, 3), (32, 128, 4, 1), (64, 128, 4, 1), (64, 256, 8, 1)]  # fmt: skip
     return [
-        triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-        for bn, bk, w, s in (
-            (16, 128, 4, 3),
-            (16, 256, 4, 3),
-            (32, 128, 4, 3),
-            (32, 256, 4, 4),
-            (32, 256, 8, 3),
-            (64, 128, 4, 3),
-            (64, 128, 8, 4),
-            (64, 256, 8, 3),
-            (128, 128, 8, 3),
-        )
+        triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "GEMV": rows == "gemv"}, num_warps=w,
+                      num_stages=stages)  # fmt: skip
+        for rows, tiles in (("gemv", gemv), ("dot", dot))
+        for bn, bk, w, stages in tiles
     ]
 
 
+def _for_the_rows(configs, named_args, **kwargs):
+    """The one-row tiles for one row, the tensor-core ones for more; whole 4-bit groups."""
+    gemv = kwargs["BLOCK_M"] == 1
+    group = kwargs.get("GROUP", 1)
+    fits = [c for c in configs if c.kwargs.get("GEMV", gemv) == gemv
+            and c.kwargs["BLOCK_K"] % group == 0]  # fmt: skip
+    return fits or configs
+
+
 @triton.jit
-def _unpack4(packed_ptr, offs_n, k0, K, mask_n, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """(BLOCK_N, BLOCK_K) 4-bit codes (int32) of columns k0.. of rows offs_n; two per byte, the
-    even column in the high nibble."""
+def _packed_bytes(packed_ptr, offs_n, k0, K, mask_n, BLOCK_K: tl.constexpr):
+    """(BLOCK_N, BLOCK_K // 2) bytes (int32) of 4-bit codes, columns k0.. of rows offs_n; two
+    codes a byte, the even column in the high nibble."""
     offs_b = k0 // 2 + tl.arange(0, BLOCK_K // 2)
     ptrs = packed_ptr + offs_n[:, None].to(tl.int64) * (K // 2) + offs_b[None, :]
-    b = tl.load(ptrs, mask=mask_n[:, None] & (offs_b < K // 2)[None, :], other=0).to(tl.int32)
-    codes = tl.join(b >> 4, b & 0xF)  # (BLOCK_N, BLOCK_K // 2, 2): even, odd
-    return tl.reshape(codes, (BLOCK_N, BLOCK_K))
+    b = tl.load(ptrs, mask=mask_n[:, None] & (offs_b < K // 2)[None, :], other=0)
+    return b.to(tl.int32)
 
 
 @triton.jit
@@ -68,14 +94,21 @@ def _dequant_tile(
     FP8_BYTES: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    SCALED: tl.constexpr = True,
 ):
-    """The float32 weight tile (BLOCK_N, BLOCK_K) at columns k0.."""
+    """The float32 weight tile (BLOCK_N, BLOCK_K) at columns k0..; int8 / fp8 without SCALED:
+    the codes alone, their per-channel scale left to the caller (one multiply per row, not per
+    weight)."""
     if FMT == 0 or FMT == 1:  # nf4 / int4: per-group scales along K
         # One scale load per group, broadcast over its GROUP columns (BLOCK_K % GROUP == 0).
         NG: tl.constexpr = BLOCK_K // GROUP
-        codes = tl.reshape(
-            _unpack4(w_ptr, offs_n, k0, K, mask_n, BLOCK_N, BLOCK_K), (BLOCK_N, NG, GROUP)
-        )
+        b = _packed_bytes(w_ptr, offs_n, k0, K, mask_n, BLOCK_K)
+        if FMT == 0:  # a byte's two NF4 values at once: tables of each nibble's value by byte
+            hi = code_ptr + NF4_HI_BY_BYTE + b
+            pairs = tl.join(tl.load(hi), tl.load(hi + (NF4_LO_BY_BYTE - NF4_HI_BY_BYTE)))
+        else:
+            pairs = tl.join(b >> 4, b & 0xF)  # (BLOCK_N, BLOCK_K // 2, 2): even, odd
+        codes = tl.reshape(pairs, (BLOCK_N, NG, GROUP))
         offs_g = k0 // GROUP + tl.arange(0, NG)
         g = offs_n[:, None].to(tl.int64) * (K // GROUP) + offs_g[None, :]
         gmask = mask_n[:, None] & (offs_g < K // GROUP)[None, :]
@@ -83,10 +116,10 @@ def _dequant_tile(
             if DOUBLE:  # bitsandbytes' double quantization: code2[q] * absmax2 + offset
                 q2 = tl.load(q2_ptr + g, mask=gmask, other=0).to(tl.int32)
                 absmax2 = tl.load(s2_ptr + g // 256, mask=gmask, other=0.0)
-                scale = tl.load(code_ptr + 16 + q2) * absmax2 + tl.load(offset_ptr)
+                scale = tl.load(code_ptr + DYNAMIC + q2) * absmax2 + tl.load(offset_ptr)
             else:
                 scale = tl.load(s_ptr + g, mask=gmask, other=0.0)
-            w = tl.load(code_ptr + codes) * scale[:, :, None]
+            w = codes * scale[:, :, None]
         else:
             scale = tl.load(s_ptr + g, mask=gmask, other=0.0)
             zero = tl.load(z_ptr + g, mask=gmask, other=0).to(tl.int32)
@@ -97,17 +130,25 @@ def _dequant_tile(
         mask = mask_n[:, None] & (offs_k < K)[None, :]
         ptrs = w_ptr + offs_n[:, None].to(tl.int64) * K + offs_k[None, :]
         if FMT == 3 and FP8_BYTES:  # the interpreter has no fp8: bytes through a value table
-            q = tl.load(code_ptr + 272 + tl.load(ptrs, mask=mask, other=0).to(tl.int32))
+            q = tl.load(code_ptr + FP8_BY_BYTE + tl.load(ptrs, mask=mask, other=0).to(tl.int32))
         elif FMT == 3:
             q = tl.load(ptrs, mask=mask, other=0.0)
+        else:  # -128..127 + 2**23 + 128 by the exponent trick, exact
+            q = tl.load(ptrs, mask=mask, other=0).to(tl.int32) + (MAGIC + 128)
+            q = q.to(tl.float32, bitcast=True) - (TWO23 + 128.0)
+        if SCALED:
+            scale = tl.load(s_ptr + offs_n, mask=mask_n, other=0.0)
+            w = q.to(tl.float32) * scale[:, None]
         else:
-            q = tl.load(ptrs, mask=mask, other=0)
-        scale = tl.load(s_ptr + offs_n, mask=mask_n, other=0.0)
-        w = q.to(tl.float32) * scale[:, None]
+            w = q.to(tl.float32)
     return w
 
 
-@triton.autotune(configs=_configs(), key=["BLOCK_M", "N", "K", "FMT", "DOUBLE"])
+@triton.autotune(
+    configs=_configs(),
+    key=["BLOCK_M", "N", "K", "FMT", "DOUBLE"],
+    prune_configs_by={"early_config_prune": _for_the_rows},
+)
 @triton.jit
 def qlinear_kernel(
     x_ptr,
@@ -133,6 +174,7 @@ def qlinear_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    GEMV: tl.constexpr = False,  # the tile set (BLOCK_M == 1 picks the one-row ones)
 ):
     """Grid (N tiles, M tiles); columns past K read as zeros."""
     pid_n = tl.program_id(0)
@@ -142,21 +184,30 @@ def qlinear_kernel(
     mask_n = offs_n < N
     mask_m = offs_m < M
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    SCALED: tl.constexpr = BLOCK_M > 1  # one row: int8 / fp8 scale the sum, not each weight
+    acc_1 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)  # one row: summed at the end
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :]
         x = tl.load(x_ptrs, mask=mask_m[:, None] & (offs_k < K)[None, :], other=0.0)
         w = _dequant_tile(
             w_ptr, s_ptr, z_ptr, code_ptr, q2_ptr, s2_ptr, offset_ptr,
-            offs_n, k0, K, mask_n, FMT, DOUBLE, GROUP, INTERPRET, BLOCK_N, BLOCK_K,
+            offs_n, k0, K, mask_n, FMT, DOUBLE, GROUP, INTERPRET, BLOCK_N, BLOCK_K, SCALED,
         )  # fmt: skip
-        w = w.to(x.dtype)  # the twin's rounding: the dequantized weight in x's dtype
         if BLOCK_M == 1:
-            acc += tl.sum(x.to(tl.float32) * w.to(tl.float32), axis=1)[None, :]
-        elif x.dtype == tl.float32 or INTERPRET:  # the interpreter's bf16 dot is wrong
-            acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
+            acc_1 += x.to(tl.float32) * w
         else:
-            acc = tl.dot(x, tl.trans(w), acc)
+            w = w.to(x.dtype)  # the twin's rounding: the dequantized weight in x's dtype
+            if x.dtype == tl.float32 or INTERPRET:  # the interpreter's bf16 dot is wrong
+                acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc,
+                             input_precision="ieee")  # fmt: skip
+            else:
+                acc = tl.dot(x, tl.trans(w), acc)
+    if BLOCK_M == 1:
+        row = tl.sum(acc_1, axis=1)
+        if FMT == 2 or FMT == 3:  # the per-channel scale, left out of the tile
+            row *= tl.load(s_ptr + offs_n, mask=mask_n, other=0.0)
+        acc += row[None, :]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
