@@ -166,6 +166,54 @@ def test_adapter_pool_mixes_slots_like_the_formula():
     assert fresh and s3 == s1  # the idle slot is reused for a new adapter
 
 
+@pytest.mark.parametrize("pool_dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_slot_write_by_layer_stacks_equals_module_by_module(pool_dtype):
+    """Adapters laid out alike in every layer are written a module name at a time (one strided
+    view and one index_copy_ across the layers); the pool ends exactly as writing module by
+    module leaves it, for whole adapters, adapters on some modules, float32 into a 16-bit pool,
+    slots rewritten by other layouts; an adapter with ranks varying by layer has no plan."""
+    from hotmerge.engine import slot_write
+    from hotmerge.engine.lora import AdapterPool
+
+    torch.manual_seed(1)
+    shapes = {"qkv": {"q_proj": (6, 5), "k_proj": (6, 3), "v_proj": (6, 3)},
+              "down": {"down_proj": (7, 6)}}  # fmt: skip
+    paths = {f"model.layers.{i}.{n}": (g, n, i) for i in range(3) for g, ns in shapes.items()
+             for n in ns}  # fmt: skip
+
+    def pool():
+        return AdapterPool(shapes, paths, num_layers=3, num_slots=2, max_rank=4,
+                           dtype=pool_dtype, device="cpu")  # fmt: skip
+
+    def adapter(rank_of, names, layers=range(3), dtype=torch.float32):
+        tensors = {}
+        for i in layers:
+            for g, ns in shapes.items():
+                for n in set(ns) & set(names):
+                    r = rank_of(i)
+                    tensors[(f"model.layers.{i}.{n}", "A")] = torch.randn(r, ns[n][0])
+                    tensors[(f"model.layers.{i}.{n}", "B")] = torch.randn(ns[n][1], r)
+        return FlatAdapter.from_tensors(tensors, rank=rank_of(0), scaling=0.5, dtype=dtype)
+
+    every = ("q_proj", "k_proj", "v_proj", "down_proj")
+    whole = adapter(lambda i: 4, every, dtype=pool_dtype)
+    some = adapter(lambda i: 2, ("q_proj", "v_proj"), layers=(0, 2))
+    wide = adapter(lambda i: 3, every)  # float32 into the pool's dtype
+    ragged = adapter(lambda i: 1 + i, every)  # rank by layer: no stack plan
+    stacked, by_module = pool(), pool()
+    assert slot_write.plan(stacked, ragged.segments) is None
+    assert len(slot_write.plan(stacked, whole.segments)) == 8  # 4 names, A and B
+    for slot, fa in [(0, whole), (1, some), (0, wide), (1, ragged), (1, whole), (0, some)]:
+        stacked.write(slot, fa)
+        by_module._plans[fa.segments] = None  # force module by module
+        by_module.write(slot, fa)
+        for name in ("a", "b", "ranks"):
+            for group in shapes:
+                got, want = getattr(stacked, name)[group], getattr(by_module, name)[group]
+                assert torch.equal(got, want), (name, group, slot)
+    assert stacked.ranks["qkv"].tolist() == [2, 4] and stacked.ranks["down"].tolist() == [0, 4]
+
+
 def test_runner_basics(setup):
     _, _, engine = setup
     runner = engine.runner

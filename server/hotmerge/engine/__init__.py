@@ -16,6 +16,7 @@
 | models | our Llama-family forward; transformers' eager forward for other architectures |
 | batch | prefill chunks / decode rows, and the fixed-address buffers captured graphs read |
 | lora | the adapter slots' device storage (``write``) and the per-batch LoRA call |
+| slot_write | copying an adapter into a slot in a few torch calls (a layer stack at a time) |
 | ops | each operator dispatched to its Triton kernel (CUDA) or torch twin |
 | sampling | batched sampling on the device, per-request seeds |
 | detok | incremental detokenization, stop sequences |

@@ -30,7 +30,7 @@ from hotmerge_kernels.ops.lora import (
 )
 
 from hotmerge import request_rules as rules
-from hotmerge.engine import ops
+from hotmerge.engine import ops, slot_write
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +72,8 @@ class AdapterPool:
                 (num_layers, num_slots, max_rank, offsets[-1]), dtype=dtype, device=device
             )
             self.ranks[group] = torch.zeros(num_slots, dtype=torch.int32, device=device)
+        self.device = torch.device(device)
+        self._plans: dict[tuple, list | None] = {}  # segment table -> slot_write's plan
         self.nbytes = sum(
             t.numel() * t.element_size() for t in [*self.a.values(), *self.b.values()]
         )
@@ -96,31 +98,18 @@ class AdapterPool:
 
     @torch.inference_mode()
     def write(self, slot: int, adapter: FlatAdapter) -> None:
-        """Copy ``adapter`` into ``slot``: a few multi-tensor ops, not a few per module (this
-        runs on the engine thread between steps, where each torch call costs host time)."""
-        ranks = dict.fromkeys(self.a, 0)
+        """Copy ``adapter`` into ``slot`` (``slot_write``: a stack of layers at a time where
+        the adapter's layout allows, else a module at a time)."""
         if adapter.ready_event is not None:  # written on another stream (a merge's)
             torch.cuda.current_stream(adapter.device).wait_event(adapter.ready_event)
         torch._foreach_zero_([t[:, slot] for t in (*self.a.values(), *self.b.values())])
-        dst_a, src_a, dst_b, src_b = [], [], [], []
-        for module in adapter.modules:
-            group, name, layer = self.module_paths[module]
-            a = adapter.tensor(module, "A")  # (r, in)
-            r = a.shape[0]
-            s = self.slice_of[name]
-            lo, hi = self.offsets[group][s], self.offsets[group][s + 1]
-            dst_a.append(self.a[group][layer, slot, s, :r])
-            src_a.append(a)
-            dst_b.append(self.b[group][layer, slot, :r, lo:hi])
-            src_b.append(adapter.tensor(module, "B").T)  # (r, out), as the pool stores B
-            ranks[group] = max(ranks[group], r)
-        if dst_a:
-            torch._foreach_copy_(dst_a, src_a)
-            # B times the scaling in float32, rounded once into the pool's dtype.
-            if adapter.dtype == self.dtype:  # the multiply computes in float32 for 16 bits
-                torch._foreach_copy_(dst_b, torch._foreach_mul(src_b, adapter.scaling))
-            else:
-                torch._foreach_copy_(dst_b, [b.float() * adapter.scaling for b in src_b])
+        if adapter.segments not in self._plans:
+            self._plans[adapter.segments] = slot_write.plan(self, adapter.segments)
+        stacks = self._plans[adapter.segments]
+        if stacks is None:
+            ranks = slot_write.write_modules(self, slot, adapter)
+        else:
+            ranks = slot_write.write_stacks(self, slot, adapter, stacks)
         for group, r in ranks.items():
             self.ranks[group][slot] = r
         if adapter.buffer.is_cuda:  # its memory is not reused before these copies have run

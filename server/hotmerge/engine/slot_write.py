@@ -1,0 +1,111 @@
+"""Copying an adapter into an adapter-pool slot (``AdapterPool.write``) in a few torch calls.
+
+This runs on the engine thread between steps, once for each adapter or fresh merge that
+admission brings in, and each torch call costs host time there. A 7B Llama's adapter has 224
+modules: views and copies made per module took 3.4 ms of host time a write, a stack at a time
+0.5 ms (CPU, tensors too small for the copies to count: ``benchmarks/slot_write_cost.py``,
+``benchmarks/results/slot_write_cost-cpu-2026-12-07.md``). Adapters whose layers are laid out
+alike, one stride apart in
+the buffer (what ``FlatAdapter.from_tensors`` packs from a PEFT file, and merges of those), go a
+module *name* at a time instead: that name's A (or B) in every layer is one strided view of the
+buffer, copied into the pool's layers by one ``index_copy_``. Any other adapter goes a module at
+a time. The plan depends only on the adapter's segment table, so the pool keeps one per table.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from hotmerge_kernels.layout import FlatAdapter, Segment
+
+if TYPE_CHECKING:
+    from hotmerge.engine.lora import AdapterPool
+
+
+@dataclass(frozen=True)
+class Stack:
+    """One module name's A or B in every layer that has it: the view ``(layers, rows, cols)`` of
+    the buffer at ``offset`` with ``stride``; ``layers[i]``: the pool layer of view row i."""
+
+    group: str
+    slice: int
+    part: str
+    offset: int
+    size: tuple[int, int, int]
+    stride: tuple[int, int, int]
+    layers: torch.Tensor  # int64, on the pool's device
+
+
+def plan(pool: AdapterPool, segments: tuple[Segment, ...]) -> list[Stack] | None:
+    """The stacks that cover ``segments``, or None when some module name's tensors differ in
+    shape or are not one stride apart (then write module by module)."""
+    by_name: dict[tuple[str, str, str], list[tuple[int, tuple[int, int], int]]] = {}
+    for seg in segments:
+        group, name, layer = pool.module_paths[seg.module]
+        by_name.setdefault((group, name, seg.part), []).append((seg.offset, seg.shape, layer))
+    stacks = []
+    for (group, name, part), found in by_name.items():
+        found.sort()  # buffer order
+        steps = {b[0] - a[0] for a, b in itertools.pairwise(found)}
+        if len({shape for _, shape, _ in found}) != 1 or len(steps) > 1:
+            return None
+        rows, cols = found[0][1]
+        layers = torch.tensor([layer for _, _, layer in found], device=pool.device)
+        size = (len(found), rows, cols)
+        stride = (steps.pop() if steps else rows * cols, cols, 1)
+        stacks.append(Stack(group, pool.slice_of[name], part, found[0][0], size, stride, layers))
+    return stacks
+
+
+def write_stacks(pool: AdapterPool, slot: int, adapter: FlatAdapter, stacks: list[Stack]):
+    """Copy the adapter into ``slot`` a stack at a time; returns the rank per group."""
+    ranks = dict.fromkeys(pool.a, 0)
+    for st in stacks:
+        src = adapter.buffer.as_strided(st.size, st.stride, st.offset)
+        if st.part == "A":  # (layers, r, in)
+            r = st.size[1]
+            pool.a[st.group][:, slot, st.slice, :r].index_copy_(0, st.layers, src.to(pool.dtype))
+            ranks[st.group] = max(ranks[st.group], r)
+        else:  # (layers, out, r): the pool stores B transposed, times the scaling
+            r = st.size[2]
+            lo, hi = pool.offsets[st.group][st.slice], pool.offsets[st.group][st.slice + 1]
+            pool.b[st.group][:, slot, :r, lo:hi].index_copy_(
+                0, st.layers, _scaled(src.transpose(1, 2), adapter.scaling, pool.dtype)
+            )
+    return ranks
+
+
+def write_modules(pool: AdapterPool, slot: int, adapter: FlatAdapter) -> dict[str, int]:
+    """Copy the adapter into ``slot`` a module at a time (a few multi-tensor ops over views made
+    per module); returns the rank per group."""
+    ranks = dict.fromkeys(pool.a, 0)
+    dst_a, src_a, dst_b, src_b = [], [], [], []
+    for module in adapter.modules:
+        group, name, layer = pool.module_paths[module]
+        a = adapter.tensor(module, "A")  # (r, in)
+        r = a.shape[0]
+        s = pool.slice_of[name]
+        lo, hi = pool.offsets[group][s], pool.offsets[group][s + 1]
+        dst_a.append(pool.a[group][layer, slot, s, :r])
+        src_a.append(a)
+        dst_b.append(pool.b[group][layer, slot, :r, lo:hi])
+        src_b.append(adapter.tensor(module, "B").T)  # (r, out), as the pool stores B
+        ranks[group] = max(ranks[group], r)
+    if dst_a:
+        torch._foreach_copy_(dst_a, src_a)
+        if adapter.dtype == pool.dtype:  # the multiply computes in float32 for 16 bits
+            torch._foreach_copy_(dst_b, torch._foreach_mul(src_b, adapter.scaling))
+        else:
+            torch._foreach_copy_(dst_b, [b.float() * adapter.scaling for b in src_b])
+    return ranks
+
+
+def _scaled(b: torch.Tensor, scaling: float, dtype: torch.dtype) -> torch.Tensor:
+    """B times the scaling in float32, rounded once into the pool's dtype (a 16-bit multiply
+    computes in float32 and rounds once, as ``_foreach_mul`` does)."""
+    if b.dtype == dtype:
+        return b * scaling
+    return (b.float() * scaling).to(dtype)
