@@ -5,11 +5,11 @@ admission brings in, and each torch call costs host time there. A 7B Llama's ada
 modules: views and copies made per module took 3.4 ms of host time a write, a stack at a time
 0.5 ms (CPU, tensors too small for the copies to count: ``benchmarks/slot_write_cost.py``,
 ``benchmarks/results/slot_write_cost-cpu-2026-12-07.md``). Adapters whose layers are laid out
-alike, one stride apart in
-the buffer (what ``FlatAdapter.from_tensors`` packs from a PEFT file, and merges of those), go a
-module *name* at a time instead: that name's A (or B) in every layer is one strided view of the
-buffer, copied into the pool's layers by one ``index_copy_``. Any other adapter goes a module at
-a time. The plan depends only on the adapter's segment table, so the pool keeps one per table.
+alike, one stride apart in the buffer (what ``FlatAdapter.from_tensors`` packs from a PEFT file,
+and merges of those), go a module *name* at a time instead: that name's A (or B) in every layer
+is one strided view of the buffer, copied into the pool's layers by one ``index_copy_`` (14 for
+a 7B Llama). Any other adapter goes a module at a time. The plan depends only on the adapter's
+segment table, so the pool keeps one per table.
 """
 
 from __future__ import annotations
