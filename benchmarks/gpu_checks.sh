@@ -5,7 +5,8 @@
 #      a process per format (one that fails loses only its own rows), bf16 measured with the
 #      first and read by the others (--bf16-from); bf16 batch 32 distinct is serving's
 #      decode-only ceiling;
-#   2. serve_load at concurrency 32, 64, 128 on bf16 (with the shared-prefix and ties_svd phases);
+#   2. serve_load at concurrency 32, 64, 128 on bf16 (with the shared-prefix and ties_svd phases),
+#      and the host cost of an adapter's slot write at 7B geometry (slot_write_cost.py);
 #   3. serve_load at concurrency 64 on the quantized base fastest at batch 64 in (1);
 #   4. pytest -m gpu (the suites that need no packages beyond the serving ones).
 # Each step has its own time limit (seconds: DECODE_S, SERVE_S, SERVE_Q_S, PYTEST_S) and writes
@@ -45,6 +46,8 @@ if want serve; then
 step serve_bf16 "${SERVE_S:-400}" $PY benchmarks/serve_load.py --shape "$SHAPE" --concurrency 32,64,128 \
   --max-batch-size 128 --requests 320 --work-dir "$WORK" --out-dir "$OUT"
 grep -E "^load c=|^- |p99 ratio" "$OUT/serve_bf16.log"
+step slot_write 120 $PY benchmarks/slot_write_cost.py
+tail -2 "$OUT/slot_write.log"
 fi
 if want serve_q; then
 BEST=$($PY - "$OUT"/decode_*.json <<'PY'
