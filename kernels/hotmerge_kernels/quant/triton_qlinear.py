@@ -49,8 +49,9 @@ def _configs() -> list[triton.Config]:
     dot = [(16, 128, 4, 3), (32, 128, 4, 3), (32, 256, 8, 4), (64, 128, 4, 3), (64, 128, 8, 4),
            (64, 256, 8, 3), (32, 128, 4, 1), (64, 128, 4, 1), (64, 256, 8, 1)]  # fmt: skip
     return [
-        triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "GEMV": rows == "gemv"}, num_warps=w,
-                      num_stages=stages)  # fmt: skip
+        triton.Config(
+            {"BLOCK_N": bn, "BLOCK_K": bk, "GEMV": rows == "gemv"}, num_warps=w, num_stages=stages
+        )
         for rows, tiles in (("gemv", gemv), ("dot", dot))
         for bn, bk, w, stages in tiles
     ]

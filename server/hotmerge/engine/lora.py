@@ -22,6 +22,7 @@ from contextlib import contextmanager
 
 import torch
 from hotmerge_kernels.layout import FlatAdapter
+from hotmerge_kernels.lru import LockedLRU
 from hotmerge_kernels.ops.lora import (
     DECODE_MAX_TOKENS,
     LoraKernelMeta,
@@ -73,7 +74,7 @@ class AdapterPool:
             )
             self.ranks[group] = torch.zeros(num_slots, dtype=torch.int32, device=device)
         self.device = torch.device(device)
-        self._plans: dict[tuple, list | None] = {}  # segment table -> slot_write's plan
+        self._plans = LockedLRU(64)  # segment table -> slot_write's plan (few tables in use)
         self.nbytes = sum(
             t.numel() * t.element_size() for t in [*self.a.values(), *self.b.values()]
         )
@@ -103,9 +104,7 @@ class AdapterPool:
         if adapter.ready_event is not None:  # written on another stream (a merge's)
             torch.cuda.current_stream(adapter.device).wait_event(adapter.ready_event)
         torch._foreach_zero_([t[:, slot] for t in (*self.a.values(), *self.b.values())])
-        if adapter.segments not in self._plans:
-            self._plans[adapter.segments] = slot_write.plan(self, adapter.segments)
-        stacks = self._plans[adapter.segments]
+        stacks = self._plans.get(adapter.segments, lambda: slot_write.plan(self, adapter.segments))
         if stacks is None:
             ranks = slot_write.write_modules(self, slot, adapter)
         else:
