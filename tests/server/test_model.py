@@ -171,7 +171,8 @@ def test_slot_write_by_layer_stacks_equals_module_by_module(pool_dtype):
     """Adapters laid out alike in every layer are written a module name at a time (one strided
     view and one index_copy_ across the layers); the pool ends exactly as writing module by
     module leaves it, for whole adapters, adapters on some modules, float32 into a 16-bit pool,
-    slots rewritten by other layouts; an adapter with ranks varying by layer has no plan."""
+    a buffer that is a view into a larger one, slots rewritten by other layouts; an adapter with
+    ranks varying by layer has no plan."""
     from hotmerge.engine import slot_write
     from hotmerge.engine.lora import AdapterPool
 
@@ -199,6 +200,8 @@ def test_slot_write_by_layer_stacks_equals_module_by_module(pool_dtype):
     whole = adapter(lambda i: 4, every, dtype=pool_dtype)
     some = adapter(lambda i: 2, ("q_proj", "v_proj"), layers=(0, 2))
     wide = adapter(lambda i: 3, every)  # float32 into the pool's dtype
+    within = torch.cat([torch.randn(5), wide.buffer])[5:]  # a buffer that is a view at offset 5
+    wide = FlatAdapter(within, wide.segments, rank=3, scaling=0.5)
     ragged = adapter(lambda i: 1 + i, every)  # rank by layer: no stack plan
     stacked, by_module = pool(), pool()
     assert slot_write.plan(stacked, ragged.segments) is None

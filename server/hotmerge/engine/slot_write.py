@@ -63,8 +63,9 @@ def plan(pool: AdapterPool, segments: tuple[Segment, ...]) -> list[Stack] | None
 def write_stacks(pool: AdapterPool, slot: int, adapter: FlatAdapter, stacks: list[Stack]):
     """Copy the adapter into ``slot`` a stack at a time; returns the rank per group."""
     ranks = dict.fromkeys(pool.a, 0)
+    base = adapter.buffer.storage_offset()  # the buffer may be a view into a larger one
     for st in stacks:
-        src = adapter.buffer.as_strided(st.size, st.stride, st.offset)
+        src = adapter.buffer.as_strided(st.size, st.stride, base + st.offset)
         if st.part == "A":  # (layers, r, in)
             r = st.size[1]
             pool.a[st.group][:, slot, st.slice, :r].index_copy_(0, st.layers, src.to(pool.dtype))
