@@ -105,8 +105,9 @@ def _dequant_tile(
         NG: tl.constexpr = BLOCK_K // GROUP
         b = _packed_bytes(w_ptr, offs_n, k0, K, mask_n, BLOCK_K)
         if FMT == 0:  # a byte's two NF4 values at once: tables of each nibble's value by byte
-            hi = code_ptr + NF4_HI_BY_BYTE + b
-            pairs = tl.join(tl.load(hi), tl.load(hi + (NF4_LO_BY_BYTE - NF4_HI_BY_BYTE)))
+            pairs = tl.join(
+                tl.load(code_ptr + NF4_HI_BY_BYTE + b), tl.load(code_ptr + NF4_LO_BY_BYTE + b)
+            )
         else:
             pairs = tl.join(b >> 4, b & 0xF)  # (BLOCK_N, BLOCK_K // 2, 2): even, odd
         codes = tl.reshape(pairs, (BLOCK_N, NG, GROUP))
