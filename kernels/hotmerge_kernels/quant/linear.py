@@ -52,14 +52,11 @@ def qlinear(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None = No
 @functools.cache
 def _code_table(device: torch.device) -> torch.Tensor:
     """The kernels' value table (offsets in ``triton_qlinear``): NF4's 16 values, bitsandbytes'
-    256-value dynamic code (double quantization), the 256 e4m3 values by byte (fp8 under the
-    interpreter, which has no fp8 type), then the value of a byte's high nibble and of its low
-    one by byte (NF4 looks up both codes of a byte with one index)."""
+    256-value dynamic code (double quantization), then the 256 e4m3 values by byte (fp8 under
+    the interpreter, which has no fp8 type)."""
     fp8 = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
     fp8 = torch.nan_to_num(fp8, nan=0.0).to(device)  # 0x7f/0xff are NaN; never produced
-    nf4, byte = nf4_code(device), torch.arange(256, device=device)
-    table = [nf4, dynamic_code(device), fp8, nf4[byte >> 4], nf4[byte & 0xF]]
-    return torch.cat(table).contiguous()
+    return torch.cat([nf4_code(device), dynamic_code(device), fp8]).contiguous()
 
 
 def qlinear_skinny(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None = None):

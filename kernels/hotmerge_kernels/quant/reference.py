@@ -3,9 +3,10 @@
 They run where ``hotmerge_kernels.backend.use_triton`` says torch (off CUDA, or with
 ``HOTMERGE_TRITON=0``) and are the tests' oracle. This module imports no Triton. Numerics: the
 weight is dequantized in float32 and rounded once to the target dtype, then ``F.linear``. The
-skinny GEMM rounds its dequantized tile the same way from 2 rows up, so there the twins agree
-up to summation order; for one row it multiplies the float32 weight unrounded (and scales int8
-and fp8 sums per channel), within a rounding of x's dtype per weight of the twin.
+skinny GEMM rounds its dequantized NF4 / int4 tile the same way from 2 rows up, so there the
+twins agree up to summation order. For one row it multiplies the float32 weight unrounded, and
+int8 / fp8 multiply their exact codes and scale the sums per channel: within a rounding of x's
+dtype per weight of the twin.
 """
 
 from __future__ import annotations
