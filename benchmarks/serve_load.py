@@ -70,6 +70,7 @@ from serve_report import (
     pct,
     write_results,
 )
+from serve_trace import StallTrace
 
 SHAPES = {
     # Mistral-7B / Llama-2-7B-with-GQA layer sizes; the vocabulary is the byte tokenizer's.
@@ -161,12 +162,15 @@ def load_mix(running, prompt, adapter_ids, args, concurrency: int, phase: int) -
     worker = engine._worker
     step = worker._step  # timed (and profiled) on the engine thread during the load only
 
+    trace = StallTrace()
+
     def timed_step():
         t = time.perf_counter()
         try:
             return profile.runcall(step) if profile is not None else step()
         finally:
             step_s.append(time.perf_counter() - t)
+            trace.step(t, step_s[-1])
 
     prefills = sum(engine.stats.prefill_batch_sizes.values())
     decodes = sum(engine.stats.decode_batch_sizes.values())
@@ -180,6 +184,7 @@ def load_mix(running, prompt, adapter_ids, args, concurrency: int, phase: int) -
         pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
         pool.submit(time.sleep, 0).result()
     worker._step = timed_step
+    trace.start()
     try:
         if pool is None:
             rows, wall = run_clients(*clients)
@@ -187,6 +192,7 @@ def load_mix(running, prompt, adapter_ids, args, concurrency: int, phase: int) -
             rows, wall = pool.submit(run_clients, *clients).result()
         samples = [Sample(*x) for x in rows]
     finally:
+        trace.stop()
         worker._step = step
         if pool is not None:
             pool.shutdown()
@@ -250,6 +256,7 @@ def load_mix(running, prompt, adapter_ids, args, concurrency: int, phase: int) -
         "tokens_per_s": sum(s.tokens for s in samples) / wall,
         "by_kind": by_kind,
         "engine": steps,
+        "stalls": trace.summary(samples),
     }
 
 

@@ -120,6 +120,25 @@ def load_lines(load: dict) -> list[str]:
         "Mean ms per step by phase: "
         + ", ".join(f"{k} {v:.3f}" for k, v in engine["phase_ms_per_step"].items()),
         "",
+    ]
+    stalls = load.get("stalls")
+    if stalls is not None:  # seconds since the level began
+        lines += [
+            "Slowest steps (at s: ms): "
+            + ", ".join(f"{s['at_s']:.2f}: {s['ms']:.1f}" for s in stalls["slowest_steps"])
+            + "; slowest first tokens (sent at s: TTFT ms): "
+            + ", ".join(f"{s['sent_at_s']:.2f}: {s['ttft_ms']:.0f}" for s in stalls["slowest_ttft"])
+            + "; garbage collections: "
+            + (
+                ", ".join(
+                    f"{g} {v['count']} ({v['total_ms']:.1f} ms, max {v['max_ms']:.1f})"
+                    for g, v in stalls["gc"].items()
+                )
+                or "none"
+            ),  # fmt: skip
+            "",
+        ]
+    lines += [
         "| class | count | TTFT p50 ms | TTFT p99 ms | total p50 ms | total p99 ms | "
         "ITL p50 ms | ITL p99 ms | merge share of TTFT p50 |",
         "|---|---|---|---|---|---|---|---|---|",

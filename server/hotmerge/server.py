@@ -13,6 +13,7 @@ both fronts call one ``RequestPath``. gRPC server reflection is served as v1 and
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 import signal
 import threading
@@ -288,6 +289,10 @@ def start_server(config: ServerConfig) -> RunningServer:
     except BaseException:
         running.stop(0)
         raise
+    # The model, graphs and adapters are loaded for good: out of the collector's sight, so a
+    # full collection while serving does not walk them all (a pause every running row waits on).
+    gc.collect()
+    gc.freeze()
     return running
 
 
