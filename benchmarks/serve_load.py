@@ -68,6 +68,7 @@ from serve_report import (
     gaps_ms,
     itl_summary,
     pct,
+    tokens_per_s_full,
     write_results,
 )
 from serve_trace import StallTrace
@@ -254,6 +255,9 @@ def load_mix(running, prompt, adapter_ids, args, concurrency: int, phase: int) -
         "wall_s": wall,
         "requests_per_s": len(samples) / wall,
         "tokens_per_s": sum(s.tokens for s in samples) / wall,
+        # While the level was full: from the first request sent to the last (after that, the
+        # last requests drain at falling concurrency).
+        "tokens_per_s_full": tokens_per_s_full(samples),
         "by_kind": by_kind,
         "engine": steps,
         "stalls": trace.summary(samples),
@@ -397,7 +401,8 @@ def main() -> None:
                 load = load_mix(running, prompt, adapter_ids, args, concurrency, phase)
                 loads.append(load)
                 ttft = {k: round(v["ttft_ms_p50"], 1) for k, v in load["by_kind"].items()}
-                print(f"load c={concurrency}: {load['tokens_per_s']:.0f} tokens/s, TTFT p50 "
+                print(f"load c={concurrency}: {load['tokens_per_s']:.0f} tokens/s "
+                      f"({load['tokens_per_s_full']:.0f} while full), TTFT p50 "
                       f"by class {ttft}, ITL {load['itl']}", flush=True)  # fmt: skip
             merge_itl = None
             if args.merge_streams > 0:

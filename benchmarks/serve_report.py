@@ -96,6 +96,14 @@ def write_results(result: dict, out_dir: Path) -> Path:
     return stem
 
 
+def tokens_per_s_full(samples) -> float:
+    """Tokens a second that arrived between the first request's sending and the last one's."""
+    sent = [s.token_times[0] - s.ttft_ms / 1000 for s in samples if s.token_times]
+    first, last = min(sent), max(sent)
+    tokens = sum(first <= t <= last for s in samples for t in s.token_times)
+    return tokens / max(last - first, 1e-9)
+
+
 def load_lines(load: dict) -> list[str]:
     """One load phase's section of the report."""
     engine = load["engine"]
@@ -105,7 +113,8 @@ def load_lines(load: dict) -> list[str]:
         "",
         f"{load['requests']} requests (max batch {load['max_batch_size']}), mix {load['mix']}, "
         f"{load['max_new_tokens']} new tokens each: {load['requests_per_s']:.1f} req/s, "
-        f"**{load['tokens_per_s']:.0f} tokens/s**; engine {engine['steps']} steps "
+        f"**{load['tokens_per_s']:.0f} tokens/s** ({load['tokens_per_s_full']:.0f} while all "
+        f"{load['concurrency']} were in flight); engine {engine['steps']} steps "
         f"({engine['prefills']} prefills, {engine['decodes']} decodes, {engine['mixed_steps']} "
         f"mixed, {engine['preemptions']} preemptions), step p50 {engine['step_ms_p50']:.1f} ms, "
         f"p99 {engine['step_ms_p99']:.1f} ms, busy {100 * engine['engine_busy_share']:.0f}% of "
