@@ -23,6 +23,8 @@ class Sample:
     merge_ms: float
     tokens: int
     token_times: list[float]  # perf_counter (system-wide monotonic) at each token's arrival
+    queue_ms: float = 0.0  # the server's timings: waiting for a batch slot, KV or adapter room
+    prefill_ms: float = 0.0
 
 
 def stream_once(
@@ -47,7 +49,11 @@ def stream_once(
         kind = "merge_hit" if final.merge.cache_hit else "merge_miss"
     else:
         kind = "single"
-    return Sample(kind, ttft or total, total, final.timings.merge_ms, final.generated_tokens, times)
+    t = final.timings
+    return Sample(
+        kind, ttft or total, total, t.merge_ms, final.generated_tokens, times, t.queue_ms,
+        t.prefill_ms,
+    )  # fmt: skip
 
 
 def run_clients(

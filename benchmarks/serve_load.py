@@ -237,6 +237,10 @@ def load_mix(running, prompt, adapter_ids, args, concurrency: int, phase: int) -
             "total_ms_p50": pct([s.total_ms for s in chosen], 50),
             "total_ms_p99": pct([s.total_ms for s in chosen], 99),
             "merge_share_of_ttft_p50": pct([s.merge_ms / s.ttft_ms for s in chosen], 50),
+            # Where the first token's time went, by the server's timings (p50 each).
+            "queue_ms_p50": pct([s.queue_ms for s in chosen], 50),
+            "merge_ms_p50": pct([s.merge_ms for s in chosen], 50),
+            "prefill_ms_p50": pct([s.prefill_ms for s in chosen], 50),
             "itl_ms_p50": itl["itl_ms_p50"],
             "itl_ms_p99": itl["itl_ms_p99"],
         }

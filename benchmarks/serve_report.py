@@ -144,18 +144,19 @@ def load_lines(load: dict) -> list[str]:
                     for g, v in stalls["gc"].items()
                 )
                 or "none"
-            ),  # fmt: skip
+            ),
             "",
         ]
     lines += [
         "| class | count | TTFT p50 ms | TTFT p99 ms | total p50 ms | total p99 ms | "
-        "ITL p50 ms | ITL p99 ms | merge share of TTFT p50 |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "ITL p50 ms | ITL p99 ms | merge share of TTFT p50 | queue / merge / prefill p50 ms |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for kind, row in load["by_kind"].items():
         lines.append(
             f"| {kind} | {row['count']} | {row['ttft_ms_p50']:.1f} | {row['ttft_ms_p99']:.1f} | "
             f"{row['total_ms_p50']:.1f} | {row['total_ms_p99']:.1f} | {row['itl_ms_p50']:.2f} | "
-            f"{row['itl_ms_p99']:.2f} | {100 * row['merge_share_of_ttft_p50']:.1f}% |"
+            f"{row['itl_ms_p99']:.2f} | {100 * row['merge_share_of_ttft_p50']:.1f}% | "
+            f"{row['queue_ms_p50']:.1f} / {row['merge_ms_p50']:.1f} / {row['prefill_ms_p50']:.1f} |"
         )
     return lines
