@@ -50,7 +50,7 @@ from hotmerge.embedded import (
 )
 from hotmerge.embedded import write_peft_adapter as write_adapter
 from hotmerge.engine import EngineConfig
-from hotmerge.server import start_server
+from hotmerge.server import freeze_startup_objects, start_server
 from serve_clients import (
     Sample,
     run_clients,
@@ -370,6 +370,7 @@ def main() -> None:
         log_level="WARNING",
     )
     running = start_server(config)
+    freeze_startup_objects()  # as `hotmerge serve` does
     prompt = "".join(random.Random(1).choice("abcdefghij ") for _ in range(PROMPT_TOKENS - 1))
     try:
         with HotmergeClient(running.target, timeout=600) as client:

@@ -289,11 +289,16 @@ def start_server(config: ServerConfig) -> RunningServer:
     except BaseException:
         running.stop(0)
         raise
-    # The model, graphs and adapters are loaded for good: out of the collector's sight, so a
-    # full collection while serving does not walk them all (a pause every running row waits on).
+    return running
+
+
+def freeze_startup_objects() -> None:
+    """Move everything alive (the model, graphs, adapters: loaded for good) out of the garbage
+    collector's sight, so a full collection while serving does not walk them all, a pause every
+    running row would wait on. For a process that serves from here on (not tests, which start
+    many servers: frozen cycles are never freed)."""
     gc.collect()
     gc.freeze()
-    return running
 
 
 def serve(config: ServerConfig) -> None:
@@ -305,6 +310,7 @@ def serve(config: ServerConfig) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     running = start_server(config)
+    freeze_startup_objects()
     engine = running.engine
     runner = engine.runner
     log.info(

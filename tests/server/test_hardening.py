@@ -515,3 +515,25 @@ def test_stop_ends_a_running_merge(setup, slow_merges, tmp_path):
     assert stop_s < 2.0  # the grace, then the merge stops at its next chunk
     assert slow_merges and slow_merges[0] - start < 1.5
     assert not t.is_alive() and result and result[0][0] != Code.OK
+
+
+def test_startup_objects_are_frozen_out_of_the_collector():
+    """`hotmerge serve` freezes what start-up loaded, so full collections skip it; garbage made
+    before is collected first, not frozen."""
+    from hotmerge.server import freeze_startup_objects
+
+    class Cycle:
+        pass
+
+    loaded, garbage = Cycle(), Cycle()
+    loaded.me, garbage.me = loaded, garbage
+    gone = weakref.ref(garbage)
+    del garbage
+    before = gc.get_freeze_count()
+    try:
+        freeze_startup_objects()
+        assert gone() is None
+        assert gc.get_freeze_count() > before
+        assert all(o is not loaded for o in gc.get_objects(generation=2))  # frozen instead
+    finally:
+        gc.unfreeze()
