@@ -117,8 +117,8 @@ def load_lines(load: dict) -> list[str]:
         f"{load['concurrency']} were in flight); engine {engine['steps']} steps "
         f"({engine['prefills']} prefills, {engine['decodes']} decodes, {engine['mixed_steps']} "
         f"mixed, {engine['preemptions']} preemptions), step p50 {engine['step_ms_p50']:.1f} ms, "
-        f"p99 {engine['step_ms_p99']:.1f} ms, busy {100 * engine['engine_busy_share']:.0f}% of "
-        "the wall time",
+        f"p99 {engine['step_ms_p99']:.1f} ms, the engine thread in steps (not admitting or "
+        f"idle) {100 * engine['engine_busy_share']:.0f}% of the wall time",
         "",
         f"Inter-token latency (all streams, per token): p50 {load['itl']['itl_ms_p50']:.2f} ms, "
         f"p99 {load['itl']['itl_ms_p99']:.2f} ms over {load['itl']['tokens']} gaps",
