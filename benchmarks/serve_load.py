@@ -11,8 +11,11 @@ PEFT adapters on all seven projection modules, then measures, over real gRPC on 
 4. a load of mixed requests (single adapters, repeated merge specs, fresh merge specs) at each
    ``--concurrency`` level (``32,64,128``: one phase per level, same server): throughput,
    p50/p99 time to first token, inter-token latency (from the streamed tokens' arrival times)
-   and total latency by class (single, merge hit, merge miss), the merge time's share of TTFT,
-   and the decode batch sizes the engine reached;
+   and total latency by class (single, merge hit, merge miss), the merge time's share of TTFT
+   and each class's queue / merge / prefill time, the decode batch sizes the engine reached,
+   tokens/s while all requests of the level were in flight, and where the stalls were: the
+   slowest engine steps and admissions, the slowest first tokens, garbage collections
+   (``serve_trace.py``);
 5. the inter-token latency of ``--merge-streams`` running streams while one fresh ``ties_svd``
    merge is computed, against the same streams' outside the merge.
 
@@ -158,21 +161,8 @@ def load_mix(running, prompt, adapter_ids, args, concurrency: int, phase: int) -
     plan = load_plan(adapter_ids, args, phase)
     clients = (running.target, prompt, plan, args.max_new_tokens, concurrency)
     engine = running.engine
-    step_s: list[float] = []
-    profile = cProfile.Profile() if args.profile else None
-    worker = engine._worker
-    step = worker._step  # timed (and profiled) on the engine thread during the load only
-
-    trace = StallTrace()
-
-    def timed_step():
-        t = time.perf_counter()
-        try:
-            return profile.runcall(step) if profile is not None else step()
-        finally:
-            step_s.append(time.perf_counter() - t)
-            trace.step(t, step_s[-1])
-
+    # The engine thread's steps (profiled with --profile) and admissions, during the load only.
+    trace = StallTrace(engine._worker, cProfile.Profile() if args.profile else None)
     prefills = sum(engine.stats.prefill_batch_sizes.values())
     decodes = sum(engine.stats.decode_batch_sizes.values())
     decode_sizes = engine.stats.decode_batch_sizes + engine.stats.mixed_decode_rows
@@ -184,19 +174,17 @@ def load_mix(running, prompt, adapter_ids, args, concurrency: int, phase: int) -
     else:  # started (torch imported) before the load: start-up is not timed
         pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
         pool.submit(time.sleep, 0).result()
-    worker._step = timed_step
-    trace.start()
     try:
-        if pool is None:
-            rows, wall = run_clients(*clients)
-        else:
-            rows, wall = pool.submit(run_clients, *clients).result()
+        with trace:
+            if pool is None:
+                rows, wall = run_clients(*clients)
+            else:
+                rows, wall = pool.submit(run_clients, *clients).result()
         samples = [Sample(*x) for x in rows]
     finally:
-        trace.stop()
-        worker._step = step
         if pool is not None:
             pool.shutdown()
+    step_s = trace.step_seconds
     counted = max(engine.stats.steps - steps_before, 1)
     phase_ms = {
         phase: 1000 * (total - phases_before.get(phase, 0.0)) / counted
@@ -222,9 +210,9 @@ def load_mix(running, prompt, adapter_ids, args, concurrency: int, phase: int) -
         "preemptions": sched.preemptions - kv_before[1],
         "prefix_hit_rate": (kv.hits - kv_before[3]) / max(kv.queries - kv_before[2], 1),
     }
-    if profile is not None:
+    if trace.profile is not None:
         out = io.StringIO()
-        pstats.Stats(profile, stream=out).sort_stats("cumulative").print_stats(40)
+        pstats.Stats(trace.profile, stream=out).sort_stats("cumulative").print_stats(40)
         steps["profile_top"] = out.getvalue()
     by_kind = {}
     for kind in ("single", "merge_hit", "merge_miss"):

@@ -135,6 +135,8 @@ def load_lines(load: dict) -> list[str]:
         lines += [
             "Slowest steps (at s: ms): "
             + ", ".join(f"{s['at_s']:.2f}: {s['ms']:.1f}" for s in stalls["slowest_steps"])
+            + "; slowest admissions (at s: ms): "
+            + ", ".join(f"{s['at_s']:.2f}: {s['ms']:.1f}" for s in stalls["slowest_admissions"])
             + "; slowest first tokens (sent at s: TTFT ms): "
             + ", ".join(f"{s['sent_at_s']:.2f}: {s['ttft_ms']:.0f}" for s in stalls["slowest_ttft"])
             + "; garbage collections: "

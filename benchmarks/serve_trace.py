@@ -1,5 +1,5 @@
-"""Where a load level's slow first tokens come from: the engine's slowest steps and Python's
-garbage collections, timed on the server, beside the slowest requests' send times.
+"""Where a load level's slow first tokens come from: the engine thread's steps and admissions,
+timed on the server, Python's garbage collections, beside the slowest requests' send times.
 
 Times are ``time.perf_counter()`` (system-wide monotonic on Linux), so the clients' process and
 the server's share one clock; every time in the summary is seconds since the level started.
@@ -12,49 +12,77 @@ import time
 
 
 class StallTrace:
-    """Records each engine step (start, duration) and each garbage collection (generation,
-    duration) between ``start()`` and ``stop()``."""
+    """While entered: each engine step and admission (start, seconds), the step profiled when
+    ``profile`` (a ``cProfile.Profile``) is given, and each garbage collection (generation,
+    start, seconds). The worker's admission runs between steps, while the step it launched
+    runs on the device: one longer than that step leaves the device idle."""
 
-    def __init__(self) -> None:
+    def __init__(self, worker, profile=None) -> None:
+        self.worker, self.profile = worker, profile
         self.t0 = 0.0
         self.steps: list[tuple[float, float]] = []
-        self.collections: list[tuple[int, float, float]] = []  # (generation, start, seconds)
+        self.admissions: list[tuple[float, float]] = []
+        self.collections: list[tuple[int, float, float]] = []
         self._gc_start = 0.0
+
+    @property
+    def step_seconds(self) -> list[float]:
+        return [s for _, s in self.steps]
+
+    def _timed(self, fn, into, profile=None):
+        def timed():
+            t = time.perf_counter()
+            try:
+                return profile.runcall(fn) if profile is not None else fn()
+            finally:
+                into.append((t, time.perf_counter() - t))
+
+        return timed
 
     def _on_gc(self, phase: str, info: dict) -> None:
         if phase == "start":
             self._gc_start = time.perf_counter()
         else:
-            now = time.perf_counter()
-            self.collections.append((info["generation"], self._gc_start, now - self._gc_start))
+            seconds = time.perf_counter() - self._gc_start
+            self.collections.append((info["generation"], self._gc_start, seconds))
 
-    def start(self) -> None:
+    def __enter__(self) -> StallTrace:
+        w = self.worker
+        self._originals = (w._step, w._admit)
+        w._step = self._timed(w._step, self.steps, self.profile)
+        w._admit = self._timed(w._admit, self.admissions)
         self.t0 = time.perf_counter()
         gc.callbacks.append(self._on_gc)
+        return self
 
-    def stop(self) -> None:
+    def __exit__(self, *exc) -> None:
         gc.callbacks.remove(self._on_gc)
-
-    def step(self, started: float, seconds: float) -> None:
-        self.steps.append((started, seconds))
+        self.worker._step, self.worker._admit = self._originals
 
     def summary(self, samples, slowest: int = 5) -> dict:
-        """The slowest steps and requests (by TTFT) with when they began, and the collections
-        per generation: the pattern tells a one-time stall from a steady tail."""
-        at = lambda t: round(t - self.t0, 3)  # noqa: E731
-        steps = sorted(self.steps, key=lambda s: s[1], reverse=True)[:slowest]
+        """The slowest steps, admissions and requests (by TTFT) with when they began, and the
+        collections per generation: the pattern tells a one-time stall from a steady tail."""
+
+        def top(events):
+            worst = sorted(events, key=lambda e: e[1], reverse=True)[:slowest]
+            return [{"at_s": round(t - self.t0, 3), "ms": round(1000 * s, 2)} for t, s in worst]
+
         slow = sorted(samples, key=lambda s: s.ttft_ms, reverse=True)[:slowest]
         by_gen = {}
         for gen, _, seconds in self.collections:
             count, total, worst = by_gen.get(gen, (0, 0.0, 0.0))
             by_gen[gen] = (count + 1, total + seconds, max(worst, seconds))
         return {
-            "slowest_steps": [{"at_s": at(t), "ms": round(1000 * s, 2)} for t, s in steps],
+            "slowest_steps": top(self.steps),
+            "slowest_admissions": top(self.admissions),
             "slowest_ttft": [
-                {"sent_at_s": at(s.token_times[0] - s.ttft_ms / 1000), "ttft_ms": s.ttft_ms}
+                {
+                    "sent_at_s": round(s.token_times[0] - s.ttft_ms / 1000 - self.t0, 3),
+                    "ttft_ms": s.ttft_ms,
+                }
                 for s in slow
                 if s.token_times
-            ],
+            ],  # fmt: skip
             "gc": {
                 f"gen{gen}": {"count": c, "total_ms": 1000 * t, "max_ms": 1000 * w}
                 for gen, (c, t, w) in sorted(by_gen.items())

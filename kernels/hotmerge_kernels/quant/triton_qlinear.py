@@ -8,22 +8,22 @@ more than reading them at 4 bits), so each one counts:
 
 - one row (batch 1): products summed elementwise into a 2-D float32 accumulator, reduced once
   at the end; the float32 weight is not rounded to x's dtype first (the twin rounds it: a
-  conversion per weight, on a pipe a quarter as fast, would cost more than the weight's read),
-  and int8/fp8's per-channel scale multiplies the sum, not each weight. Small ``BLOCK_N``
-  tiles, so that N spreads over every SM;
+  conversion per weight, on a pipe an eighth as fast, would cost more than the weight's read).
+  Small ``BLOCK_N`` tiles, so that N spreads over every SM;
 - 16 to 64 rows (padded): a tensor-core ``tl.dot`` on the tile rounded to x's dtype, computed
   as ``yᵀ = W·xᵀ``: the weight tile is then the A operand, which Hopper's wgmma reads from
   registers, where it was dequantized (as B it would go through shared memory first, and a
   64-row weight tile fills wgmma's M while 16 to 64 rows of x fit its N);
-- int8 / fp8 scale the sum by their per-channel scale, not each weight (their codes are exact
-  in bf16);
+- int8 / fp8 scale the sum by their per-channel scale, not each weight, at every row count
+  (their codes are exact in bf16);
 - int8 and int4 codes become floats by the exponent trick (the code in the low mantissa bits
   of 2**23, minus 2**23: exact, and no int-to-float conversion, which runs on a pipe an eighth
   as fast as the float one: at one a weight, 16 a clock an SM, a 7B step's weights need 1.8 ms);
 - NF4 looks each nibble up in its 16 values held in registers (``tl.gather``: a warp shuffle a
   lookup, no address arithmetic). Loads from tables in memory cost a 64-bit address a lookup,
   and tables of a byte's two values (1 KiB) make a warp's gather touch up to eight cache lines,
-  each a pass of the load unit: with those, NF4 decode ran at 19–22% of copy bandwidth.
+  each a pass of the load unit: with those, NF4's one-row decode ran at 17–22% of copy
+  bandwidth on an H100.
 
 One launch, no workspace, no host sync: capturable in a CUDA graph.
 """

@@ -1,0 +1,50 @@
+"""serve_load's stall trace: what it wraps it times and gives back; the summary names the
+slowest events with their times since the level began."""
+
+from __future__ import annotations
+
+import gc
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+
+from serve_clients import Sample  # noqa: E402
+from serve_trace import StallTrace  # noqa: E402
+
+
+class FakeWorker:
+    def __init__(self) -> None:
+        self.calls = []
+
+    def _step(self):
+        self.calls.append("step")
+        time.sleep(0.002 * len(self.calls))  # each step slower than the last
+
+    def _admit(self):
+        self.calls.append("admit")
+        return True
+
+
+def test_the_trace_times_steps_and_admissions_and_puts_them_back():
+    worker = FakeWorker()
+    step, admit = worker._step, worker._admit
+    trace = StallTrace(worker)
+    with trace:
+        for _ in range(4):
+            assert worker._admit() is True
+            worker._step()
+        gc.collect()
+    assert worker._step == step and worker._admit == admit  # restored
+    assert worker.calls == ["admit", "step"] * 4
+    assert len(trace.steps) == 4 and len(trace.admissions) == 4
+    sent = trace.t0 + 0.5
+    samples = [Sample("single", ttft, ttft, 0.0, 1, [sent + ttft / 1000]) for ttft in (5.0, 50.0)]
+    summary = trace.summary(samples, slowest=2)
+    slowest = [s["ms"] for s in summary["slowest_steps"]]
+    assert slowest == sorted(slowest, reverse=True) and slowest[0] >= 8.0  # the 4th: 8 ms sleep
+    assert all(0 <= s["at_s"] < 5 for s in summary["slowest_steps"])
+    assert [s["ttft_ms"] for s in summary["slowest_ttft"]] == [50.0, 5.0]
+    assert all(abs(s["sent_at_s"] - 0.5) < 1e-6 for s in summary["slowest_ttft"])
+    assert summary["gc"]["gen2"]["count"] >= 1
