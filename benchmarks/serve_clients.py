@@ -5,6 +5,7 @@ streamed requests timed per token, a load at a fixed concurrency, and streams wi
 from __future__ import annotations
 
 import dataclasses
+import random
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -13,6 +14,17 @@ from dataclasses import dataclass
 from hotmerge.client import HotmergeClient
 
 RAMP_TOKENS = 4  # tokens each stream has before the merge starts (the batch has formed)
+PROMPT_TOKENS = 128  # BOS + 127 bytes (the byte tokenizer makes a character a token)
+
+
+def prompts(count: int, tag: str) -> list[str]:
+    """``count`` prompts of ``PROMPT_TOKENS`` tokens, each its own: no request finds another's
+    KV in the prefix cache (a fresh merge never could: its adapter is new), so named adapters
+    and merges are compared on the same work. ``tag`` keeps each phase's prompts apart."""
+    rng = random.Random(tag)
+    return [
+        "".join(rng.choice("abcdefghij ") for _ in range(PROMPT_TOKENS - 1)) for _ in range(count)
+    ]
 
 
 @dataclass
@@ -57,15 +69,17 @@ def stream_once(
 
 
 def run_clients(
-    target: str, prompt: str, plan: list[dict], max_new_tokens: int, concurrency: int
+    target: str, texts: list[str], plan: list[dict], max_new_tokens: int, concurrency: int
 ) -> tuple[list[tuple], float]:
-    """The plan's requests, ``concurrency`` at a time over one channel: (samples as tuples,
-    wall s)."""
+    """The plan's requests (prompt ``texts[i]`` for request i), ``concurrency`` at a time over
+    one channel: (samples as tuples, wall s)."""
     with HotmergeClient(target, timeout=600) as client:
         start = time.perf_counter()
         with ThreadPoolExecutor(concurrency) as pool:
             samples = list(
-                pool.map(lambda kw: stream_once(client, prompt, max_new_tokens, **kw), plan)
+                pool.map(
+                    lambda text, kw: stream_once(client, text, max_new_tokens, **kw), texts, plan
+                )
             )
         wall = time.perf_counter() - start
     return [dataclasses.astuple(x) for x in samples], wall  # plain tuples cross processes

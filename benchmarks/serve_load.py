@@ -19,6 +19,10 @@ PEFT adapters on all seven projection modules, then measures, over real gRPC on 
 5. the inter-token latency of ``--merge-streams`` running streams while one fresh ``ties_svd``
    merge is computed, against the same streams' outside the merge.
 
+In 2 and 4 every request has a 128-token prompt of its own, so none finds another's KV in the
+prefix cache: a fresh merge never can (its adapter is new), and a named adapter that did would
+make the two look further apart than their work is. (Until 2026-12-07 they shared one prompt.)
+
 Results go to benchmarks/results/serve_load-<device>-<date>.{json,md} (or --out-dir).
 
     python benchmarks/serve_load.py                      # 7B shapes (needs a GPU)
@@ -55,7 +59,9 @@ from hotmerge.embedded import write_peft_adapter as write_adapter
 from hotmerge.engine import EngineConfig
 from hotmerge.server import freeze_startup_objects, start_server
 from serve_clients import (
+    PROMPT_TOKENS,
     Sample,
+    prompts,
     run_clients,
     stream_once,
 )
@@ -66,7 +72,6 @@ from serve_probes import (
     shared_prefix_ttft,
 )
 from serve_report import (
-    PROMPT_TOKENS,
     batch_histogram,
     gaps_ms,
     itl_summary,
@@ -154,12 +159,13 @@ def load_plan(adapter_ids: list[str], args, phase: int = 0) -> list[dict]:
     return plan
 
 
-def load_mix(running, prompt, adapter_ids, args, concurrency: int, phase: int) -> dict:
+def load_mix(running, adapter_ids, args, concurrency: int, phase: int) -> dict:
     """A mixed load at a fixed concurrency. The clients run in a process of their own (as
     users' clients do), unless ``--in-process-clients``: then their threads share the
     server's GIL."""
     plan = load_plan(adapter_ids, args, phase)
-    clients = (running.target, prompt, plan, args.max_new_tokens, concurrency)
+    clients = (running.target, prompts(len(plan), f"load{phase}"), plan, args.max_new_tokens,
+               concurrency)  # fmt: skip
     engine = running.engine
     # The engine thread's steps (profiled with --profile) and admissions, during the load only.
     trace = StallTrace(engine._worker, cProfile.Profile() if args.profile else None)
@@ -359,7 +365,7 @@ def main() -> None:
     )
     running = start_server(config)
     freeze_startup_objects()  # as `hotmerge serve` does
-    prompt = "".join(random.Random(1).choice("abcdefghij ") for _ in range(PROMPT_TOKENS - 1))
+    prompt = prompts(1, "warm-up")[0]  # warm-up and the ties_svd phase's streams
     try:
         with HotmergeClient(running.target, timeout=600) as client:
             # Warm-up: load every adapter, compile every kernel the runs use.
@@ -381,7 +387,7 @@ def main() -> None:
             print("warm", flush=True)
             hit = hit_overhead_us(running, adapter_ids, args.hit_reps)
             print("hit overhead", hit, flush=True)
-            cold = cold_ties_share(client, prompt, adapter_ids, args.cold_runs)
+            cold = cold_ties_share(client, adapter_ids, args.cold_runs)
             print("cold ties", cold, flush=True)
             prefix = None
             if args.prefix_runs > 0:
@@ -391,7 +397,7 @@ def main() -> None:
                 print("shared prefix", prefix, flush=True)
             loads = []
             for phase, concurrency in enumerate(args.concurrency):
-                load = load_mix(running, prompt, adapter_ids, args, concurrency, phase)
+                load = load_mix(running, adapter_ids, args, concurrency, phase)
                 loads.append(load)
                 ttft = {k: round(v["ttft_ms_p50"], 1) for k, v in load["by_kind"].items()}
                 print(f"load c={concurrency}: {load['tokens_per_s']:.0f} tokens/s "

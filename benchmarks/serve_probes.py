@@ -11,7 +11,13 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 
 from hotmerge.v1 import hotmerge_pb2 as pb
-from serve_clients import RAMP_TOKENS, Sample, merge_during_streams_clients, stream_once
+from serve_clients import (
+    RAMP_TOKENS,
+    Sample,
+    merge_during_streams_clients,
+    prompts,
+    stream_once,
+)
 from serve_report import itl_summary, pct, split_gaps
 
 
@@ -49,9 +55,11 @@ def hit_overhead_us(running, adapter_ids: list[str], reps: int) -> dict:
     return {"named_adapter_us": named_us, "merge_hit_us": hit_us, "hit_adds_us": hit_us - named_us}
 
 
-def cold_ties_share(client, prompt: str, adapter_ids: list[str], runs: int) -> dict:
-    """Fresh TIES specs of 3 adapters, one at a time: merge time over TTFT."""
-    named = [stream_once(client, prompt, 1, adapter_id=adapter_ids[0]) for _ in range(runs)]
+def cold_ties_share(client, adapter_ids: list[str], runs: int) -> dict:
+    """Fresh TIES specs of 3 adapters, one at a time: merge time over TTFT, and the TTFT of a
+    named adapter; every request with a prompt of its own (none finds its KV cached)."""
+    texts = prompts(2 * runs, "cold")
+    named = [stream_once(client, texts[i], 1, adapter_id=adapter_ids[0]) for i in range(runs)]
     cold = []
     for i in range(runs):
         spec = {
@@ -60,7 +68,7 @@ def cold_ties_share(client, prompt: str, adapter_ids: list[str], runs: int) -> d
             "merge_strategy": "TIES",
             "density": 0.5,
         }
-        cold.append(stream_once(client, prompt, 1, merged_adapters=spec))
+        cold.append(stream_once(client, texts[runs + i], 1, merged_adapters=spec))
     assert all(s.kind == "merge_miss" for s in cold)
     return {
         "named_ttft_ms_p50": pct([s.ttft_ms for s in named], 50),

@@ -8,7 +8,7 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
-PROMPT_TOKENS = 128  # BOS + 127 bytes
+from serve_clients import PROMPT_TOKENS
 
 
 def pct(values: Sequence[float], q: float) -> float:
