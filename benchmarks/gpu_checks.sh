@@ -8,9 +8,11 @@
 #   2. serve_load at concurrency 32, 64, 128 on bf16 (with the shared-prefix and ties_svd phases),
 #      and the host cost of an adapter's slot write at 7B geometry (slot_write_cost.py);
 #   3. serve_load at concurrency 64 on the quantized base fastest at batch 64 in (1);
-#   4. pytest -m gpu (the suites that need no packages beyond the serving ones).
-# Each step has its own time limit (seconds: DECODE_S, SERVE_S, SERVE_Q_S, PYTEST_S) and writes
-# its log and results under OUT (default benchmarks/results/gpu-checks-<date>). STEPS picks some of
+#   4. pytest -m gpu (the suites that need no packages beyond the serving ones), the quantized
+#      engine's first.
+# Each step has its own time limit (seconds: DECODE_S, SERVE_S, SERVE_Q_S, PYTEST_Q_S,
+# PYTEST_S) and writes its log and results under OUT (default
+# benchmarks/results/gpu-checks-<date>). STEPS picks some of
 # decode,serve,serve_q,pytest (all by default), so a device lease can run them over several calls
 # into one OUT; serve_q reads the decode step's results from OUT. DECODE_S is per format.
 #     bash benchmarks/gpu_checks.sh          # needs a CUDA GPU and `make setup-test`
@@ -67,7 +69,12 @@ if [ -n "$BEST" ]; then
 fi
 fi
 if want pytest; then
+# The quantized engine's tests first: two leases ran out of time before reaching them.
+step pytest_qengine "${PYTEST_Q_S:-240}" $PY -m pytest -v -m gpu -p no:cacheprovider \
+  tests/server/test_quantized_engine_gpu.py
+grep -E "passed|failed|error" "$OUT/pytest_qengine.log" | tail -2
 step pytest_gpu "${PYTEST_S:-540}" $PY -m pytest -q -m gpu -p no:cacheprovider tests/kernels \
-  tests/server tests/evaluation --ignore=tests/server/test_http.py
+  tests/server tests/evaluation --ignore=tests/server/test_http.py \
+  --deselect tests/server/test_quantized_engine_gpu.py
 grep -E "passed|failed|error" "$OUT/pytest_gpu.log" | tail -2
 fi
