@@ -3,15 +3,19 @@
 Builds the same random 7B-shaped model and rank-16 adapters as ``decode_step.py``, then, under
 ``torch.profiler`` (CPU and CUDA activities):
 
-- decode at ``--batch`` rows, each on its own adapter: graph replays, and the same step eager
-  (the launches' host time shows as the gap between CPU and CUDA totals);
+- decode at ``--batch`` rows, each on its own adapter (``--no-adapters``: the base alone): graph
+  replays, and the same step eager (the launches' host time shows as the gap between CPU and
+  CUDA totals);
 - prefill of 1 and ``--prefill-prompts`` prompts of ``--prompt-tokens`` tokens, each prompt on
   its own adapter, timed with CUDA events and wall clock.
 
-Prints one kernel table per case (top rows by device time) and writes them with the timings to
-``--out`` (a directory). Nothing here is asserted: it is for reading before tuning.
+``--quantize FMT`` profiles a quantized base (fp8, int8, nf4, int4); ``--no-prefill`` skips the
+prefills. Prints one kernel table per case (top rows by device time) and writes them with the
+timings to ``--out`` (a directory). Nothing here is asserted: it is for reading before tuning.
 
     python benchmarks/engine_profile.py --out /tmp/profile
+    python benchmarks/engine_profile.py --batch 1 --no-adapters --no-prefill --quantize fp8 \
+        --out /tmp/profile-fp8
 """
 
 from __future__ import annotations
@@ -69,6 +73,9 @@ def main() -> None:
     parser.add_argument("--prefill-prompts", type=int, default=8)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--rows", type=int, default=30, help="kernel table rows")
+    parser.add_argument("--quantize", choices=["fp8", "int8", "nf4", "int4"])
+    parser.add_argument("--no-adapters", action="store_true", help="decode the base alone")
+    parser.add_argument("--no-prefill", action="store_true")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -83,6 +90,7 @@ def main() -> None:
         max_loras=args.batch,
         max_lora_rank=args.rank,
         max_prefill_tokens=max(2048, args.prefill_prompts * args.prompt_tokens),
+        quantize=args.quantize,
     )
     runner = build_runner("profile", model, byte_level_tokenizer(), config)
     del model
@@ -102,16 +110,23 @@ def main() -> None:
         print(f"\n== {name}: {gpu_ms:.3f} ms a call on the GPU (events), {wall_ms:.3f} ms wall "
               f"under the profiler\n{table}")  # fmt: skip
 
-    rows = [DecodeRow(i, 7 + i, args.context, tables[i], slots[i]) for i in range(args.batch)]
+    lora = not args.no_adapters
+    rows = [
+        DecodeRow(i, 7 + i, args.context, tables[i], slots[i] if lora else -1)
+        for i in range(args.batch)
+    ]
     size = next(s for s in runner.sizes if s >= args.batch)
+    case = f"batch {args.batch} {'distinct' if lora else 'none'} {args.quantize or 'bf16'}"
     with torch.inference_mode():
         runner.buffers.fill(rows, size, runner.block_size)
-        graph = runner._graphs[size, True][0]
-        record(f"decode graph batch {args.batch} distinct", graph.replay, 20)
-        record(f"decode eager batch {args.batch} distinct", lambda: runner._decode_step(size), 10)
+        graph = runner._graphs[size, lora][0]
+        record(f"decode graph {case}", graph.replay, 20)
+        record(f"decode eager {case}", lambda: runner._decode_step(size, lora), 10)
+    if args.no_prefill:
+        args.prefill_prompts = 0
 
     prompt = [(7 * i) % 250 for i in range(args.prompt_tokens)]
-    for n in (1, args.prefill_prompts):
+    for n in (1, args.prefill_prompts) if args.prefill_prompts else ():
         chunks = [
             PrefillChunk(args.batch + i, prompt, 0, tables[args.batch + i], slots[i], True)
             for i in range(n)
