@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from hotmerge_kernels import backend
 from hotmerge_kernels.backend import INTERPRETING
+from hotmerge_kernels.ops.pdl import launch_options
 from hotmerge_kernels.quant import triton_qlinear as tq
 from hotmerge_kernels.quant.formats import (
     FP8_MAX,
@@ -88,6 +89,7 @@ def qlinear_skinny(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | No
         HAS_BIAS=bias is not None,
         INTERPRET=INTERPRETING,
         BLOCK_M=block_m,
+        **launch_options(x.device),
     )  # fmt: skip
     return y.view(*x.shape[:-1], n)
 

@@ -25,7 +25,9 @@ more than reading them at 4 bits), so each one counts:
   each a pass of the load unit: with those, NF4's one-row decode ran at 17–22% of copy
   bandwidth on an H100.
 
-One launch, no workspace, no host sync: capturable in a CUDA graph.
+One launch, no workspace, no host sync: capturable in a CUDA graph. On Hopper it launches as a
+programmatic dependent (``ops/pdl.py``): its launch and ramp hide behind the tail of the kernel
+before it, and the kernel after it may launch during its own tail.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import triton
 import triton.language as tl
 
 from hotmerge_kernels.backend import INTERPRETING
+from hotmerge_kernels.ops import pdl
 
 # Format ids (constexpr FMT).
 NF4, INT4, INT8, FP8 = 0, 1, 2, 3
@@ -180,12 +183,14 @@ def qlinear_kernel(
     GROUP: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     INTERPRET: tl.constexpr,
+    PDL: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GEMV: tl.constexpr = False,  # the tile set (BLOCK_M == 1 picks the one-row ones)
 ):
     """Grid (N tiles, M tiles); columns past K read as zeros."""
+    pdl.enter(PDL)  # x is the kernel before's output
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
