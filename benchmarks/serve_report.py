@@ -146,7 +146,8 @@ def load_lines(load: dict) -> list[str]:
                     for g, v in stalls["gc"].items()
                 )
                 or "none"
-            ),
+            )
+            + _compiles(stalls.get("jit_compiles")),
             "",
         ]
     lines += [
@@ -162,3 +163,12 @@ def load_lines(load: dict) -> list[str]:
             f"{row['queue_ms_p50']:.1f} / {row['merge_ms_p50']:.1f} / {row['prefill_ms_p50']:.1f} |"
         )
     return lines
+
+
+def _compiles(compiles: dict | None) -> str:
+    """The level's Triton JIT compiles (kernel specializations first met under load)."""
+    if compiles is None:
+        return ""
+    return f"; Triton JIT compiles: {compiles['count']} ({compiles['total_ms']:.0f} ms)" + "".join(
+        f", {c['kernel']} at {c['at_s']:.2f} s: {c['ms']:.0f} ms" for c in compiles["slowest"]
+    )

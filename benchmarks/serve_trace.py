@@ -1,5 +1,7 @@
 """Where a load level's slow first tokens come from: the engine thread's steps and admissions,
-timed on the server, Python's garbage collections, beside the slowest requests' send times.
+timed on the server, Python's garbage collections and Triton's just-in-time compiles (a kernel
+specialization first met under load: compiled, or loaded from the disk cache, on the engine
+thread), beside the slowest requests' send times.
 
 Times are ``time.perf_counter()`` (system-wide monotonic on Linux), so the clients' process and
 the server's share one clock; every time in the summary is seconds since the level started.
@@ -10,12 +12,15 @@ from __future__ import annotations
 import gc
 import time
 
+from triton import knobs
+
 
 class StallTrace:
     """While entered: each engine step and admission (start, seconds), the step profiled when
-    ``profile`` (a ``cProfile.Profile``) is given, and each garbage collection (generation,
-    start, seconds). The worker's admission runs between steps, while the step it launched
-    runs on the device: one longer than that step leaves the device idle."""
+    ``profile`` (a ``cProfile.Profile``) is given, each garbage collection (generation, start,
+    seconds) and each Triton JIT compile (kernel, start, seconds). The worker's admission runs
+    between steps, while the step it launched runs on the device: one longer than that step
+    leaves the device idle."""
 
     def __init__(self, worker, profile=None) -> None:
         self.worker, self.profile = worker, profile
@@ -23,7 +28,9 @@ class StallTrace:
         self.steps: list[tuple[float, float]] = []
         self.admissions: list[tuple[float, float]] = []
         self.collections: list[tuple[int, float, float]] = []
+        self.compiles: list[tuple[str, float, float]] = []
         self._gc_start = 0.0
+        self._compiling: dict[str, float] = {}
 
     @property
     def step_seconds(self) -> list[float]:
@@ -46,6 +53,14 @@ class StallTrace:
             seconds = time.perf_counter() - self._gc_start
             self.collections.append((info["generation"], self._gc_start, seconds))
 
+    def _on_compile(self, *, key, fn, **_) -> None:  # before a compile: None lets it go on
+        self._compiling[key] = time.perf_counter()
+
+    def _on_compiled(self, *, key, fn, **_) -> None:
+        start = self._compiling.pop(key, None)
+        if start is not None:
+            self.compiles.append((fn.name, start, time.perf_counter() - start))
+
     def __enter__(self) -> StallTrace:
         w = self.worker
         self._originals = (w._step, w._admit)
@@ -53,15 +68,20 @@ class StallTrace:
         w._admit = self._timed(w._admit, self.admissions)
         self.t0 = time.perf_counter()
         gc.callbacks.append(self._on_gc)
+        self._hooks = (knobs.runtime.jit_cache_hook, knobs.runtime.jit_post_compile_hook)
+        knobs.runtime.jit_cache_hook = self._on_compile
+        knobs.runtime.jit_post_compile_hook = self._on_compiled
         return self
 
     def __exit__(self, *exc) -> None:
         gc.callbacks.remove(self._on_gc)
+        knobs.runtime.jit_cache_hook, knobs.runtime.jit_post_compile_hook = self._hooks
         self.worker._step, self.worker._admit = self._originals
 
     def summary(self, samples, slowest: int = 5) -> dict:
-        """The slowest steps, admissions and requests (by TTFT) with when they began, and the
-        collections per generation: the pattern tells a one-time stall from a steady tail."""
+        """The slowest steps, admissions and requests (by TTFT) with when they began, the
+        collections per generation and the JIT compiles: the pattern tells a one-time stall
+        from a steady tail."""
 
         def top(events):
             worst = sorted(events, key=lambda e: e[1], reverse=True)[:slowest]
@@ -83,6 +103,14 @@ class StallTrace:
                 for s in slow
                 if s.token_times
             ],  # fmt: skip
+            "jit_compiles": {
+                "count": len(self.compiles),
+                "total_ms": round(1000 * sum(s for _, _, s in self.compiles), 1),
+                "slowest": [
+                    {"kernel": name, "at_s": round(t - self.t0, 3), "ms": round(1000 * s, 1)}
+                    for name, t, s in sorted(self.compiles, key=lambda c: c[2], reverse=True)
+                ][:slowest],
+            },
             "gc": {
                 f"gen{gen}": {"count": c, "total_ms": 1000 * t, "max_ms": 1000 * w}
                 for gen, (c, t, w) in sorted(by_gen.items())

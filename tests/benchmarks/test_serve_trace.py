@@ -48,3 +48,26 @@ def test_the_trace_times_steps_and_admissions_and_puts_them_back():
     assert [s["ttft_ms"] for s in summary["slowest_ttft"]] == [50.0, 5.0]
     assert all(abs(s["sent_at_s"] - 0.5) < 1e-6 for s in summary["slowest_ttft"])
     assert summary["gc"]["gen2"]["count"] >= 1
+
+
+def test_the_trace_times_triton_compiles_and_puts_the_hooks_back():
+    """Triton calls ``jit_cache_hook`` before compiling a new specialization and
+    ``jit_post_compile_hook`` after (``JITFunction._do_compile``); the trace times what lies
+    between, lets the compile go on (returns None) and restores the hooks."""
+    from types import SimpleNamespace
+
+    from triton import knobs
+
+    before = (knobs.runtime.jit_cache_hook, knobs.runtime.jit_post_compile_hook)
+    trace = StallTrace(FakeWorker())
+    with trace:
+        for name, seconds in (("fast_kernel", 0.001), ("slow_kernel", 0.02)):
+            fn = SimpleNamespace(name=name)
+            assert knobs.runtime.jit_cache_hook(key=name, fn=fn, repr="", compile={}) is None
+            time.sleep(seconds)
+            knobs.runtime.jit_post_compile_hook(key=name, fn=fn, repr="", compile={})
+    assert (knobs.runtime.jit_cache_hook, knobs.runtime.jit_post_compile_hook) == before
+    compiles = trace.summary([])["jit_compiles"]
+    assert compiles["count"] == 2
+    assert [c["kernel"] for c in compiles["slowest"]] == ["slow_kernel", "fast_kernel"]
+    assert compiles["slowest"][0]["ms"] >= 20.0 and compiles["total_ms"] >= 21.0
