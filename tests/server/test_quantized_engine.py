@@ -5,7 +5,6 @@ alone. CPU: the torch twins (the Triton paths are checked in tests/kernels/test_
 from __future__ import annotations
 
 import copy
-import json
 
 import pytest
 import torch
@@ -13,7 +12,7 @@ from hotmerge.config import ServerConfig
 from hotmerge.embedded import byte_level_tokenizer
 from hotmerge.engine.batch import DecodeRow, PrefillChunk
 from hotmerge.engine.config import QUANT_FORMATS, EngineConfig
-from hotmerge.engine.loader import build_runner, load_runner
+from hotmerge.engine.loader import build_runner
 from hotmerge.engine.models.llama import lora_shapes, module_paths
 from hotmerge.errors import InvalidArgument
 from hotmerge_kernels.layout import FlatAdapter
@@ -154,19 +153,6 @@ def test_bad_quantize_settings_are_refused(tmp_path):
             byte_level_tokenizer(),
             EngineConfig(kv_cache_tokens=64, quantize="int8", eager_model=True),
         )
-
-
-def test_checkpoints_saved_quantized_are_refused_with_the_way_out(tmp_path):
-    model_dir = tiny_llama(tmp_path)
-    config = json.loads((model_dir / "config.json").read_text())
-    config["quantization_config"] = {
-        "quant_method": "bitsandbytes",
-        "load_in_4bit": True,
-        "bnb_4bit_quant_type": "nf4",
-    }
-    (model_dir / "config.json").write_text(json.dumps(config))
-    with pytest.raises(InvalidArgument, match=r"saved quantized \(bitsandbytes\).*--quantize nf4"):
-        load_runner(str(model_dir), device="cpu", config=EngineConfig(kv_cache_tokens=64))
 
 
 def test_server_config_quantizes_the_served_base(tmp_path):

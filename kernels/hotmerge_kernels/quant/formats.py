@@ -19,7 +19,7 @@ Each format is a small dataclass of device tensors (packed codes and scales) tha
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import torch
 
@@ -76,6 +76,15 @@ class QuantizedWeight:
     @property
     def device(self) -> torch.device:
         return self.tensors()[0].device
+
+    def to(self, device: torch.device | str) -> QuantizedWeight:
+        """The same weight with every tensor on ``device``."""
+        moved = {
+            f.name: getattr(self, f.name).to(device)
+            for f in fields(self)
+            if isinstance(getattr(self, f.name), torch.Tensor)
+        }
+        return replace(self, **moved)
 
 
 @dataclass
@@ -271,6 +280,24 @@ def quantize_fp8(weight: torch.Tensor) -> Fp8Weight:
     return Fp8Weight((n, k), weight.dtype, qweight=q, scale=scale)
 
 
+def stack_nf4_rows(weights: list[Nf4Weight]) -> Nf4Weight:
+    """NF4 weights of the same K stacked along N (q/k/v, gate/up as the forward fuses them): a
+    64-block never leaves its row, so codes and absmax concatenate. Double-quantized absmax are
+    decoded first (exactly as ``block_scales``: their offsets and blocks of 256 are each
+    weight's own); a single weight is returned as it is."""
+    if len(weights) == 1:
+        return weights[0]
+    if len({w.shape[1] for w in weights}) != 1:
+        raise ValueError(f"stack_nf4_rows: in_features differ: {[w.shape for w in weights]}")
+    n = sum(w.shape[0] for w in weights)
+    return Nf4Weight(
+        (n, weights[0].shape[1]),
+        weights[0].dtype,
+        packed=torch.cat([w.packed for w in weights]),
+        absmax=torch.cat([w.block_scales() for w in weights]),
+    )
+
+
 _QUANTIZE = {"nf4": quantize_nf4, "int4": quantize_int4, "int8": quantize_int8, "fp8": quantize_fp8}
 
 
@@ -295,5 +322,6 @@ __all__ = [
     "int4_group",
     "nf4_code",
     "quantize",
+    "stack_nf4_rows",
     "unpack_nibbles",
 ]

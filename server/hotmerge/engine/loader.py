@@ -7,6 +7,7 @@ any other architecture (or ``EngineConfig.eager_model``) through transformers, e
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import torch
 from hotmerge.engine.config import EngineConfig
 from hotmerge.engine.models.hf_eager import EagerRunner
 from hotmerge.engine.models.llama import unsupported_reason
-from hotmerge.engine.quantized_base import refuse_prequantized
+from hotmerge.engine.quantized_base import load_bnb_nf4, saved_format
 from hotmerge.engine.runner import LlamaRunner, ModelRunner, Tokenizer
 from hotmerge.errors import InvalidArgument, NotFound
 
@@ -81,11 +82,25 @@ def load_runner(
             f"model {model_id!r}: no usable tokenizer ({reason[:200]}); save the "
             "tokenizer with the model (tokenizer.json, tokenizer_config.json)"
         ) from None
-    refuse_prequantized(model_id, local)
-    model = AutoModelForCausalLM.from_pretrained(
-        model_id, dtype=torch_dtype, local_files_only=local
-    )
-    return build_runner(model_id, model.to(dev), tokenizer, config)
+    if saved_format(model_id, local) == "nf4":  # bitsandbytes NF4, loaded as stored
+        if config.quantize not in (None, "nf4"):
+            raise InvalidArgument(
+                f"model {model_id!r} is saved in bitsandbytes' NF4: --quantize {config.quantize}"
+                " would quantize it twice; leave --quantize unset (or nf4), or serve its "
+                "16-bit base"
+            )
+        if not local:
+            raise InvalidArgument(
+                f"model {model_id!r}: a checkpoint saved in NF4 loads from a local directory; "
+                "download it first (huggingface-cli download)"
+            )
+        model = load_bnb_nf4(Path(model_id), torch_dtype, dev)
+        config = dataclasses.replace(config, quantize="nf4")
+    else:
+        model = AutoModelForCausalLM.from_pretrained(
+            model_id, dtype=torch_dtype, local_files_only=local
+        ).to(dev)
+    return build_runner(model_id, model, tokenizer, config)
 
 
 def build_runner(model_id: str, model, tokenizer, config: EngineConfig) -> ModelRunner:

@@ -1,33 +1,164 @@
-"""The load-time side of ``--quantize`` (the formats and kernels are ``hotmerge_kernels.quant``):
-refusing checkpoints saved quantized, and the start-up log of what quantization gave."""
+"""The load-time side of quantized bases (the formats and kernels are ``hotmerge_kernels.quant``):
+loading a checkpoint transformers saved in bitsandbytes' 4-bit NF4 as it is stored, refusing
+other quantized checkpoints, and the start-up log of what quantization gave.
+
+A bitsandbytes NF4 checkpoint (``load_in_4bit``, ``bnb_4bit_quant_type="nf4"``: QLoRA's base)
+holds, per quantized projection ``X`` (``Linear4bit``'s state dict, its ``QuantState`` packed
+for safetensors):
+
+- ``X.weight``: (N·K/2, 1) uint8, W flattened row-major, two codes a byte, the even element in
+  the high nibble;
+- ``X.weight.absmax``: one float32 per 64-block, or with double quantization its uint8 codes,
+  with ``X.weight.nested_absmax`` (float32 per 256) and ``X.weight.nested_quant_map`` (the
+  256-value dynamic code);
+- ``X.weight.quant_map``: NF4's 16 values;
+- ``X.weight.quant_state.bitsandbytes__nf4``: the rest as JSON bytes (``quant_type``,
+  ``blocksize``, ``dtype``, ``shape``, ``nested_blocksize``, ``nested_offset``).
+
+That is :class:`~hotmerge_kernels.quant.Nf4Weight` field for field, so it loads without
+dequantizing and serves bit for bit the base the adapter was trained on. The rest of the model
+(embeddings, norms, lm_head, which bitsandbytes leaves 16-bit) loads as usual.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
+from pathlib import Path
 
 import torch
+from hotmerge_kernels.quant import Nf4Weight
+from hotmerge_kernels.quant.formats import NF4_BLOCK, NF4_STATS_BLOCK, dynamic_code, nf4_code
 
 from hotmerge.engine.config import EngineConfig
 from hotmerge.errors import InvalidArgument
 
 log = logging.getLogger("hotmerge.engine.runner")
 
+QUANT_STATE = "weight.quant_state.bitsandbytes__nf4"
 
-def refuse_prequantized(model_id: str, local: bool) -> None:
-    """Checkpoints saved quantized (bitsandbytes, GPTQ, AWQ...) are not loaded: serve the 16-bit
-    base with ``--quantize`` instead (nf4 gives bitsandbytes' NF4 bit for bit, so a QLoRA
-    adapter meets the base it was trained on)."""
+
+def saved_format(model_id: str, local: bool) -> str | None:
+    """None for a 16-bit checkpoint, "nf4" for a bitsandbytes NF4 one; InvalidArgument for any
+    other quantized checkpoint (8-bit and FP4 bitsandbytes, GPTQ, AWQ...), with the way out."""
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(model_id, local_files_only=local)
     quant = getattr(config, "quantization_config", None)
-    if quant is not None:
-        method = quant.get("quant_method") if isinstance(quant, dict) else quant.quant_method
+    if quant is None:
+        return None
+    quant = quant if isinstance(quant, dict) else quant.to_dict()
+    method = quant.get("quant_method")
+    if (
+        method == "bitsandbytes"
+        and quant.get("load_in_4bit")
+        and quant.get("bnb_4bit_quant_type", "fp4") == "nf4"
+    ):
+        return "nf4"
+    kind = f"{method}, 8-bit" if quant.get("load_in_8bit") else f"{method}"
+    if method == "bitsandbytes" and quant.get("load_in_4bit"):
+        kind = f"{method}, {quant.get('bnb_4bit_quant_type', 'fp4')}"
+    raise InvalidArgument(
+        f"model {model_id!r}: checkpoints saved quantized ({kind}) are not supported (of those "
+        "saved quantized, bitsandbytes 4-bit NF4 is); serve its 16-bit base with --quantize "
+        "nf4 (bitsandbytes' NF4, bit for bit), int4, int8 or fp8"
+    )
+
+
+def load_bnb_nf4(path: Path, dtype: torch.dtype, device: torch.device):
+    """The transformers model of a bitsandbytes NF4 checkpoint (``path``: its directory), on
+    ``device``: 16-bit tensors loaded into it, each quantized projection's weight gone and its
+    :class:`Nf4Weight` attached as ``nf4_weight`` (what ``LlamaLayer`` takes)."""
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    files = sorted(Path(path).glob("*.safetensors"))
+    if not files:
+        raise InvalidArgument(f"model {str(path)!r}: no .safetensors files beside its config")
+    tensors: dict[str, torch.Tensor] = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            tensors.update({k: f.get_tensor(k) for k in f.keys()})  # noqa: SIM118
+    config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    del config.quantization_config
+    with torch.device("meta"):  # no memory, no init: every tensor comes from the checkpoint
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    modules = dict(model.named_modules())
+    states = [k for k in tensors if k.endswith(QUANT_STATE)]
+    if not states:
         raise InvalidArgument(
-            f"model {model_id!r}: checkpoints saved quantized ({method}) are not supported; "
-            "serve its 16-bit base with --quantize nf4 (bitsandbytes' NF4, bit for bit), "
-            "int4, int8 or fp8"
+            f"model {str(path)!r}: its config says bitsandbytes NF4, but it holds no NF4 weights "
+            f"(no *.{QUANT_STATE}); fix its quantization_config"
         )
+    for key in states:
+        name = key[: -len(QUANT_STATE) - 1]
+        module = modules.get(name)
+        if not isinstance(module, torch.nn.Linear):
+            raise InvalidArgument(f"model {str(path)!r}: {name} is saved in NF4 but is no linear")
+        module.weight = None
+        shape = (module.out_features, module.in_features)
+        module.nf4_weight = _nf4_weight(name, tensors, shape).to(device)
+    model.to_empty(device=device)
+    missing, unexpected = model.load_state_dict(
+        {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()},
+        strict=False,
+    )
+    tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    if unexpected or set(missing) - tied:
+        raise InvalidArgument(
+            f"model {str(path)!r}: the checkpoint does not match its config (missing "
+            f"{sorted(set(missing) - tied)[:5]}, unexpected {sorted(unexpected)[:5]})"
+        )
+    model.tie_weights()
+    if (Path(path) / "generation_config.json").exists():  # its EOS ids, as from_pretrained reads
+        model.generation_config = GenerationConfig.from_pretrained(str(path))
+    # Buffers built at init, not saved (RoPE's inverse frequencies): built again on the device.
+    rope = model.model.rotary_emb
+    model.model.rotary_emb = type(rope)(model.config).to(device)
+    return model
+
+
+def _nf4_weight(name: str, tensors: dict, shape: tuple[int, int]) -> Nf4Weight:
+    """One projection's NF4 weight from its checkpoint tensors (popped from ``tensors``)."""
+    prefix = f"{name}.weight"
+    state = json.loads(bytes(tensors.pop(f"{name}.{QUANT_STATE}").tolist()))
+    n, k = shape
+    problems = []
+    if state.get("quant_type") != "nf4":
+        problems.append(f"quant_type {state.get('quant_type')!r}")
+    if state.get("blocksize") != NF4_BLOCK:
+        problems.append(f"blocksize {state.get('blocksize')} (only {NF4_BLOCK})")
+    if tuple(state.get("shape", ())) != (n, k):
+        problems.append(f"shape {state.get('shape')} for a {n}x{k} projection")
+    if k % NF4_BLOCK:
+        problems.append(f"in_features {k} is not a multiple of {NF4_BLOCK}")
+    code = tensors.pop(f"{prefix}.quant_map").float()
+    if code.shape != (16,) or not torch.equal(code, nf4_code("cpu")):
+        problems.append("a quant_map that is not NF4's code book")
+    nested = f"{prefix}.nested_absmax" in tensors
+    if nested and state.get("nested_blocksize") != NF4_STATS_BLOCK:
+        problems.append(f"nested_blocksize {state.get('nested_blocksize')}")
+    if nested:
+        code2 = tensors.pop(f"{prefix}.nested_quant_map").float()
+        if not torch.equal(code2, dynamic_code("cpu")):
+            problems.append("a nested_quant_map that is not the dynamic code")
+    if problems:
+        raise InvalidArgument(f"{name}: NF4 weight not loadable: {'; '.join(problems)}")
+    packed = tensors.pop(prefix).view(torch.uint8).reshape(n, k // 2)
+    absmax = tensors.pop(f"{prefix}.absmax")
+    dtype = getattr(torch, state.get("dtype", "bfloat16"))
+    if not nested:
+        return Nf4Weight((n, k), dtype, packed=packed, absmax=absmax.float())
+    return Nf4Weight(
+        (n, k),
+        dtype,
+        packed=packed,
+        absmax=None,
+        qabsmax=absmax.view(torch.uint8),
+        absmax2=tensors.pop(f"{prefix}.nested_absmax").float(),
+        code2=code2,
+        offset=torch.tensor(float(state["nested_offset"]), dtype=torch.float32),
+    )
 
 
 def log_quantized(model, config: EngineConfig, per_block: int, device: torch.device) -> None:

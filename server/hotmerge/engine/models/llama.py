@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from hotmerge_kernels.quant import QuantizedWeight, quantize
+from hotmerge_kernels.quant.formats import stack_nf4_rows
 from torch import nn
 
 from hotmerge.engine import ops
@@ -88,7 +89,7 @@ class LlamaLayer(nn.Module):
         self.head_dim = attn.q_proj.out_features // self.num_heads
         self.scale = attn.scaling if hasattr(attn, "scaling") else self.head_dim**-0.5
         projs = [getattr(attn, n) for n in ATTN_PROJ]
-        self.qkv_weight = _base_weight(torch.cat([p.weight for p in projs]), quant)
+        self.qkv_weight = _base_weight(projs, quant)
         biases = [p.bias for p in projs]
         self.qkv_bias = (
             nn.Parameter(torch.cat(biases), requires_grad=False)
@@ -96,13 +97,11 @@ class LlamaLayer(nn.Module):
             else None
         )
         self.qkv_offsets = _offsets([p.out_features for p in projs])
-        self.o_weight = _base_weight(attn.o_proj.weight, quant)
+        self.o_weight = _base_weight([attn.o_proj], quant)
         self.o_bias = attn.o_proj.bias
-        self.gate_up_weight = _base_weight(
-            torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]), quant
-        )
+        self.gate_up_weight = _base_weight([mlp.gate_proj, mlp.up_proj], quant)
         self.intermediate = mlp.gate_proj.out_features
-        self.down_weight = _base_weight(mlp.down_proj.weight, quant)
+        self.down_weight = _base_weight([mlp.down_proj], quant)
         # The originals that were copied (concatenated or quantized) go now, so the KV cache,
         # sized after this, gets their room (~9 GB of q/k/v and gate/up at 7B in bf16): the
         # transformers model is consumed.
@@ -199,7 +198,7 @@ class LlamaModel(nn.Module):
         windows = layer_windows(config)
         self.quant = quant
         self.base_bytes_16bit = sum(  # the projections' bytes before quantization
-            p.weight.numel() * p.weight.element_size()
+            p.in_features * p.out_features * self.embed.weight.element_size()
             for layer in inner.layers
             for p in _projections(layer)
         )
@@ -240,7 +239,14 @@ class LlamaModel(nn.Module):
         return total
 
 
-def _base_weight(weight: torch.Tensor, quant: str | None) -> nn.Parameter | QuantizedWeight:
+def _base_weight(projs: list[nn.Linear], quant: str | None) -> nn.Parameter | QuantizedWeight:
+    """The projections' weights stacked along their outputs: as a checkpoint saved them in NF4
+    (``quantized_base.load_bnb_nf4`` attaches them as ``nf4_weight``), else 16-bit, quantized
+    here when ``quant``."""
+    loaded = [getattr(p, "nf4_weight", None) for p in projs]
+    if all(w is not None for w in loaded):
+        return stack_nf4_rows(loaded)
+    weight = torch.cat([p.weight for p in projs]) if len(projs) > 1 else projs[0].weight
     if quant is None:
         return nn.Parameter(weight, requires_grad=False)
     return quantize(weight.detach(), quant)
