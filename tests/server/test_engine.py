@@ -269,3 +269,40 @@ def test_seeded_sampling_ignores_the_rest_of_the_batch():
     assert len(draws) > 3  # seeds matter
     kept = torch.topk(logits[1], 20).indices.tolist()
     assert draws <= set(kept)
+
+
+def test_repetition_penalty_divides_positive_and_multiplies_negative_seen_logits():
+    from hotmerge.engine.sampling import apply_repetition_penalty
+
+    logits = torch.randn(3, 40, generator=torch.Generator().manual_seed(5))
+    logits[0, 3], logits[0, 7], logits[2, 0] = 2.0, -1.0, 0.5  # both signs seen
+    rows = [
+        RowSampling(SamplingParams(repetition_penalty=1.5), 0, 0, (3, 7, 3, 11)),  # 3 twice
+        RowSampling(SamplingParams(), 0, 0, (1, 2)),  # no penalty
+        RowSampling(SamplingParams(repetition_penalty=0.8), 0, 0, (0, 39)),
+    ]
+    got = apply_repetition_penalty(logits, rows)
+    want = logits.clone()
+    for i, ids, penalty in ((0, [3, 7, 11], 1.5), (2, [0, 39], 0.8)):
+        for t in ids:
+            v = logits[i, t]
+            want[i, t] = v / penalty if v > 0 else v * penalty
+    assert torch.equal(got, want)
+    assert (got != logits).any(dim=1).tolist() == [True, False, True]
+
+
+def test_prefill_returns_the_logits_of_the_chunks_that_end_their_prompts():
+    """A prefill of chunks some of which end their prompts gives those chunks' logits only, in
+    order, each equal to its chunk's prefill alone."""
+    runner = runner_for(hf_model("llama"))
+    prompts = [[5, 6, 7, 8, 9], [20, 21, 22], [30, 31, 32, 33], [40, 41]]
+    ends = [False, True, False, True]
+    chunks = [
+        PrefillChunk(i, p, 0, [1 + 2 * i, 2 + 2 * i], -1, last)
+        for i, (p, last) in enumerate(zip(prompts, ends, strict=True))
+    ]
+    together, _ = runner.prefill(chunks)
+    assert together.shape[0] == 2
+    for row, i in enumerate([1, 3]):
+        alone, _ = runner.prefill([chunks[i]])
+        torch.testing.assert_close(together[row], alone[0], atol=1e-5, rtol=1e-5)

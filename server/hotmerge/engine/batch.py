@@ -106,6 +106,8 @@ class PrefillBuffers:
         self._host_slots, self.lora_slots = pair(max_tokens, torch.int32)
         self._host_seqs, self.seqs = pair((3, max_seqs), torch.int32)
         self._host_last, self.last = pair(max_seqs, torch.int64)
+        # The chunks that end their prompts: the rows of the logits sampled (the others' are not).
+        self._host_sampled, self.sampled = pair(max_seqs, torch.int64)
         self._host_tables, self.block_tables = pair((max_seqs, max_blocks), torch.int32)
         self.input_ids, self.positions, self.slot_mapping = self.tokens
         self.query_start, self.query_lens, self.query_pos = self.seqs
@@ -145,6 +147,12 @@ class PrefillBuffers:
         self.seqs[:, :seqs].copy_(self._host_seqs[:, :seqs], non_blocking=True)
         self.last[:seqs].copy_(self._host_last[:seqs], non_blocking=True)
         self.block_tables[:seqs].copy_(self._host_tables[:seqs], non_blocking=True)
+        sampled = np.flatnonzero(np.fromiter((c.last for c in chunks), bool, n))
+        if len(sampled) < n:  # a device index, copied like the rest (no host sync)
+            self._host_sampled.numpy()[: len(sampled)] = sampled
+            self.sampled[: len(sampled)].copy_(
+                self._host_sampled[: len(sampled)], non_blocking=True
+            )
         return seqs
 
 

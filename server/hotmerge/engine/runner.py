@@ -374,7 +374,7 @@ class LlamaRunner(ModelRunner):
             hidden, logits = self._prefill_step(size, seqs, with_lora)
         last = [i for i, c in enumerate(chunks) if c.last]
         if len(last) < len(chunks):
-            logits = logits[torch.tensor(last, device=self.device)] if last else None
+            logits = logits.index_select(0, buf.sampled[: len(last)]) if last else None
         else:
             logits = logits[: len(chunks)]
         scores, first = [], 0

@@ -76,17 +76,27 @@ def uniform_noise(seeds: torch.Tensor, index: torch.Tensor, vocab: int) -> torch
 
 
 def apply_repetition_penalty(logits: torch.Tensor, rows: Sequence[RowSampling]) -> torch.Tensor:
+    """Each penalised row's seen tokens: a positive logit divided by the penalty, a negative
+    one multiplied. The seen ids go to the device in one pinned copy queued behind the step (a
+    plain ``torch.tensor(..., device=)`` would block the host until the step is done)."""
     penalised = [
         (i, r) for i, r in enumerate(rows) if r.params.repetition_penalty != 1.0 and r.seen
     ]
     if not penalised:
         return logits
-    logits = logits.clone()
+    vocab, flat, factor = logits.shape[-1], [], []
     for i, r in penalised:
-        idx = torch.tensor(sorted(set(r.seen)), device=logits.device)
-        vals = logits[i, idx]
-        penalty = r.params.repetition_penalty
-        logits[i, idx] = torch.where(vals > 0, vals / penalty, vals * penalty)
+        ids = sorted(set(r.seen))
+        flat += [i * vocab + t for t in ids]
+        factor += [r.params.repetition_penalty] * len(ids)
+    index, penalty = torch.tensor(flat), torch.tensor(factor, dtype=logits.dtype)
+    if logits.is_cuda:
+        index, penalty = (
+            t.pin_memory().to(logits.device, non_blocking=True) for t in (index, penalty)
+        )
+    logits = logits.clone()
+    values = logits.view(-1)[index]
+    logits.view(-1)[index] = torch.where(values > 0, values / penalty, values * penalty)
     return logits
 
 
