@@ -41,10 +41,11 @@ def hf_model(model_dir):
     return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
 
 
-def save_bnb_nf4(model_dir, out_dir, double_quant: bool):
+def save_bnb_nf4(model_dir, out_dir, double_quant: bool, quantized=PROJ):
     """``model_dir``'s model as transformers saves it quantized with
     ``BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-    bnb_4bit_use_double_quant=double_quant)``: projections in NF4, the rest as it was."""
+    bnb_4bit_use_double_quant=double_quant)``: the ``quantized`` linears in NF4 (transformers
+    keeps lm_head 16-bit), the rest as it was."""
     shutil.copytree(model_dir, out_dir)
     config = json.loads((out_dir / "config.json").read_text())
     config["quantization_config"] = {**BNB_NF4, "bnb_4bit_use_double_quant": double_quant}
@@ -52,7 +53,7 @@ def save_bnb_nf4(model_dir, out_dir, double_quant: bool):
     tensors = {}
     for name, tensor in hf_model(model_dir).state_dict().items():
         module = name.removesuffix(".weight")
-        if module.split(".")[-1] not in PROJ:
+        if module.split(".")[-1] not in quantized or not name.endswith(".weight"):
             tensors[name] = tensor.contiguous()
             continue
         qw = quantize_nf4(tensor, double_quant=double_quant)
@@ -162,6 +163,13 @@ def test_other_quantized_checkpoints_and_double_quantizing_are_refused(tmp_path)
         (bnb_dir / "config.json").write_text(json.dumps(config))
         with pytest.raises(InvalidArgument, match=rf"saved quantized \({kind}\).*--quantize nf4"):
             load_runner(str(bnb_dir), device="cpu", config=engine_config())
+
+
+def test_a_quantized_lm_head_is_refused(tmp_path):
+    model_dir = tiny_llama(tmp_path)
+    bnb_dir = save_bnb_nf4(model_dir, tmp_path / "bnb", False, quantized=(*PROJ, "lm_head"))
+    with pytest.raises(InvalidArgument, match="lm_head is saved in NF4; only the projections"):
+        load_runner(str(bnb_dir), device="cpu", config=engine_config())
 
 
 def test_a_config_that_says_nf4_over_16bit_weights_is_refused(tmp_path):

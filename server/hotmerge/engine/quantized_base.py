@@ -36,6 +36,7 @@ from hotmerge.errors import InvalidArgument
 log = logging.getLogger("hotmerge.engine.runner")
 
 QUANT_STATE = "weight.quant_state.bitsandbytes__nf4"
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def saved_format(model_id: str, local: bool) -> str | None:
@@ -93,8 +94,11 @@ def load_bnb_nf4(path: Path, dtype: torch.dtype, device: torch.device):
     for key in states:
         name = key[: -len(QUANT_STATE) - 1]
         module = modules.get(name)
-        if not isinstance(module, torch.nn.Linear):
-            raise InvalidArgument(f"model {str(path)!r}: {name} is saved in NF4 but is no linear")
+        if not isinstance(module, torch.nn.Linear) or name.rsplit(".", 1)[-1] not in PROJECTIONS:
+            raise InvalidArgument(
+                f"model {str(path)!r}: {name} is saved in NF4; only the projections "
+                f"{', '.join(PROJECTIONS)} can be (save the others, lm_head among them, 16-bit)"
+            )
         module.weight = None
         shape = (module.out_features, module.in_features)
         module.nf4_weight = _nf4_weight(name, tensors, shape).to(device)
