@@ -1,11 +1,12 @@
-"""A checkpoint transformers saved in bitsandbytes' 4-bit NF4 (QLoRA's base) loads as stored: its
-projections are the NF4 weights written, the logits are transformers' on those weights
-dequantized, and other quantized checkpoints are refused with the way out.
+"""A checkpoint transformers saved with bitsandbytes, in 4-bit NF4 (QLoRA's base) or 8-bit, loads
+as stored: its projections are the weights written, the logits are transformers' on those
+weights dequantized, and other quantized checkpoints are refused with the way out.
 
-bitsandbytes is not installed here, so the checkpoints are written in its layout (``Linear4bit``'s
-state dict with its ``QuantState`` packed for safetensors, the config's
-``quantization_config``) from ``quantize_nf4``, which equals bitsandbytes' ``quantize_4bit`` bit
-for bit (tests/kernels/test_quant.py)."""
+bitsandbytes is not installed here, so the checkpoints are written in its layouts (the state
+dicts of ``Linear4bit``, its ``QuantState`` packed for safetensors, and of ``Linear8bitLt``; the
+config's ``quantization_config``): NF4 from ``quantize_nf4``, which equals bitsandbytes'
+``quantize_4bit`` bit for bit (tests/kernels/test_quant.py); 8-bit as its
+``int8_vectorwise_quant`` writes them (``round(w · 127 / absmax)``, the row absmax as SCB)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from hotmerge.engine.batch import DecodeRow, PrefillChunk
 from hotmerge.engine.config import EngineConfig
 from hotmerge.engine.loader import load_runner
 from hotmerge.errors import InvalidArgument
-from hotmerge_kernels.quant.formats import nf4_code, quantize_nf4
+from hotmerge_kernels.quant.formats import Int8Weight, nf4_code, quantize_nf4
 from hotmerge_kernels.quant.reference import dequantize
 from safetensors.torch import save_file
 
@@ -77,14 +78,47 @@ def save_bnb_nf4(model_dir, out_dir, double_quant: bool, quantized=PROJ):
     return out_dir
 
 
-def dequantized_copy(model, double_quant: bool):
-    """transformers' model with each projection its NF4-then-dequantized self."""
+def int8_of(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes, SCB) as bitsandbytes' ``int8_vectorwise_quant`` computes them."""
+    scb = w.abs().amax(dim=1)
+    return torch.round(w * (127 / scb[:, None])).to(torch.int8), scb
+
+
+def int8_dequantized(w: torch.Tensor) -> torch.Tensor:
+    """As bitsandbytes' ``int8_vectorwise_dequant``: ``q · SCB · (1/127)``."""
+    q, scb = int8_of(w)
+    return q.float() * scb[:, None] * 7.874015718698502e-3
+
+
+def save_bnb_int8(model_dir, out_dir):
+    """``model_dir``'s model as transformers saves it with ``load_in_8bit=True``."""
+    shutil.copytree(model_dir, out_dir)
+    config = json.loads((out_dir / "config.json").read_text())
+    config["quantization_config"] = {**BNB_NF4, "load_in_4bit": False, "load_in_8bit": True}
+    (out_dir / "config.json").write_text(json.dumps(config))
+    tensors = {}
+    for name, tensor in hf_model(model_dir).state_dict().items():
+        module = name.removesuffix(".weight")
+        if module.split(".")[-1] not in PROJ or not name.endswith(".weight"):
+            tensors[name] = tensor.contiguous()
+            continue
+        tensors[name], tensors[f"{module}.SCB"] = int8_of(tensor)
+        tensors[f"{module}.weight_format"] = torch.tensor(0, dtype=torch.uint8)
+    for stale in out_dir.glob("*.safetensors"):
+        stale.unlink()
+    save_file(tensors, str(out_dir / "model.safetensors"))
+    return out_dir
+
+
+def dequantized_copy(model, of):
+    """transformers' model with each projection ``of(weight)``, its quantized-then-dequantized
+    self."""
     with torch.no_grad():
         for layer in model.model.layers:
             for name in PROJ:
                 parent = layer.self_attn if hasattr(layer.self_attn, name) else layer.mlp
                 proj = getattr(parent, name)
-                proj.weight.copy_(dequantize(quantize_nf4(proj.weight, double_quant)))
+                proj.weight.copy_(of(proj.weight))
     return model
 
 
@@ -124,13 +158,39 @@ def test_a_bitsandbytes_nf4_checkpoint_serves_its_own_weights(tmp_path, double_q
     assert (loaded.o_weight.absmax is None) == double_quant  # kept as stored where not stacked
 
     ids = torch.randint(3, 250, (14,), generator=torch.Generator().manual_seed(3)).tolist()
-    ref = dequantized_copy(hf_model(model_dir), double_quant)
+    ref = dequantized_copy(hf_model(model_dir), lambda w: dequantize(quantize_nf4(w, double_quant)))
     with torch.inference_mode():
         want = ref(torch.tensor([ids])).logits[0, 7:].float()
         unquantized = original(torch.tensor([ids])).logits[0, 7:].float()
         got = logits_of(runner, ids)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     assert (want - unquantized).abs().max() > 1e-3  # NF4 did change the model
+
+
+def test_a_bitsandbytes_8bit_checkpoint_serves_its_own_weights(tmp_path):
+    model_dir = tiny_llama(tmp_path)
+    runner = load_runner(
+        str(save_bnb_int8(model_dir, tmp_path / "bnb8")),
+        device="cpu",
+        dtype="float32",
+        config=engine_config(),
+    )
+    assert runner.model.quant == "int8"
+    layer, loaded = hf_model(model_dir).model.layers[0], runner.model.layers[0]
+    attn, mlp = layer.self_attn, layer.mlp
+    for got, parts in (
+        (loaded.qkv_weight, [attn.q_proj, attn.k_proj, attn.v_proj]),
+        (loaded.down_weight, [mlp.down_proj]),
+    ):  # bitsandbytes' dequantization, to float32 rounding
+        assert isinstance(got, Int8Weight)
+        want = torch.cat([int8_dequantized(p.weight) for p in parts])
+        torch.testing.assert_close(dequantize(got), want, rtol=2.5e-7, atol=0)
+    ids = torch.randint(3, 250, (12,), generator=torch.Generator().manual_seed(6)).tolist()
+    ref = dequantized_copy(hf_model(model_dir), int8_dequantized)
+    with torch.inference_mode():
+        want = ref(torch.tensor([ids])).logits[0, 7:].float()
+        got = logits_of(runner, ids)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
 def test_the_stored_nf4_equals_the_16bit_base_quantized_at_load(tmp_path):
@@ -155,8 +215,8 @@ def test_other_quantized_checkpoints_and_double_quantizing_are_refused(tmp_path)
         load_runner(str(bnb_dir), device="cpu", config=engine_config(quantize="int8"))
     for quant, kind in (
         ({**BNB_NF4, "bnb_4bit_quant_type": "fp4"}, r"bitsandbytes, fp4"),
-        ({**BNB_NF4, "load_in_4bit": False, "load_in_8bit": True}, r"bitsandbytes, 8-bit"),
         ({"quant_method": "gptq", "bits": 4}, r"gptq"),
+        ({"quant_method": "awq", "bits": 4}, r"awq"),
     ):
         config = json.loads((bnb_dir / "config.json").read_text())
         config["quantization_config"] = quant
@@ -168,7 +228,7 @@ def test_other_quantized_checkpoints_and_double_quantizing_are_refused(tmp_path)
 def test_a_quantized_lm_head_is_refused(tmp_path):
     model_dir = tiny_llama(tmp_path)
     bnb_dir = save_bnb_nf4(model_dir, tmp_path / "bnb", False, quantized=(*PROJ, "lm_head"))
-    with pytest.raises(InvalidArgument, match="lm_head is saved in NF4; only the projections"):
+    with pytest.raises(InvalidArgument, match="lm_head is saved in nf4; only the projections"):
         load_runner(str(bnb_dir), device="cpu", config=engine_config())
 
 
@@ -178,5 +238,5 @@ def test_a_config_that_says_nf4_over_16bit_weights_is_refused(tmp_path):
     config = json.loads((model_dir / "config.json").read_text())
     config["quantization_config"] = BNB_NF4
     (model_dir / "config.json").write_text(json.dumps(config))
-    with pytest.raises(InvalidArgument, match="no NF4 weights"):
+    with pytest.raises(InvalidArgument, match="no nf4 weights"):
         load_runner(str(model_dir), device="cpu", config=engine_config())

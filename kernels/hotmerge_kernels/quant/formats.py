@@ -280,22 +280,26 @@ def quantize_fp8(weight: torch.Tensor) -> Fp8Weight:
     return Fp8Weight((n, k), weight.dtype, qweight=q, scale=scale)
 
 
-def stack_nf4_rows(weights: list[Nf4Weight]) -> Nf4Weight:
-    """NF4 weights of the same K stacked along N (q/k/v, gate/up as the forward fuses them): a
-    64-block never leaves its row, so codes and absmax concatenate. Double-quantized absmax are
-    decoded first (exactly as ``block_scales``: their offsets and blocks of 256 are each
-    weight's own); a single weight is returned as it is."""
+def stack_rows(weights: list[QuantizedWeight]) -> QuantizedWeight:
+    """Weights of one format and K stacked along N (q/k/v, gate/up as the forward fuses them);
+    nf4 and int8 (what checkpoints saved quantized hold). A 64-block of NF4 never leaves its
+    row, so codes and absmax concatenate; double-quantized absmax are decoded first (exactly as
+    ``block_scales``: their offsets and blocks of 256 are each weight's own). int8's codes and
+    per-row scales concatenate. A single weight is returned as it is."""
     if len(weights) == 1:
         return weights[0]
-    if len({w.shape[1] for w in weights}) != 1:
-        raise ValueError(f"stack_nf4_rows: in_features differ: {[w.shape for w in weights]}")
-    n = sum(w.shape[0] for w in weights)
-    return Nf4Weight(
-        (n, weights[0].shape[1]),
-        weights[0].dtype,
-        packed=torch.cat([w.packed for w in weights]),
-        absmax=torch.cat([w.block_scales() for w in weights]),
-    )
+    first = weights[0]
+    if len({(type(w), w.shape[1]) for w in weights}) != 1:
+        parts = [(w.format, w.shape) for w in weights]
+        raise ValueError(f"stack_rows: formats or in_features differ: {parts}")
+    shape = (sum(w.shape[0] for w in weights), first.shape[1])
+    if isinstance(first, Nf4Weight):
+        packed, absmax = torch.cat([w.packed for w in weights]), [w.block_scales() for w in weights]
+        return Nf4Weight(shape, first.dtype, packed=packed, absmax=torch.cat(absmax))
+    if isinstance(first, Int8Weight):
+        qweight = torch.cat([w.qweight for w in weights])
+        return Int8Weight(shape, first.dtype, qweight, torch.cat([w.scale for w in weights]))
+    raise ValueError(f"stack_rows: {first.format} weights are not stacked")
 
 
 _QUANTIZE = {"nf4": quantize_nf4, "int4": quantize_int4, "int8": quantize_int8, "fp8": quantize_fp8}
@@ -322,6 +326,6 @@ __all__ = [
     "int4_group",
     "nf4_code",
     "quantize",
-    "stack_nf4_rows",
+    "stack_rows",
     "unpack_nibbles",
 ]

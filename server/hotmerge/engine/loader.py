@@ -16,7 +16,7 @@ import torch
 from hotmerge.engine.config import EngineConfig
 from hotmerge.engine.models.hf_eager import EagerRunner
 from hotmerge.engine.models.llama import unsupported_reason
-from hotmerge.engine.quantized_base import load_bnb_nf4, saved_format
+from hotmerge.engine.quantized_base import load_bnb, saved_format
 from hotmerge.engine.runner import LlamaRunner, ModelRunner, Tokenizer
 from hotmerge.errors import InvalidArgument, NotFound
 
@@ -82,20 +82,21 @@ def load_runner(
             f"model {model_id!r}: no usable tokenizer ({reason[:200]}); save the "
             "tokenizer with the model (tokenizer.json, tokenizer_config.json)"
         ) from None
-    if saved_format(model_id, local) == "nf4":  # bitsandbytes NF4, loaded as stored
-        if config.quantize not in (None, "nf4"):
+    saved = saved_format(model_id, local)  # bitsandbytes nf4 / int8: loaded as stored
+    if saved is not None:
+        if config.quantize not in (None, saved):
             raise InvalidArgument(
-                f"model {model_id!r} is saved in bitsandbytes' NF4: --quantize {config.quantize}"
-                " would quantize it twice; leave --quantize unset (or nf4), or serve its "
-                "16-bit base"
+                f"model {model_id!r} is saved in bitsandbytes' {saved}: --quantize "
+                f"{config.quantize} would quantize it twice; leave --quantize unset (or "
+                f"{saved}), or serve its 16-bit base"
             )
         if not local:
             raise InvalidArgument(
-                f"model {model_id!r}: a checkpoint saved in NF4 loads from a local directory; "
+                f"model {model_id!r}: a checkpoint saved quantized loads from a local directory; "
                 "download it first (huggingface-cli download)"
             )
-        model = load_bnb_nf4(Path(model_id), torch_dtype, dev)
-        config = dataclasses.replace(config, quantize="nf4")
+        model = load_bnb(Path(model_id), saved, torch_dtype, dev)
+        config = dataclasses.replace(config, quantize=saved)
     else:
         model = AutoModelForCausalLM.from_pretrained(
             model_id, dtype=torch_dtype, local_files_only=local

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from hotmerge_kernels.quant import QuantizedWeight, quantize
-from hotmerge_kernels.quant.formats import stack_nf4_rows
+from hotmerge_kernels.quant.formats import stack_rows
 from torch import nn
 
 from hotmerge.engine import ops
@@ -240,12 +240,12 @@ class LlamaModel(nn.Module):
 
 
 def _base_weight(projs: list[nn.Linear], quant: str | None) -> nn.Parameter | QuantizedWeight:
-    """The projections' weights stacked along their outputs: as a checkpoint saved them in NF4
-    (``quantized_base.load_bnb_nf4`` attaches them as ``nf4_weight``), else 16-bit, quantized
-    here when ``quant``."""
-    loaded = [getattr(p, "nf4_weight", None) for p in projs]
+    """The projections' weights stacked along their outputs: as a checkpoint saved them
+    quantized (``quantized_base.load_bnb`` attaches them as ``stored_weight``), else 16-bit,
+    quantized here when ``quant``."""
+    loaded = [getattr(p, "stored_weight", None) for p in projs]
     if all(w is not None for w in loaded):
-        return stack_nf4_rows(loaded)
+        return stack_rows(loaded)
     weight = torch.cat([p.weight for p in projs]) if len(projs) > 1 else projs[0].weight
     if quant is None:
         return nn.Parameter(weight, requires_grad=False)
