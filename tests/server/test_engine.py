@@ -306,3 +306,16 @@ def test_prefill_returns_the_logits_of_the_chunks_that_end_their_prompts():
     for row, i in enumerate([1, 3]):
         alone, _ = runner.prefill([chunks[i]])
         torch.testing.assert_close(together[row], alone[0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("max_batch_size", [1, 2, 4])
+def test_warm_up_prefills_fit_the_sequences_a_prefill_takes(max_batch_size):
+    """Each warm-up prefill (run on CUDA at start-up) fills its padded size with at most as many
+    prompts as a prefill takes: with --max-batch-size 1, four prompts failed the start-up."""
+    config = EngineConfig(max_batch_size=max_batch_size, block_size=4, kv_cache_tokens=512)
+    runner = build_runner("test", hf_model("llama"), byte_level_tokenizer(), config)
+    for size in runner.prefill_sizes:
+        chunks = runner._warm_chunks(size)
+        assert len(chunks) <= runner.prefill_buffers.max_seqs == max_batch_size
+        assert sum(len(c.token_ids) for c in chunks) == size
+        runner.prefill(chunks)  # raises if the buffers cannot take them

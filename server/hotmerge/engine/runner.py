@@ -262,9 +262,11 @@ class LlamaRunner(ModelRunner):
         return self.model.logits(hidden)
 
     def _warm_chunks(self, size: int) -> list[PrefillChunk]:
-        """About four prompts of ``size`` tokens in all, each fitting one sequence, each with
-        its own adapter slot: a prefill of that padded size with LoRA on every token."""
-        per = max(1, min(self.max_total_tokens, -(-size // 4)))
+        """About four prompts (at most the sequences a prefill takes) of ``size`` tokens in all,
+        each fitting one sequence, each with its own adapter slot: a prefill of that padded size
+        with LoRA on every token."""
+        count = min(4, self.prefill_buffers.max_seqs)
+        per = max(1, min(self.max_total_tokens, -(-size // count)))
         lengths = [per] * (size // per) + ([size % per] if size % per else [])
         table = [0] * self.max_blocks  # the null block: warm-up output is never read
         slots = self.adapters.num_slots
