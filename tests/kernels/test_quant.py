@@ -296,9 +296,10 @@ def compile_all_for_hopper() -> None:
         for block_m in (1, 64):
             fitting = [c for c in configs if c.kwargs["GEMV"] == (block_m == 1)]
             for config in (fitting[0], fitting[-1]):
-                consts = dict(flags, HAS_BIAS=True, PDL=True, BLOCK_M=block_m, **config.kwargs)
+                pdl = block_m == 1  # as ``qlinear_skinny`` launches them
+                consts = dict(flags, HAS_BIAS=True, PDL=pdl, BLOCK_M=block_m, **config.kwargs)
                 options = dict(num_warps=config.num_warps, num_stages=config.num_stages,
-                               launch_pdl=True)  # fmt: skip
+                               launch_pdl=pdl)  # fmt: skip
                 compiled = _compile_for_hopper(tq.qlinear_kernel.fn, signature, consts, **options)
                 assert compiled.metadata.shared <= 227 * 1024
         sig = dict(**ptrs, out_ptr="*bf16", N="i32", K="i32")

@@ -89,7 +89,7 @@ def qlinear_skinny(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | No
         HAS_BIAS=bias is not None,
         INTERPRET=INTERPRETING,
         BLOCK_M=block_m,
-        **launch_options(x.device),
+        **(launch_options(x.device) if block_m == 1 else {"PDL": False}),
     )  # fmt: skip
     return y.view(*x.shape[:-1], n)
 

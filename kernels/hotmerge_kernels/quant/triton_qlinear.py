@@ -25,9 +25,14 @@ more than reading them at 4 bits), so each one counts:
   each a pass of the load unit: with those, NF4's one-row decode ran at 17–22% of copy
   bandwidth on an H100.
 
-One launch, no workspace, no host sync: capturable in a CUDA graph. On Hopper it launches as a
-programmatic dependent (``ops/pdl.py``): its launch and ramp hide behind the tail of the kernel
-before it, and the kernel after it may launch during its own tail.
+One launch, no workspace, no host sync: capturable in a CUDA graph. On Hopper the one-row kernel
+launches as a programmatic dependent (``ops/pdl.py``): its launch and ramp hide behind the tail
+of the kernel before it. The tensor-core tiles launch plainly: on the H100, with them launched
+as dependents too, 32-row steps were 0.7-1.6 ms slower than the lease before's without, while
+the kernels alone had become faster (``benchmarks/results/gpu-checks-H100-2026-12-07-c``). The
+likely cause: launched early, their few large programs (about one wave) are placed on whatever
+SMs the kernel before leaves free, two to an SM there while other SMs wait. Not yet measured
+side by side (``HOTMERGE_PDL=0`` turns every dependent launch off).
 """
 
 from __future__ import annotations
