@@ -4,6 +4,11 @@ The host work of a step overlaps the device's: a step waits for the one in fligh
 tokens (cheap: EOS and length are known at once), launches the next, and only then detokenizes
 and streams the tokens it took and admits new requests while the device runs. A sequence that a
 stop sequence ends is already in the launched step: that token is dropped.
+
+On CUDA the thread's work goes to a stream of its own at a high priority: merges (a stream at
+the lowest, ``merging/merger.py``) yield to it, and the adapter store's blocking
+copies, on the legacy default stream, no longer wait behind its steps (that stream waits for
+every blocking stream; PyTorch's streams are not blocking ones).
 """
 
 from __future__ import annotations
@@ -11,6 +16,8 @@ from __future__ import annotations
 import logging
 import time
 from typing import TYPE_CHECKING
+
+import torch
 
 from hotmerge import request_rules as rules
 from hotmerge.engine.sampling import RowSampling
@@ -45,8 +52,14 @@ class Worker:
         self.stopping = False  # set under the condition
         self._inflight: StepPlan | None = None  # the step launched and not yet waited on
         self._sampled = None  # its sampling: the runner's Sampler, .wait() -> tokens, logprobs
+        self.stream: torch.cuda.Stream | None = None  # the thread's CUDA stream, while it runs
 
     def run(self) -> None:
+        self.stream = _engine_stream(self.runner.device)
+        with torch.cuda.stream(self.stream):  # None: a no-op
+            self._loop()
+
+    def _loop(self) -> None:
         while True:
             if not self._admit():
                 break
@@ -247,3 +260,10 @@ class Worker:
         if self.scheduler.finish(seq):
             self.runner.release(seq.seq_id)
         seq.lease.release()
+
+
+def _engine_stream(device: torch.device) -> torch.cuda.Stream | None:
+    """The engine thread's CUDA stream, above the merges' priority 0 (None off CUDA)."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.Stream(device, priority=-1)

@@ -269,7 +269,7 @@ class Merger:
             stream = self._streams.get(device)
             if stream is None:
                 # 0 is CUDA's lowest priority (and the default): merges yield to any stream
-                # created with a negative priority, as the engine's must be.
+                # created with a negative priority, as the engine's is (engine/worker.py).
                 stream = self._streams[device] = torch.cuda.Stream(device, priority=0)
         return stream
 
