@@ -173,6 +173,15 @@ def test_dare_mask_is_the_same_across_runs_and_block_sizes():
     assert not torch.equal(first, _dare(ads, 0.4, seed=8, block=512))
 
 
+@pytest.mark.parametrize("seed", [0xDEADBEEF_FEEDFACE, 0x80000000_7FFFFFFF, (1 << 64) - 1])
+def test_dare_mask_equals_the_twin_for_seeds_with_their_high_bits_set(seed):
+    """The kernel takes the seed's words as int32 bits (one signature for every seed): words of
+    2**31 and above draw what the twin draws from them."""
+    ads = adapters(2, overlap=False)
+    kernel, twin = _dare(ads, 0.4, seed, block=512), _dare(ads, 0.4, seed, backend="torch")
+    assert torch.equal(kernel, twin) and (kernel == 0).any() and (kernel != 0).any()
+
+
 def test_dare_keep_rate_is_density():
     # The reference draws the same stream as the kernel (tests above); count on a large buffer.
     modules = {f"model.layers.{i}.mlp.up_proj": (256, 96) for i in range(8)}

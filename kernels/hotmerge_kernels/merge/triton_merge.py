@@ -58,8 +58,8 @@ def _dare_keep(seed_lo, seed_hi, adapter, segment, start, keep_below, BLOCK: tl.
     c1 = tl.zeros([BLOCK // 8], dtype=tl.uint32) + segment.to(tl.uint32)
     c2 = tl.zeros([BLOCK // 8], dtype=tl.uint32) + tl.cast(adapter, tl.uint32)
     c3 = tl.zeros([BLOCK // 8], dtype=tl.uint32)
-    k0 = tl.cast(seed_lo, tl.uint32)
-    k1 = tl.cast(seed_hi, tl.uint32)
+    k0 = seed_lo.to(tl.uint32, bitcast=True)  # the seed's words, passed as int32 bits
+    k1 = seed_hi.to(tl.uint32, bitcast=True)
     for _ in tl.static_range(_ROUNDS):
         p0 = c0
         p2 = c2
@@ -117,7 +117,10 @@ def _disjoint(acc, count, x, positive, w):
     return acc, count
 
 
-@triton.jit
+# Per-request integers are not specialized on (Triton compiles a variant per value that is 1
+# or a multiple of 16, and per int32 / int64 type: the seed's words are passed as int32 bits):
+# a fresh merge never meets a compile.
+@triton.jit(do_not_specialize=["keep_below", "seed_lo", "seed_hi"])
 def _merge_kernel(
     out_ptr, x_ptrs, thr_ptrs, w_ptr, chunk_seg, chunk_start, seg_out_off, seg_numel, seg_is_b,
     in_off, in_seg, keep_below, divisor, seed_lo, seed_hi, N: tl.constexpr,
@@ -283,13 +286,18 @@ def _merge_launch(
     args = (
         x_ptrs, thr_ptrs, weights, chunk_seg, chunk_start, plan.seg_out_off, plan.seg_numel,
         plan.seg_is_b, plan.in_off, plan.in_seg, dare_threshold(density), divisor,
-        seed & 0xFFFFFFFF, seed >> 32 & 0xFFFFFFFF,
+        _int32_bits(seed & 0xFFFFFFFF), _int32_bits(seed >> 32 & 0xFFFFFFFF),
     )  # fmt: skip
     consts = dict(
         N=n, PER_SEGMENT=per_segment, MODE=mode, ELECT=elect, BLOCK=block, ALIGNED=aligned,
         num_warps=num_warps,
     )  # fmt: skip
     return (len(chunk_seg),), args, consts
+
+
+def _int32_bits(word: int) -> int:
+    """A 32-bit word as the int32 with its bits (always an int32 argument to Triton)."""
+    return word - (1 << 32) if word >= 1 << 31 else word
 
 
 # Launches of elementwise_merge (with their device tables), by what fixes them.
