@@ -53,11 +53,20 @@ def plan(pool: AdapterPool, segments: tuple[Segment, ...]) -> list[Stack] | None
         if len({shape for _, shape, _ in found}) != 1 or len(steps) > 1:
             return None
         rows, cols = found[0][1]
-        layers = torch.tensor([layer for _, _, layer in found], device=pool.device)
+        layers = _to_device([layer for _, _, layer in found], pool.device)
         size = (len(found), rows, cols)
         stride = (steps.pop() if steps else rows * cols, cols, 1)
         stacks.append(Stack(group, pool.slice_of[name], part, found[0][0], size, stride, layers))
     return stacks
+
+
+def _to_device(values: list[int], device: torch.device) -> torch.Tensor:
+    """An int64 tensor on ``device`` without waiting for the device: a plan is made on the
+    engine thread while a step runs, and ``torch.tensor(..., device=)`` blocks until it ends."""
+    host = torch.tensor(values, dtype=torch.int64)
+    if device.type != "cuda":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
 
 
 def write_stacks(pool: AdapterPool, slot: int, adapter: FlatAdapter, stacks: list[Stack]):
