@@ -37,6 +37,7 @@ from hotmerge.lifecycle import Lifecycle
 from hotmerge.merging.cache import MergeCache
 from hotmerge.merging.merger import Merger
 from hotmerge.merging.named import NamedMerges
+from hotmerge.merging.warm_up import warm_merge_kernels
 from hotmerge.metrics import Metrics
 from hotmerge.v1 import hotmerge_pb2, hotmerge_pb2_grpc
 
@@ -154,6 +155,7 @@ def build_engine(config: ServerConfig) -> tuple[Engine, AdapterStore]:
         max_wait_s=config.max_wait_s,
         max_rank=config.engine.max_lora_rank,
     )
+    warm_merge_kernels(runner.module_shapes(), runner.device, runner.dtype)
     engine = Engine(runner)
     engine.start()
     return engine, store
