@@ -168,23 +168,6 @@ def _nf4_weight(name: str, tensors: dict, shape: tuple[int, int], dtype) -> Nf4W
     )
 
 
-def log_quantized(model, config: EngineConfig, per_block: int, device: torch.device) -> None:
-    """Format, the projections' bytes before and after, and the KV tokens the bytes saved buy
-    (the KV cache is sized from the free memory after the weights, on CUDA)."""
-    before, after = model.base_bytes_16bit, model.base_bytes
-    saved = before - after
-    sized_by_memory = device.type == "cuda" and config.kv_cache_tokens is None
-    gained = int(saved * config.kv_cache_fraction // per_block) * config.block_size
-    log.info(
-        "base quantized to %s: projections %.2f GiB -> %.2f GiB (%.2f GiB saved); KV cache %s",
-        config.quantize,
-        before / 2**30,
-        after / 2**30,
-        saved / 2**30,
-        f"+{gained} tokens from it" if sized_by_memory else "not sized by free memory here",
-    )
-
-
 def _int8_weight(name: str, tensors: dict, shape: tuple[int, int], dtype) -> Int8Weight:
     """One projection's 8-bit weight from its checkpoint tensors (popped from ``tensors``)."""
     q, scb = tensors.pop(f"{name}.weight"), tensors.pop(f"{name}.SCB")
@@ -204,3 +187,20 @@ def _int8_weight(name: str, tensors: dict, shape: tuple[int, int], dtype) -> Int
 
 # Per format: the key suffix that marks a quantized projection, and its reader.
 _READERS = {"nf4": (QUANT_STATE, _nf4_weight), "int8": ("SCB", _int8_weight)}
+
+
+def log_quantized(model, config: EngineConfig, per_block: int, device: torch.device) -> None:
+    """Format, the projections' bytes before and after, and the KV tokens the bytes saved buy
+    (the KV cache is sized from the free memory after the weights, on CUDA)."""
+    before, after = model.base_bytes_16bit, model.base_bytes
+    saved = before - after
+    sized_by_memory = device.type == "cuda" and config.kv_cache_tokens is None
+    gained = int(saved * config.kv_cache_fraction // per_block) * config.block_size
+    log.info(
+        "base quantized to %s: projections %.2f GiB -> %.2f GiB (%.2f GiB saved); KV cache %s",
+        config.quantize,
+        before / 2**30,
+        after / 2**30,
+        saved / 2**30,
+        f"+{gained} tokens from it" if sized_by_memory else "not sized by free memory here",
+    )
