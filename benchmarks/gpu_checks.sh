@@ -10,6 +10,8 @@
 #   3. serve_load at concurrency 64 on the quantized base fastest at batch 64 in (1);
 #   4. pytest -m gpu (the suites that need no packages beyond the serving ones), the quantized
 #      engine's first.
+#   5. decode_nopdl (not in the default steps): decode_step with HOTMERGE_PDL=0 for
+#      NOPDL_FORMATS (default fp8), bf16 included, to set beside (1).
 # Each step has its own time limit (seconds: DECODE_S, SERVE_S, SERVE_Q_S, PYTEST_Q_S,
 # PYTEST_S) and writes its log and results under OUT (default
 # benchmarks/results/gpu-checks-<date>). STEPS picks some of
@@ -42,6 +44,13 @@ for fmt in ${FORMATS//,/ }; do
     --quantize "$fmt" --out "$OUT/decode_$fmt.json" ${BASELINE:+--bf16-from "$BASELINE"}
   sed -n "/^base /,/^wrote/p" "$OUT/decode_$fmt.log"
   [ -z "$BASELINE" ] && [ -f "$OUT/decode_$fmt.json" ] && BASELINE=$OUT/decode_$fmt.json
+done
+fi
+if want decode_nopdl; then  # the same step without programmatic dependent launch, side by side
+for fmt in ${NOPDL_FORMATS:-fp8}; do
+  step "decode_${fmt}_nopdl" "${DECODE_S:-150}" env HOTMERGE_PDL=0 $PY benchmarks/decode_step.py \
+    --no-eager --shape "$SHAPE" --quantize "$fmt" --out "$OUT/decode_${fmt}_nopdl.json"
+  sed -n "/^base /,/^wrote/p" "$OUT/decode_${fmt}_nopdl.log"
 done
 fi
 if want serve; then
