@@ -135,8 +135,18 @@ def load_lines(load: dict) -> list[str]:
         lines += [
             "Slowest steps (at s: ms): "
             + ", ".join(f"{s['at_s']:.2f}: {s['ms']:.1f}" for s in stalls["slowest_steps"])
-            + "; slowest admissions (at s: ms): "
-            + ", ".join(f"{s['at_s']:.2f}: {s['ms']:.1f}" for s in stalls["slowest_admissions"])
+            + "; slowest admissions (at s: ms, of which on the CPU): "
+            + ", ".join(
+                f"{s['at_s']:.2f}: {s['ms']:.1f}" + _cpu(s) for s in stalls["slowest_admissions"]
+            )
+            + "; slowest slot writes (at s: ms, on the CPU): "
+            + (
+                ", ".join(
+                    f"{s['at_s']:.2f}: {s['ms']:.1f}" + _cpu(s)
+                    for s in stalls.get("slowest_slot_writes", [])
+                )
+                or "none"
+            )
             + "; slowest first tokens (sent at s: TTFT ms): "
             + ", ".join(f"{s['sent_at_s']:.2f}: {s['ttft_ms']:.0f}" for s in stalls["slowest_ttft"])
             + "; garbage collections: "
@@ -172,3 +182,8 @@ def _compiles(compiles: dict | None) -> str:
     return f"; Triton JIT compiles: {compiles['count']} ({compiles['total_ms']:.0f} ms)" + "".join(
         f", {c['kernel']} at {c['at_s']:.2f} s: {c['ms']:.0f} ms" for c in compiles["slowest"]
     )
+
+
+def _cpu(event: dict) -> str:
+    """`` (CPU x ms)``: the engine thread's own CPU time in it, when recorded."""
+    return f" (CPU {event['cpu_ms']:.1f})" if "cpu_ms" in event else ""

@@ -16,17 +16,19 @@ from triton import knobs
 
 
 class StallTrace:
-    """While entered: each engine step and admission (start, seconds), the step profiled when
-    ``profile`` (a ``cProfile.Profile``) is given, each garbage collection (generation, start,
-    seconds) and each Triton JIT compile (kernel, start, seconds). The worker's admission runs
-    between steps, while the step it launched runs on the device: one longer than that step
-    leaves the device idle."""
+    """While entered: each engine step, admission and admission's slot writes (start, seconds,
+    the engine thread's CPU seconds), the step profiled when ``profile`` (a
+    ``cProfile.Profile``) is given, each garbage collection (generation, start, seconds) and
+    each Triton JIT compile (kernel, start, seconds). The worker's admission runs between steps,
+    while the step it launched runs on the device: one longer than that step leaves the device
+    idle. Wall time far above CPU time is waiting: for the GIL, a lock or the device."""
 
     def __init__(self, worker, profile=None) -> None:
         self.worker, self.profile = worker, profile
         self.t0 = 0.0
-        self.steps: list[tuple[float, float]] = []
-        self.admissions: list[tuple[float, float]] = []
+        self.steps: list[tuple[float, float, float]] = []
+        self.admissions: list[tuple[float, float, float]] = []
+        self.slot_writes: list[tuple[float, float, float]] = []
         self.collections: list[tuple[int, float, float]] = []
         self.compiles: list[tuple[str, float, float]] = []
         self._gc_start = 0.0
@@ -34,15 +36,15 @@ class StallTrace:
 
     @property
     def step_seconds(self) -> list[float]:
-        return [s for _, s in self.steps]
+        return [s for _, s, _ in self.steps]
 
     def _timed(self, fn, into, profile=None):
-        def timed():
-            t = time.perf_counter()
+        def timed(*args):
+            t, cpu = time.perf_counter(), time.thread_time()
             try:
-                return profile.runcall(fn) if profile is not None else fn()
+                return profile.runcall(fn, *args) if profile is not None else fn(*args)
             finally:
-                into.append((t, time.perf_counter() - t))
+                into.append((t, time.perf_counter() - t, time.thread_time() - cpu))
 
         return timed
 
@@ -63,9 +65,10 @@ class StallTrace:
 
     def __enter__(self) -> StallTrace:
         w = self.worker
-        self._originals = (w._step, w._admit)
+        self._originals = (w._step, w._admit, w._write_adapters)
         w._step = self._timed(w._step, self.steps, self.profile)
         w._admit = self._timed(w._admit, self.admissions)
+        w._write_adapters = self._timed(w._write_adapters, self.slot_writes)
         self.t0 = time.perf_counter()
         gc.callbacks.append(self._on_gc)
         self._hooks = (knobs.runtime.jit_cache_hook, knobs.runtime.jit_post_compile_hook)
@@ -76,7 +79,7 @@ class StallTrace:
     def __exit__(self, *exc) -> None:
         gc.callbacks.remove(self._on_gc)
         knobs.runtime.jit_cache_hook, knobs.runtime.jit_post_compile_hook = self._hooks
-        self.worker._step, self.worker._admit = self._originals
+        self.worker._step, self.worker._admit, self.worker._write_adapters = self._originals
 
     def summary(self, samples, slowest: int = 5) -> dict:
         """The slowest steps, admissions and requests (by TTFT) with when they began, the
@@ -85,7 +88,14 @@ class StallTrace:
 
         def top(events):
             worst = sorted(events, key=lambda e: e[1], reverse=True)[:slowest]
-            return [{"at_s": round(t - self.t0, 3), "ms": round(1000 * s, 2)} for t, s in worst]
+            return [
+                {
+                    "at_s": round(t - self.t0, 3),
+                    "ms": round(1000 * s, 2),
+                    "cpu_ms": round(1000 * c, 2),
+                }
+                for t, s, c in worst
+            ]
 
         slow = sorted(samples, key=lambda s: s.ttft_ms, reverse=True)[:slowest]
         by_gen = {}
@@ -95,6 +105,7 @@ class StallTrace:
         return {
             "slowest_steps": top(self.steps),
             "slowest_admissions": top(self.admissions),
+            "slowest_slot_writes": top(self.slot_writes),
             "slowest_ttft": [
                 {
                     "sent_at_s": round(s.token_times[0] - s.ttft_ms / 1000 - self.t0, 3),

@@ -24,21 +24,29 @@ class FakeWorker:
 
     def _admit(self):
         self.calls.append("admit")
+        self._write_adapters("writes")
         return True
+
+    def _write_adapters(self, admission):
+        self.calls.append(admission)
+        deadline = time.thread_time() + 0.003  # 3 ms on the CPU, then 3 ms asleep
+        while time.thread_time() < deadline:
+            pass
+        time.sleep(0.003)
 
 
 def test_the_trace_times_steps_and_admissions_and_puts_them_back():
     worker = FakeWorker()
-    step, admit = worker._step, worker._admit
+    step, admit, write = worker._step, worker._admit, worker._write_adapters
     trace = StallTrace(worker)
     with trace:
         for _ in range(4):
             assert worker._admit() is True
             worker._step()
         gc.collect()
-    assert worker._step == step and worker._admit == admit  # restored
-    assert worker.calls == ["admit", "step"] * 4
-    assert len(trace.steps) == 4 and len(trace.admissions) == 4
+    assert (worker._step, worker._admit, worker._write_adapters) == (step, admit, write)
+    assert worker.calls == ["admit", "writes", "step"] * 4
+    assert len(trace.steps) == 4 and len(trace.admissions) == 4 and len(trace.slot_writes) == 4
     sent = trace.t0 + 0.5
     samples = [Sample("single", ttft, ttft, 0.0, 1, [sent + ttft / 1000]) for ttft in (5.0, 50.0)]
     summary = trace.summary(samples, slowest=2)
@@ -48,6 +56,9 @@ def test_the_trace_times_steps_and_admissions_and_puts_them_back():
     assert [s["ttft_ms"] for s in summary["slowest_ttft"]] == [50.0, 5.0]
     assert all(abs(s["sent_at_s"] - 0.5) < 1e-6 for s in summary["slowest_ttft"])
     assert summary["gc"]["gen2"]["count"] >= 1
+    for write in summary["slowest_slot_writes"]:  # wall: CPU and sleep; CPU: the spin alone
+        assert write["ms"] >= 6.0 and 3.0 <= write["cpu_ms"] < write["ms"] - 2.0
+    assert all(s["cpu_ms"] < 2.0 for s in summary["slowest_steps"])  # the steps only sleep
 
 
 def test_the_trace_times_triton_compiles_and_puts_the_hooks_back():
