@@ -42,25 +42,39 @@ def hf_model(model_dir):
     return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
 
 
-def save_bnb_nf4(model_dir, out_dir, double_quant: bool, quantized=PROJ):
-    """``model_dir``'s model as transformers saves it quantized with
-    ``BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-    bnb_4bit_use_double_quant=double_quant)``: the ``quantized`` linears in NF4 (transformers
-    keeps lm_head 16-bit), the rest as it was."""
+def save_quantized(model_dir, out_dir, quantization_config: dict, quantized, write):
+    """``model_dir``'s model as transformers saves it quantized: ``quantization_config`` in its
+    config, each ``quantized`` linear's weight replaced by ``write(weight key, weight)``'s
+    tensors (keyed by name), the rest as it was."""
     shutil.copytree(model_dir, out_dir)
     config = json.loads((out_dir / "config.json").read_text())
-    config["quantization_config"] = {**BNB_NF4, "bnb_4bit_use_double_quant": double_quant}
+    config["quantization_config"] = quantization_config
     (out_dir / "config.json").write_text(json.dumps(config))
     tensors = {}
     for name, tensor in hf_model(model_dir).state_dict().items():
         module = name.removesuffix(".weight")
         if module.split(".")[-1] not in quantized or not name.endswith(".weight"):
             tensors[name] = tensor.contiguous()
-            continue
-        qw = quantize_nf4(tensor, double_quant=double_quant)
+        else:
+            tensors.update(write(name, tensor))
+    for stale in out_dir.glob("*.safetensors"):
+        stale.unlink()
+    save_file(tensors, str(out_dir / "model.safetensors"))
+    return out_dir
+
+
+def save_bnb_nf4(model_dir, out_dir, double_quant: bool, quantized=PROJ):
+    """Saved with ``BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+    bnb_4bit_use_double_quant=double_quant)``: the ``quantized`` linears in NF4 (transformers
+    keeps lm_head 16-bit)."""
+
+    def write(name, weight):
+        qw = quantize_nf4(weight, double_quant=double_quant)
         state = {"quant_type": "nf4", "blocksize": 64, "dtype": "float32", "shape": list(qw.shape)}
-        tensors[name] = qw.packed.reshape(-1, 1)  # bitsandbytes' (N·K/2, 1) bytes
-        tensors[f"{name}.quant_map"] = nf4_code("cpu").clone()
+        tensors = {
+            name: qw.packed.reshape(-1, 1),  # bitsandbytes' (N·K/2, 1) bytes
+            f"{name}.quant_map": nf4_code("cpu").clone(),
+        }
         if double_quant:
             tensors[f"{name}.absmax"] = qw.qabsmax
             tensors[f"{name}.nested_absmax"] = qw.absmax2
@@ -72,10 +86,10 @@ def save_bnb_nf4(model_dir, out_dir, double_quant: bool, quantized=PROJ):
             tensors[f"{name}.absmax"] = qw.absmax
         packed_state = torch.tensor(list(json.dumps(state).encode()), dtype=torch.uint8)
         tensors[f"{name}.quant_state.bitsandbytes__nf4"] = packed_state
-    for stale in out_dir.glob("*.safetensors"):
-        stale.unlink()
-    save_file(tensors, str(out_dir / "model.safetensors"))
-    return out_dir
+        return tensors
+
+    quant = {**BNB_NF4, "bnb_4bit_use_double_quant": double_quant}
+    return save_quantized(model_dir, out_dir, quant, quantized, write)
 
 
 def int8_of(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,23 +105,16 @@ def int8_dequantized(w: torch.Tensor) -> torch.Tensor:
 
 
 def save_bnb_int8(model_dir, out_dir):
-    """``model_dir``'s model as transformers saves it with ``load_in_8bit=True``."""
-    shutil.copytree(model_dir, out_dir)
-    config = json.loads((out_dir / "config.json").read_text())
-    config["quantization_config"] = {**BNB_NF4, "load_in_4bit": False, "load_in_8bit": True}
-    (out_dir / "config.json").write_text(json.dumps(config))
-    tensors = {}
-    for name, tensor in hf_model(model_dir).state_dict().items():
+    """Saved with ``load_in_8bit=True``: every projection's codes, SCB and weight format."""
+
+    def write(name, weight):
         module = name.removesuffix(".weight")
-        if module.split(".")[-1] not in PROJ or not name.endswith(".weight"):
-            tensors[name] = tensor.contiguous()
-            continue
-        tensors[name], tensors[f"{module}.SCB"] = int8_of(tensor)
-        tensors[f"{module}.weight_format"] = torch.tensor(0, dtype=torch.uint8)
-    for stale in out_dir.glob("*.safetensors"):
-        stale.unlink()
-    save_file(tensors, str(out_dir / "model.safetensors"))
-    return out_dir
+        q, scb = int8_of(weight)
+        weight_format = torch.tensor(0, dtype=torch.uint8)
+        return {name: q, f"{module}.SCB": scb, f"{module}.weight_format": weight_format}
+
+    quant = {**BNB_NF4, "load_in_4bit": False, "load_in_8bit": True}
+    return save_quantized(model_dir, out_dir, quant, PROJ, write)
 
 
 def dequantized_copy(model, of):
