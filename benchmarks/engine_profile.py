@@ -122,11 +122,9 @@ def main() -> None:
         graph = runner._graphs[size, lora][0]
         record(f"decode graph {case}", graph.replay, 20)
         record(f"decode eager {case}", lambda: runner._decode_step(size, lora), 10)
-    if args.no_prefill:
-        args.prefill_prompts = 0
 
     prompt = [(7 * i) % 250 for i in range(args.prompt_tokens)]
-    for n in (1, args.prefill_prompts) if args.prefill_prompts else ():
+    for n in () if args.no_prefill else (1, args.prefill_prompts):
         chunks = [
             PrefillChunk(args.batch + i, prompt, 0, tables[args.batch + i], slots[i], True)
             for i in range(n)
