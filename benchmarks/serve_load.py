@@ -79,7 +79,7 @@ from serve_report import (
     tokens_per_s_full,
     write_results,
 )
-from serve_trace import StallTrace
+from serve_trace import DeviceTimeline, StallTrace
 
 SHAPES = {
     # Mistral-7B / Llama-2-7B-with-GQA layer sizes; the vocabulary is the byte tokenizer's.
@@ -168,7 +168,8 @@ def load_mix(running, adapter_ids, args, concurrency: int, phase: int) -> dict:
                concurrency)  # fmt: skip
     engine = running.engine
     # The engine thread's steps (profiled with --profile) and admissions, during the load only.
-    trace = StallTrace(engine._worker, cProfile.Profile() if args.profile else None)
+    timeline = DeviceTimeline() if engine.runner.device.type == "cuda" else None
+    trace = StallTrace(engine._worker, cProfile.Profile() if args.profile else None, timeline)
     prefills = sum(engine.stats.prefill_batch_sizes.values())
     decodes = sum(engine.stats.decode_batch_sizes.values())
     decode_sizes = engine.stats.decode_batch_sizes + engine.stats.mixed_decode_rows

@@ -160,6 +160,8 @@ def load_lines(load: dict) -> list[str]:
             + _compiles(stalls.get("jit_compiles")),
             "",
         ]
+        if stalls.get("device"):
+            lines += [_device(stalls["device"]), ""]
     lines += [
         "| class | count | TTFT p50 ms | TTFT p99 ms | total p50 ms | total p99 ms | "
         "ITL p50 ms | ITL p99 ms | merge share of TTFT p50 | queue / merge / prefill p50 ms |",
@@ -181,6 +183,25 @@ def _compiles(compiles: dict | None) -> str:
         return ""
     return f"; Triton JIT compiles: {compiles['count']} ({compiles['total_ms']:.0f} ms)" + "".join(
         f", {c['kernel']} at {c['at_s']:.2f} s: {c['ms']:.0f} ms" for c in compiles["slowest"]
+    )
+
+
+def _device(timeline: dict) -> str:
+    """The device's side of the level: busy share, gaps, and the time of each kind of step."""
+    decode = ", ".join(
+        f"{rows} rows {g['steps']}x {g['ms_mean']:.2f} ms"
+        for rows, g in timeline["decode_steps_by_rows"].items()
+    )
+    mixed = ", ".join(
+        f"{tokens} tokens {g['steps']}x {g['ms_mean']:.2f} ms (+{g['rows_mean']:.0f} rows)"
+        for tokens, g in timeline["mixed_steps_by_prompt_tokens"].items()
+    )
+    return (
+        f"Device (CUDA events around each step's launches): busy "
+        f"{100 * timeline['busy_share']:.1f}% of {timeline['span_ms']:.0f} ms; gaps between "
+        f"steps {timeline['gap_ms_total']:.0f} ms (p50 {timeline['gap_ms_p50']:.3f}, p99 "
+        f"{timeline['gap_ms_p99']:.3f} ms); decode-only steps by rows: {decode or 'none'}; "
+        f"prefill and mixed steps by prompt tokens: {mixed or 'none'}"
     )
 
 

@@ -19,12 +19,13 @@ class StallTrace:
     """While entered: each engine step, admission and admission's slot writes (start, seconds,
     the engine thread's CPU seconds), the step profiled when ``profile`` (a
     ``cProfile.Profile``) is given, each garbage collection (generation, start, seconds) and
-    each Triton JIT compile (kernel, start, seconds). The worker's admission runs between steps,
+    each Triton JIT compile (kernel, start, seconds), and with ``timeline`` each launched
+    step's span on the device (``DeviceTimeline``). The worker's admission runs between steps,
     while the step it launched runs on the device: one longer than that step leaves the device
     idle. Wall time far above CPU time is waiting: for the GIL, a lock or the device."""
 
-    def __init__(self, worker, profile=None) -> None:
-        self.worker, self.profile = worker, profile
+    def __init__(self, worker, profile=None, timeline: DeviceTimeline | None = None) -> None:
+        self.worker, self.profile, self.timeline = worker, profile, timeline
         self.t0 = 0.0
         self.steps: list[tuple[float, float, float]] = []
         self.admissions: list[tuple[float, float, float]] = []
@@ -65,7 +66,9 @@ class StallTrace:
 
     def __enter__(self) -> StallTrace:
         w = self.worker
-        self._originals = (w._step, w._admit, w._write_adapters)
+        self._originals = (w._step, w._admit, w._write_adapters, w._launch)
+        if self.timeline is not None:
+            w._launch = self.timeline.wrap(w._launch)
         w._step = self._timed(w._step, self.steps, self.profile)
         w._admit = self._timed(w._admit, self.admissions)
         w._write_adapters = self._timed(w._write_adapters, self.slot_writes)
@@ -79,7 +82,8 @@ class StallTrace:
     def __exit__(self, *exc) -> None:
         gc.callbacks.remove(self._on_gc)
         knobs.runtime.jit_cache_hook, knobs.runtime.jit_post_compile_hook = self._hooks
-        self.worker._step, self.worker._admit, self.worker._write_adapters = self._originals
+        w = self.worker
+        w._step, w._admit, w._write_adapters, w._launch = self._originals
 
     def summary(self, samples, slowest: int = 5) -> dict:
         """The slowest steps, admissions and requests (by TTFT) with when they began, the
@@ -103,6 +107,7 @@ class StallTrace:
             count, total, worst = by_gen.get(gen, (0, 0.0, 0.0))
             by_gen[gen] = (count + 1, total + seconds, max(worst, seconds))
         return {
+            "device": self.timeline.summary() if self.timeline is not None else None,
             "slowest_steps": top(self.steps),
             "slowest_admissions": top(self.admissions),
             "slowest_slot_writes": top(self.slot_writes),
@@ -127,3 +132,80 @@ class StallTrace:
                 for gen, (c, t, w) in sorted(by_gen.items())
             },
         }
+
+
+class DeviceTimeline:
+    """Each launched step's span on the engine's stream: an event recorded before its launches
+    and one after (the stream reaches the first when it is done with what came before), with
+    what the step held. From them: the device time of decode-only and of mixed steps, and the
+    gaps between steps, when the device waited for the host (slot writes, queued between two
+    steps, count as gaps). ``event``: a CUDA event factory (tests pass a host-clock one)."""
+
+    def __init__(self, event=None) -> None:
+        if event is None:
+            import torch
+
+            def event():
+                return torch.cuda.Event(enable_timing=True)
+
+        self.event = event
+        self.spans: list[tuple[object, object, int, int]] = []  # start, end, rows, prompt tokens
+
+    def wrap(self, launch):
+        def timed(*args):
+            start = self.event()
+            start.record()
+            plan = launch(*args)
+            end = self.event()
+            end.record()
+            if plan is not None:
+                chunked = sum(len(c.token_ids) for c in plan.chunks)
+                rows = len(plan.decode) + plan.decode_chunks
+                self.spans.append((start, end, rows, chunked - plan.decode_chunks))
+            return plan
+
+        return timed
+
+    def summary(self) -> dict | None:
+        """Device ms of decode-only steps (by rows) and of mixed or prefill steps (by prompt
+        tokens), the gaps between steps, and the share of the span the device was busy."""
+        if not self.spans:
+            return None
+        self.spans[-1][1].synchronize()
+        busy = [start.elapsed_time(end) for start, end, _, _ in self.spans]
+        gaps = [a[1].elapsed_time(b[0]) for a, b in zip(self.spans, self.spans[1:])]
+        whole = self.spans[0][0].elapsed_time(self.spans[-1][1])
+        decode, mixed = {}, {}
+        for (_, _, rows, tokens), ms in zip(self.spans, busy, strict=True):
+            if tokens:
+                bucket = mixed.setdefault(_bucket(tokens), [0, 0.0, 0, 0])
+                bucket[2] += tokens
+                bucket[3] += rows
+            else:
+                bucket = decode.setdefault(_bucket(rows), [0, 0.0])
+            bucket[0] += 1
+            bucket[1] += ms
+
+        def per_step(groups, names):
+            return {
+                key: {"steps": g[0], "ms_mean": g[1] / g[0], "ms_total": g[1]}
+                | {name: g[i] / g[0] for i, name in enumerate(names, 2)}
+                for key, g in sorted(groups.items(), key=lambda kv: int(kv[0].split("-")[0]))
+            }
+
+        ordered = sorted(gaps)
+        return {
+            "span_ms": whole,
+            "busy_share": sum(busy) / whole,
+            "gap_ms_total": sum(gaps),
+            "gap_ms_p50": ordered[len(ordered) // 2] if ordered else 0.0,
+            "gap_ms_p99": ordered[int(len(ordered) * 0.99)] if ordered else 0.0,
+            "decode_steps_by_rows": per_step(decode, ()),
+            "mixed_steps_by_prompt_tokens": per_step(mixed, ("prompt_tokens_mean", "rows_mean")),
+        }
+
+
+def _bucket(n: int) -> str:
+    """"lo-hi": the power-of-two range n falls in (1-1, 2-3, 4-7, ...)."""
+    lo = 1 << (n.bit_length() - 1)
+    return f"{lo}-{2 * lo - 1}"

@@ -11,7 +11,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
 from serve_clients import Sample  # noqa: E402
-from serve_trace import StallTrace  # noqa: E402
+from serve_report import load_lines  # noqa: E402
+from serve_trace import DeviceTimeline, StallTrace  # noqa: E402
 
 
 class FakeWorker:
@@ -27,6 +28,10 @@ class FakeWorker:
         self._write_adapters("writes")
         return True
 
+    def _launch(self, lap):
+        self.calls.append("launch")
+        return None
+
     def _write_adapters(self, admission):
         self.calls.append(admission)
         deadline = time.thread_time() + 0.003  # 3 ms on the CPU, then 3 ms asleep
@@ -37,19 +42,23 @@ class FakeWorker:
 
 def test_the_trace_times_steps_and_admissions_and_puts_them_back():
     worker = FakeWorker()
-    step, admit, write = worker._step, worker._admit, worker._write_adapters
-    trace = StallTrace(worker)
+    step, admit, write, launch = (worker._step, worker._admit, worker._write_adapters,
+                                  worker._launch)  # fmt: skip
+    trace = StallTrace(worker, timeline=DeviceTimeline(HostEvent))
     with trace:
         for _ in range(4):
             assert worker._admit() is True
             worker._step()
         gc.collect()
-    assert (worker._step, worker._admit, worker._write_adapters) == (step, admit, write)
+    assert (worker._step, worker._admit, worker._write_adapters, worker._launch) == (
+        step, admit, write, launch
+    )
     assert worker.calls == ["admit", "writes", "step"] * 4
     assert len(trace.steps) == 4 and len(trace.admissions) == 4 and len(trace.slot_writes) == 4
     sent = trace.t0 + 0.5
     samples = [Sample("single", ttft, ttft, 0.0, 1, [sent + ttft / 1000]) for ttft in (5.0, 50.0)]
     summary = trace.summary(samples, slowest=2)
+    assert summary["device"] is None  # nothing was launched
     slowest = [s["ms"] for s in summary["slowest_steps"]]
     assert slowest == sorted(slowest, reverse=True) and slowest[0] >= 8.0  # the 4th: 8 ms sleep
     assert all(0 <= s["at_s"] < 5 for s in summary["slowest_steps"])
@@ -82,3 +91,72 @@ def test_the_trace_times_triton_compiles_and_puts_the_hooks_back():
     assert compiles["count"] == 2
     assert [c["kernel"] for c in compiles["slowest"]] == ["slow_kernel", "fast_kernel"]
     assert compiles["slowest"][0]["ms"] >= 20.0 and compiles["total_ms"] >= 21.0
+
+
+class HostEvent:
+    """A CUDA event's surface on the host clock: the stream "reaches" it when recorded."""
+
+    def record(self):
+        self.t = time.perf_counter()
+
+    def elapsed_time(self, other) -> float:
+        return 1000 * (other.t - self.t)
+
+    def synchronize(self):
+        pass
+
+
+def test_the_device_timeline_splits_decode_and_mixed_steps_and_the_gaps_between():
+    from types import SimpleNamespace as NS
+
+    plans = [  # (decode rows, prompt tokens of each chunk, decode rows as one-token chunks)
+        NS(decode=[0] * 3, chunks=[], decode_chunks=0),
+        NS(decode=[0] * 5, chunks=[], decode_chunks=0),
+        NS(decode=[], chunks=[[1], [1], list(range(100))], decode_chunks=2),
+        None,  # nothing scheduled: no span
+        NS(decode=[], chunks=[list(range(20))], decode_chunks=0),
+    ]
+    for plan in plans:
+        if plan is not None:
+            plan.chunks = [NS(token_ids=c) for c in plan.chunks]
+    work = iter([0.004, 0.004, 0.012, 0.0, 0.006])
+
+    def launch(lap):
+        time.sleep(next(work))  # the "device" runs while the host launches
+        return plans.pop(0)
+
+    timeline = DeviceTimeline(HostEvent)
+    timed = timeline.wrap(launch)
+    for _ in range(5):
+        timed(None)
+        time.sleep(0.003)  # the host between two steps: a gap on the device
+    summary = timeline.summary()
+    decode = summary["decode_steps_by_rows"]
+    assert list(decode) == ["2-3", "4-7"] and all(g["steps"] == 1 for g in decode.values())
+    assert all(4.0 <= g["ms_mean"] < 8.0 for g in decode.values())
+    mixed = summary["mixed_steps_by_prompt_tokens"]
+    assert list(mixed) == ["16-31", "64-127"]
+    assert mixed["64-127"]["prompt_tokens_mean"] == 100 and mixed["64-127"]["rows_mean"] == 2
+    assert mixed["16-31"]["rows_mean"] == 0 and mixed["64-127"]["ms_mean"] >= 12.0
+    assert summary["gap_ms_total"] >= 3 * 3.0  # three gaps between four spans (and one skipped)
+    assert 0.0 < summary["busy_share"] < 1.0
+    line = "\n".join(load_lines(_load_with(summary)))
+    assert "busy" in line and "64-127 tokens 1x" in line and "2-3 rows 1x" in line
+
+
+def _load_with(device: dict) -> dict:
+    """A load level's result with nothing but the device timeline worth reading."""
+    kinds = dict.fromkeys(
+        ("ttft_ms_p50", "ttft_ms_p99", "total_ms_p50", "total_ms_p99", "itl_ms_p50",
+         "itl_ms_p99", "merge_share_of_ttft_p50", "queue_ms_p50", "merge_ms_p50",
+         "prefill_ms_p50"), 1.0)  # fmt: skip
+    engine = dict.fromkeys(("steps", "prefills", "decodes", "mixed_steps", "preemptions"), 1)
+    engine |= {"step_ms_p50": 1.0, "step_ms_p99": 1.0, "engine_busy_share": 1.0,
+               "decode_batch_sizes": {}, "phase_ms_per_step": {}}  # fmt: skip
+    stalls = {"slowest_steps": [], "slowest_admissions": [], "slowest_ttft": [], "gc": {},
+              "device": device}  # fmt: skip
+    return {"concurrency": 1, "requests": 1, "max_batch_size": 1, "mix": {},
+            "max_new_tokens": 1, "requests_per_s": 1.0, "tokens_per_s": 1.0,
+            "tokens_per_s_full": 1.0, "engine": engine, "itl": {"itl_ms_p50": 1.0,
+            "itl_ms_p99": 1.0, "tokens": 1}, "by_kind": {"single": kinds | {"count": 1}},
+            "stalls": stalls}  # fmt: skip

@@ -105,3 +105,29 @@ def test_graph_decode_equals_eager_decode(embedded, batch):
             engine.stop()
     assert max(len(t) for t in tokens[True]) == 64  # (a random model's row may draw EOS)
     assert tokens[True] == tokens[False]
+
+
+def test_the_engine_steps_on_its_own_stream_above_the_merges(embedded, monkeypatch):
+    """The worker's forwards and sampling are launched on its stream (priority -1, above the
+    merges' 0), not on the legacy default stream the request threads' copies use."""
+    model_dir, root = embedded
+    engine = make_engine(model_dir, root, device="cuda", dtype="bfloat16", max_batch_size=4)
+    try:
+        seen = []
+        runner = engine.runner
+        for name in ("decode", "prefill", "sample"):
+            original = getattr(runner, name)
+
+            def spy(*args, _original=original, _name=name):
+                seen.append((_name, torch.cuda.current_stream()))
+                return _original(*args)
+
+            monkeypatch.setattr(runner, name, spy)
+        assert len(generate_all(engine, 3, max_new_tokens=4)) == 3
+        stream = engine._worker.stream
+        assert stream is not None and stream != torch.cuda.default_stream()
+        assert stream.priority < torch.cuda.default_stream().priority
+        assert {name for name, _ in seen} == {"decode", "prefill", "sample"}
+        assert all(s == stream for _, s in seen)
+    finally:
+        engine.stop()
