@@ -10,6 +10,7 @@ the server's share one clock; every time in the summary is seconds since the lev
 from __future__ import annotations
 
 import gc
+import itertools
 import time
 
 from triton import knobs
@@ -173,7 +174,7 @@ class DeviceTimeline:
             return None
         self.spans[-1][1].synchronize()
         busy = [start.elapsed_time(end) for start, end, _, _ in self.spans]
-        gaps = [a[1].elapsed_time(b[0]) for a, b in zip(self.spans, self.spans[1:])]
+        gaps = [a[1].elapsed_time(b[0]) for a, b in itertools.pairwise(self.spans)]
         whole = self.spans[0][0].elapsed_time(self.spans[-1][1])
         decode, mixed = {}, {}
         for (_, _, rows, tokens), ms in zip(self.spans, busy, strict=True):
@@ -206,6 +207,6 @@ class DeviceTimeline:
 
 
 def _bucket(n: int) -> str:
-    """"lo-hi": the power-of-two range n falls in (1-1, 2-3, 4-7, ...)."""
+    """ "lo-hi": the power-of-two range n falls in (1-1, 2-3, 4-7, ...)."""
     lo = 1 << (n.bit_length() - 1)
     return f"{lo}-{2 * lo - 1}"

@@ -51,7 +51,10 @@ def test_the_trace_times_steps_and_admissions_and_puts_them_back():
             worker._step()
         gc.collect()
     assert (worker._step, worker._admit, worker._write_adapters, worker._launch) == (
-        step, admit, write, launch
+        step,
+        admit,
+        write,
+        launch,
     )
     assert worker.calls == ["admit", "writes", "step"] * 4
     assert len(trace.steps) == 4 and len(trace.admissions) == 4 and len(trace.slot_writes) == 4
