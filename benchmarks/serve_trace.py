@@ -71,7 +71,7 @@ class StallTrace:
         if self.timeline is not None:
             w._launch = self.timeline.wrap(w._launch)
         w._step = self._timed(w._step, self.steps, self.profile)
-        w._admit = self._timed(w._admit, self.admissions)
+        w._admit = self._timed(w._admit, self.admissions, self.profile)
         w._write_adapters = self._timed(w._write_adapters, self.slot_writes)
         self.t0 = time.perf_counter()
         gc.callbacks.append(self._on_gc)
