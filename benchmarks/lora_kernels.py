@@ -2,9 +2,10 @@
 
 For each projection group (q/k/v fused, o, gate/up fused, down), adapter rank (16, 64) and token
 mix (decode batches 1/16/32/64 with all-distinct slots or one shared slot; a 512-token prefill
-over 2 slots), the kernels are checked against their torch twins, then timed as a decode graph
-runs them (``bench``): calls captured in a CUDA graph, so no host launch time is counted, each
-after a read of twice the L2 so that weights come from HBM. The
+over 2 slots; prefills of 1024 and 2048 tokens in 128-token prompts over 8 slots; a mixed
+step's 32 decode rows and one prompt), the kernels are checked against their torch twins, then
+timed as a decode graph runs them (``bench``): calls captured in a CUDA graph, so no host
+launch time is counted, each after a read of twice the L2 so that weights come from HBM. The
 pool has 64 slots of max rank 128 (a cat-merged adapter's width), each slot using ``rank``:
 padding past the rank must cost nothing.
 
@@ -46,7 +47,9 @@ GROUPS = {  # projection group: (in_features, slice widths)
     "down": (INTERMEDIATE, (HIDDEN,)),
 }
 MIXES = [(t, "distinct") for t in (1, 16, 32, 64)] + [(t, "shared") for t in (1, 16, 32, 64)]
-MIXES.append((512, "prefill-2"))
+# Prefill and mixed steps as serving runs them: 128-token prompts over 8 adapters, and a mixed
+# step's 32 decode rows (one token each, 8 adapters) before one prompt of a ninth.
+MIXES += [(512, "prefill-2"), (1024, "prompts-8"), (2048, "prompts-8"), (160, "mixed-8")]
 
 
 def copy_bandwidth() -> float:
@@ -62,6 +65,10 @@ def token_slots(t: int, mix: str) -> torch.Tensor:
         slots = torch.arange(t)
     elif mix == "shared":
         slots = torch.zeros(t, dtype=torch.int64)
+    elif mix == "prompts-8":  # prompts of 128 tokens, prompt i with adapter i % 8
+        slots = (torch.arange(t) // 128) % 8
+    elif mix == "mixed-8":  # decode rows of adapters i % 8, then one prompt of adapter 8
+        slots = torch.cat([torch.arange(32) % 8, torch.full((t - 32,), 8)])
     else:  # two adapters, their tokens interleaved at random (the kernels group them)
         slots = torch.randint(0, 2, (t,), generator=torch.Generator().manual_seed(0))
     return slots.to(torch.int32).cuda()

@@ -305,7 +305,11 @@ def main() -> None:
     parser.add_argument(
         "--quantize", default=None, help="quantize the base's linear weights: fp8, int8, nf4, int4"
     )
-    parser.add_argument("--profile", action="store_true", help="cProfile the engine thread (its steps and admissions)")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="cProfile the engine thread (its steps and admissions)",
+    )
     parser.add_argument(
         "--in-process-clients",
         action="store_true",

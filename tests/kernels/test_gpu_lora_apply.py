@@ -56,6 +56,10 @@ def slots_for(case: str, t: int, gen: torch.Generator) -> torch.Tensor:
         slots = torch.arange(t) % (n + 1) - 1  # -1 then distinct slots (t <= n + 1)
     elif case == "shared":
         slots = torch.full((t,), 2)
+    elif case == "prompts":  # 128-token prompts over 8 slots of several ranks, one base prompt
+        slots = (torch.arange(t) // 128) % 9 - 1
+    elif case == "mixed":  # decode rows over 8 slots, then one prompt (a mixed step)
+        slots = torch.cat([torch.arange(32) % 8, torch.full((t - 32,), 5)])
     else:  # prefill: two adapters, a few base-model tokens
         slots = torch.where(torch.rand(t, generator=gen) < 0.5, 3, 5)
         slots[torch.rand(t, generator=gen) < 0.05] = -1
@@ -91,19 +95,22 @@ def test_decode_at_7b_sizes(group, t, case, dtype):
 
 
 @pytest.mark.parametrize("group", GROUPS)
-def test_prefill_at_7b_sizes(group):
-    check(group, 512, "prefill", torch.bfloat16)
+@pytest.mark.parametrize("t,case", [(512, "prefill"), (2048, "prompts"), (160, "mixed")])
+def test_prefill_at_7b_sizes(group, t, case):
+    check(group, t, case, torch.bfloat16)
 
 
 def test_float32_at_7b_sizes():
     check("qkv", 17, "distinct", torch.float32)
 
 
-def test_graph_replay_with_new_slots():
-    """Meta update, shrink and expand captured once; each replay reads the slots then in place.
-    On Hopper the decode kernels are programmatic dependents: shrink right after the copy that
+@pytest.mark.parametrize("t", [32, 300])
+def test_graph_replay_with_new_slots(t):
+    """Meta update, shrink and expand captured once; each replay reads the slots then in place
+    (at 300 tokens the prefill kernels walk the tile list the captured update rebuilds). On
+    Hopper the decode kernels are programmatic dependents: shrink right after the copy that
     writes its x, expand after shrink, both reading y after that copy."""
-    t, dtype = 32, torch.bfloat16
+    dtype = torch.bfloat16
     pdl = launch_options(torch.device("cuda"))["PDL"]
     assert pdl == (torch.cuda.get_device_capability()[0] >= 9)
     n_in, widths = GROUPS["qkv"]
@@ -115,7 +122,7 @@ def test_graph_replay_with_new_slots():
     y_in = torch.randn(t, offsets[-1], generator=gen).to("cuda", dtype)
     y = y_in.clone()
     buf = lora_workspace([n_in], len(widths), t, MAX_RANK, "cuda").fill_(float("nan"))
-    assert buf.shape[0] > 1  # the decode path splits in_features
+    assert buf.shape[0] > 1  # both paths split in_features
     meta = LoraKernelMeta(t, len(RANKS), "cuda")
 
     def step():

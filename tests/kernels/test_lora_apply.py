@@ -257,6 +257,8 @@ def test_meta_groups_tokens_by_slot():
     assert meta.group_slot.tolist() == [-1, 0, 3, 5] + [-1] * 6
     assert meta.group_count[:4].tolist() == [1, 2, 3, 1]
     assert meta.group_start[:4].tolist() == [0, 1, 3, 6]
+    assert meta.num_tiles.item() == 3  # one tile for each group with a slot
+    assert meta.tile_group[:3].tolist() == [1, 2, 3] and meta.tile_m0[:3].tolist() == [0, 0, 0]
     with pytest.raises(ValueError, match="tokens"):
         lora_shrink(
             random_rows(4, 8, torch.float32, 0),
@@ -266,6 +268,57 @@ def test_meta_groups_tokens_by_slot():
             torch.zeros(1, 1, 4, 8, device=DEVICE),
             meta,
         )
+
+
+def test_the_tile_list_covers_each_group_with_a_slot_in_tiles_of_block_m():
+    """Tiles of PREFILL_BLOCK_M tokens per group, in group order, base-model tokens left out;
+    the list fits its shape-only bound however the tokens fall into groups."""
+    m = lora.PREFILL_BLOCK_M
+    counts = {1: 2 * m + 3, -1: m + 5, 4: m, 2: 1}  # slot: tokens
+    pattern = [slot for slot, n in counts.items() for _ in range(n)]
+    gen = torch.Generator().manual_seed(3)
+    token_slots = slots_of([pattern[i] for i in torch.randperm(len(pattern), generator=gen)])
+    meta = LoraKernelMeta(max_tokens=len(pattern) + 7, num_slots=6, device=DEVICE)
+    meta.update(token_slots)
+    n = meta.num_tiles.item()
+    got = list(zip(meta.tile_group[:n].tolist(), meta.tile_m0[:n].tolist(), strict=True))
+    # groups in slot order: -1 (0, no tiles), 1 (group 1: 3 tiles), 2 (group 2), 4 (group 3)
+    assert got == [(1, 0), (1, m), (1, 2 * m), (2, 0), (3, 0)]
+    assert n <= meta.max_tiles == lora.max_tiles(len(pattern) + 7, 6)
+    for tokens in range(1, 3 * m):  # worst cases: every group one token past a whole tile
+        meta = LoraKernelMeta(max_tokens=tokens, num_slots=5, device=DEVICE)
+        groups = min(tokens, 6)
+        sizes = [tokens // groups + (i < tokens % groups) for i in range(groups)]
+        meta.update(slots_of([i for i, size in enumerate(sizes) for _ in range(size)]))
+        assert meta.num_tiles.item() == sum(-(-size // m) for size in sizes) <= meta.max_tiles
+
+
+@needs_triton
+def test_prefill_programs_walk_more_tiles_than_there_are_programs():
+    """30 slots, 70 tokens in runs of 2-4 (a mixed step's decode rows, then a prompt): more
+    tiles than a grid column has programs, so each program walks several; the result equals
+    the twin's."""
+    ranks = (16, 8, 0, 5, 64, 128) * 5
+    pool = make_pool(WIDTHS[0], dtype=torch.bfloat16, ranks=ranks, seed=21)
+    gen = torch.Generator().manual_seed(22)
+    run_slots = (torch.randperm(30, generator=gen)[:20] - 1).tolist()
+    run_lengths = (2 + torch.randint(0, 3, (20,), generator=gen)).tolist()
+    runs = zip(run_slots, run_lengths, strict=True)
+    pattern = [s for s, n in runs for _ in range(n)] + [4] * 20
+    token_slots = slots_of(pattern)
+    t = len(pattern)
+    assert t > lora.DECODE_MAX_TOKENS  # the prefill kernels
+    meta = LoraKernelMeta(max_tokens=t, num_slots=len(ranks), device=DEVICE)
+    meta.update(token_slots)
+    assert meta.num_tiles.item() > lora._tile_programs(t, len(ranks))
+    x = random_rows(t, IN_FEATURES, torch.bfloat16, seed=23)
+    y0 = random_rows(t, pool[3][-1], torch.bfloat16, seed=24)
+    got_buf, got = run_both(x, y0, pool, token_slots, kernel=True, splits=2)
+    want_buf, want = run_both(x, y0, pool, token_slots, kernel=False, splits=2)
+    assert_close(defined(got_buf, pool[2], token_slots), defined(want_buf, pool[2], token_slots),
+                 1e-5)  # fmt: skip
+    assert_close(got, want, 2**-7)
+    assert_untouched(got, y0, token_slots, pool[2], pool[3])
 
 
 @needs_triton

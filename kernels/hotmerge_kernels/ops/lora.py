@@ -23,10 +23,9 @@ empty ranges as zeros). Slots must be < the pool's slot count: they are not chec
 
 ``lora_splits(in, T)`` is the split count the engine uses, a function of shapes only, so a
 captured graph is fixed: at decode (T <= ``DECODE_MAX_TOKENS``) one split per ``SPLIT_WIDTH``
-features, which gives the GPU hundreds of programs even at batch 1; a prefill of up to
-``SPLIT_MAX_TOKENS`` tokens splits too, into at most ``PREFILL_MAX_SPLITS`` ranges (a 128-token
-prompt is two m tiles: unsplit, a few programs would each walk all of ``in``); longer prefills
-have tiles enough and keep one split.
+features, which gives the GPU hundreds of programs even at batch 1; a prefill splits too, into
+at most ``PREFILL_MAX_SPLITS`` ranges: unsplit, each of its few m tiles (16 for 1024 tokens)
+would walk all of ``in`` in one program (14336 features for down).
 ``lora_workspace`` allocates a buffer for every group of a forward; each group uses its leading
 ``lora_splits`` splits and slices.
 
@@ -38,11 +37,14 @@ Two kernel pairs, chosen by T:
   L2). Grids: (slices x splits, T) and (n tiles, T). On Hopper both are launched as programmatic
   dependents: each reads its adapter weights before ``gdc_wait`` and what the previous kernel
   wrote (x; the partials and y) after, so expand's B loads overlap shrink.
-- Prefill: tokens grouped by slot (``LoraKernelMeta``: a stable sort of the slots and each run's
-  start, length and slot), each program a tensor-core tile of up to ``BLOCK_M`` tokens of one
-  group, so tokens that share an adapter share its weight reads. Grids: (slices x splits, m
-  tiles, groups) and (n tiles, m tiles, groups), groups being ``min(T, slots + 1)``; programs of
-  absent groups or past a group's length exit at once.
+- Prefill: tokens grouped by slot (``LoraKernelMeta``: a stable sort of the slots, each run's
+  start, length and slot, and the list of m tiles: a group's tokens in tiles of
+  ``PREFILL_BLOCK_M``, groups of slot -1 left out), each tile a tensor-core tile of one group's
+  tokens, so tokens that share an adapter share its weight reads. Grids: (slices x splits, P)
+  and (n tiles, P); the P programs of a column walk the tile list (its length read on the
+  device), so no program is launched for a (group, tile) pair that does not exist: a grid of
+  (m tiles x every possible group) was mostly programs that exited at once, 98% of them for
+  eight 128-token prompts in a pool of 48 slots.
 
 Expand's n tiles never straddle two slices. Tile sizes are fixed per path, not autotuned: the
 same tiles and the same sums in every process. Nothing syncs with the host and the launches
@@ -75,16 +77,14 @@ __all__ = [
 MAX_SLICES = 3
 DECODE_MAX_TOKENS = 64  # up to this many tokens: decode tiles and split in_features
 SPLIT_WIDTH = 512  # in_features per shrink split at decode (16 KB of A per rank-16 program)
-SPLIT_MAX_TOKENS = 512  # prefills up to this many tokens split in_features too
 PREFILL_MAX_SPLITS = 8  # prefill expand unrolls its sum over the splits: keep it short
+PREFILL_BLOCK_M = 16 if INTERPRETING else 64  # tokens per prefill tile (the meta's tile list)
 
 
 def lora_splits(in_features: int, tokens: int) -> int:
     """Ranges shrink splits ``in_features`` into for ``tokens`` tokens (shapes only)."""
     splits = triton.cdiv(in_features, SPLIT_WIDTH)
-    if tokens <= DECODE_MAX_TOKENS:
-        return splits
-    return min(splits, PREFILL_MAX_SPLITS) if tokens <= SPLIT_MAX_TOKENS else 1
+    return splits if tokens <= DECODE_MAX_TOKENS else min(splits, PREFILL_MAX_SPLITS)
 
 
 def lora_workspace(
@@ -104,10 +104,13 @@ class LoraKernelMeta:
     """Tokens grouped by adapter slot for the prefill launches, in fixed device buffers (built
     once, updated every forward).
 
-    ``update(token_slots)`` runs device ops only (sort, cumsum, scatter), so it can be captured in
-    the same CUDA graph as the kernels; call it once per step, before every layer's
-    ``lora_shrink`` / ``lora_expand`` with those ``token_slots``. Groups are numbered in slot
-    order; group entries past the last group hold slot -1.
+    ``update(token_slots)`` runs device ops only (sort, cumsum, scatter, searchsorted), so it can
+    be captured in the same CUDA graph as the kernels; call it once per step, before every
+    layer's ``lora_shrink`` / ``lora_expand`` with those ``token_slots``. Groups are numbered in
+    slot order; group entries past the last group hold slot -1. The tile list: tile ``i`` of
+    ``num_tiles`` is rows ``tile_m0[i] ..`` of group ``tile_group[i]``, in group order, tiles of
+    ``PREFILL_BLOCK_M`` tokens, for groups with a slot only; at most ``max_tiles`` (a function of
+    the shapes) entries.
     """
 
     def __init__(self, max_tokens: int, num_slots: int, device: torch.device | str) -> None:
@@ -118,6 +121,13 @@ class LoraKernelMeta:
         self.group_slot = torch.full((max_tokens,), -1, dtype=torch.int32, device=device)
         self.group_start = torch.zeros(max_tokens, dtype=torch.int32, device=device)
         self.group_count = torch.zeros(max_tokens, dtype=torch.int32, device=device)
+        # Each group's tiles are at most floor(count / M) + 1, and there are at most
+        # min(T, slots + 1) groups: the list's bound for every T up to max_tokens.
+        self.max_tiles = max_tiles(max_tokens, num_slots)
+        self.tile_group = torch.zeros(self.max_tiles, dtype=torch.int32, device=device)
+        self.tile_m0 = torch.zeros(self.max_tiles, dtype=torch.int32, device=device)
+        self.num_tiles = torch.zeros(1, dtype=torch.int32, device=device)
+        self._tile_index = torch.arange(self.max_tiles, device=device)
 
     def update(self, token_slots: torch.Tensor) -> None:
         t = token_slots.shape[0]
@@ -127,6 +137,7 @@ class LoraKernelMeta:
             )
         self.num_tokens = t
         if t == 0:
+            self.num_tiles.zero_()
             return
         sorted_slots, order = torch.sort(token_slots.to(torch.int32), stable=True)
         first = torch.ones(t, dtype=torch.bool, device=token_slots.device)
@@ -138,6 +149,26 @@ class LoraKernelMeta:
         self.group_count.zero_()
         self.group_count.scatter_add_(0, group, torch.ones_like(sorted_slots))
         torch.cumsum(self.group_count[:-1], 0, dtype=torch.int32, out=self.group_start[1:])
+        m = PREFILL_BLOCK_M
+        tiles = torch.where(self.group_slot >= 0, (self.group_count + m - 1) // m, 0)
+        ends = torch.cumsum(tiles, 0)  # one past each group's last tile
+        self.num_tiles.copy_(ends[-1:])
+        tile_group = torch.searchsorted(ends, self._tile_index, right=True)
+        tile_group.clamp_(max=self.max_tokens - 1)  # entries past num_tiles: never read
+        self.tile_group.copy_(tile_group)
+        self.tile_m0.copy_((self._tile_index - (ends - tiles)[tile_group]) * m)
+
+
+def max_tiles(tokens: int, num_slots: int) -> int:
+    """The tile list's bound for ``tokens`` tokens over ``num_slots`` slots (see the meta)."""
+    return tokens // PREFILL_BLOCK_M + min(tokens, num_slots + 1)
+
+
+def _tile_programs(tokens: int, num_slots: int) -> int:
+    """Programs of a grid column that walk the tile list: the tiles of T tokens in one group,
+    plus a few for the extra tiles of more groups (shapes only: the list's length is on the
+    device)."""
+    return min(max_tiles(tokens, num_slots), triton.cdiv(tokens, PREFILL_BLOCK_M) + 8)
 
 
 def _by_rows(tokens: int) -> bool:
@@ -147,18 +178,18 @@ def _by_rows(tokens: int) -> bool:
 
 def _shrink_tiles(tokens: int) -> dict:
     if INTERPRETING:  # small tiles: several m tiles, k steps and rank blocks on test shapes
-        return dict(BLOCK_R=16, BLOCK_K=16) | ({} if _by_rows(tokens) else dict(BLOCK_M=16))
+        return dict(BLOCK_R=16, BLOCK_K=16)
     if _by_rows(tokens):  # a split's whole range in one step: all its loads in flight at once
         return dict(BLOCK_R=16, BLOCK_K=SPLIT_WIDTH, num_warps=4, num_stages=1)
-    return dict(BLOCK_M=64, BLOCK_R=16, BLOCK_K=128, num_warps=4, num_stages=3)
+    return dict(BLOCK_R=16, BLOCK_K=128, num_warps=4, num_stages=3)
 
 
 def _expand_tiles(tokens: int) -> dict:
     if INTERPRETING:
-        return dict(BLOCK_N=16, BLOCK_K=16) | ({} if _by_rows(tokens) else dict(BLOCK_M=16))
+        return dict(BLOCK_N=16, BLOCK_K=16)
     if _by_rows(tokens):  # 16 KB of B per program at rank 16
         return dict(BLOCK_N=512, BLOCK_K=16, num_warps=4, num_stages=1)
-    return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=16, num_warps=4, num_stages=3)
+    return dict(BLOCK_N=128, BLOCK_K=16, num_warps=4, num_stages=3)
 
 
 def _dot_f32(dtype: torch.dtype) -> bool:
@@ -178,13 +209,16 @@ def _ready_meta(
     return meta
 
 
+def _tile_list(meta: LoraKernelMeta) -> tuple[torch.Tensor, ...]:
+    """The prefill kernels' view of the grouping: tokens by slot, each group's start, count and
+    slot, and the tile list."""
+    return (meta.order, meta.group_start, meta.group_count, meta.group_slot, meta.tile_group,
+            meta.tile_m0, meta.num_tiles)  # fmt: skip
+
+
 def _check_meta(meta: LoraKernelMeta | None, t: int) -> None:
     if meta is not None and meta.num_tokens != t:
         raise ValueError(f"meta was updated for {meta.num_tokens} tokens, this call has {t}")
-
-
-def _num_groups(t: int, num_slots: int) -> int:
-    return min(t, num_slots + 1)  # distinct slots among t tokens, -1 included
 
 
 def _check_slots(token_slots: torch.Tensor, t: int) -> None:
@@ -239,20 +273,18 @@ def lora_shrink(
         )  # fmt: skip
         return
     meta = _ready_meta(meta, token_slots, num_slots)
-    grid = (num_slices * splits, triton.cdiv(t, tiles["BLOCK_M"]), _num_groups(t, num_slots))
+    grid = (num_slices * splits, _tile_programs(t, num_slots))
     lora_triton.shrink_kernel[grid](
         x,
         lora_a,
         slot_ranks,
-        meta.order,
-        meta.group_slot,
-        meta.group_start,
-        meta.group_count,
+        *_tile_list(meta),
         buf,
         k,
         *strides,
         SPLITS=splits,
         DOT_F32=_dot_f32(x.dtype),
+        BLOCK_M=PREFILL_BLOCK_M,
         **tiles,
     )
 
@@ -307,20 +339,18 @@ def lora_expand(
         )  # fmt: skip
         return
     meta = _ready_meta(meta, token_slots, num_slots)
-    grid = (n_tiles, triton.cdiv(t, tiles["BLOCK_M"]), _num_groups(t, num_slots))
+    grid = (n_tiles, _tile_programs(t, num_slots))
     lora_triton.expand_kernel[grid](
         buf,
         lora_b,
         slot_ranks,
-        meta.order,
-        meta.group_slot,
-        meta.group_start,
-        meta.group_count,
+        *_tile_list(meta),
         y,
         *strides,
         *bounds,
         SPLITS=splits,
         DOT_F32=_dot_f32(y.dtype),
+        BLOCK_M=PREFILL_BLOCK_M,
         **tiles,
     )
 

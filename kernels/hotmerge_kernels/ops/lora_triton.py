@@ -3,8 +3,9 @@ contract in its docstring) and ``reference`` holds their torch twins.
 
 - ``shrink_rows_kernel`` / ``expand_rows_kernel``: decode, one program per token and (slice,
   split) / n tile, matrix-vector products; programmatic dependents on Hopper (``pdl``).
-- ``shrink_kernel`` / ``expand_kernel``: tokens grouped by slot (``LoraKernelMeta``), each
-  program a tensor-core tile of one group's tokens.
+- ``shrink_kernel`` / ``expand_kernel``: tokens grouped by slot (``LoraKernelMeta``), the
+  programs of a grid column walking the meta's tile list, each tile a tensor-core tile of one
+  group's tokens.
 """
 
 from __future__ import annotations
@@ -24,13 +25,23 @@ def _dot_acc(a, b, acc, DOT_F32: tl.constexpr):
 
 
 @triton.jit
-def _group_tokens(order_ptr, group_start_ptr, g, m0, count, BLOCK_M: tl.constexpr):
-    """Token indices (int64) of rows ``m0 .. m0 + BLOCK_M`` of group ``g``, and their mask."""
-    offs = m0 + tl.arange(0, BLOCK_M)
-    mask = offs < count
+def _tile_tokens(
+    order_ptr,
+    group_start_ptr,
+    group_count_ptr,
+    group_slot_ptr,
+    tile_group_ptr,
+    tile_m0_ptr,
+    i,
+    BLOCK_M: tl.constexpr,
+):
+    """Tile ``i`` of the list: its slot, its token indices (int64) and their mask."""
+    g = tl.load(tile_group_ptr + i)
+    offs = tl.load(tile_m0_ptr + i) + tl.arange(0, BLOCK_M)
+    mask = offs < tl.load(group_count_ptr + g)
     start = tl.load(group_start_ptr + g)
     tokens = tl.load(order_ptr + start + offs, mask=mask, other=0)
-    return tokens.to(tl.int64), mask
+    return tl.load(group_slot_ptr + g), tokens.to(tl.int64), mask
 
 
 @triton.jit
@@ -196,9 +207,12 @@ def shrink_kernel(
     a_ptr,
     ranks_ptr,
     order_ptr,
-    group_slot_ptr,
     group_start_ptr,
     group_count_ptr,
+    group_slot_ptr,
+    tile_group_ptr,
+    tile_m0_ptr,
+    num_tiles_ptr,
     buf_ptr,
     K,
     stride_xt,
@@ -218,44 +232,39 @@ def shrink_kernel(
     BLOCK_K: tl.constexpr,
 ):
     pid_sp = tl.program_id(0)  # slice x split, split fastest: neighbours read neighbouring A
-    pid_m = tl.program_id(1)
-    g = tl.program_id(2)
-    slot = tl.load(group_slot_ptr + g)
-    if slot < 0:
-        return
-    rank = tl.load(ranks_ptr + slot)
-    count = tl.load(group_count_ptr + g)
-    m0 = pid_m * BLOCK_M
-    if (m0 >= count) | (rank <= 0):
-        return
-    tokens, m_mask = _group_tokens(order_ptr, group_start_ptr, g, m0, count, BLOCK_M)
     s = pid_sp // SPLITS
     p = pid_sp % SPLITS
     k_begin, k_end = _split_range(K, p, SPLITS, BLOCK_K)
-    a_base = a_ptr + slot.to(tl.int64) * stride_as + s * stride_ai
-    x_rows = x_ptr + tokens[:, None] * stride_xt
-    out_rows = buf_ptr + p * stride_bp + s * stride_bi + tokens[:, None] * stride_bt
-    for r0 in range(0, rank, BLOCK_R):
-        offs_r = r0 + tl.arange(0, BLOCK_R)
-        r_mask = offs_r < rank
-        acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-        for k0 in range(k_begin, k_end, BLOCK_K):  # no steps past K: an empty range stores 0
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            k_mask = offs_k < k_end
-            xt = tl.load(
-                x_rows + offs_k[None, :] * stride_xk,
-                mask=m_mask[:, None] & k_mask[None, :],
-                other=0.0,
+    for i in range(tl.program_id(1), tl.load(num_tiles_ptr), tl.num_programs(1)):
+        slot, tokens, m_mask = _tile_tokens(
+            order_ptr, group_start_ptr, group_count_ptr, group_slot_ptr, tile_group_ptr,
+            tile_m0_ptr, i, BLOCK_M,
+        )  # fmt: skip
+        rank = tl.load(ranks_ptr + slot)  # the list has tiles of slots >= 0 only
+        a_base = a_ptr + slot.to(tl.int64) * stride_as + s * stride_ai
+        x_rows = x_ptr + tokens[:, None] * stride_xt
+        out_rows = buf_ptr + p * stride_bp + s * stride_bi + tokens[:, None] * stride_bt
+        for r0 in range(0, rank, BLOCK_R):
+            offs_r = r0 + tl.arange(0, BLOCK_R)
+            r_mask = offs_r < rank
+            acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+            for k0 in range(k_begin, k_end, BLOCK_K):  # no steps past K: an empty range stores 0
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                k_mask = offs_k < k_end
+                xt = tl.load(
+                    x_rows + offs_k[None, :] * stride_xk,
+                    mask=m_mask[:, None] & k_mask[None, :],
+                    other=0.0,
+                )
+                at = tl.load(
+                    a_base + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
+                    mask=r_mask[:, None] & k_mask[None, :],
+                    other=0.0,
+                )
+                acc = _dot_acc(xt, tl.trans(at), acc, DOT_F32)
+            tl.store(
+                out_rows + offs_r[None, :] * stride_br, acc, mask=m_mask[:, None] & r_mask[None, :]
             )
-            at = tl.load(
-                a_base + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
-                mask=r_mask[:, None] & k_mask[None, :],
-                other=0.0,
-            )
-            acc = _dot_acc(xt, tl.trans(at), acc, DOT_F32)
-        tl.store(
-            out_rows + offs_r[None, :] * stride_br, acc, mask=m_mask[:, None] & r_mask[None, :]
-        )
 
 
 @triton.jit
@@ -264,9 +273,12 @@ def expand_kernel(
     b_ptr,
     ranks_ptr,
     order_ptr,
-    group_slot_ptr,
     group_start_ptr,
     group_count_ptr,
+    group_slot_ptr,
+    tile_group_ptr,
+    tile_m0_ptr,
+    num_tiles_ptr,
     y_ptr,
     stride_bp,
     stride_bi,
@@ -287,37 +299,34 @@ def expand_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    g = tl.program_id(2)
-    slot = tl.load(group_slot_ptr + g)
-    if slot < 0:
-        return
-    rank = tl.load(ranks_ptr + slot)
-    count = tl.load(group_count_ptr + g)
-    m0 = pid_m * BLOCK_M
-    if (m0 >= count) | (rank <= 0):
-        return
-    tokens, m_mask = _group_tokens(order_ptr, group_start_ptr, g, m0, count, BLOCK_M)
-    s, offs_n, n_mask = _slice_tile(pid_n, OFF0, OFF1, OFF2, OFF3, BLOCK_N)
-    y_tile = y_ptr + tokens[:, None] * stride_yt + offs_n[None, :] * stride_yn
-    mask = m_mask[:, None] & n_mask[None, :]
-    y = tl.load(y_tile, mask=mask, other=0.0)  # first: its latency overlaps B's
-    b_rows = b_ptr + slot.to(tl.int64) * stride_ws + offs_n[:, None] * stride_wn
-    h_rows = buf_ptr + s * stride_bi + tokens[:, None] * stride_bt
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, rank, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < rank
-        w = tl.load(
-            b_rows + offs_k[None, :] * stride_wr, mask=n_mask[:, None] & k_mask[None, :], other=0.0
-        )
-        h = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-        for p in tl.static_range(SPLITS):  # shrink's partials, always summed in this order
-            h += tl.load(
-                h_rows + p * stride_bp + offs_k[None, :] * stride_br,
-                mask=m_mask[:, None] & k_mask[None, :],
-                other=0.0,
-            )
-        acc = _dot_acc(h.to(w.dtype), tl.trans(w), acc, DOT_F32)
-    tl.store(y_tile, (y.to(tl.float32) + acc).to(y.dtype), mask=mask)
+    s, offs_n, n_mask = _slice_tile(tl.program_id(0), OFF0, OFF1, OFF2, OFF3, BLOCK_N)
+    for i in range(tl.program_id(1), tl.load(num_tiles_ptr), tl.num_programs(1)):
+        slot, tokens, m_mask = _tile_tokens(
+            order_ptr, group_start_ptr, group_count_ptr, group_slot_ptr, tile_group_ptr,
+            tile_m0_ptr, i, BLOCK_M,
+        )  # fmt: skip
+        rank = tl.load(ranks_ptr + slot)  # the list has tiles of slots >= 0 only
+        if rank > 0:
+            y_tile = y_ptr + tokens[:, None] * stride_yt + offs_n[None, :] * stride_yn
+            mask = m_mask[:, None] & n_mask[None, :]
+            y = tl.load(y_tile, mask=mask, other=0.0)  # first: its latency overlaps B's
+            b_rows = b_ptr + slot.to(tl.int64) * stride_ws + offs_n[:, None] * stride_wn
+            h_rows = buf_ptr + s * stride_bi + tokens[:, None] * stride_bt
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for k0 in range(0, rank, BLOCK_K):
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                k_mask = offs_k < rank
+                w = tl.load(
+                    b_rows + offs_k[None, :] * stride_wr,
+                    mask=n_mask[:, None] & k_mask[None, :],
+                    other=0.0,
+                )
+                h = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+                for p in tl.static_range(SPLITS):  # shrink's partials, always in this order
+                    h += tl.load(
+                        h_rows + p * stride_bp + offs_k[None, :] * stride_br,
+                        mask=m_mask[:, None] & k_mask[None, :],
+                        other=0.0,
+                    )
+                acc = _dot_acc(h.to(w.dtype), tl.trans(w), acc, DOT_F32)
+            tl.store(y_tile, (y.to(tl.float32) + acc).to(y.dtype), mask=mask)
