@@ -174,6 +174,7 @@ def load_mix(running, adapter_ids, args, concurrency: int, phase: int) -> dict:
     decodes = sum(engine.stats.decode_batch_sizes.values())
     decode_sizes = engine.stats.decode_batch_sizes + engine.stats.mixed_decode_rows
     phases_before, steps_before = dict(engine.stats.step_phase_s), engine.stats.steps
+    ahead_before = engine.stats.steps_planned_ahead
     sched, kv = engine.scheduler, engine.kv
     kv_before = (sched.mixed_plans, sched.preemptions, kv.queries, kv.hits)
     if args.in_process_clients:
@@ -214,6 +215,8 @@ def load_mix(running, adapter_ids, args, concurrency: int, phase: int) -> dict:
         # Steps whose decode rows went into the prefill forward (counted in "prefills"), rows
         # preempted, prompt tokens found in the prefix cache.
         "mixed_steps": sched.mixed_plans - kv_before[0],
+        # Launched before the step in flight's tokens were on the host (the rest waited first).
+        "planned_ahead": engine.stats.steps_planned_ahead - ahead_before,
         "preemptions": sched.preemptions - kv_before[1],
         "prefix_hit_rate": (kv.hits - kv_before[3]) / max(kv.queries - kv_before[2], 1),
     }
@@ -311,6 +314,12 @@ def main() -> None:
         help="cProfile the engine thread (its steps and admissions)",
     )
     parser.add_argument(
+        "--no-plan-ahead",
+        dest="plan_ahead",
+        action="store_false",
+        help="the engine waits for each step's tokens before launching the next",
+    )
+    parser.add_argument(
         "--in-process-clients",
         action="store_true",
         help="run the load's clients as threads of the server's process (they share its GIL)",
@@ -362,6 +371,7 @@ def main() -> None:
             max_lora_rank=args.rank,
             max_total_tokens=args.max_total_tokens,
             quantize=args.quantize,
+            plan_ahead=args.plan_ahead,
         ),
         max_workers=max(64, 2 * max(args.concurrency)),
         merge_budget_bytes=8 * 1024**3,
@@ -423,7 +433,8 @@ def main() -> None:
         "versions": versions(),
         "model": f"random Llama, shape {args.shape} ({SHAPES[args.shape] or 'embedded tiny'}), "
         f"{'bf16' if device == 'cuda' else 'fp32'}"
-        + (f", linear weights {args.quantize}" if args.quantize else ""),
+        + (f", linear weights {args.quantize}" if args.quantize else "")
+        + ("" if args.plan_ahead else ", no step planned ahead"),
         "adapters": args.adapters,
         "rank": args.rank,
         "prompt_tokens": PROMPT_TOKENS,

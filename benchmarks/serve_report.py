@@ -116,7 +116,8 @@ def load_lines(load: dict) -> list[str]:
         f"**{load['tokens_per_s']:.0f} tokens/s** ({load['tokens_per_s_full']:.0f} while all "
         f"{load['concurrency']} were in flight); engine {engine['steps']} steps "
         f"({engine['prefills']} prefills, {engine['decodes']} decodes, {engine['mixed_steps']} "
-        f"mixed, {engine['preemptions']} preemptions), step p50 {engine['step_ms_p50']:.1f} ms, "
+        f"mixed, {engine.get('planned_ahead', 0)} planned ahead, {engine['preemptions']} "
+        f"preemptions), step p50 {engine['step_ms_p50']:.1f} ms, "
         f"p99 {engine['step_ms_p99']:.1f} ms, the engine thread in steps (not admitting or "
         f"idle) {100 * engine['engine_busy_share']:.0f}% of the wall time",
         "",

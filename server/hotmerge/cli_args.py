@@ -103,6 +103,10 @@ def _serve_parser(sub, commands) -> None:
         help="run prompt chunks in a forward of their own, not with the decode rows",
     )  # fmt: skip
     p.add_argument(
+        "--no-plan-ahead", dest="plan_ahead", action="store_false", default=None,
+        help="wait for each step's tokens before launching the next (no step planned ahead)",
+    )  # fmt: skip
+    p.add_argument(
         "--eager-model", action="store_true", default=None,
         help="run the model through transformers' own forward (any architecture, slower)",
     )  # fmt: skip
@@ -209,8 +213,9 @@ _NEGATIVE_VALUE = re.compile(r"-[0-9.][0-9.eE+,-]*")
 # Options that take no value: a number after one is a positional argument.
 _FLAGS = frozenset(
     ("--stream", "--do-sample", "--details", "--replace", "--allow-hub", "--no-cuda-graphs",
-     "--no-prefix-caching", "--no-mixed-steps", "--eager-model", "--version", "--help", "--base",
-     "--no-references", "--no-loglik", "--raw-prompts", "--no-progress", "--serve")
+     "--no-prefix-caching", "--no-mixed-steps", "--no-plan-ahead", "--eager-model", "--version",
+     "--help", "--base", "--no-references", "--no-loglik", "--raw-prompts", "--no-progress",
+     "--serve")
 )  # fmt: skip
 
 

@@ -204,9 +204,9 @@ def slow_decode(server, monkeypatch):
     runner = server.engine.runner
     real = runner.decode
 
-    def slow(batch):
+    def slow(*args):
         time.sleep(0.05)
-        return real(batch)
+        return real(*args)
 
     monkeypatch.setattr(runner, "decode", slow)
 

@@ -116,7 +116,7 @@ def test_preempted_requests_resume_with_the_same_tokens(tmp_path, monkeypatch):
 
 
 def test_blocks_come_back_on_failure(engine, monkeypatch):
-    def broken(rows):
+    def broken(*args):
         raise RuntimeError("device lost")
 
     handle = engine.submit(GenerationRequest(PREFIX, SamplingParams(max_new_tokens=8)))

@@ -1,5 +1,11 @@
 """What one forward runs over: prefill chunks and decode rows (plain data from the scheduler),
-and the fixed-address device buffers a captured graph reads them from."""
+and the fixed-address device buffers a captured graph reads them from.
+
+An input token may still be on the device: a step planned before the step in flight has brought
+its tokens to the host (``Scheduler.schedule`` ahead) feeds each such row the in-flight step's
+sampled token ``prev`` (its index among that step's sampled rows), gathered on the device after
+the buffers' host copy. Each buffer's pinned host memory is rewritten only once the copy that
+read it has run (with a step planned ahead, that copy may still be queued)."""
 
 from __future__ import annotations
 
@@ -23,6 +29,7 @@ class PrefillChunk:
     last: bool  # the prompt's final chunk: its last position gives the first new token
     score: bool = False  # return each token's logprob given the ones before it
     next_token: int | None = None  # the prompt token after this chunk (scores across chunks)
+    prev: int = -1  # a decode row's chunk whose token is the in-flight step's sampled ``prev``
 
 
 @dataclass
@@ -32,6 +39,48 @@ class DecodeRow:
     position: int
     block_table: Sequence[int]
     slot: int
+    prev: int = -1  # >= 0: the input token is the in-flight step's sampled token ``prev``
+
+
+class PendingTokens:
+    """Input tokens gathered on the device from the previous launch's sampled tokens: pairs
+    (input index, sampled index) staged in pinned memory, copied, then one gather."""
+
+    def __init__(self, max_rows: int, device: torch.device) -> None:
+        pin = device.type == "cuda"
+        self._host = torch.zeros((2, max_rows), dtype=torch.int64, pin_memory=pin)
+        self._device = torch.zeros((2, max_rows), dtype=torch.int64, device=device)
+        self._read = CopyDone(device)
+
+    def gather(self, input_ids: torch.Tensor, pairs: list[tuple[int, int]], source) -> None:
+        """``input_ids[i] = source[j]`` for each pair (i, j); ``source``: the tokens (int64)."""
+        if not pairs:
+            return
+        if source is None:
+            raise ValueError("rows read the previous step's tokens, but no step was launched")
+        n = len(pairs)
+        self._read.wait()
+        self._host[:, :n] = torch.tensor(pairs, dtype=torch.int64).T
+        index = self._device[:, :n]
+        index.copy_(self._host[:, :n], non_blocking=True)
+        self._read.record()
+        input_ids.index_copy_(0, index[0], source.index_select(0, index[1]))
+
+
+class CopyDone:
+    """When the copies that read a pinned host buffer have run: the host waits for that before
+    it rewrites the buffer (a no-op off CUDA, and at once when nothing is queued before)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self._event = torch.cuda.Event() if device.type == "cuda" else None
+
+    def wait(self) -> None:
+        if self._event is not None:
+            self._event.synchronize()
+
+    def record(self) -> None:
+        if self._event is not None:
+            self._event.record()
 
 
 def slot_of(block_table: Sequence[int], position: int, block_size: int) -> int:
@@ -64,10 +113,14 @@ class DecodeBuffers:
             self._device
         )
         self.seq_lens, self.lora_slots = i32
+        self._read = CopyDone(device)
+        self.pending = PendingTokens(max_batch, device)
 
-    def fill(self, rows: Sequence[DecodeRow], padded: int, block_size: int) -> None:
-        """Rows first, then padding rows (length 0, no adapter, KV written to the null block)."""
+    def fill(self, rows: Sequence[DecodeRow], padded: int, block_size: int, previous=None) -> None:
+        """Rows first, then padding rows (length 0, no adapter, KV written to the null block);
+        ``previous``: the in-flight step's sampled tokens on the device (rows with ``prev``)."""
         n = len(rows)
+        self._read.wait()
         i64, i32, tables = self._i64, self._i32, self._tables
         i64[0, :n] = [r.token_id for r in rows]
         i64[1, :n] = [r.position for r in rows]
@@ -83,6 +136,9 @@ class DecodeBuffers:
             tables[i, : len(row.block_table)] = row.block_table
         used = self._header + padded * self.max_blocks
         self._device[:used].copy_(self._host[:used], non_blocking=True)
+        self._read.record()
+        pairs = [(i, r.prev) for i, r in enumerate(rows) if r.prev >= 0]
+        self.pending.gather(self.input_ids, pairs, previous)
 
 
 def _aligned(words: int) -> int:
@@ -111,11 +167,17 @@ class PrefillBuffers:
         self._host_tables, self.block_tables = pair((max_seqs, max_blocks), torch.int32)
         self.input_ids, self.positions, self.slot_mapping = self.tokens
         self.query_start, self.query_lens, self.query_pos = self.seqs
+        self._read = CopyDone(device)
+        self.pending = PendingTokens(max_seqs, device)
 
-    def fill(self, chunks: Sequence[PrefillChunk], padded: int, block_size: int) -> int:
+    def fill(
+        self, chunks: Sequence[PrefillChunk], padded: int, block_size: int, previous=None
+    ) -> int:
         """Chunks' tokens first, then padding tokens (no adapter, KV not written); sequences
-        past the chunks have no queries. Returns the sequence entries the forward reads."""
+        past the chunks have no queries. Returns the sequence entries the forward reads.
+        ``previous``: the in-flight step's sampled tokens on the device (chunks with ``prev``)."""
         seqs = min(self.max_seqs, padded)  # every chunk holds a token
+        self._read.wait()
         tokens, slots = self._host_tokens.numpy(), self._host_slots.numpy()
         per_seq, last = self._host_seqs.numpy(), self._host_last.numpy()
         tables = self._host_tables.numpy()
@@ -153,6 +215,9 @@ class PrefillBuffers:
             self.sampled[: len(sampled)].copy_(
                 self._host_sampled[: len(sampled)], non_blocking=True
             )
+        self._read.record()
+        pairs = [(int(firsts[i]), c.prev) for i, c in enumerate(chunks) if c.prev >= 0]
+        self.pending.gather(self.input_ids, pairs, previous)
         return seqs
 
 

@@ -32,6 +32,8 @@ class EngineConfig:
     max_lora_rank: int = 64  # widest adapter a slot holds (merged cat adapters add ranks up)
     prefix_caching: bool = True  # reuse the KV blocks of a prompt prefix already computed
     mixed_steps: bool = True  # decode rows and prompt chunks in one forward (prefill's path)
+    # Launch each step before the one in flight has brought its tokens to the host (worker.py).
+    plan_ahead: bool = True
     cuda_graphs: bool = True  # decode and prefill replayed from captured graphs (CUDA only)
     eager_model: bool = False  # run the model through transformers' forward (any architecture)
     # Quantize the base's projections at load: nf4 (bitsandbytes' NF4), int4, int8, fp8; None: off.

@@ -89,6 +89,9 @@ class ModelRunner:
     num_blocks: int
     block_size: int
     prefix_caching = True  # its KV lives in the shared blocks: a sequence may start on cached ones
+    # Its forwards take input tokens still on the device (``previous``): a step can be planned
+    # and launched before the step in flight has brought its tokens to the host.
+    plans_ahead = True
     kind: str  # "llama" (our forward) or "transformers" (eager fallback)
 
     def __init__(self, model_id: str, hf_model, tok: Tokenizer, config: EngineConfig) -> None:
@@ -107,7 +110,9 @@ class ModelRunner:
         self.max_total_tokens = (
             config.max_total_tokens or self.max_position_embeddings or FALLBACK_CONTEXT_TOKENS
         )
-        self.sampler = Sampler(config.max_batch_size, self.device)  # a step samples <= a batch
+        # A step samples <= a batch. Two, used in turn: a step launched ahead samples into one
+        # while the host still reads the step before from the other.
+        self._samplers = [Sampler(config.max_batch_size, self.device) for _ in range(2)]
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text)
@@ -115,23 +120,30 @@ class ModelRunner:
     def module_shapes(self) -> dict[str, tuple[int, int]]:
         raise NotImplementedError
 
-    def prefill(self, chunks: Sequence[PrefillChunk]):
+    def prefill(self, chunks: Sequence[PrefillChunk], previous: torch.Tensor | None = None):
         """Run the chunks; returns (logits of the last position of every ``last`` chunk, in
         order, and per chunk the scored logprobs: one per token after the chunk's first, plus
-        ``next_token``'s when given)."""
+        ``next_token``'s when given). ``previous``: the in-flight step's sampled tokens on the
+        device, for chunks whose token is one of them (``prev``)."""
         raise NotImplementedError
 
-    def decode(self, rows: Sequence[DecodeRow]) -> torch.Tensor:
-        """One token per row; returns the next-token logits (rows, vocab) float32."""
+    def decode(
+        self, rows: Sequence[DecodeRow], previous: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """One token per row; returns the next-token logits (rows, vocab) float32.
+        ``previous`` as for ``prefill``."""
         raise NotImplementedError
 
     @torch.inference_mode()
     def sample(self, logits: Sequence[torch.Tensor], rows: Sequence[RowSampling]) -> Sampler:
         """Queue sampling for the rows of the concatenated logits; ``.wait()`` on the result
-        gives their tokens and logprobs (the step's one host sync)."""
+        gives their tokens and logprobs (the step's one host sync), ``.tokens`` the tokens on
+        the device. The result stays valid until the next launch but one."""
         parts = [t for t in logits if t is not None and t.shape[0]]
-        self.sampler.launch(torch.cat(parts) if len(parts) > 1 else next(iter(parts), None), rows)
-        return self.sampler
+        sampler = self._samplers[0]
+        self._samplers.reverse()
+        sampler.launch(torch.cat(parts) if len(parts) > 1 else next(iter(parts), None), rows)
+        return sampler
 
     def release(self, seq_id: int) -> None:
         """A sequence ended (the eager runner drops its cache; the paged one has nothing to do)."""
@@ -322,13 +334,13 @@ class LlamaRunner(ModelRunner):
         return graph, outputs
 
     @torch.inference_mode()
-    def decode(self, rows: Sequence[DecodeRow]) -> torch.Tensor:
+    def decode(self, rows: Sequence[DecodeRow], previous=None) -> torch.Tensor:
         n = len(rows)
         # On CUDA, graphs or not, the batch is padded to the same sizes, so that eager and
         # replayed decode run the very same kernels (and give the same tokens).
         size = next(s for s in self.sizes if s >= n) if self.device.type == "cuda" else n
         with_lora = any(r.slot >= 0 for r in rows)
-        self.buffers.fill(rows, size, self.block_size)
+        self.buffers.fill(rows, size, self.block_size, previous)
         captured = self._graphs.get((size, with_lora))
         if captured is not None:
             graph, logits = captured
@@ -355,7 +367,7 @@ class LlamaRunner(ModelRunner):
         return hidden, self.model.logits(hidden.index_select(0, buf.last[:seqs]))
 
     @torch.inference_mode()
-    def prefill(self, chunks: Sequence[PrefillChunk]):
+    def prefill(self, chunks: Sequence[PrefillChunk], previous=None):
         n = sum(len(c.token_ids) for c in chunks)
         buf = self.prefill_buffers
         if n > buf.max_tokens or len(chunks) > buf.max_seqs:
@@ -366,7 +378,7 @@ class LlamaRunner(ModelRunner):
         # On CUDA, graphs or not, the tokens are padded to the same sizes, so that eager and
         # replayed prefill run the very same kernels.
         size = next(s for s in self.prefill_sizes if s >= n) if self.device.type == "cuda" else n
-        seqs = buf.fill(chunks, size, self.block_size)
+        seqs = buf.fill(chunks, size, self.block_size, previous)
         with_lora = any(c.slot >= 0 for c in chunks)  # base-model prompts: no LoRA launches
         captured = self._prefill_graphs.get((size, with_lora))
         if captured is not None:

@@ -192,6 +192,12 @@ class Sampler:
         tokens.index_copy_(0, index, drawn)
         logprobs.index_copy_(0, index, processed)
 
+    @property
+    def tokens(self) -> torch.Tensor:
+        """The launched rows' tokens on the device (int64): what a step planned ahead feeds
+        them, read in stream order."""
+        return self._split(self._out, self._rows)[0]
+
     def wait(self) -> tuple[list[int], list[float]]:
         """The launched rows' tokens and logprobs, once on the host."""
         if not self._rows:

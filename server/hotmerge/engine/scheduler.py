@@ -70,6 +70,11 @@ class StepPlan:
     filling: list[Sequence] = field(default_factory=list)
     decode_chunks: int = 0  # the first chunks that are decode rows (a mixed step)
 
+    def prompt_chunks(self) -> list[tuple[Sequence, PrefillChunk]]:
+        """(sequence, chunk) of each prompt chunk (a mixed step's decode rows left out)."""
+        n = self.decode_chunks
+        return list(zip(self.chunk_seqs[n:], self.chunks[n:], strict=True))
+
 
 class Scheduler:
     def __init__(
@@ -136,10 +141,28 @@ class Scheduler:
             admitted.append(seq)
         return Admission(dropped, admitted, writes)
 
+    def can_plan_ahead(self) -> bool:
+        """Whether the next step can be planned before the step in flight's tokens are on the
+        host: no decoding row with a repetition penalty (its seen tokens would miss the one in
+        flight) and a free block for every row that enters a new one (no preemption, which
+        would recompute from tokens the host does not have)."""
+        size, entering = self.kv.block_size, 0
+        for s in self.running:
+            if s.table is None or not self._decodes(s):
+                continue
+            if s.params.repetition_penalty != 1.0:
+                return False
+            position = len(s.prompt_ids) + len(s.generated) + s.pending - 1
+            entering += position % size == 0 and position >= len(s.table.blocks) * size
+        return entering <= self.kv.free_blocks
+
     def schedule(self) -> StepPlan | None:
-        """The next step's decode rows and prompt chunks (None: nothing to run); rows that
-        must make room for others' tokens are preempted first."""
-        decoding = [s for s in self.running if not s.prefilling and s.ending is None]
+        """The next step's decode rows and prompt chunks (None: nothing to run), launched at
+        once (its sampled sequences' tokens are pending until ``postprocess``); rows that must
+        make room for others' tokens are preempted first. Planned ahead (a step in flight), a
+        row whose token is still on the device reads it there (``prev``), and one that this
+        token ends by its length is left out."""
+        decoding = [s for s in self.running if self._decodes(s)]
         preempted: list[Sequence] = []
         size = self.kv.block_size
         rows, filling = [], []  # the block manager sees a row only at a block boundary
@@ -147,7 +170,7 @@ class Scheduler:
             table = s.table
             if table is None:  # preempted for an earlier row
                 continue
-            position = len(s.prompt_ids) + len(s.generated) - 1
+            position = len(s.prompt_ids) + len(s.generated) + s.pending - 1
             offset = position % size
             if offset == 0 and position >= len(table.blocks) * size:  # a new block
                 self._grow(s, position + 1, preempted)
@@ -155,7 +178,10 @@ class Scheduler:
                     continue
             elif offset == size - 1:
                 filling.append(s)
-            rows.append(DecodeRow(s.seq_id, s.generated[-1], position, table.blocks, s.slot))
+            if s.pending:
+                rows.append(DecodeRow(s.seq_id, 0, position, table.blocks, s.slot, s.pending_index))
+            else:
+                rows.append(DecodeRow(s.seq_id, s.generated[-1], position, table.blocks, s.slot))
         if preempted:  # rows made room for later ones: those gone leave the step
             gone = {v.seq_id for v in preempted}
             rows = [r for r in rows if r.seq_id not in gone]
@@ -166,7 +192,7 @@ class Scheduler:
             self.max_prefill_tokens - len(rows) if mixing else self.max_prefill_tokens
         )
         if not chunks:
-            return StepPlan(rows, [], [], decoding, filling) if rows else None
+            return _pending(StepPlan(rows, [], [], decoding, filling)) if rows else None
         sampled = decoding + [s for s, c in zip(chunk_seqs, chunks, strict=True) if c.last]
         if mixing:  # one forward: each decode row is a one-token chunk, first (logits order)
             self.mixed_plans += 1
@@ -178,12 +204,25 @@ class Scheduler:
                     block_table=r.block_table,
                     slot=r.slot,
                     last=True,
+                    prev=r.prev,
                 )
                 for r in rows
             ]
             chunk_seqs[:0] = decoding
-            return StepPlan([], chunks, chunk_seqs, sampled, filling, len(rows))
-        return StepPlan(rows, chunks, chunk_seqs, sampled, filling)
+            return _pending(StepPlan([], chunks, chunk_seqs, sampled, filling, len(rows)))
+        return _pending(StepPlan(rows, chunks, chunk_seqs, sampled, filling))
+
+    def _decodes(self, seq: Sequence) -> bool:
+        """Whether the sequence gets a decode row: prompt all in, a token to feed (a prompt
+        only scored has none), not ending, and not ended by the length its tokens in flight
+        reach."""
+        produced = len(seq.generated) + seq.pending
+        if seq.prefilling or seq.ending is not None or not produced:
+            return False
+        return not seq.pending or (
+            produced < seq.params.max_new_tokens
+            and len(seq.prompt_ids) + produced < self.max_total_tokens
+        )
 
     def _prefill_chunks(self, budget: int) -> tuple[list[PrefillChunk], list[Sequence]]:
         """The next prefill chunks, up to ``budget`` tokens (at least one chunk); each
@@ -233,8 +272,9 @@ class Scheduler:
         """Free a running sequence's blocks and slot and queue it first, to recompute its KV:
         its prompt and every generated token but the last, which the next decode feeds."""
         self._leave(seq)
-        if seq.generated:
-            seq.prefill_end = len(seq.prompt_ids) + len(seq.generated) - 1
+        produced = len(seq.generated) + seq.pending  # a token in flight comes before it resumes
+        if produced:
+            seq.prefill_end = len(seq.prompt_ids) + produced - 1
         else:
             seq.prompt_scores.clear()  # scored again from the start
         seq.prefilled = 0
@@ -250,9 +290,11 @@ class Scheduler:
         (max_new_tokens 0) whose prompt is now all in."""
         for seq in plan.filling:
             self._commit(seq, len(seq.prompt_ids) + len(seq.generated))  # its token not in yet
-        for seq in plan.chunk_seqs[plan.decode_chunks :]:
-            self._commit(seq, seq.prefilled)
+        prompts = plan.prompt_chunks()
+        for seq, chunk in prompts:  # what this step computed (a step planned since: more)
+            self._commit(seq, chunk.start + len(chunk.token_ids))
         for seq, token in zip(plan.sampled, tokens, strict=True):
+            seq.pending -= 1
             if seq.done:
                 continue
             seq.generated.append(token)
@@ -263,12 +305,12 @@ class Scheduler:
                 or len(seq.prompt_ids) + len(seq.generated) >= self.max_total_tokens
             ):
                 seq.ending = FinishReason.LENGTH
-        if not plan.chunk_seqs:
-            return ()
         return [
             s
-            for s in plan.chunk_seqs
-            if not s.prefilling and not s.done and s.params.max_new_tokens == 0
+            for s, chunk in prompts
+            if chunk.start + len(chunk.token_ids) == s.prefill_end
+            and not s.done
+            and s.params.max_new_tokens == 0
         ]
 
     def _commit(self, seq: Sequence, computed: int) -> None:
@@ -294,6 +336,15 @@ class Scheduler:
         if seq.slot >= 0:
             self.slots.release(seq.slot)
             seq.slot = -1
+
+
+def _pending(plan: StepPlan) -> StepPlan:
+    """The plan is launched as soon as it is made: each sampled sequence then has a token on
+    the device that the host has not (until ``postprocess``)."""
+    for i, seq in enumerate(plan.sampled):
+        seq.pending += 1
+        seq.pending_index = i
+    return plan
 
 
 class _Tokens:

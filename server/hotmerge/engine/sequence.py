@@ -50,6 +50,10 @@ class Sequence:
     prefill_started: float = 0.0
     prefill_done: float = 0.0
     ending: FinishReason | None = None  # its last token ends it (EOS, length): not emitted yet
+    # Tokens sampled by launched steps and not on the host yet (0-2), and the latest one's index
+    # among its step's sampled rows (a step planned ahead feeds it from the device).
+    pending: int = 0
+    pending_index: int = -1
     done: bool = False
 
     def __post_init__(self) -> None:

@@ -19,6 +19,7 @@ class EngineStats:
     requests_finished: int = 0
     requests_failed: int = 0
     steps: int = 0
+    steps_planned_ahead: int = 0  # launched before the step in flight's tokens were on the host
     step_phase_s: Counter = field(default_factory=Counter)  # seconds per phase of the steps
 
     @property

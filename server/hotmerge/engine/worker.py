@@ -1,9 +1,13 @@
-"""The engine's worker thread: schedule -> run -> postprocess -> emit, one step in flight.
+"""The engine's worker thread: schedule -> run -> postprocess -> emit.
 
-The host work of a step overlaps the device's: a step waits for the one in flight and takes its
-tokens (cheap: EOS and length are known at once), launches the next, and only then detokenizes
-and streams the tokens it took and admits new requests while the device runs. A sequence that a
-stop sequence ends is already in the launched step: that token is dropped.
+The host work of a step overlaps the device's. Planned ahead (the default where the runner
+``plans_ahead`` and the scheduler ``can_plan_ahead``): a step launches the next one before it
+waits for the one in flight, each decode row fed its token from that step's sampled tokens on
+the device, so the device goes from step to step without waiting for the host; then it takes
+the in-flight step's tokens, detokenizes and streams them, and admits new requests while the
+device runs. Otherwise (a repetition penalty in the batch, a row that would preempt, or
+``plan_ahead`` off) it waits first, then launches. A sequence that its tokens end (EOS, a stop
+sequence) is already in the launched step: that step's token for it is dropped.
 
 On CUDA the thread's work goes to a stream of its own at a high priority: merges (a stream at
 the lowest, ``merging/merger.py``) yield to it, and the adapter store's blocking
@@ -20,7 +24,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from hotmerge import request_rules as rules
-from hotmerge.engine.sampling import RowSampling
+from hotmerge.engine.sampling import RowSampling, Sampler
 from hotmerge.engine.scheduler import Admission, StepPlan
 from hotmerge.engine.sequence import Sequence
 from hotmerge.engine.stats import Lap
@@ -49,9 +53,11 @@ class Worker:
         self.stats = engine.stats
         self._cv = engine._cv
         self.batch_wait_s = engine.config.batch_wait_ms / 1000
+        self.plan_ahead = engine.config.plan_ahead and self.runner.plans_ahead
         self.stopping = False  # set under the condition
-        self._inflight: StepPlan | None = None  # the step launched and not yet waited on
-        self._sampled = None  # its sampling: the runner's Sampler, .wait() -> tokens, logprobs
+        # The step launched and not yet waited on, with its sampling (the runner's Sampler:
+        # .wait() -> tokens, logprobs; .tokens on the device).
+        self._inflight: tuple[StepPlan, Sampler] | None = None
         self.stream: torch.cuda.Stream | None = None  # the thread's CUDA stream, while it runs
 
     def run(self) -> None:
@@ -63,8 +69,7 @@ class Worker:
         while True:
             if not self._admit():
                 break
-            if not self.scheduler.running:
-                self._inflight = None  # its sequences all ended: nothing left to read from it
+            if not self.scheduler.running and self._inflight is None:
                 continue
             try:
                 self._step()
@@ -88,7 +93,7 @@ class Worker:
         """Let the scheduler admit queued requests, and write their adapters into their slots;
         False when stopping. An idle engine waits here for work."""
         with self._cv:
-            if not self.scheduler.running:
+            if not self.scheduler.running and self._inflight is None:
                 while not self.scheduler.waiting and not self.stopping:
                     self._cv.wait()
                 # After the first arrives, wait a little for more to batch them together.
@@ -137,22 +142,28 @@ class Worker:
         return not seq.done
 
     def _step(self) -> None:
-        """Wait for the step in flight and take its tokens, launch the next step, then emit
-        the tokens taken while the device runs it (detokenizing, streaming, stop sequences)
-        and return (admission, too, runs while the device works). A sequence that a stop
-        sequence ends while it is in the launched step has that step's token dropped."""
+        """Launch the next step and take the tokens of the one in flight (planned ahead: launch
+        first, then wait; else wait, then launch), then emit the tokens taken while the device
+        runs (detokenizing, streaming, stop sequences) and return (admission, too, runs while
+        the device works). A sequence its tokens end while it is in the launched step has that
+        step's token dropped."""
         self.stats.steps += 1
         lap = Lap(self.stats.step_phase_s)
-        waited = self._inflight
-        self._inflight = None
-        if waited is not None:
-            tokens, logprobs = self._collect(waited)
-            lap("wait")
+        waited, self._inflight = self._inflight, None
         for seq in list(self.scheduler.running):  # clients gone or past deadlines: leave now
             self._still_wanted(seq)
-        self._inflight = self._launch(lap)
+        if waited is not None and self.plan_ahead and self.scheduler.can_plan_ahead():
+            self._inflight = self._launch(lap, waited[1])
+            self.stats.steps_planned_ahead += self._inflight is not None
+            tokens, logprobs = self._collect(*waited)
+            lap("wait")
+        else:
+            if waited is not None:
+                tokens, logprobs = self._collect(*waited)
+                lap("wait")
+            self._inflight = self._launch(lap)
         if waited is not None:
-            taken = zip(waited.sampled, tokens, logprobs, strict=True)
+            taken = zip(waited[0].sampled, tokens, logprobs, strict=True)
             for seq, token, logprob in taken:
                 try:
                     self._emit(seq, token, logprob)
@@ -161,17 +172,19 @@ class Worker:
                     self._fail(seq, HotmergeError(f"internal error while generating: {exc}"))
             lap("emit")
 
-    def _launch(self, lap: Lap) -> StepPlan | None:
+    def _launch(self, lap: Lap, previous: Sampler | None = None) -> tuple[StepPlan, Sampler] | None:
         """Queue the scheduled step: decode, prompt chunks and the sampling of every sequence
-        that gets a token; nothing waits for the device here."""
+        that gets a token; nothing waits for the device here. ``previous``: the sampling of
+        the step in flight (planned ahead), whose tokens its rows read on the device."""
         plan = self.scheduler.schedule()
         if plan is None:
             return None
+        tokens = previous.tokens if previous is not None else None
         decode_logits = prefill_logits = None
         now = time.perf_counter()
         if plan.decode:
             lap("prepare")
-            decode_logits = self.runner.decode(plan.decode)
+            decode_logits = self.runner.decode(plan.decode, tokens)
             self.stats.decode_batch_sizes[len(plan.decode)] += 1
             lap("decode")
         if plan.chunks:
@@ -183,7 +196,7 @@ class Worker:
                     t.queue_ms = max(
                         0.0, (now - seq.submitted) * 1000.0 - t.adapter_load_ms - t.merge_ms
                     )
-            prefill_logits, scores = self.runner.prefill(plan.chunks)
+            prefill_logits, scores = self.runner.prefill(plan.chunks, tokens)
             self.stats.prefill_batch_sizes[len(plan.chunks)] += 1
             if plan.decode_chunks:
                 self.stats.mixed_decode_rows[plan.decode_chunks] += 1
@@ -194,24 +207,24 @@ class Worker:
             RowSampling(
                 s.params,
                 s.seed,
-                len(s.generated),
+                len(s.generated) + s.pending - 1,  # its own token is pending now too
                 s.prompt_ids + s.generated if s.params.repetition_penalty != 1.0 else (),
             )
             for s in plan.sampled
         ]
         lap("prepare")
-        self._sampled = self.runner.sample([decode_logits, prefill_logits], sampling)
+        sampler = self.runner.sample([decode_logits, prefill_logits], sampling)
         lap("sample")
-        return plan
+        return plan, sampler
 
-    def _collect(self, plan: StepPlan) -> tuple[list[int], list[float]]:
+    def _collect(self, plan: StepPlan, sampler: Sampler) -> tuple[list[int], list[float]]:
         """The launched step's tokens and logprobs, once on the host, handed to the scheduler."""
-        tokens, logprobs = self._sampled.wait()
-        for i, reason in self._sampled.failed.items():  # that sequence alone, never the batch
+        tokens, logprobs = sampler.wait()
+        for i, reason in sampler.failed.items():  # that sequence alone, never the batch
             self._fail(plan.sampled[i], InvalidArgument(f"parameters: {reason}"))
         done = time.perf_counter()
-        for seq in plan.chunk_seqs:
-            if not seq.prefilling and not seq.prefill_done:
+        for seq, chunk in plan.prompt_chunks():
+            if chunk.start + len(chunk.token_ids) == seq.prefill_end and not seq.prefill_done:
                 seq.prefill_done = done
                 seq.timings.prefill_ms = (done - seq.prefill_started) * 1000.0
         for seq in self.scheduler.postprocess(plan, tokens):

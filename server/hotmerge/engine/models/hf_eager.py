@@ -82,6 +82,7 @@ class EagerSlots:
 class EagerRunner(ModelRunner):
     kind = "transformers"
     prefix_caching = False  # its KV lives in per-sequence caches, not the shared blocks
+    plans_ahead = False  # its forwards take their input tokens from the host
 
     def __init__(self, model_id: str, hf_model, tok, config) -> None:
         super().__init__(model_id, hf_model, tok, config)
@@ -121,7 +122,7 @@ class EagerRunner(ModelRunner):
             self._current[0] = None
         return out.logits[0].float()  # (len, vocab)
 
-    def prefill(self, chunks: Sequence[PrefillChunk]):
+    def prefill(self, chunks: Sequence[PrefillChunk], previous=None):
         last, scores = [], []
         for c in chunks:
             logits = self._forward(c.seq_id, c.token_ids, c.start, c.slot)
@@ -138,7 +139,7 @@ class EagerRunner(ModelRunner):
             scores.append(score)
         return (torch.cat(last) if last else None), scores
 
-    def decode(self, rows: Sequence[DecodeRow]) -> torch.Tensor:
+    def decode(self, rows: Sequence[DecodeRow], previous=None) -> torch.Tensor:
         return torch.cat([self._forward(r.seq_id, [r.token_id], r.position, r.slot) for r in rows])
 
     def release(self, seq_id: int) -> None:
