@@ -131,3 +131,21 @@ def test_the_engine_steps_on_its_own_stream_above_the_merges(embedded, monkeypat
         assert all(s == stream for _, s in seen)
     finally:
         engine.stop()
+
+
+def test_steps_planned_ahead_give_the_tokens_of_waiting_first(embedded):
+    """With graphs, bf16: the batch's tokens are the same whether each step is launched before
+    the one in flight has brought its tokens to the host or after."""
+    model_dir, root = embedded
+    tokens = {}
+    for ahead in (True, False):
+        engine = make_engine(
+            model_dir, root, device="cuda", dtype="bfloat16", batch_wait_ms=300,
+            max_batch_size=32, plan_ahead=ahead,
+        )  # fmt: skip
+        try:
+            tokens[ahead] = generate_all(engine, 32)
+            assert (engine.stats.steps_planned_ahead > 0) == ahead
+        finally:
+            engine.stop()
+    assert tokens[True] == tokens[False]
