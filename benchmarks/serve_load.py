@@ -320,6 +320,11 @@ def main() -> None:
         help="the engine waits for each step's tokens before launching the next",
     )
     parser.add_argument(
+        "--plan-ahead-ab",
+        action="store_true",
+        help="run each level twice on the same server: steps planned ahead, then waiting first",
+    )
+    parser.add_argument(
         "--in-process-clients",
         action="store_true",
         help="run the load's clients as threads of the server's process (they share its GIL)",
@@ -411,13 +416,20 @@ def main() -> None:
                 )
                 print("shared prefix", prefix, flush=True)
             loads = []
+            worker = running.engine._worker
+            modes = [True, False] if args.plan_ahead_ab else [worker.plan_ahead]
             for phase, concurrency in enumerate(args.concurrency):
-                load = load_mix(running, adapter_ids, args, concurrency, phase)
-                loads.append(load)
-                ttft = {k: round(v["ttft_ms_p50"], 1) for k, v in load["by_kind"].items()}
-                print(f"load c={concurrency}: {load['tokens_per_s']:.0f} tokens/s "
-                      f"({load['tokens_per_s_full']:.0f} while full), TTFT p50 "
-                      f"by class {ttft}, ITL {load['itl']}", flush=True)  # fmt: skip
+                for i, ahead in enumerate(modes):  # own prompts: no prefix hits across runs
+                    worker.plan_ahead = ahead
+                    load = load_mix(running, adapter_ids, args, concurrency, phase + 100 * i)
+                    load["plan_ahead"] = ahead
+                    loads.append(load)
+                    ttft = {k: round(v["ttft_ms_p50"], 1) for k, v in load["by_kind"].items()}
+                    print(f"load c={concurrency}{'' if ahead else ' waiting first'}: "
+                          f"{load['tokens_per_s']:.0f} tokens/s "
+                          f"({load['tokens_per_s_full']:.0f} while full), TTFT p50 "
+                          f"by class {ttft}, ITL {load['itl']}", flush=True)  # fmt: skip
+            worker.plan_ahead = modes[0]
             merge_itl = None
             if args.merge_streams > 0:
                 merge_itl = merge_during_streams(running, prompt, adapter_ids, args)

@@ -109,7 +109,8 @@ def load_lines(load: dict) -> list[str]:
     engine = load["engine"]
     lines = [
         "",
-        f"## Load at concurrency {load['concurrency']}",
+        f"## Load at concurrency {load['concurrency']}"
+        + ("" if load.get("plan_ahead", True) else ", waiting first (no step planned ahead)"),
         "",
         f"{load['requests']} requests (max batch {load['max_batch_size']}), mix {load['mix']}, "
         f"{load['max_new_tokens']} new tokens each: {load['requests_per_s']:.1f} req/s, "
