@@ -156,14 +156,15 @@ class DeviceTimeline:
         def timed(*args):
             start = self.event()
             start.record()
-            plan = launch(*args)
+            launched = launch(*args)  # (plan, its sampling) or None
             end = self.event()
             end.record()
-            if plan is not None:
+            if launched is not None:
+                plan = launched[0]
                 chunked = sum(len(c.token_ids) for c in plan.chunks)
                 rows = len(plan.decode) + plan.decode_chunks
                 self.spans.append((start, end, rows, chunked - plan.decode_chunks))
-            return plan
+            return launched
 
         return timed
 

@@ -126,7 +126,8 @@ def test_the_device_timeline_splits_decode_and_mixed_steps_and_the_gaps_between(
 
     def launch(lap):
         time.sleep(next(work))  # the "device" runs while the host launches
-        return plans.pop(0)
+        plan = plans.pop(0)
+        return None if plan is None else (plan, "its sampling")
 
     timeline = DeviceTimeline(HostEvent)
     timed = timeline.wrap(launch)
@@ -163,3 +164,27 @@ def _load_with(device: dict) -> dict:
             "tokens_per_s_full": 1.0, "engine": engine, "itl": {"itl_ms_p50": 1.0,
             "itl_ms_p99": 1.0, "tokens": 1}, "by_kind": {"single": kinds | {"count": 1}},
             "stalls": stalls}  # fmt: skip
+
+
+def test_the_timeline_wraps_a_real_engine_worker(tmp_path):
+    """The timeline reads what the worker's launch really returns (plan and sampling), on a
+    tiny engine with host-clock events."""
+    from hotmerge.generation import GenerationRequest, SamplingParams
+
+    from tests.helpers import make_engine, tiny_llama
+
+    engine = make_engine(tiny_llama(tmp_path), tmp_path / "adapters", batch_wait_ms=20)
+    try:
+        trace = StallTrace(engine._worker, timeline=DeviceTimeline(HostEvent))
+        with trace:
+            handles = [
+                engine.submit(GenerationRequest(f"prompt {i}", SamplingParams(max_new_tokens=6)))
+                for i in range(3)
+            ]
+            assert all(h.wait().generated_tokens == 6 for h in handles)
+        device = trace.summary([])["device"]
+        decoded = sum(g["steps"] for g in device["decode_steps_by_rows"].values())
+        prefilled = sum(g["steps"] for g in device["mixed_steps_by_prompt_tokens"].values())
+        assert decoded >= 5 and prefilled >= 1 and device["span_ms"] > 0
+    finally:
+        engine.stop()

@@ -74,11 +74,13 @@ class Worker:
             try:
                 self._step()
             except Exception as exc:  # a failed forward fails its batch, never the worker
-                running = self.scheduler.running
-                log.exception("engine step failed; failing %d request(s)", len(running))
+                with self._cv:  # and those preempted with a token in flight: it is lost
+                    lost = [s for s in self.scheduler.waiting if s.pending]
+                failing = [*self.scheduler.running, *lost]
+                log.exception("engine step failed; failing %d request(s)", len(failing))
                 self._inflight = None
                 err = HotmergeError(f"internal error while generating: {exc}")
-                for seq in list(running):
+                for seq in failing:
                     self._fail(seq, err)
         shutting = Unavailable("the engine stopped")
         for seq in list(self.scheduler.running):
