@@ -12,6 +12,9 @@
 #      engine's first.
 #   5. decode_nopdl (not in the default steps): decode_step with HOTMERGE_PDL=0 for
 #      NOPDL_FORMATS (default fp8), bf16 included, to set beside (1).
+#   6. lora_prefill (not in the default steps): the prefill LoRA kernels' tile sweep
+#      (lora_prefill_tiles.py) at a mixed step's size and a 1024-token prefill.
+# serve runs each level twice (--plan-ahead-ab): steps planned ahead, then waiting first.
 # Each step has its own time limit (seconds: DECODE_S, SERVE_S, SERVE_Q_S, PYTEST_Q_S,
 # PYTEST_S) and writes its log and results under OUT (default
 # benchmarks/results/gpu-checks-<date>). STEPS picks some of
@@ -55,7 +58,7 @@ done
 fi
 if want serve; then
 step serve_bf16 "${SERVE_S:-400}" $PY benchmarks/serve_load.py --shape "$SHAPE" --concurrency 32,64,128 \
-  --max-batch-size 128 --requests 320 --work-dir "$WORK" --out-dir "$OUT"
+  --plan-ahead-ab --max-batch-size 128 --requests 320 --work-dir "$WORK" --out-dir "$OUT"
 grep -E "^load c=|^- |p99 ratio" "$OUT/serve_bf16.log"
 step slot_write 120 $PY benchmarks/slot_write_cost.py
 tail -2 "$OUT/slot_write.log"
@@ -76,6 +79,10 @@ if [ -n "$BEST" ]; then
     --work-dir "$WORK" --out-dir "$OUT" --tag="-$BEST"
   grep -E "^load c=" "$OUT/serve_$BEST.log"
 fi
+fi
+if want lora_prefill; then
+step lora_prefill 300 $PY benchmarks/lora_prefill_tiles.py --out "$OUT/lora_prefill_tiles.json"
+grep -E "^(qkv|gate_up|down) " "$OUT/lora_prefill.log"
 fi
 if want pytest; then
 # The quantized engine's tests first: two leases ran out of time before reaching them.
