@@ -7,7 +7,9 @@ Builds the same random 7B-shaped model and rank-16 adapters as ``decode_step.py`
   replays, and the same step eager (the launches' host time shows as the gap between CPU and
   CUDA totals);
 - prefill of 1 and ``--prefill-prompts`` prompts of ``--prompt-tokens`` tokens, each prompt on
-  its own adapter, timed with CUDA events and wall clock.
+  its own adapter, timed with CUDA events and wall clock;
+- a mixed step: all but one of the decode rows above as one-token chunks, then one prompt, in
+  one prefill forward (what serving runs when a prompt joins running rows).
 
 ``--quantize FMT`` profiles a quantized base (fp8, int8, nf4, int4); ``--no-prefill`` skips the
 prefills. Prints one kernel table per case (top rows by device time) and writes them with the
@@ -130,6 +132,14 @@ def main() -> None:
             for i in range(n)
         ]
         record(f"prefill {n} x {args.prompt_tokens} tokens", lambda c=chunks: runner.prefill(c), 5)
+    if not args.no_prefill:  # a mixed step: decode rows as one-token chunks, then a prompt
+        joined = rows[: args.batch - 1]  # a step holds at most a batch of sequences
+        chunks = [
+            PrefillChunk(r.seq_id, [r.token_id], r.position, r.block_table, r.slot, True)
+            for r in joined
+        ] + [PrefillChunk(args.batch, prompt, 0, tables[args.batch], slots[0], True)]
+        name = f"mixed {len(joined)} rows + 1 x {args.prompt_tokens} tokens"
+        record(name, lambda c=chunks: runner.prefill(c), 5)
 
     (args.out / "engine_profile.json").write_text(json.dumps(report, indent=1))
     print(f"wrote {args.out / 'engine_profile.json'}")
