@@ -109,6 +109,7 @@ def main() -> None:
         wall_ms, prof = profiled(fn, iters)
         table = kernel_table(prof, args.rows)
         report[name] = dict(gpu_ms=gpu_ms, wall_ms=wall_ms, table=table)
+        (args.out / "engine_profile.json").write_text(json.dumps(report, indent=1))  # each case
         print(f"\n== {name}: {gpu_ms:.3f} ms a call on the GPU (events), {wall_ms:.3f} ms wall "
               f"under the profiler\n{table}")  # fmt: skip
 
@@ -141,7 +142,6 @@ def main() -> None:
         name = f"mixed {len(joined)} rows + 1 x {args.prompt_tokens} tokens"
         record(name, lambda c=chunks: runner.prefill(c), 5)
 
-    (args.out / "engine_profile.json").write_text(json.dumps(report, indent=1))
     print(f"wrote {args.out / 'engine_profile.json'}")
 
 
