@@ -291,6 +291,33 @@ def test_repetition_penalty_divides_positive_and_multiplies_negative_seen_logits
     assert (got != logits).any(dim=1).tolist() == [True, False, True]
 
 
+def test_repetition_penalty_reads_a_seen_token_still_on_the_device():
+    """A row's token in flight (``seen_pending``: its index among the previous launch's
+    tokens) counts as seen, once, whether or not the host's ids have it too."""
+    from hotmerge.engine.sampling import apply_repetition_penalty
+
+    logits = torch.randn(3, 40, generator=torch.Generator().manual_seed(6))
+    previous = torch.tensor([9, 3, 21], dtype=torch.int64)  # the last launch's tokens
+    rows = [
+        RowSampling(SamplingParams(repetition_penalty=1.5), 0, 0, (3, 7), seen_pending=1),
+        RowSampling(SamplingParams(repetition_penalty=2.0), 0, 0, (5,), seen_pending=2),
+        RowSampling(SamplingParams(), 0, 0, (), seen_pending=0),  # no penalty: untouched
+    ]
+    got = apply_repetition_penalty(logits, rows, previous)
+    want = apply_repetition_penalty(
+        logits,
+        [
+            RowSampling(SamplingParams(repetition_penalty=1.5), 0, 0, (3, 7)),  # 3 once
+            RowSampling(SamplingParams(repetition_penalty=2.0), 0, 0, (5, 21)),
+            RowSampling(SamplingParams(), 0, 0, ()),
+        ],
+    )
+    assert torch.equal(got, want) and not torch.equal(got[1], logits[1])
+    assert torch.equal(got[2], logits[2])
+    with pytest.raises(ValueError, match="in flight"):
+        apply_repetition_penalty(logits, rows)
+
+
 def test_prefill_returns_the_logits_of_the_chunks_that_end_their_prompts():
     """A prefill of chunks some of which end their prompts gives those chunks' logits only, in
     order, each equal to its chunk's prefill alone."""

@@ -273,9 +273,9 @@ def sampled_rows(server, monkeypatch):
     """Every row the engine samples a token for, while the test runs."""
     rows, sample = [], server.engine.runner.sample
 
-    def counting(logits, batch):
+    def counting(logits, batch, *previous):
         rows.extend(batch)
-        return sample(logits, batch)
+        return sample(logits, batch, *previous)
 
     monkeypatch.setattr(server.engine.runner, "sample", counting)
     return rows

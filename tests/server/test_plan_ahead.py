@@ -1,7 +1,8 @@
 """Steps planned ahead (CPU, float32, tiny model): launching each step before the one in flight
 has brought its tokens to the host, the rows reading those tokens on the device, gives every
 request exactly what waiting first gives: greedy and seeded sampling, stop sequences, length
-limits, adapters, mixed steps, prefix hits and preemption (where the worker waits first)."""
+limits, repetition penalties, adapters, mixed steps, prefix hits and preemption (where the
+worker waits first)."""
 
 from __future__ import annotations
 
@@ -79,20 +80,29 @@ def test_planned_ahead_steps_give_the_tokens_of_waiting_first(model):
         stopped(ahead, first)
 
 
-def test_a_repetition_penalty_makes_the_worker_wait_first_and_nothing_changes(model):
-    """A penalised row's seen tokens must include the one in flight: while it runs, no step is
-    planned ahead."""
+def test_a_repetition_penalty_counts_the_token_in_flight_as_seen(model):
+    """A penalised row's seen tokens include the one still on the device (read there), so
+    penalised requests are planned ahead too and get the tokens of waiting first."""
     ahead, first = engines(model)
     try:
         batch = requests()
+        # Short prompts: the generated tokens, the one in flight among them, weigh in the seen set.
         batch[0] = GenerationRequest(
-            PROMPT.format(0), SamplingParams(max_new_tokens=30, repetition_penalty=1.3)
+            "Hi", SamplingParams(max_new_tokens=30, repetition_penalty=3.0)
+        )
+        batch[2] = GenerationRequest(  # < 1: seen tokens favoured
+            "Yo", SamplingParams(max_new_tokens=25, repetition_penalty=0.05)
+        )
+        batch[3] = GenerationRequest(
+            "Ok", SamplingParams(max_new_tokens=20, repetition_penalty=0.5, do_sample=True, seed=3)
         )
         got, want = run(ahead, batch), run(first, batch)
         assert got == want
         planned = ahead.stats.steps_planned_ahead
-        alone = run(ahead, batch[:1])  # the penalised request alone: every step waits first
-        assert ahead.stats.steps_planned_ahead == planned and alone[0] == want[0]
+        alone = run(ahead, batch[:1])  # the penalised request alone: planned ahead as well
+        assert ahead.stats.steps_planned_ahead >= planned + 25 and alone[0] == want[0]
+        plain = run(first, [GenerationRequest("Hi", SamplingParams(max_new_tokens=30))])
+        assert plain[0][0] != want[0][0]  # the penalty changed the tokens
     finally:
         stopped(ahead, first)
 

@@ -230,9 +230,9 @@ def test_zero_new_tokens_scores_the_prompt_only(engine, adapter_id, monkeypatch)
     sampled = []
     sample = engine.runner.sample
 
-    def counting(logits, rows):
+    def counting(logits, rows, *previous):
         sampled.extend(rows)
-        return sample(logits, rows)
+        return sample(logits, rows, *previous)
 
     monkeypatch.setattr(engine.runner, "sample", counting)
     scored = run(engine, adapter_id=adapter_id, max_new_tokens=0, prompt_logprobs=True)

@@ -135,14 +135,21 @@ class ModelRunner:
         raise NotImplementedError
 
     @torch.inference_mode()
-    def sample(self, logits: Sequence[torch.Tensor], rows: Sequence[RowSampling]) -> Sampler:
+    def sample(
+        self,
+        logits: Sequence[torch.Tensor],
+        rows: Sequence[RowSampling],
+        previous: torch.Tensor | None = None,
+    ) -> Sampler:
         """Queue sampling for the rows of the concatenated logits; ``.wait()`` on the result
         gives their tokens and logprobs (the step's one host sync), ``.tokens`` the tokens on
-        the device. The result stays valid until the next launch but one."""
+        the device. The result stays valid until the next launch but one. ``previous``: the
+        in-flight step's sampled tokens (a penalised row's seen token still on the device)."""
         parts = [t for t in logits if t is not None and t.shape[0]]
         sampler = self._samplers[0]
         self._samplers.reverse()
-        sampler.launch(torch.cat(parts) if len(parts) > 1 else next(iter(parts), None), rows)
+        joined = torch.cat(parts) if len(parts) > 1 else next(iter(parts), None)
+        sampler.launch(joined, rows, previous)
         return sampler
 
     def release(self, seq_id: int) -> None:

@@ -36,6 +36,9 @@ class RowSampling:
     seed: int
     index: int  # how many tokens the row has generated before this one
     seen: Sequence[int] = ()  # prompt + generated ids, only when a repetition penalty is set
+    # With a penalty, a seen token still on the device (a step planned ahead): its index among
+    # the previous launch's sampled tokens (``previous`` of ``Sampler.launch``); -1: none.
+    seen_pending: int = -1
 
 
 def as_int64(seed: int) -> int:
@@ -75,29 +78,41 @@ def uniform_noise(seeds: torch.Tensor, index: torch.Tensor, vocab: int) -> torch
     return (h.to(torch.float64) + 0.5) / 2.0**32
 
 
-def apply_repetition_penalty(logits: torch.Tensor, rows: Sequence[RowSampling]) -> torch.Tensor:
+def apply_repetition_penalty(
+    logits: torch.Tensor, rows: Sequence[RowSampling], previous: torch.Tensor | None = None
+) -> torch.Tensor:
     """Each penalised row's seen tokens: a positive logit divided by the penalty, a negative
-    one multiplied. The seen ids go to the device in one pinned copy queued behind the step (a
-    plain ``torch.tensor(..., device=)`` would block the host until the step is done)."""
+    one multiplied, once per token however often it was seen. Seen tokens are marked on the
+    device: those the host has go in one pinned copy queued behind the step (a plain
+    ``torch.tensor(..., device=)`` would block the host until the step is done), and a row's
+    token still in flight is read from ``previous`` (the last launch's sampled tokens)."""
     penalised = [
-        (i, r) for i, r in enumerate(rows) if r.params.repetition_penalty != 1.0 and r.seen
+        (i, r)
+        for i, r in enumerate(rows)
+        if r.params.repetition_penalty != 1.0 and (r.seen or r.seen_pending >= 0)
     ]
     if not penalised:
         return logits
-    vocab, flat, factor = logits.shape[-1], [], []
+    vocab = logits.shape[-1]
+    flat = [i * vocab + t for i, r in penalised for t in set(r.seen)]
+    pending = [(i, r.seen_pending) for i, r in penalised if r.seen_pending >= 0]
+    factor = [1.0] * len(rows)
     for i, r in penalised:
-        ids = sorted(set(r.seen))
-        flat += [i * vocab + t for t in ids]
-        factor += [r.params.repetition_penalty] * len(ids)
-    index, penalty = torch.tensor(flat), torch.tensor(factor, dtype=logits.dtype)
+        factor[i] = r.params.repetition_penalty
+    index = torch.tensor(flat, dtype=torch.int64)
+    penalty = torch.tensor(factor, dtype=logits.dtype)[:, None]
+    pairs = torch.tensor(pending, dtype=torch.int64).reshape(-1, 2).T
     if logits.is_cuda:
-        index, penalty = (
-            t.pin_memory().to(logits.device, non_blocking=True) for t in (index, penalty)
+        index, penalty, pairs = (
+            t.pin_memory().to(logits.device, non_blocking=True) for t in (index, penalty, pairs)
         )
-    logits = logits.clone()
-    values = logits.view(-1)[index]
-    logits.view(-1)[index] = torch.where(values > 0, values / penalty, values * penalty)
-    return logits
+    seen = torch.zeros(logits.shape, dtype=torch.bool, device=logits.device)
+    seen.view(-1)[index] = True
+    if pending:
+        if previous is None:
+            raise ValueError("a row's seen token is in flight, but no step was launched")
+        seen[pairs[0], previous.index_select(0, pairs[1])] = True
+    return torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
 
 
 def filter_top_k_top_p(
@@ -142,15 +157,21 @@ class Sampler:
     def _split(block: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
         return block[: 8 * rows].view(torch.int64), block[8 * rows : 12 * rows].view(torch.float32)
 
-    def launch(self, logits: torch.Tensor | None, rows: Sequence[RowSampling]) -> None:
-        """Queue sampling of one token per row of ``logits`` (rows, vocab) float32."""
+    def launch(
+        self,
+        logits: torch.Tensor | None,
+        rows: Sequence[RowSampling],
+        previous: torch.Tensor | None = None,
+    ) -> None:
+        """Queue sampling of one token per row of ``logits`` (rows, vocab) float32;
+        ``previous``: the last launch's sampled tokens (rows' ``seen_pending``)."""
         n = self._rows = len(rows)
         self.failed = {}
         if not n:
             return
         tokens, logprobs = self._split(self._out, n)
         raw_logprobs = torch.log_softmax(logits, dim=-1)
-        logits = apply_repetition_penalty(logits, rows)
+        logits = apply_repetition_penalty(logits, rows, previous)
         torch.argmax(logits, dim=-1, out=tokens)
         torch.gather(raw_logprobs, 1, tokens[:, None], out=logprobs[:, None])
         sampled, staged = [], []

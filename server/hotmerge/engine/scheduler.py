@@ -143,15 +143,12 @@ class Scheduler:
 
     def can_plan_ahead(self) -> bool:
         """Whether the next step can be planned before the step in flight's tokens are on the
-        host: no decoding row with a repetition penalty (its seen tokens would miss the one in
-        flight) and a free block for every row that enters a new one (no preemption, which
-        would recompute from tokens the host does not have)."""
+        host: a free block for every row that enters a new one (no preemption, which would
+        recompute from tokens the host does not have)."""
         size, entering = self.kv.block_size, 0
         for s in self.running:
             if s.table is None or not self._decodes(s):
                 continue
-            if s.params.repetition_penalty != 1.0:
-                return False
             position = len(s.prompt_ids) + len(s.generated) + s.pending - 1
             entering += position % size == 0 and position >= len(s.table.blocks) * size
         return entering <= self.kv.free_blocks

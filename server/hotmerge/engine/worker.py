@@ -3,11 +3,12 @@
 The host work of a step overlaps the device's. Planned ahead (the default where the runner
 ``plans_ahead`` and the scheduler ``can_plan_ahead``): a step launches the next one before it
 waits for the one in flight, each decode row fed its token from that step's sampled tokens on
-the device, so the device goes from step to step without waiting for the host; then it takes
-the in-flight step's tokens, detokenizes and streams them, and admits new requests while the
-device runs. Otherwise (a repetition penalty in the batch, a row that would preempt, or
-``plan_ahead`` off) it waits first, then launches. A sequence that its tokens end (EOS, a stop
-sequence) is already in the launched step: that step's token for it is dropped.
+the device (a repetition penalty counts it as seen there too), so the device goes from step
+to step without waiting for the host; then it takes the in-flight step's tokens, detokenizes
+and streams them, and admits new requests while the device runs. Otherwise (a row that would
+preempt, or ``plan_ahead`` off) it waits first, then launches. A sequence that
+its tokens end (EOS, a stop sequence) is already in the launched step: that step's token for
+it is dropped.
 
 On CUDA the thread's work goes to a stream of its own at a high priority: merges (a stream at
 the lowest, ``merging/merger.py``) yield to it, and the adapter store's blocking
@@ -205,17 +206,22 @@ class Worker:
             for seq, score in zip(plan.chunk_seqs, scores, strict=True):
                 seq.prompt_scores.extend(score)
             lap("prefill")
-        sampling = [
-            RowSampling(
-                s.params,
-                s.seed,
-                len(s.generated) + s.pending - 1,  # its own token is pending now too
-                s.prompt_ids + s.generated if s.params.repetition_penalty != 1.0 else (),
+        # A decode row's input token, still on the device when planned ahead: seen too.
+        fed = [r.prev for r in plan.decode] or [c.prev for c in plan.chunks[: plan.decode_chunks]]
+        sampling = []
+        for i, s in enumerate(plan.sampled):
+            penalised = s.params.repetition_penalty != 1.0
+            sampling.append(
+                RowSampling(
+                    s.params,
+                    s.seed,
+                    len(s.generated) + s.pending - 1,  # its own token is pending now too
+                    s.prompt_ids + s.generated if penalised else (),
+                    fed[i] if penalised and i < len(fed) else -1,
+                )
             )
-            for s in plan.sampled
-        ]
         lap("prepare")
-        sampler = self.runner.sample([decode_logits, prefill_logits], sampling)
+        sampler = self.runner.sample([decode_logits, prefill_logits], sampling, tokens)
         lap("sample")
         return plan, sampler
 
