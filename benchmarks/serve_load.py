@@ -31,7 +31,6 @@ Results go to benchmarks/results/serve_load-<device>-<date>.{json,md} (or --out-
 
 from __future__ import annotations
 
-import argparse
 import cProfile
 import datetime as dt
 import io
@@ -58,6 +57,7 @@ from hotmerge.embedded import (
 from hotmerge.embedded import write_peft_adapter as write_adapter
 from hotmerge.engine import EngineConfig
 from hotmerge.server import freeze_startup_objects, start_server
+from serve_args import parse_args
 from serve_clients import (
     PROMPT_TOKENS,
     Sample,
@@ -282,77 +282,7 @@ def versions() -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shape", choices=sorted(SHAPES), default="7b")
-    parser.add_argument("--adapters", type=int, default=8)
-    parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--requests", type=int, default=400)
-    parser.add_argument(
-        "--concurrency",
-        default="32",
-        help="comma-separated: one load phase per level, on the same server (default: 32)",
-    )
-    parser.add_argument("--single", type=float, default=0.4, help="share of named-adapter requests")
-    parser.add_argument("--repeated", type=float, default=0.4, help="share of repeated specs")
-    parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--cold-runs", type=int, default=10)
-    parser.add_argument("--hit-reps", type=int, default=2000)
-    parser.add_argument(
-        "--max-batch-size",
-        type=int,
-        default=32,
-        help="1-256; decode CUDA graphs are captured for the powers of two below it and for it",
-    )
-    parser.add_argument("--max-loras", type=int, default=48, help="adapter slots")
-    parser.add_argument("--max-total-tokens", type=int, default=1024)
-    parser.add_argument(
-        "--quantize", default=None, help="quantize the base's linear weights: fp8, int8, nf4, int4"
-    )
-    parser.add_argument(
-        "--profile",
-        action="store_true",
-        help="cProfile the engine thread (its steps and admissions)",
-    )
-    parser.add_argument(
-        "--no-plan-ahead",
-        dest="plan_ahead",
-        action="store_false",
-        help="the engine waits for each step's tokens before launching the next",
-    )
-    parser.add_argument(
-        "--plan-ahead-ab",
-        action="store_true",
-        help="run each level twice on the same server: steps planned ahead, then waiting first",
-    )
-    parser.add_argument(
-        "--in-process-clients",
-        action="store_true",
-        help="run the load's clients as threads of the server's process (they share its GIL)",
-    )
-    parser.add_argument(
-        "--merge-streams",
-        type=int,
-        default=None,
-        help="streams running while a ties_svd merge is computed (default: the first "
-        "--concurrency; 0 skips that phase)",
-    )
-    parser.add_argument("--merge-tokens", type=int, default=256, help="new tokens per stream")
-    parser.add_argument(
-        "--prefix-runs",
-        type=int,
-        default=10,
-        help="requests per side of the shared-prefix TTFT phase (0 skips it)",
-    )
-    parser.add_argument("--prefix-tokens", type=int, default=512, help="the shared prefix's length")
-    parser.add_argument("--work-dir", type=Path, default=None)
-    parser.add_argument("--tag", default="", help="suffix of the result files' names")
-    parser.add_argument("--out-dir", type=Path, default=Path(__file__).parent / "results")
-    args = parser.parse_args()
-    if not 1 <= args.max_batch_size <= 256:
-        parser.error(f"--max-batch-size must be 1-256, got {args.max_batch_size}")
-    args.concurrency = [int(c) for c in args.concurrency.split(",")]
-    if args.merge_streams is None:
-        args.merge_streams = args.concurrency[0]
+    args = parse_args(__doc__.splitlines()[0], sorted(SHAPES))
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="hotmerge-bench-"))
