@@ -145,12 +145,11 @@ class Scheduler:
         """Whether the next step can be planned before the step in flight's tokens are on the
         host: a free block for every row that enters a new one (no preemption, which would
         recompute from tokens the host does not have)."""
-        size, entering = self.kv.block_size, 0
-        for s in self.running:
-            if s.table is None or not self._decodes(s):
-                continue
-            position = len(s.prompt_ids) + len(s.generated) + s.pending - 1
-            entering += position % size == 0 and position >= len(s.table.blocks) * size
+        entering = sum(
+            self._enters_block(s, _input_position(s))
+            for s in self.running
+            if s.table is not None and self._decodes(s)
+        )
         return entering <= self.kv.free_blocks
 
     def schedule(self) -> StepPlan | None:
@@ -167,13 +166,12 @@ class Scheduler:
             table = s.table
             if table is None:  # preempted for an earlier row
                 continue
-            position = len(s.prompt_ids) + len(s.generated) + s.pending - 1
-            offset = position % size
-            if offset == 0 and position >= len(table.blocks) * size:  # a new block
+            position = _input_position(s)
+            if self._enters_block(s, position):
                 self._grow(s, position + 1, preempted)
                 if s.table is None:
                     continue
-            elif offset == size - 1:
+            elif position % size == size - 1:
                 filling.append(s)
             if s.pending:
                 rows.append(DecodeRow(s.seq_id, 0, position, table.blocks, s.slot, s.pending_index))
@@ -208,6 +206,11 @@ class Scheduler:
             chunk_seqs[:0] = decoding
             return _pending(StepPlan([], chunks, chunk_seqs, sampled, filling, len(rows)))
         return _pending(StepPlan(rows, chunks, chunk_seqs, sampled, filling))
+
+    def _enters_block(self, seq: Sequence, position: int) -> bool:
+        """Whether a decode row at ``position`` needs a block its table does not have yet."""
+        size = self.kv.block_size
+        return position % size == 0 and position >= len(seq.table.blocks) * size
 
     def _decodes(self, seq: Sequence) -> bool:
         """Whether the sequence gets a decode row: prompt all in, a token to feed (a prompt
@@ -333,6 +336,12 @@ class Scheduler:
         if seq.slot >= 0:
             self.slots.release(seq.slot)
             seq.slot = -1
+
+
+def _input_position(seq: Sequence) -> int:
+    """The position of a decoding sequence's next input token: its last, the host's or one in
+    flight."""
+    return len(seq.prompt_ids) + len(seq.generated) + seq.pending - 1
 
 
 def _pending(plan: StepPlan) -> StepPlan:

@@ -94,8 +94,8 @@ def write_stacks(pool: AdapterPool, slot: int, adapter: FlatAdapter, stacks: lis
                 dst.index_copy_(0, st.layers, src.transpose(1, 2))
                 dst.mul_(adapter.scaling)
             else:
-                dst.index_copy_(0, st.layers, _scaled(src.transpose(1, 2), adapter.scaling,
-                                                      pool.dtype))  # fmt: skip
+                scaled = _scaled(src.transpose(1, 2), adapter.scaling, pool.dtype)
+                dst.index_copy_(0, st.layers, scaled)
     return ranks
 
 
@@ -126,8 +126,6 @@ def write_modules(pool: AdapterPool, slot: int, adapter: FlatAdapter) -> dict[st
 
 
 def _scaled(b: torch.Tensor, scaling: float, dtype: torch.dtype) -> torch.Tensor:
-    """B times the scaling in float32, rounded once into the pool's dtype (a 16-bit multiply
-    computes in float32 and rounds once, as ``_foreach_mul`` does)."""
-    if b.dtype == dtype:
-        return b * scaling
+    """B (of another dtype than the pool's) times the scaling in float32, rounded once into
+    the pool's dtype."""
     return (b.float() * scaling).to(dtype)
