@@ -69,6 +69,8 @@ def token_slots(t: int, mix: str) -> torch.Tensor:
         slots = (torch.arange(t) // 128) % 8
     elif mix == "mixed-8":  # decode rows of adapters i % 8, then one prompt of adapter 8
         slots = torch.cat([torch.arange(32) % 8, torch.full((t - 32,), 8)])
+    elif mix == "mixed-31":  # 31 decode rows of distinct adapters, then a prompt of adapter 0
+        slots = torch.cat([torch.arange(1, 32), torch.zeros(t - 31, dtype=torch.int64)])
     else:  # two adapters, their tokens interleaved at random (the kernels group them)
         slots = torch.randint(0, 2, (t,), generator=torch.Generator().manual_seed(0))
     return slots.to(torch.int32).cuda()

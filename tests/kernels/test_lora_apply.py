@@ -293,11 +293,22 @@ def test_the_tile_list_covers_each_group_with_a_slot_in_tiles_of_block_m():
         assert meta.num_tiles.item() == sum(-(-size // m) for size in sizes) <= meta.max_tiles
 
 
+def test_a_mixed_steps_one_token_groups_get_a_program_each():
+    """31 decode rows of distinct adapters and a 128-token prompt: no program walks two tiles
+    (walking one-token tiles one after another made a mixed step's expand 7x a decode's)."""
+    t, num_slots = 31 + 128, 64
+    meta = LoraKernelMeta(max_tokens=t, num_slots=num_slots, device=DEVICE)
+    meta.update(slots_of(list(range(1, 32)) + [0] * 128))
+    assert meta.num_tiles.item() == 31 + -(-128 // lora.PREFILL_BLOCK_M)
+    assert lora._tile_programs(t, num_slots) >= meta.num_tiles.item()
+
+
 @needs_triton
-def test_prefill_programs_walk_more_tiles_than_there_are_programs():
-    """30 slots, 70 tokens in runs of 2-4 (a mixed step's decode rows, then a prompt): more
-    tiles than a grid column has programs, so each program walks several; the result equals
-    the twin's."""
+def test_prefill_programs_walk_more_tiles_than_there_are_programs(monkeypatch):
+    """30 slots, 70 tokens in runs of 2-4 (a mixed step's decode rows, then a prompt), with one
+    extra program a column: more tiles than a grid column has programs, so each program walks
+    several; the result equals the twin's."""
+    monkeypatch.setattr(lora, "EXTRA_TILE_PROGRAMS", 1)
     ranks = (16, 8, 0, 5, 64, 128) * 5
     pool = make_pool(WIDTHS[0], dtype=torch.bfloat16, ranks=ranks, seed=21)
     gen = torch.Generator().manual_seed(22)

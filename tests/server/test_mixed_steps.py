@@ -91,3 +91,16 @@ def test_prefill_buffers_lay_out_decode_rows_and_prompt_chunks():
     assert buf.query_start[:2].tolist() == [0, 1] and buf.query_lens[:4].tolist() == [1, 3, 0, 0]
     assert buf.query_pos[:2].tolist() == [5, 2] and buf.last[:2].tolist() == [0, 3]
     assert buf.block_tables[:2].tolist() == [[3, 9, 0, 0], [2, 8, 0, 0]]
+
+
+def test_prefill_token_counts_have_midpoints_from_128():
+    """A mixed step of 32 rows and a 128-token prompt (160 tokens) pads to 192, not 256; decode
+    batch sizes stay powers of two; the maximum is always a size."""
+    from hotmerge.engine.batch import padded_sizes
+
+    prefill = padded_sizes(2048, smallest=16, midpoints_from=128)
+    assert prefill == [16, 32, 64, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048]
+    assert next(s for s in prefill if s >= 160) == 192
+    assert padded_sizes(200, smallest=16, midpoints_from=128) == [16, 32, 64, 128, 192, 200]
+    assert padded_sizes(100, midpoints_from=128)[-3:] == [32, 64, 100]
+    assert padded_sizes(64) == [1, 2, 4, 8, 16, 32, 64]

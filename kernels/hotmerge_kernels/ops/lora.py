@@ -78,7 +78,13 @@ MAX_SLICES = 3
 DECODE_MAX_TOKENS = 64  # up to this many tokens: decode tiles and split in_features
 SPLIT_WIDTH = 512  # in_features per shrink split at decode (16 KB of A per rank-16 program)
 PREFILL_MAX_SPLITS = 8  # prefill expand unrolls its sum over the splits: keep it short
-PREFILL_BLOCK_M = 16 if INTERPRETING else 64  # tokens per prefill tile (the meta's tile list)
+# Tokens per prefill tile (the meta's tile list): 16, since a mixed step's decode rows make
+# one-token groups, and a small tile leaves a program few registers, so more run at once. H100
+# sweep (gpu-checks-H100-2026-12-07-e), gate_up expand against 64-row tiles with n tiles of 128
+# and 8 extra programs: 31 one-token groups and a prompt 180 -> 55 us, 8 groups 60 -> 32 us,
+# eight 128-token prompts 125 -> 102 us; the extra programs took shrink there 23 -> 14 us (down).
+PREFILL_BLOCK_M = 16
+EXTRA_TILE_PROGRAMS = 64  # programs a grid column has beyond one group's tiles
 
 
 def lora_splits(in_features: int, tokens: int) -> int:
@@ -166,9 +172,11 @@ def max_tiles(tokens: int, num_slots: int) -> int:
 
 def _tile_programs(tokens: int, num_slots: int) -> int:
     """Programs of a grid column that walk the tile list: the tiles of T tokens in one group,
-    plus a few for the extra tiles of more groups (shapes only: the list's length is on the
-    device)."""
-    return min(max_tiles(tokens, num_slots), triton.cdiv(tokens, PREFILL_BLOCK_M) + 8)
+    plus ``EXTRA_TILE_PROGRAMS`` for the extra tiles of more groups (shapes only: the list's
+    length is on the device), so a mixed step's one-token groups get a program each rather
+    than a few programs walking them one after the other."""
+    one_group = triton.cdiv(tokens, PREFILL_BLOCK_M)
+    return min(max_tiles(tokens, num_slots), one_group + EXTRA_TILE_PROGRAMS)
 
 
 def _by_rows(tokens: int) -> bool:
@@ -189,7 +197,7 @@ def _expand_tiles(tokens: int) -> dict:
         return dict(BLOCK_N=16, BLOCK_K=16)
     if _by_rows(tokens):  # 16 KB of B per program at rank 16
         return dict(BLOCK_N=512, BLOCK_K=16, num_warps=4, num_stages=1)
-    return dict(BLOCK_N=128, BLOCK_K=16, num_warps=4, num_stages=3)
+    return dict(BLOCK_N=256, BLOCK_K=16, num_warps=4, num_stages=3)
 
 
 def _dot_f32(dtype: torch.dtype) -> bool:

@@ -221,10 +221,13 @@ class PrefillBuffers:
         return seqs
 
 
-def padded_sizes(max_size: int, smallest: int = 1) -> list[int]:
-    """Sizes a graph is captured for: powers of two from ``smallest``, and the maximum."""
+def padded_sizes(max_size: int, smallest: int = 1, midpoints_from: int | None = None) -> list[int]:
+    """Sizes a graph is captured for: powers of two from ``smallest``, from ``midpoints_from``
+    on also the size halfway to the next (192, 384, ...), and the maximum."""
     sizes, size = [], smallest
     while size < max_size:
         sizes.append(size)
+        if midpoints_from is not None and size >= midpoints_from and size * 3 // 2 < max_size:
+            sizes.append(size * 3 // 2)
         size *= 2
     return [*sizes, max_size]

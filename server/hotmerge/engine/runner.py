@@ -231,7 +231,11 @@ class LlamaRunner(ModelRunner):
         self.prefill_buffers = PrefillBuffers(
             max_prefill, config.max_batch_size, self.max_blocks, self.device
         )
-        self.prefill_sizes = padded_sizes(max_prefill, smallest=min(16, max_prefill))
+        # Midpoints from 128: a mixed step of 32 decode rows and a 128-token prompt pads to 192
+        # tokens, not 256 (its projections' GEMMs are about compute-bound there).
+        self.prefill_sizes = padded_sizes(
+            max_prefill, smallest=min(16, max_prefill), midpoints_from=128
+        )
         # (padded token count, whether any token has an adapter) -> (graph, (hidden, logits))
         self._prefill_graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, tuple]] = {}
         self.attention = None  # the paged decode attention kernel, with its workspace (CUDA)
