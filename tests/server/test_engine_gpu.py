@@ -149,3 +149,25 @@ def test_steps_planned_ahead_give_the_tokens_of_waiting_first(embedded):
         finally:
             engine.stop()
     assert tokens[True] == tokens[False]
+
+
+def test_a_slot_write_never_waits_for_the_device(embedded):
+    """Admission writes adapters while a step runs: a write that syncs stalls the engine thread
+    for the rest of that step (the pool's ranks set by ``[slot] = r`` once did, 30-76 ms)."""
+    model_dir, root = embedded
+    engine = make_engine(model_dir, root, device="cuda", dtype="bfloat16")
+    try:
+        pool = engine.runner.adapters
+        adapter = engine.store.get("demo-d")[0].weights  # all seven projections
+        for r in pool.ranks.values():
+            r.zero_()
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            pool.write(1, adapter)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        written = {group: r.tolist() for group, r in pool.ranks.items()}
+        assert all(r[1] == adapter.rank and r[0] == 0 for r in written.values()), written
+    finally:
+        engine.stop()

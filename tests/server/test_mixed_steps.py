@@ -88,9 +88,32 @@ def test_prefill_buffers_lay_out_decode_rows_and_prompt_chunks():
     # position p of a chunk lives in block table[p // 4] at offset p % 4; padding: not written
     assert buf.slot_mapping[:6].tolist() == [9 * 4 + 1, 2 * 4 + 2, 2 * 4 + 3, 8 * 4 + 0, -1, -1]
     assert buf.lora_slots[:6].tolist() == [1, -1, -1, -1, -1, -1]
-    assert buf.query_start[:2].tolist() == [0, 1] and buf.query_lens[:4].tolist() == [1, 3, 0, 0]
+    # the decode row is the decode attention's (its length with its token), not the prefill's
+    assert buf.query_start[:2].tolist() == [0, 1] and buf.query_lens[:4].tolist() == [0, 3, 0, 0]
+    assert buf.row_lens[:4].tolist() == [6, 0, 0, 0]
     assert buf.query_pos[:2].tolist() == [5, 2] and buf.last[:2].tolist() == [0, 3]
     assert buf.block_tables[:2].tolist() == [[3, 9, 0, 0], [2, 8, 0, 0]]
+
+
+def test_only_the_one_token_chunks_in_front_are_rows():
+    """Leading one-token chunks go to the decode attention; a one-token chunk after a prompt
+    stays the prefill kernel's (its token is not at its chunk's index)."""
+    import torch
+    from hotmerge.engine.batch import PrefillBuffers, PrefillChunk, leading_rows
+
+    buf = PrefillBuffers(max_tokens=16, max_seqs=4, max_blocks=4, device=torch.device("cpu"))
+    chunks = [
+        PrefillChunk(0, [7], start=5, block_table=[3, 9], slot=1, last=True),
+        PrefillChunk(1, [8], start=0, block_table=[4], slot=-1, last=True),  # a 1-token prompt
+        PrefillChunk(2, [4, 5], start=2, block_table=[2], slot=-1, last=True),
+        PrefillChunk(3, [6], start=9, block_table=[1, 5, 6], slot=0, last=True),
+    ]
+    assert leading_rows(chunks) == 2 and leading_rows(chunks[2:]) == 0
+    buf.fill(chunks, padded=8, block_size=4)
+    assert buf.row_lens[:4].tolist() == [6, 1, 0, 0]
+    assert buf.query_lens[:4].tolist() == [0, 0, 2, 1]
+    buf.fill(chunks[2:], padded=8, block_size=4)  # no rows: every length is the prefill's
+    assert buf.row_lens[:4].tolist() == [0, 0, 0, 0] and buf.query_lens[:2].tolist() == [2, 1]
 
 
 def test_prefill_token_counts_have_midpoints_from_128():
@@ -104,3 +127,33 @@ def test_prefill_token_counts_have_midpoints_from_128():
     assert padded_sizes(200, smallest=16, midpoints_from=128) == [16, 32, 64, 128, 192, 200]
     assert padded_sizes(100, midpoints_from=128)[-3:] == [32, 64, 100]
     assert padded_sizes(64) == [1, 2, 4, 8, 16, 32, 64]
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral"])  # mistral: a sliding window
+def test_rows_in_a_mixed_step_get_a_decode_steps_logits(kind, monkeypatch):
+    """float32: a mixed step's decode rows (the decode attention) get the logits a decode step
+    gives them, and the prompt after them the logits it gets when the rows take the prefill
+    kernel's path instead."""
+    import torch
+    from hotmerge.engine import batch
+    from hotmerge.engine import runner as runner_module
+    from hotmerge.engine.batch import DecodeRow, PrefillChunk
+
+    from tests.server.test_engine import hf_model, runner_for
+
+    runner = runner_for(hf_model(kind))
+    tables = [[1, 2, 3, 4, 5], [6, 7, 8, 9, 10], [11, 12, 13, 14, 15]]
+    prompts = [[5 + i, 9, 14, 3, 7, 11 + i, 2][: 5 + i] for i in range(2)]
+    with torch.inference_mode():
+        runner.prefill([PrefillChunk(i, p, 0, tables[i], -1, True) for i, p in enumerate(prompts)])
+        rows = [DecodeRow(i, 40 + i, len(p), tables[i], -1) for i, p in enumerate(prompts)]
+        alone = runner.decode(rows).clone()
+        chunks = [PrefillChunk(r.seq_id, [r.token_id], r.position, r.block_table, -1, True)
+                  for r in rows]  # fmt: skip
+        chunks.append(PrefillChunk(2, [3, 4, 5, 6, 7, 8], 0, tables[2], -1, True))
+        mixed = runner.prefill(chunks)[0].clone()
+        for module in (batch, runner_module):
+            monkeypatch.setattr(module, "leading_rows", lambda _chunks: 0)
+        without_rows = runner.prefill(chunks)[0].clone()
+    torch.testing.assert_close(mixed[:2], alone, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(mixed, without_rows, atol=1e-5, rtol=1e-5)

@@ -17,6 +17,8 @@ from tests.server.test_quantized_engine import (
     runner_for,
 )
 
+SMALL_PREFILL = 64  # the prompts here are short: fewer prefill graphs to warm up and capture
+
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
@@ -30,7 +32,7 @@ def test_graph_logits_equal_transformers_on_the_dequantized_weights(fmt):
     ids = torch.randint(3, 259, (1, 17), generator=torch.Generator().manual_seed(1))[0].tolist()
     with torch.inference_mode():
         want = ref(torch.tensor([ids], device="cuda")).logits[0].float()
-    runner = runner_for(model, fmt)
+    runner = runner_for(model, fmt, max_prefill_tokens=SMALL_PREFILL)
     assert runner._graphs
     prompt, steps = ids[:12], ids[12:]
     table = [1, 2, 3, 4, 5]
@@ -48,7 +50,8 @@ def test_graph_decode_equals_eager_on_a_quantized_base(fmt):
     model = hf_model().to("cuda", torch.bfloat16)
     adapter = random_adapter(model, 1, device="cuda")
     runners = [
-        runner_for(copy.deepcopy(model), fmt, cuda_graphs=graphs) for graphs in (True, False)
+        runner_for(copy.deepcopy(model), fmt, cuda_graphs=graphs, max_prefill_tokens=SMALL_PREFILL)
+        for graphs in (True, False)
     ]
     assert runners[0]._graphs and not runners[1]._graphs
     outs = []

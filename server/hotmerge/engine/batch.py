@@ -146,9 +146,26 @@ def _aligned(words: int) -> int:
     return -(-words // 4) * 4
 
 
+def leading_rows(chunks: Sequence[PrefillChunk]) -> int:
+    """How many chunks at the front hold one token each: a mixed step's decode rows (a one-token
+    prompt chunk among them is attended alike). Their attention runs in the decode kernel, one
+    program per GQA group, where the prefill kernel would run one per query head."""
+    rows = 0
+    for chunk in chunks:
+        if len(chunk.token_ids) != 1:
+            break
+        rows += 1
+    return rows
+
+
 class PrefillBuffers:
     """Inputs of a prefill forward at fixed addresses: up to ``max_tokens`` prompt tokens of up
-    to ``max_seqs`` sequences (one chunk each), filled with one host-to-device copy each."""
+    to ``max_seqs`` sequences (one chunk each), filled with one host-to-device copy each.
+
+    Per sequence: ``query_start``, ``query_lens``, ``query_pos`` (the prefill attention's) and
+    ``row_lens``. The ``leading_rows`` chunks are rows of the decode attention instead:
+    ``row_lens`` is their cached length with their token (0 past them), and their ``query_lens``
+    is 0, so the prefill kernel leaves them out."""
 
     def __init__(self, max_tokens: int, max_seqs: int, max_blocks: int, device) -> None:
         self.max_tokens, self.max_seqs = max_tokens, max_seqs
@@ -160,13 +177,13 @@ class PrefillBuffers:
 
         self._host_tokens, self.tokens = pair((3, max_tokens), torch.int64)
         self._host_slots, self.lora_slots = pair(max_tokens, torch.int32)
-        self._host_seqs, self.seqs = pair((3, max_seqs), torch.int32)
+        self._host_seqs, self.seqs = pair((4, max_seqs), torch.int32)
         self._host_last, self.last = pair(max_seqs, torch.int64)
         # The chunks that end their prompts: the rows of the logits sampled (the others' are not).
         self._host_sampled, self.sampled = pair(max_seqs, torch.int64)
         self._host_tables, self.block_tables = pair((max_seqs, max_blocks), torch.int32)
         self.input_ids, self.positions, self.slot_mapping = self.tokens
-        self.query_start, self.query_lens, self.query_pos = self.seqs
+        self.query_start, self.query_lens, self.query_pos, self.row_lens = self.seqs
         self._read = CopyDone(device)
         self.pending = PendingTokens(max_seqs, device)
 
@@ -203,6 +220,8 @@ class PrefillBuffers:
         )
         slots[:total] = np.repeat(np.fromiter((c.slot for c in chunks), np.int64, n), lens)
         per_seq[0, :n], per_seq[1, :n], per_seq[2, :n] = firsts, lens, starts
+        rows = leading_rows(chunks)
+        per_seq[1, :rows], per_seq[3, :rows] = 0, starts[:rows] + 1
         last[:n] = ends - 1
         self.tokens[:, :padded].copy_(self._host_tokens[:, :padded], non_blocking=True)
         self.lora_slots[:padded].copy_(self._host_slots[:padded], non_blocking=True)

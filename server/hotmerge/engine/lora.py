@@ -109,8 +109,8 @@ class AdapterPool:
             ranks = slot_write.write_modules(self, slot, adapter)
         else:
             ranks = slot_write.write_stacks(self, slot, adapter, stacks)
-        for group, r in ranks.items():
-            self.ranks[group][slot] = r
+        for group, r in ranks.items():  # fill_, not ``[slot] = r``: that copies r from the
+            self.ranks[group][slot : slot + 1].fill_(r)  # host and waits for the device
         if adapter.buffer.is_cuda:  # its memory is not reused before these copies have run
             adapter.buffer.record_stream(torch.cuda.current_stream(adapter.device))
 

@@ -53,25 +53,34 @@ def silu_and_mul(gate_up):
 
 
 def paged_decode_attention(
-    q, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window, kernel=None
+    q, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window, kernel=None, out=None
 ):
     """One query token per row against its blocks; ``kernel`` is the runner's PagedAttention
     (its workspace preallocated, so the call can be captured)."""
+    args = (q, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window)
     if kernel is not None and use_triton(q):
-        return kernel.forward(q, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window)
-    return reference.paged_decode_attention(
-        q, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window
-    )
+        return kernel.forward(*args, out=out)
+    return reference.paged_decode_attention(*args, out=out)
 
 
 def prefill_attention(
-    q, k_cache, v_cache, block_tables, query_start, query_lens, query_pos, scale, sliding_window
+    q,
+    k_cache,
+    v_cache,
+    block_tables,
+    query_start,
+    query_lens,
+    query_pos,
+    scale,
+    sliding_window,
+    out=None,
 ):
     """Each sequence's query tokens against its cached prefix and themselves (already in the
-    cache), causal and windowed; one launch for the batch on CUDA."""
+    cache), causal and windowed; one launch for the batch on CUDA. Rows of ``out`` of no
+    sequence's queries are left as they are."""
     fn = paged_prefill_attention if use_triton(q) else reference.paged_prefill_attention
     args = (q, k_cache, v_cache, block_tables, query_start, query_lens, query_pos, scale)
-    return fn(*args, sliding_window)
+    return fn(*args, sliding_window, out=out)
 
 
 def lora(x, y, lora_a, lora_b, slot_ranks, token_slots, slice_offsets, buf, meta=None) -> None:

@@ -11,6 +11,7 @@ token count and batch size); any other architecture through transformers, eagerl
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import threading
 import time
@@ -25,6 +26,7 @@ from hotmerge.engine.batch import (
     DecodeRow,
     PrefillBuffers,
     PrefillChunk,
+    leading_rows,
     padded_sizes,
 )
 from hotmerge.engine.config import FALLBACK_CONTEXT_TOKENS, EngineConfig
@@ -236,8 +238,9 @@ class LlamaRunner(ModelRunner):
         self.prefill_sizes = padded_sizes(
             max_prefill, smallest=min(16, max_prefill), midpoints_from=128
         )
-        # (padded token count, whether any token has an adapter) -> (graph, (hidden, logits))
-        self._prefill_graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, tuple]] = {}
+        # (padded token count, whether any token has an adapter, whether it starts with rows)
+        # -> (graph, (hidden, logits))
+        self._prefill_graphs: dict[tuple[int, bool, bool], tuple[torch.cuda.CUDAGraph, tuple]] = {}
         self.attention = None  # the paged decode attention kernel, with its workspace (CUDA)
         if self.device.type == "cuda":
             from hotmerge_kernels.ops.paged_attention import PagedAttention
@@ -298,8 +301,9 @@ class LlamaRunner(ModelRunner):
     @torch.inference_mode()
     def _warm_up(self, *, capture: bool) -> None:
         """Run every shape once (the kernels autotune per shape, outside any graph), then
-        capture one decode graph per padded batch size and one prefill graph per padded token
-        count, all sharing one memory pool."""
+        capture a decode graph per padded batch size and a prefill graph per padded token count
+        (each with and without LoRA launches; prefill also with and without rows in front), all
+        sharing one memory pool."""
         started = time.perf_counter()
         slots = self.adapters.num_slots
         with self.adapters.every_slot_full():
@@ -323,9 +327,9 @@ class LlamaRunner(ModelRunner):
                 self._graphs[size, with_lora] = self._capture(pool, step)
         for size in reversed(self.prefill_sizes):
             seqs = self.prefill_buffers.fill([], size, self.block_size)
-            for with_lora in (True, False):
-                step = functools.partial(self._prefill_step, size, seqs, with_lora)
-                self._prefill_graphs[size, with_lora] = self._capture(pool, step)
+            for with_lora, with_rows in itertools.product((True, False), repeat=2):
+                step = functools.partial(self._prefill_step, size, seqs, with_lora, with_rows)
+                self._prefill_graphs[size, with_lora, with_rows] = self._capture(pool, step)
         torch.cuda.synchronize()
         log.info(
             "captured CUDA graphs in %.1f s: decode for batch sizes %s, prefill for token "
@@ -361,9 +365,11 @@ class LlamaRunner(ModelRunner):
 
     # -- prefill ------------------------------------------------------------------------------
 
-    def _prefill_step(self, size: int, seqs: int, with_lora: bool):
+    def _prefill_step(self, size: int, seqs: int, with_lora: bool, with_rows: bool):
         """The forward over the prefill buffers' first ``size`` tokens and ``seqs`` sequences:
-        (final hidden states (size, H), logits of each sequence's last token (seqs, V))."""
+        (final hidden states (size, H), logits of each sequence's last token (seqs, V)).
+        ``with_rows``: the first ``seqs`` tokens may be rows (``batch.leading_rows``), attended
+        by the decode kernel (rows of length 0 past them: it does nothing there)."""
         buf = self.prefill_buffers
         attn = AttentionBatch(
             positions=buf.positions[:size],
@@ -372,6 +378,8 @@ class LlamaRunner(ModelRunner):
             query_start=buf.query_start[:seqs],
             query_lens=buf.query_lens[:seqs],
             query_pos=buf.query_pos[:seqs],
+            row_lens=buf.row_lens[:seqs] if with_rows else None,
+            kernel=self.attention,
         )
         lora = LoraBatch(self.adapters, buf.lora_slots[:size]) if with_lora else None
         hidden = self.model(buf.input_ids[:size], attn, self.kv, lora)
@@ -391,12 +399,13 @@ class LlamaRunner(ModelRunner):
         size = next(s for s in self.prefill_sizes if s >= n) if self.device.type == "cuda" else n
         seqs = buf.fill(chunks, size, self.block_size, previous)
         with_lora = any(c.slot >= 0 for c in chunks)  # base-model prompts: no LoRA launches
-        captured = self._prefill_graphs.get((size, with_lora))
+        with_rows = leading_rows(chunks) > 0
+        captured = self._prefill_graphs.get((size, with_lora, with_rows))
         if captured is not None:
             graph, (hidden, logits) = captured
             graph.replay()
         else:
-            hidden, logits = self._prefill_step(size, seqs, with_lora)
+            hidden, logits = self._prefill_step(size, seqs, with_lora, with_rows)
         last = [i for i, c in enumerate(chunks) if c.last]
         if len(last) < len(chunks):
             logits = logits.index_select(0, buf.sampled[: len(last)]) if last else None

@@ -12,11 +12,12 @@ a 7B Llama). Any other adapter goes a module at a time. The plan depends only on
 segment table, so the pool keeps one per table.
 
 An adapter in the pool's dtype is written without a device allocation: B is copied, then scaled
-in place (one rounding, as ``b * scaling`` rounds). On the H100 under serving load, a few writes
-that allocated their scaled B took 30-76 ms of the engine thread, nearly all of it CPU time,
-which Python's few calls here cannot spend: the likely cause (not confirmed) is the caching
-allocator, short of memory beside the KV cache and the merges, freeing cached blocks, which
-waits for the device (a spinning sync) while a step runs.
+in place (one rounding, as ``b * scaling`` rounds). On the H100 under serving load some writes
+took 30-76 ms of the engine thread, nearly all of it CPU time, about as long as the slowest
+steps. torch's sync debug mode found the one call in a write that waits for the device (a
+spinning wait, hence CPU time): ``AdapterPool.write`` set the rank entries with
+``ranks[slot] = r``, a copy from the host; it fills them on the device now
+(``benchmarks/slot_write_cost.py --busy-ms``; the GPU test runs a write in the mode "error").
 """
 
 from __future__ import annotations

@@ -59,7 +59,10 @@ class AttentionBatch:
     the cache including the new one. Prefill (chunks of prompts, flat): per sequence
     ``block_tables (S, max_blocks)``, ``query_start``, ``query_lens`` and ``query_pos`` (its
     first token's index in the batch, its token count, its first token's position); see
-    ``hotmerge_kernels.prefill_attention``.
+    ``hotmerge_kernels.prefill_attention``. A prefill whose first tokens are rows (a mixed
+    step's decode rows, ``batch.leading_rows``) also has ``row_lens (R,)``: rows ``0 .. R-1``
+    (tokens and sequences alike) go through the decode attention with these lengths (0: not a
+    row), and their ``query_lens`` are 0.
     """
 
     positions: torch.Tensor  # (T,) int64
@@ -69,7 +72,8 @@ class AttentionBatch:
     query_start: torch.Tensor | None = None
     query_lens: torch.Tensor | None = None
     query_pos: torch.Tensor | None = None
-    kernel: object | None = None  # the runner's PagedAttention (decode on CUDA)
+    row_lens: torch.Tensor | None = None
+    kernel: object | None = None  # the runner's PagedAttention (decode and rows, on CUDA)
 
     @property
     def is_decode(self) -> bool:
@@ -149,7 +153,21 @@ class LlamaLayer(nn.Module):
                 attn.kernel,
             )
         else:
-            out = ops.prefill_attention(
+            out = torch.empty_like(q)
+            if attn.row_lens is not None:
+                rows = attn.row_lens.shape[0]
+                ops.paged_decode_attention(
+                    q[:rows],
+                    k_cache,
+                    v_cache,
+                    attn.block_tables[:rows],
+                    attn.row_lens,
+                    self.scale,
+                    self.window,
+                    attn.kernel,
+                    out=out[:rows],
+                )
+            ops.prefill_attention(
                 q,
                 k_cache,
                 v_cache,
@@ -159,6 +177,7 @@ class LlamaLayer(nn.Module):
                 attn.query_pos,
                 self.scale,
                 self.window,
+                out=out,
             )
         out = out.reshape(tokens, self.num_heads * self.head_dim)
         o = ops.linear(out, self.o_weight, self.o_bias)
