@@ -6,7 +6,8 @@
 #      first and read by the others (--bf16-from); bf16 batch 32 distinct is serving's
 #      decode-only ceiling;
 #   2. serve_load at concurrency 32, 64, 128 on bf16 (with the shared-prefix and ties_svd phases),
-#      and the host cost of an adapter's slot write at 7B geometry (slot_write_cost.py);
+#      and the host cost of an adapter's slot write at 7B geometry (slot_write_cost.py), also
+#      behind 50 ms of device work (a write that waits for the device takes about that long);
 #   3. serve_load at concurrency 64 on the quantized base fastest at batch 64 in (1);
 #   4. pytest -m gpu (the suites that need no packages beyond the serving ones), the quantized
 #      engine's first.
@@ -14,6 +15,9 @@
 #      NOPDL_FORMATS (default fp8), bf16 included, to set beside (1).
 #   6. lora_prefill (not in the default steps): the prefill LoRA kernels' tile sweep
 #      (lora_prefill_tiles.py) at a mixed step's size and a 1024-token prefill.
+#   7. serve_gil (not in the default steps): serve_load at concurrency 32 and 64 with a GIL
+#      switch interval of 0.5 ms (Python's default: 5), then at the default, one after the
+#      other on the same card (how long the engine thread waits for the GIL after torch calls).
 # serve runs each level twice (--plan-ahead-ab): steps planned ahead, then waiting first.
 # Each step has its own time limit (seconds: DECODE_S, SERVE_S, SERVE_Q_S, PYTEST_Q_S,
 # PYTEST_S) and writes its log and results under OUT (default
@@ -62,6 +66,8 @@ step serve_bf16 "${SERVE_S:-400}" $PY benchmarks/serve_load.py --shape "$SHAPE" 
 grep -E "^load c=|^- |p99 ratio" "$OUT/serve_bf16.log"
 step slot_write 120 $PY benchmarks/slot_write_cost.py
 tail -2 "$OUT/slot_write.log"
+step slot_write_busy 120 $PY benchmarks/slot_write_cost.py --busy-ms 50  # no write may wait
+grep -E "write behind" "$OUT/slot_write_busy.log" | cut -c1-160
 fi
 if want serve_q; then
 BEST=$($PY - "$OUT"/decode_*.json <<'PY'
@@ -79,6 +85,14 @@ if [ -n "$BEST" ]; then
     --work-dir "$WORK" --out-dir "$OUT" --tag="-$BEST"
   grep -E "^load c=" "$OUT/serve_$BEST.log"
 fi
+fi
+if want serve_gil; then
+for ms in 0.5 5; do
+  step "serve_gil_$ms" "${SERVE_S:-400}" $PY benchmarks/serve_load.py --shape "$SHAPE" \
+    --concurrency 32,64 --max-batch-size 128 --requests 320 --merge-streams 0 --prefix-runs 0 \
+    --switch-interval-ms "$ms" --work-dir "$WORK" --out-dir "$OUT" --tag="-gil-$ms"
+  grep -E "^load c=" "$OUT/serve_gil_$ms.log"
+done
 fi
 if want lora_prefill; then
 step lora_prefill 300 $PY benchmarks/lora_prefill_tiles.py --out "$OUT/lora_prefill_tiles.json"

@@ -50,6 +50,14 @@ def parse_args(description: str, shapes: list[str]) -> argparse.Namespace:
         help="run each level twice on the same server: steps planned ahead, then waiting first",
     )
     parser.add_argument(
+        "--switch-interval-ms",
+        type=float,
+        default=None,
+        help="the server process's GIL switch interval (sys.setswitchinterval; Python's "
+        "default: 5 ms): how long the engine thread may wait for the GIL after a torch call "
+        "while the front's threads hold it",
+    )
+    parser.add_argument(
         "--in-process-clients",
         action="store_true",
         help="run the load's clients as threads of the server's process (they share its GIL)",

@@ -38,6 +38,7 @@ import multiprocessing
 import platform
 import pstats
 import random
+import sys
 import tempfile
 import threading
 import time
@@ -283,6 +284,8 @@ def versions() -> dict:
 
 def main() -> None:
     args = parse_args(__doc__.splitlines()[0], sorted(SHAPES))
+    if args.switch_interval_ms is not None:
+        sys.setswitchinterval(args.switch_interval_ms / 1000)
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="hotmerge-bench-"))
@@ -376,7 +379,8 @@ def main() -> None:
         "model": f"random Llama, shape {args.shape} ({SHAPES[args.shape] or 'embedded tiny'}), "
         f"{'bf16' if device == 'cuda' else 'fp32'}"
         + (f", linear weights {args.quantize}" if args.quantize else "")
-        + ("" if args.plan_ahead else ", no step planned ahead"),
+        + ("" if args.plan_ahead else ", no step planned ahead")
+        + f", GIL switch interval {sys.getswitchinterval() * 1000:g} ms",
         "adapters": args.adapters,
         "rank": args.rank,
         "prompt_tokens": PROMPT_TOKENS,
