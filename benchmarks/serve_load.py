@@ -78,6 +78,7 @@ from serve_report import (
     itl_summary,
     pct,
     tokens_per_s_full,
+    ttft_after_burst,
     write_results,
 )
 from serve_trace import DeviceTimeline, StallTrace
@@ -261,6 +262,7 @@ def load_mix(running, adapter_ids, args, concurrency: int, phase: int) -> dict:
         # While the level was full: from the first request sent to the last (after that, the
         # last requests drain at falling concurrency).
         "tokens_per_s_full": tokens_per_s_full(samples),
+        "ttft_after_burst": ttft_after_burst(samples, concurrency),
         "by_kind": by_kind,
         "engine": steps,
         "stalls": trace.summary(samples),

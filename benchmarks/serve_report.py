@@ -104,6 +104,23 @@ def tokens_per_s_full(samples) -> float:
     return tokens / max(last - first, 1e-9)
 
 
+def ttft_after_burst(samples, concurrency: int) -> dict:
+    """TTFT of the requests sent after the opening burst (the first ``concurrency`` requests,
+    sent at once when the level starts, whose prompts queue behind each other): the tail of
+    the steady state, beside the whole run's."""
+
+    def sent(s) -> float:
+        return s.token_times[0] - s.ttft_ms / 1000
+
+    timed = sorted((s for s in samples if s.token_times), key=sent)
+    later = [s.ttft_ms for s in timed[concurrency:]]
+    return {
+        "requests": len(later),
+        "ttft_ms_p50": pct(later, 50) if later else None,
+        "ttft_ms_p99": pct(later, 99) if later else None,
+    }
+
+
 def load_lines(load: dict) -> list[str]:
     """One load phase's section of the report."""
     engine = load["engine"]
@@ -125,6 +142,7 @@ def load_lines(load: dict) -> list[str]:
         f"Inter-token latency (all streams, per token): p50 {load['itl']['itl_ms_p50']:.2f} ms, "
         f"p99 {load['itl']['itl_ms_p99']:.2f} ms over {load['itl']['tokens']} gaps",
         "",
+        *_after_burst(load.get("ttft_after_burst")),
         "Decode batch sizes reached (steps): "
         + ", ".join(f"{k}: {v}" for k, v in engine["decode_batch_sizes"].items()),
         "",
@@ -177,6 +195,17 @@ def load_lines(load: dict) -> list[str]:
             f"{row['queue_ms_p50']:.1f} / {row['merge_ms_p50']:.1f} / {row['prefill_ms_p50']:.1f} |"
         )
     return lines
+
+
+def _after_burst(after: dict | None) -> list[str]:
+    if not after or after["ttft_ms_p50"] is None:
+        return []
+    ratio = after["ttft_ms_p99"] / after["ttft_ms_p50"]
+    return [
+        f"TTFT of the {after['requests']} requests sent after the opening burst: p50 "
+        f"{after['ttft_ms_p50']:.1f} ms, p99 {after['ttft_ms_p99']:.1f} ms ({ratio:.1f}x)",
+        "",
+    ]
 
 
 def _compiles(compiles: dict | None) -> str:

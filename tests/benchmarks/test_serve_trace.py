@@ -188,3 +188,22 @@ def test_the_timeline_wraps_a_real_engine_worker(tmp_path):
         assert decoded >= 5 and prefilled >= 1 and device["span_ms"] > 0
     finally:
         engine.stop()
+
+
+def test_ttft_after_the_opening_burst_leaves_out_the_first_requests_sent():
+    """The first ``concurrency`` requests sent (at once, when a level starts) are left out, by
+    when they were sent, not by when they finished; the report prints the figure."""
+    from serve_report import ttft_after_burst
+
+    def sample(sent_s: float, ttft_ms: float) -> Sample:
+        first = sent_s + ttft_ms / 1000
+        return Sample("single", ttft_ms, ttft_ms + 5, 0.0, 2, [first, first + 0.005])
+
+    burst = [sample(0.0, 200.0 + i) for i in range(4)]  # queued behind each other
+    later = [sample(1.0 + i, 20.0 + i) for i in range(6)]
+    after = ttft_after_burst(later[:3] + burst + later[3:], concurrency=4)
+    assert after["requests"] == 6
+    assert 20.0 <= after["ttft_ms_p50"] <= after["ttft_ms_p99"] <= 25.0
+    load = _load_with({}) | {"ttft_after_burst": after}
+    assert "sent after the opening burst" in "\n".join(load_lines(load))
+    assert ttft_after_burst(burst, concurrency=4)["ttft_ms_p50"] is None
