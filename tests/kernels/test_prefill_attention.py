@@ -200,3 +200,46 @@ def test_gpu_7b_shapes(window):
     got = paged_prefill_attention(*case.args(), out=poisoned_like(case.q))
     rows = owned(case).cuda()
     torch.testing.assert_close(got[rows].float(), want[rows].float(), **TOL[torch.bfloat16])
+
+
+@needs_triton
+@pytest.mark.parametrize("window", [0, 6])
+def test_rows_in_the_decode_kernel_then_the_rest_in_the_prefill_kernel(window):
+    """A mixed step's layout as the engine runs it: three one-token rows in front (tokens and
+    sequences 0-2), a 7-token prompt chunk, an unused entry, padding tokens. q is a strided
+    view (of the fused qkv output); the decode kernel writes ``out``'s first rows (one per
+    sequence entry, row lengths 0 past the rows) through a view, then the prefill kernel (the
+    rows' query lengths 0) the prompt's rows: together they equal the prefill twin over every
+    chunk."""
+    from hotmerge_kernels.ops.paged_attention import PagedAttention
+
+    seqs = [(9, 1), (17, 1), (4, 1), (5, 7), (0, 0)]  # (cached prefix, queries)
+    case = make_case(seqs, window=window, seed=31)
+    # The engine's flat layout: rows first, one token each at their sequence's index.
+    firsts = [0, 1, 2, 3, 0]
+    tokens = 3 + 7 + 2  # padding tokens after the prompt
+    gen = torch.Generator().manual_seed(5)
+    wide = torch.randn(tokens, case.q.shape[1] * 2, case.q.shape[2], generator=gen)
+    q = wide[:, : case.q.shape[1]]  # strided: every token's row is twice as wide
+    i32 = {"dtype": torch.int32}
+    starts = torch.tensor(firsts, **i32)
+    lens = case.query_lens
+    want = torch.full_like(q, float("nan"))
+    reference.paged_prefill_attention(
+        q, case.k_cache, case.v_cache, case.block_tables, starts, lens, case.query_pos,
+        case.scale, window, out=want,
+    )  # fmt: skip
+    rows = len(seqs)  # the engine's entries: every sequence entry (0: not a row)
+    row_lens = torch.tensor([p + 1 for p, _ in seqs[:3]] + [0, 0], **i32)
+    prefill_lens = torch.tensor([0, 0, 0, 7, 0], **i32)
+    attn = PagedAttention(rows, q.shape[1], q.shape[2], case.block_tables.shape[1],
+                          case.k_cache.shape[1], "cpu")  # fmt: skip
+    got = torch.full_like(q, float("nan"))
+    attn.forward(q[:rows], case.k_cache, case.v_cache, case.block_tables[:rows], row_lens,
+                 case.scale, window, out=got[:rows])  # fmt: skip
+    paged_prefill_attention(
+        q, case.k_cache, case.v_cache, case.block_tables, starts, prefill_lens, case.query_pos,
+        case.scale, window, out=got,
+    )  # fmt: skip
+    owned_rows = slice(0, 3 + 7)  # the padding tokens after them: written by neither
+    torch.testing.assert_close(got[owned_rows], want[owned_rows], **TOL[torch.float32])
