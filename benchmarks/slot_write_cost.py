@@ -114,13 +114,12 @@ def stalls(pool: AdapterPool, shapes, paths, rank: int, busy_ms: float) -> None:
 
     inputs = [flat(rank, torch.bfloat16) for _ in range(3)]
     params = MergeParams(Strategy.TIES, (1.0, 1.0, 0.5), density=0.5)
-    kinds = {
-        "bf16, known layout": lambda: flat(rank, torch.bfloat16),
-        "bf16, new layout": lambda: flat(rank // 2 + len(seen), torch.bfloat16),
-        "float32": lambda: flat(rank, torch.float32),
-        "TIES merge of 3": lambda: merge_adapters(inputs, params).adapter,
+    kinds = {  # each made for its repetition ``rep``
+        "bf16, known layout": lambda rep: flat(rank, torch.bfloat16),
+        "bf16, new layout": lambda rep: flat(rank // 2 + rep, torch.bfloat16),  # a rank unseen
+        "float32": lambda rep: flat(rank, torch.float32),
+        "TIES merge of 3": lambda rep: merge_adapters(inputs, params).adapter,
     }
-    seen: list[str] = []
     pool.write(0, inputs[0])  # the known layout's plan
     torch.cuda.synchronize()
     syncs: list[str] = []
@@ -132,8 +131,7 @@ def stalls(pool: AdapterPool, shapes, paths, rank: int, busy_ms: float) -> None:
 
     for kind, make in kinds.items():
         for rep in range(3):
-            adapter = make()
-            seen.append(kind)
+            adapter = make(rep)
             torch.cuda.synchronize()
             busy()
             torch.cuda.set_sync_debug_mode("warn")
