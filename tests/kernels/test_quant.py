@@ -239,6 +239,19 @@ def test_triton_qlinear_equals_twin(name, rows, dtype):
         torch.testing.assert_close(got.float(), want.float(), rtol=2**-7, atol=2e-2)
 
 
+def test_int4_gemv_steps_only_through_whole_groups():
+    """The one-row int4 kernel walks K BLOCK_G groups a step, unmasked: only configs whose step
+    divides the row's groups are tried (SmolLM2's 576 columns: 9 groups of 64)."""
+    import triton
+    from hotmerge_kernels.quant.triton_int4_gemv import _whole_steps
+
+    configs = [triton.Config({"BLOCK_N": 8, "BLOCK_G": g}) for g in (1, 2, 4, 8)]
+    fits = _whole_steps(configs, {"K": 576}, GROUP=64)
+    assert [c.kwargs["BLOCK_G"] for c in fits] == [1]
+    fits = _whole_steps(configs, {"K": 4096}, GROUP=128)
+    assert [c.kwargs["BLOCK_G"] for c in fits] == [1, 2, 4, 8]
+
+
 @needs_triton
 def test_qlinear_dispatch_and_3d_input():
     """(B, T, K) inputs keep their leading shape; past SKINNY_ROWS rows, the dequantize kernel."""
@@ -305,6 +318,14 @@ def compile_all_for_hopper() -> None:
         sig = dict(**ptrs, out_ptr="*bf16", N="i32", K="i32")
         consts = dict(flags, BLOCK_N=32, BLOCK_K=128)
         _compile_for_hopper(tq.dequantize_kernel, sig, consts, num_warps=4)
+    from hotmerge_kernels.quant import triton_int4_gemv as g
+
+    signature = dict(x_ptr="*bf16", w_ptr="*u8", s_ptr="*fp32", z_ptr="*u8", bias_ptr="*bf16",
+                     y_ptr="*bf16", N="i32", K="i32")  # fmt: skip
+    for config in g._configs():  # every one: its inline PTX must assemble
+        consts = dict(GROUP=128, HAS_BIAS=True, INTERPRET=False, PDL=True, **config.kwargs)
+        options = dict(num_warps=config.num_warps, num_stages=config.num_stages, launch_pdl=True)
+        _compile_for_hopper(g.int4_gemv_kernel.fn, signature, consts, **options)
 
 
 def test_kernels_compile_for_hopper():

@@ -5,7 +5,8 @@ picks one or the other with ``backend.use_triton``. ``qlinear`` takes the kernel
 call:
 
 - up to ``SKINNY_ROWS`` rows (decode): the Triton skinny GEMM (``triton_qlinear``), which reads
-  the packed weight once;
+  the packed weight once; an int4 weight at one row: its own GEMV (``triton_int4_gemv``), a
+  third of the instructions a weight;
 - more rows (prefill): compute-bound, so ``dequantize`` into x's dtype (a Triton kernel, no
   float32 copy of the weight) and let cuBLAS multiply;
 - fp8 with ``HOTMERGE_FP8_MATMUL=scaled_mm`` (``backend.FP8_MATMUL``): every size through
@@ -36,6 +37,7 @@ from hotmerge_kernels.quant.formats import (
     dynamic_code,
     nf4_code,
 )
+from hotmerge_kernels.quant.triton_int4_gemv import int4_gemv_kernel
 
 SKINNY_ROWS = 64
 
@@ -71,6 +73,9 @@ def qlinear_skinny(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | No
         x2 = x2.contiguous()
     m = x2.shape[0]
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if m == 1 and isinstance(qw, Int4Weight):
+        _int4_gemv(x2, qw, bias, y)
+        return y.view(*x.shape[:-1], n)
     code = _code_table(x.device)
     w, s, z, q2, s2, off = _pointers(qw, code)
     block_m = 1 if m == 1 else max(16, triton_next_pow2(m))
@@ -92,6 +97,22 @@ def qlinear_skinny(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | No
         **(launch_options(x.device) if block_m == 1 else {"PDL": False}),
     )  # fmt: skip
     return y.view(*x.shape[:-1], n)
+
+
+def _int4_gemv(x: torch.Tensor, qw: Int4Weight, bias: torch.Tensor | None, y: torch.Tensor):
+    n = qw.shape[0]
+
+    def grid(meta):
+        return (-(-n // meta["BLOCK_N"]),)
+
+    int4_gemv_kernel[grid](
+        x, qw.packed, qw.scale, qw.zero, bias if bias is not None else qw.scale, y,
+        n, qw.shape[1],
+        GROUP=qw.group,
+        HAS_BIAS=bias is not None,
+        INTERPRET=INTERPRETING,
+        **launch_options(x.device),
+    )  # fmt: skip
 
 
 _FMT = {Nf4Weight: tq.NF4, Int4Weight: tq.INT4, Int8Weight: tq.INT8, Fp8Weight: tq.FP8}
