@@ -5,8 +5,8 @@ picks one or the other with ``backend.use_triton``. ``qlinear`` takes the kernel
 call:
 
 - up to ``SKINNY_ROWS`` rows (decode): the Triton skinny GEMM (``triton_qlinear``), which reads
-  the packed weight once; an int4 weight at one row: its own GEMV (``triton_int4_gemv``), a
-  third of the instructions a weight;
+  the packed weight once; an int4 weight at one row: its own GEMV (``triton_int4_gemv``),
+  with two thirds of the instructions a weight;
 - more rows (prefill): compute-bound, so ``dequantize`` into x's dtype (a Triton kernel, no
   float32 copy of the weight) and let cuBLAS multiply;
 - fp8 with ``HOTMERGE_FP8_MATMUL=scaled_mm`` (``backend.FP8_MATMUL``): every size through

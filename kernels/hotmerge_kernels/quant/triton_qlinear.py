@@ -6,9 +6,10 @@ and dequantizes a ``(BLOCK_N, BLOCK_K)`` tile in registers (codes -> value -> ti
 3·10¹³ thread instructions a second: at 8 a weight, a 7B model's 6.5·10⁹ weights take 1.7 ms,
 more than reading them at 4 bits), so each one counts:
 
-- one row (batch 1): products summed elementwise into a 2-D float32 accumulator, reduced once
-  at the end; the float32 weight is not rounded to x's dtype first (the twin rounds it: a
-  conversion per weight, on a pipe an eighth as fast, would cost more than the weight's read).
+- one row (batch 1; int4 has a GEMV of its own, ``triton_int4_gemv``): products summed
+  elementwise into a 2-D float32 accumulator, reduced once at the end; the float32 weight is
+  not rounded to x's dtype first (the twin rounds it: a conversion per weight, on a pipe an
+  eighth as fast, would cost more than the weight's read).
   Small ``BLOCK_N`` tiles, so that N spreads over every SM;
 - 16 to 64 rows (padded): a tensor-core ``tl.dot`` on the tile rounded to x's dtype, computed
   as ``yᵀ = W·xᵀ``: the weight tile is then the A operand, which Hopper's wgmma reads from
