@@ -253,6 +253,20 @@ def test_int4_gemv_steps_only_through_whole_groups():
 
 
 @needs_triton
+@pytest.mark.usefixtures("bf16_rounds_to_nearest")
+def test_int4_one_row_of_a_view_at_an_odd_offset():
+    """The int4 GEMV reads x a 32-bit word (two bf16 columns) at a time: an x that starts
+    2 bytes into a word is copied first, and gives what an aligned x gives."""
+    qw = quantize(weight(24, 256, seed=5, dtype=torch.bfloat16), "int4")
+    base = torch.randn(257, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
+    x = base[1:].view(1, 256)
+    assert x.data_ptr() % 4 == 2
+    got = qlinear_skinny(x, qw)
+    assert torch.equal(got, qlinear_skinny(x.clone(), qw))
+    torch.testing.assert_close(got.float(), qlinear_torch(x, qw).float(), rtol=2**-7, atol=2e-2)
+
+
+@needs_triton
 def test_qlinear_dispatch_and_3d_input():
     """(B, T, K) inputs keep their leading shape; past SKINNY_ROWS rows, the dequantize kernel."""
     qw = quantize(weight(24, 128, seed=2), "int8")

@@ -101,6 +101,8 @@ def qlinear_skinny(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | No
 
 def _int4_gemv(x: torch.Tensor, qw: Int4Weight, bias: torch.Tensor | None, y: torch.Tensor):
     n = qw.shape[0]
+    if x.data_ptr() % 4:  # the kernel reads bf16 x a 32-bit word at a time
+        x = x.clone()
 
     def grid(meta):
         return (-(-n // meta["BLOCK_N"]),)
