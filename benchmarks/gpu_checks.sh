@@ -18,6 +18,8 @@
 #   7. serve_gil (not in the default steps): serve_load at concurrency 32 and 64 with a GIL
 #      switch interval of 0.5 ms (Python's default: 5), then at the default, one after the
 #      other on the same card (how long the engine thread waits for the GIL after torch calls).
+#   8. stream_cost (not in the default steps): grpc_stream_cost.py on this host's CPUs: a
+#      streamed token's server CPU, sync vs grpc.aio, and an emulated engine thread's step.
 # serve runs each level twice (--plan-ahead-ab): steps planned ahead, then waiting first.
 # Each step has its own time limit (seconds: DECODE_S, SERVE_S, SERVE_Q_S, PYTEST_Q_S,
 # PYTEST_S) and writes its log and results under OUT (default
@@ -93,6 +95,11 @@ for ms in 0.5 5; do
     --switch-interval-ms "$ms" --work-dir "$WORK" --out-dir "$OUT" --tag="-gil-$ms"
   grep -E "^load c=" "$OUT/serve_gil_$ms.log"
 done
+fi
+if want stream_cost; then  # no GPU needed, but this host's CPUs are the ones serving runs on
+step stream_cost 180 $PY benchmarks/grpc_stream_cost.py --streams 32,64,128 --steps 500 \
+  --engine-releases 100 --out "$OUT/grpc_stream_cost.json"
+cat "$OUT/stream_cost.log"
 fi
 if want lora_prefill; then
 step lora_prefill 300 $PY benchmarks/lora_prefill_tiles.py --out "$OUT/lora_prefill_tiles.json"
