@@ -17,7 +17,9 @@ Here the work a weight needs is about three instructions:
 
 By static count on sm_90 (Triton 3.9's ptxas, 16 rows x 4 groups a step) the loop spends 5.9
 SASS instructions a weight, against the generic kernel's 9.0; what is left beyond the three is
-each group's sum across threads, x's conversion and the scales' loads.
+each group's sum across threads, x's conversion and the scales' loads. On an H100 a 7B layer's
+four projections took 81.7 µs against the generic kernel's 102.4 (gate_up at 56% of copy;
+``benchmarks/results/gpu-checks-H100-2026-12-07-f``).
 
 Each program takes ``BLOCK_N`` rows and walks K ``BLOCK_G`` groups at a time; the tiles are 3-D
 (row, group, byte), so a group's sum is a reduction over the last axis. Under the Triton
