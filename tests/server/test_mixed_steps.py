@@ -136,7 +136,6 @@ def test_rows_in_a_mixed_step_get_a_decode_steps_logits(kind, monkeypatch):
     kernel's path instead."""
     import torch
     from hotmerge.engine import batch
-    from hotmerge.engine import runner as runner_module
     from hotmerge.engine.batch import DecodeRow, PrefillChunk
 
     from tests.server.test_engine import hf_model, runner_for
@@ -152,8 +151,7 @@ def test_rows_in_a_mixed_step_get_a_decode_steps_logits(kind, monkeypatch):
                   for r in rows]  # fmt: skip
         chunks.append(PrefillChunk(2, [3, 4, 5, 6, 7, 8], 0, tables[2], -1, True))
         mixed = runner.prefill(chunks)[0].clone()
-        for module in (batch, runner_module):
-            monkeypatch.setattr(module, "leading_rows", lambda _chunks: 0)
+        monkeypatch.setattr(batch, "leading_rows", lambda _chunks: 0)
         without_rows = runner.prefill(chunks)[0].clone()
     torch.testing.assert_close(mixed[:2], alone, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(mixed, without_rows, atol=1e-5, rtol=1e-5)

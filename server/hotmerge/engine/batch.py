@@ -186,6 +186,7 @@ class PrefillBuffers:
         self.query_start, self.query_lens, self.query_pos, self.row_lens = self.seqs
         self._read = CopyDone(device)
         self.pending = PendingTokens(max_seqs, device)
+        self.rows = 0  # the last fill's ``leading_rows``
 
     def fill(
         self, chunks: Sequence[PrefillChunk], padded: int, block_size: int, previous=None
@@ -220,7 +221,7 @@ class PrefillBuffers:
         )
         slots[:total] = np.repeat(np.fromiter((c.slot for c in chunks), np.int64, n), lens)
         per_seq[0, :n], per_seq[1, :n], per_seq[2, :n] = firsts, lens, starts
-        rows = leading_rows(chunks)
+        rows = self.rows = leading_rows(chunks)
         per_seq[1, :rows], per_seq[3, :rows] = 0, starts[:rows] + 1
         last[:n] = ends - 1
         self.tokens[:, :padded].copy_(self._host_tokens[:, :padded], non_blocking=True)

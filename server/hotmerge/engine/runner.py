@@ -26,7 +26,6 @@ from hotmerge.engine.batch import (
     DecodeRow,
     PrefillBuffers,
     PrefillChunk,
-    leading_rows,
     padded_sizes,
 )
 from hotmerge.engine.config import FALLBACK_CONTEXT_TOKENS, EngineConfig
@@ -368,7 +367,7 @@ class LlamaRunner(ModelRunner):
     def _prefill_step(self, size: int, seqs: int, with_lora: bool, with_rows: bool):
         """The forward over the prefill buffers' first ``size`` tokens and ``seqs`` sequences:
         (final hidden states (size, H), logits of each sequence's last token (seqs, V)).
-        ``with_rows``: the first ``seqs`` tokens may be rows (``batch.leading_rows``), attended
+        ``with_rows``: the first ``seqs`` tokens may be rows (``PrefillBuffers.rows``), attended
         by the decode kernel (rows of length 0 past them: it does nothing there)."""
         buf = self.prefill_buffers
         attn = AttentionBatch(
@@ -399,7 +398,7 @@ class LlamaRunner(ModelRunner):
         size = next(s for s in self.prefill_sizes if s >= n) if self.device.type == "cuda" else n
         seqs = buf.fill(chunks, size, self.block_size, previous)
         with_lora = any(c.slot >= 0 for c in chunks)  # base-model prompts: no LoRA launches
-        with_rows = leading_rows(chunks) > 0
+        with_rows = buf.rows > 0
         captured = self._prefill_graphs.get((size, with_lora, with_rows))
         if captured is not None:
             graph, (hidden, logits) = captured
