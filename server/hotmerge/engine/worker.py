@@ -10,8 +10,8 @@ preempt, or ``plan_ahead`` off) it waits first, then launches. A sequence that
 its tokens end (EOS, a stop sequence) is already in the launched step: that step's token for
 it is dropped.
 
-On CUDA the thread's work goes to a stream of its own at a high priority: merges (a stream at
-the lowest, ``merging/merger.py``) yield to it, and the adapter store's blocking
+On CUDA the thread's work goes to a stream of its own at a high priority: ΔW-space merges (a
+stream at the lowest, ``merging/merger.py``) yield to it, and the adapter store's blocking
 copies, on the legacy default stream, no longer wait behind its steps (that stream waits for
 every blocking stream; PyTorch's streams are not blocking ones).
 """
@@ -284,7 +284,7 @@ class Worker:
 
 
 def _engine_stream(device: torch.device) -> torch.cuda.Stream | None:
-    """The engine thread's CUDA stream, above the merges' priority 0 (None off CUDA)."""
+    """The engine thread's CUDA stream, above the ΔW-space merges' priority 0 (None off CUDA)."""
     if device.type != "cuda":
         return None
     return torch.cuda.Stream(device, priority=-1)
