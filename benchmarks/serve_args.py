@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from hotmerge.engine import EngineConfig
+
 
 def parse_args(description: str, shapes: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=description)
@@ -30,6 +32,12 @@ def parse_args(description: str, shapes: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--max-loras", type=int, default=48, help="adapter slots")
     parser.add_argument("--max-total-tokens", type=int, default=1024)
+    parser.add_argument(
+        "--max-prefill-tokens",
+        type=int,
+        default=EngineConfig.max_prefill_tokens,
+        help="prompt tokens one step prefills, the decode rows of a mixed step included",
+    )
     parser.add_argument(
         "--quantize", default=None, help="quantize the base's linear weights: fp8, int8, nf4, int4"
     )

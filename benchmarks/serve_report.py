@@ -129,7 +129,8 @@ def load_lines(load: dict) -> list[str]:
         f"## Load at concurrency {load['concurrency']}"
         + ("" if load.get("plan_ahead", True) else ", waiting first (no step planned ahead)"),
         "",
-        f"{load['requests']} requests (max batch {load['max_batch_size']}), mix {load['mix']}, "
+        f"{load['requests']} requests (max batch {load['max_batch_size']}, prefill budget "
+        f"{load.get('max_prefill_tokens', 2048)} tokens), mix {load['mix']}, "
         f"{load['max_new_tokens']} new tokens each: {load['requests_per_s']:.1f} req/s, "
         f"**{load['tokens_per_s']:.0f} tokens/s** ({load['tokens_per_s_full']:.0f} while all "
         f"{load['concurrency']} were in flight); engine {engine['steps']} steps "
