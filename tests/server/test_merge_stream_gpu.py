@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from hotmerge.engine.lora import AdapterPool
+from hotmerge.engine.worker import _engine_stream
 from hotmerge.merging import merger as merger_mod
 from hotmerge.merging.merger import Merger
 from hotmerge.merging.spec import MergeSpec
@@ -63,8 +64,9 @@ def test_a_merge_runs_on_its_own_stream_and_records_its_event(cuda, monkeypatch,
     merged = merger._merge(spec, inputs, lambda: False, None)
     (stream,) = streams
     assert stream != torch.cuda.default_stream()
-    expected_priority = 0 if strategy.in_delta_space else -1  # the engine's (worker.py)
-    assert stream.priority == expected_priority
+    # A ΔW-space merge yields to decode; a factor-space one runs at the engine's priority.
+    engine_priority = _engine_stream(torch.device("cuda")).priority
+    assert stream.priority == (0 if strategy.in_delta_space else engine_priority)
     assert merged.ready_event is not None and merged.ready_event.query()
     expected = merge_adapters(expected_inputs, params).adapter
     torch.testing.assert_close(merged.buffer, expected.buffer)

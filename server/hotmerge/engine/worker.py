@@ -44,6 +44,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# The engine thread's CUDA stream priority (lower runs first; 0 is the lowest and the default):
+# above ΔW-space merges, equal to factor-space ones (``merging/merger.py``).
+ENGINE_STREAM_PRIORITY = -1
+
 
 class Worker:
     """The worker thread's loop: schedule -> run -> postprocess -> emit, one step in flight."""
@@ -287,4 +291,4 @@ def _engine_stream(device: torch.device) -> torch.cuda.Stream | None:
     """The engine thread's CUDA stream, above the ΔW-space merges' priority 0 (None off CUDA)."""
     if device.type != "cuda":
         return None
-    return torch.cuda.Stream(device, priority=-1)
+    return torch.cuda.Stream(device, priority=ENGINE_STREAM_PRIORITY)

@@ -48,6 +48,7 @@ from hotmerge_kernels.merge.params import Strategy
 
 from hotmerge.adapters.store import AdapterStore, LoadedAdapter
 from hotmerge.engine import AdapterLease
+from hotmerge.engine.worker import ENGINE_STREAM_PRIORITY
 from hotmerge.errors import (
     Cancelled,
     DeadlineExceeded,
@@ -62,9 +63,9 @@ from hotmerge.metrics import Metrics
 log = logging.getLogger(__name__)
 
 YIELD_EVERY_S = 0.002  # a ΔW-space merge hands the GIL over at most this often
-# CUDA stream priorities (lower runs first): a factor-space merge at the engine's
-# (engine/worker.py), a ΔW-space merge at the lowest (0, the default).
-SHORT_MERGE_PRIORITY = -1
+# CUDA stream priorities (lower runs first): a factor-space merge at the engine's, a ΔW-space
+# merge at the lowest (0, the default).
+SHORT_MERGE_PRIORITY = ENGINE_STREAM_PRIORITY
 LONG_MERGE_PRIORITY = 0
 
 
