@@ -20,6 +20,10 @@
 #      other on the same card (how long the engine thread waits for the GIL after torch calls).
 #   8. stream_cost (not in the default steps): grpc_stream_cost.py on this host's CPUs: a
 #      streamed token's server CPU, sync vs grpc.aio, and an emulated engine thread's step.
+#   9. quant_kernels (not in the default steps): the int4 and fp8 kernels at the 7B projections
+#      beside torch's tinygemm int4 matmul and fp8 `_scaled_mm` (quant_kernels.py).
+#  10. serve_budget (not in the default steps): serve_load at concurrency 32 with a prefill
+#      budget of BUDGETS tokens each (default "2048 512"), one after the other on the same card.
 # serve runs each level twice (--plan-ahead-ab): steps planned ahead, then waiting first.
 # Each step has its own time limit (seconds: DECODE_S, SERVE_S, SERVE_Q_S, PYTEST_Q_S,
 # PYTEST_S) and writes its log and results under OUT (default
@@ -100,6 +104,19 @@ if want stream_cost; then  # no GPU needed, but this host's CPUs are the ones se
 step stream_cost 180 $PY benchmarks/grpc_stream_cost.py --streams 32,64,128 --steps 500 \
   --engine-releases 100 --out "$OUT/grpc_stream_cost.json"
 cat "$OUT/stream_cost.log"
+fi
+if want quant_kernels; then
+step quant_kernels 240 $PY benchmarks/quant_kernels.py --shape "$SHAPE" \
+  --formats int4,int4:tinygemm,fp8,fp8:scaled_mm
+grep -E "tinygemm|^int4|^fp8" "$OUT/quant_kernels.log"
+fi
+if want serve_budget; then
+for budget in ${BUDGETS:-2048 512}; do
+  step "serve_budget_$budget" "${SERVE_S:-400}" $PY benchmarks/serve_load.py --shape "$SHAPE" \
+    --concurrency 32 --max-batch-size 128 --requests 320 --merge-streams 0 --prefix-runs 0 \
+    --max-prefill-tokens "$budget" --work-dir "$WORK" --out-dir "$OUT" --tag="-budget-$budget"
+  grep -E "^load c=" "$OUT/serve_budget_$budget.log"
+done
 fi
 if want lora_prefill; then
 step lora_prefill 300 $PY benchmarks/lora_prefill_tiles.py --out "$OUT/lora_prefill_tiles.json"
