@@ -69,7 +69,8 @@ def _serve_parser(sub, commands) -> None:
          f"(default: {d['http_max_body_bytes']})"),
         ("--max-wait-s", float, "longest wait for adapter or merge-cache room, or for another "
          f"request's load or merge, when the deadline is later (default: {d['max_wait_s']})"),
-        ("--max-workers", int, f"RPC threads = concurrent requests (default: {d['max_workers']})"),
+        ("--max-workers", int, "threads for RPCs' blocking work: merges, adapter loads "
+         f"(default: {d['max_workers']}; streams need none)"),
         ("--grace-s", float, f"on shutdown, time for in-flight requests (default: {d['grace_s']})"),
         ("--http-port", int, "LoRAX REST, OpenAI API, /metrics, /healthz, /readyz over HTTP "
          f"(0: any free port, -1: off; default: {d['http_port']})"),

@@ -35,8 +35,8 @@ class ServerConfig:
     # (HTTP "Authorization: Bearer KEY", gRPC metadata "authorization: Bearer KEY").
     api_key: str | None = None
     port: int = DEFAULT_PORT  # 0: any free port (RunningServer.port says which)
-    # Each in-flight RPC holds one thread (streams for their whole length), so this bounds the
-    # number of concurrent requests; further ones wait in the executor's queue.
+    # Threads for the gRPC RPCs' blocking work (merges, adapter loads, listings): the RPCs
+    # themselves are coroutines on one event loop and hold none while they stream.
     max_workers: int = 64
     grace_s: float = 10.0  # on shutdown, how long in-flight requests may finish
     # Connections: keepalive pings find dead peers; a maximum age closes (GOAWAY) long-lived

@@ -17,9 +17,15 @@ import logging
 import threading
 import time
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import grpc
-from grpc_health.v1 import health, health_pb2
+from grpc_health.v1 import health_pb2
+
+from hotmerge.api.grpc_wire import wrap_handler
+
+if TYPE_CHECKING:
+    from hotmerge.api.grpc_server import LoopHealth
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +42,7 @@ class State(enum.Enum):
 
 class Lifecycle:
     def __init__(
-        self, health_servicer: health.HealthServicer, service_names: Iterable[str], guarded: str
+        self, health_servicer: LoopHealth, service_names: Iterable[str], guarded: str
     ) -> None:
         """``service_names``: the health names to report ("" is the whole server);
         ``guarded``: the gRPC service (full name) whose RPCs drain and are counted."""
@@ -110,56 +116,29 @@ class Lifecycle:
             if not self._in_flight:
                 self._idle.notify_all()
 
-    def interceptor(self) -> grpc.ServerInterceptor:
+    def interceptor(self) -> grpc.aio.ServerInterceptor:
         return _DrainInterceptor(self)
 
 
 REFUSED = "this replica is draining (shutting down); retry on another replica"
 
 
-def _refuse(request, context):
-    context.abort(grpc.StatusCode.UNAVAILABLE, REFUSED)
-
-
-def _refuse_stream(request, context):
-    context.abort(grpc.StatusCode.UNAVAILABLE, REFUSED)
-    yield  # pragma: no cover - makes this a generator, as a streaming handler must be
-
-
-class _DrainInterceptor(grpc.ServerInterceptor):
+class _DrainInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, lifecycle: Lifecycle) -> None:
         self.lifecycle = lifecycle
 
-    def intercept_service(self, continuation, handler_call_details):
-        handler = continuation(handler_call_details)
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
         if handler is None or not handler_call_details.method.startswith(
             self.lifecycle.guarded_prefix
         ):
             return handler
+        if handler.request_streaming:
+            return handler  # no client-streaming RPCs in hotmerge.v1
         lc = self.lifecycle
-        if handler.unary_unary is not None:
-            inner = handler.unary_unary
 
-            def unary(request, context):
-                if not lc._enter():
-                    return _refuse(request, context)
-                try:
-                    return inner(request, context)
-                finally:
-                    lc._exit()
+        async def enter(request, context) -> None:
+            if not lc._enter():
+                await context.abort(grpc.StatusCode.UNAVAILABLE, REFUSED)
 
-            return handler._replace(unary_unary=unary)
-        if handler.unary_stream is not None:
-            inner_stream = handler.unary_stream
-
-            def stream(request, context):
-                if not lc._enter():
-                    yield from _refuse_stream(request, context)
-                    return
-                try:
-                    yield from inner_stream(request, context)
-                finally:
-                    lc._exit()
-
-            return handler._replace(unary_stream=stream)
-        return handler  # no client-streaming RPCs in hotmerge.v1
+        return wrap_handler(handler, enter, lc._exit)

@@ -1,4 +1,4 @@
-"""Server assembly: the Hotmerge servicer, gRPC health and reflection on one grpc.Server.
+"""Server assembly: the Hotmerge servicer, gRPC health and reflection on one grpc.aio server.
 
 The port opens first with health NOT_SERVING (so probes and clients get an answer while a big
 model loads), then the model, adapter store and engine are built, then health turns SERVING.
@@ -18,7 +18,6 @@ import logging
 import signal
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import grpc
@@ -28,6 +27,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 from hotmerge.adapters.store import AdapterStore
 from hotmerge.api.auth import ApiKeyInterceptor
 from hotmerge.api.core import RequestPath
+from hotmerge.api.grpc_server import GrpcServer, LoopHealth, LoopThread
 from hotmerge.api.grpc_service import HotmergeService
 from hotmerge.api.grpc_wire import DecodeErrorInterceptor
 from hotmerge.api.http_app import HttpServer, create_app
@@ -49,10 +49,10 @@ REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
 
 @dataclass
 class RunningServer:
-    server: grpc.Server
+    server: GrpcServer
     port: int
     service: HotmergeService
-    health: health.HealthServicer
+    health: LoopHealth
     config: ServerConfig
     metrics: Metrics
     lifecycle: Lifecycle
@@ -212,11 +212,12 @@ def open_port(config: ServerConfig) -> RunningServer:
         metrics=metrics,
     )
     service = HotmergeService(path=path)
-    health_servicer = health.HealthServicer()
+    loop = LoopThread(config.max_workers)
+    health_servicer = LoopHealth(loop)
     # "" is the whole server, as probes ask by default; NOT_SERVING until the model is loaded.
     lifecycle = Lifecycle(health_servicer, ("", SERVICE_NAME), guarded=SERVICE_NAME)
-    server = grpc.server(
-        ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="hotmerge-rpc"),
+    server = GrpcServer(
+        loop,
         # The decode check runs inside the drain check: a draining replica refuses first.
         # The key first: a caller without it learns nothing, not even that the replica drains.
         interceptors=[
@@ -226,16 +227,18 @@ def open_port(config: ServerConfig) -> RunningServer:
         ],
         options=config.grpc_options(),
     )
-    hotmerge_pb2_grpc.add_HotmergeServicer_to_server(service, server)
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    hotmerge_pb2_grpc.add_HotmergeServicer_to_server(service, server.server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer.servicer, server.server)
     names = (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME, REFLECTION_V1)
-    reflection.enable_server_reflection(names, server)
+    reflection.enable_server_reflection(names, server.server)
     enable_reflection_v1(names, server)
     try:
         port = server.add_insecure_port(config.address)
     except RuntimeError as exc:  # grpc raises RuntimeError("Failed to bind ...")
+        server.stop(0)
         raise OSError(f"cannot listen on {config.address}: {exc} (port in use?)") from None
     if port == 0:
+        server.stop(0)
         raise OSError(f"cannot listen on {config.address} (port in use?)")
     server.start()
     running = RunningServer(server, port, service, health_servicer, config, metrics, lifecycle)
@@ -265,13 +268,13 @@ def open_port(config: ServerConfig) -> RunningServer:
     return running
 
 
-def enable_reflection_v1(service_names, server: grpc.Server) -> None:
+def enable_reflection_v1(service_names, server: GrpcServer) -> None:
     """Serve reflection as ``grpc.reflection.v1`` too (grpcio-reflection ships v1alpha only).
 
     The two protocols have the same messages, field for field, so v1alpha's servicer answers
     v1 requests as they are.
     """
-    servicer = reflection.ReflectionServicer(service_names)
+    servicer = reflection.aio.ReflectionServicer(service_names)
     handler = grpc.stream_stream_rpc_method_handler(
         servicer.ServerReflectionInfo,
         request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,

@@ -15,7 +15,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
 from hotmerge import __version__, request_rules
-from hotmerge.api.grpc_service import generation_request
+from hotmerge.api.grpc_messages import generation_request
 from hotmerge.client import AsyncHotmergeClient, HotmergeClient, generate_request, request_metadata
 from hotmerge.config import ServerConfig
 from hotmerge.errors import InvalidArgument

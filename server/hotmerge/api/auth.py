@@ -11,6 +11,7 @@ import hmac
 
 import grpc
 
+from hotmerge.api.grpc_wire import wrap_handler
 from hotmerge.headers import AUTHORIZATION_HEADER
 
 # Probes, scrapes and service discovery need no key.
@@ -29,30 +30,23 @@ def key_matches(header: str | None, key: str) -> bool:
     return hmac.compare_digest(token.strip().encode(), key.encode())
 
 
-def _deny(request, context):
-    context.abort(grpc.StatusCode.UNAUTHENTICATED, MISSING)
+async def _deny(request, context) -> None:
+    await context.abort(grpc.StatusCode.UNAUTHENTICATED, MISSING)
 
 
-def _deny_stream(request, context):
-    context.abort(grpc.StatusCode.UNAUTHENTICATED, MISSING)
-    yield  # pragma: no cover - a streaming handler must be a generator
-
-
-class ApiKeyInterceptor(grpc.ServerInterceptor):
+class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
     """Refuses calls without the key (health and reflection excepted)."""
 
     def __init__(self, key: str) -> None:
         self.key = key
 
-    def intercept_service(self, continuation, handler_call_details):
-        handler = continuation(handler_call_details)
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
         if handler is None or handler_call_details.method.startswith(OPEN_GRPC_PREFIXES):
             return handler
         metadata = dict(handler_call_details.invocation_metadata or ())
         if key_matches(metadata.get(AUTHORIZATION_HEADER), self.key):
             return handler
-        if handler.unary_unary is not None:
-            return handler._replace(unary_unary=_deny)
-        if handler.unary_stream is not None:
-            return handler._replace(unary_stream=_deny_stream)
-        return handler  # no streaming-request methods are guarded here
+        if handler.request_streaming:
+            return handler  # no streaming-request methods are guarded here
+        return wrap_handler(handler, _deny)

@@ -24,6 +24,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from hotmerge.api import lorax, openai
+from hotmerge.api.async_handle import result as handle_result
+from hotmerge.api.async_handle import token_events
 from hotmerge.api.core import RequestPath, Submission, request_id_or_new
 from hotmerge.api.http_guard import (
     ClientWatch,
@@ -127,11 +129,9 @@ def sse(data: Any) -> str:
     return f"data: {json.dumps(data, allow_nan=False)}\n\n"
 
 
-async def tokens(sub: Submission) -> AsyncIterator:
-    """The handle's token events, each waited for in a worker thread."""
-    events = iter(sub.handle)
-    while (event := await run_in_threadpool(next, events, None)) is not None:
-        yield event
+def tokens(sub: Submission) -> AsyncIterator:
+    """The handle's token events, as the engine thread hands them to the loop (no thread)."""
+    return token_events(sub.handle)
 
 
 def spec_json(msg) -> dict[str, Any]:
@@ -227,7 +227,7 @@ class HttpContext:
     @staticmethod
     async def wait(sub: Submission, watch: ClientWatch | None = None):
         try:
-            return await run_in_threadpool(sub.handle.wait)
+            return await handle_result(sub.handle)
         finally:
             if sub.handle.result is None:
                 sub.handle.cancel()

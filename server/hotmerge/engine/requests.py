@@ -68,6 +68,7 @@ class GenerationHandle:
         self._error: HotmergeError | None = None
         self._events: queue.SimpleQueue = queue.SimpleQueue()
         self._cancelled = threading.Event()
+        self._waker: Callable[[], None] | None = None
 
     def cancel(self) -> None:
         """Stop work for this request; its row leaves the batch at the next step."""
@@ -114,6 +115,44 @@ class GenerationHandle:
         assert self.result is not None
         return self.result
 
+    # -- for an event loop (``api/async_handle.py``): no waits here -------------------------
+
+    def on_event(self, waker: Callable[[], None] | None) -> None:
+        """Call ``waker`` after each event is queued (on the worker thread: it must only hand
+        over, e.g. ``loop.call_soon_threadsafe``), and once now if one is queued already;
+        None: no more calls (the reader stopped)."""
+        self._waker = waker
+        if waker is not None and not self._events.empty():
+            waker()
+
+    def poll(self) -> TokenEvent | None:
+        """The next token if one is queued, else None: also when the request has finished
+        (``result`` set then). Raises the request's error, as iterating does."""
+        if self._error is not None:
+            raise self._error
+        if self.result is not None:
+            return None
+        try:
+            item = self._events.get_nowait()
+        except queue.Empty:
+            return None
+        if isinstance(item, TokenEvent):
+            return item
+        if isinstance(item, GenerationResult):
+            self.result = item
+            return None
+        self._error = item
+        raise item
+
+    def expire(self) -> DeadlineExceeded:
+        """The error of a caller that stopped waiting at the deadline; the work stops too."""
+        self._error = DeadlineExceeded("deadline exceeded")
+        self.cancel()
+        return self._error
+
     # called by the worker
     def _put(self, item: TokenEvent | GenerationResult | BaseException) -> None:
         self._events.put(item)
+        waker = self._waker
+        if waker is not None:
+            waker()
