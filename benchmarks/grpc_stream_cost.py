@@ -10,9 +10,12 @@ torch calls release it), then hands each stream its token and releases the GIL f
 ``--device-ms`` (the device's step). Its step period beyond ``device + python`` is what the
 other threads cost it.
 
-Servers: ``sync`` (``grpc.server`` with a thread per stream, as ``hotmerge serve`` runs now) and
-``aio`` (``grpc.aio``: one event loop serves every stream; tokens handed over once a step with
-``call_soon_threadsafe``); first, ``none``: the engine alone, the lateness of its own sleeps.
+Servers: ``sync`` (``grpc.server`` with a thread per stream, as ``hotmerge serve`` ran until
+2026-12-07), ``aio`` (``grpc.aio``: one event loop serves every stream; tokens handed over once
+a step with ``call_soon_threadsafe``) and ``hotmerge`` (hotmerge's own front since then: its
+grpc.aio server, servicer and interceptors over a request path whose engine is the emulated
+one, a ``call_soon_threadsafe`` a token); first, ``none``: the engine alone, the lateness of its
+own sleeps.
 Reported per server: the engine step's period (p50 / p99) and its lateness, and the server
 process's CPU time per message beyond the engine thread's own.
 
@@ -129,6 +132,57 @@ def sync_server(args, streams: int) -> dict:
     return result
 
 
+def hotmerge_server(args, streams: int) -> dict:
+    """hotmerge's own gRPC front (``api/grpc_server.py``: grpc.aio, its servicer, drain and
+    decode interceptors) over a request path whose engine is the emulated one: each step puts
+    a token on every request's handle from the engine thread, as the worker does."""
+    from hotmerge.api.core import RequestPath, Submission
+    from hotmerge.api.grpc_server import GrpcServer, LoopHealth, LoopThread
+    from hotmerge.api.grpc_service import HotmergeService
+    from hotmerge.api.grpc_wire import DecodeErrorInterceptor
+    from hotmerge.engine import GenerationHandle
+    from hotmerge.generation import FinishReason, GenerationResult, Timings, TokenEvent
+    from hotmerge.lifecycle import Lifecycle
+    from hotmerge.metrics import Metrics
+
+    handles: list[GenerationHandle] = []
+    ready = threading.Event()
+
+    class EmulatedPath(RequestPath):
+        def submit(self, request, *, merged_adapters=None, deadline=None, cancelled=None, **_):
+            handle = GenerationHandle(request, deadline)
+            handles.append(handle)
+            if len(handles) == streams:
+                ready.set()
+            return Submission(request, handle, None, None)
+
+    def deliver(step):
+        for handle in handles:
+            if step is None:
+                done = GenerationResult(" ab" * args.steps, FinishReason.LENGTH, args.steps, [],
+                                        Timings())  # fmt: skip
+                handle._put(done)
+            else:
+                handle._put(TokenEvent(step, " ab", -0.5))
+
+    loop = LoopThread(8)
+    lifecycle = Lifecycle(LoopHealth(loop), ("",), guarded="hotmerge.v1.Hotmerge")
+    lifecycle.set_serving()
+    server = GrpcServer(
+        loop, interceptors=[lifecycle.interceptor(), DecodeErrorInterceptor()], options=[]
+    )
+    path = EmulatedPath(default_max_new_tokens=args.steps, max_merge_adapters=4, metrics=Metrics())
+    pbg.add_HotmergeServicer_to_server(HotmergeService(path=path), server.server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    clients = start_clients(port, streams, args.steps + 1)  # and the final message
+    ready.wait()
+    result = measure(args, streams, deliver)
+    finish(clients)
+    server.stop(0)
+    return result
+
+
 def aio_server(args, streams: int) -> dict:
     async def main() -> dict:
         loop = asyncio.get_running_loop()
@@ -164,6 +218,9 @@ def aio_server(args, streams: int) -> dict:
     return asyncio.run(main())
 
 
+SERVERS = {"sync": sync_server, "aio": aio_server, "hotmerge": hotmerge_server}
+
+
 def measure(args, streams: int, deliver) -> dict:
     engine = Engine(args, deliver)
     usage = resource.getrusage(resource.RUSAGE_SELF)
@@ -192,7 +249,7 @@ def main() -> None:
     parser.add_argument("--device-ms", type=float, default=8.0)
     parser.add_argument("--engine-py-ms", type=float, default=1.0)
     parser.add_argument("--engine-releases", type=int, default=20)
-    parser.add_argument("--servers", default="sync,aio")
+    parser.add_argument("--servers", default="sync,aio,hotmerge")
     parser.add_argument("--out", help="write the rows as JSON here")
     args = parser.parse_args()
     rows = []
@@ -203,7 +260,7 @@ def main() -> None:
     print(json.dumps(rows[-1]))
     for streams in (int(s) for s in args.streams.split(",")):
         for name in args.servers.split(","):
-            row = {"server": name, **(sync_server if name == "sync" else aio_server)(args, streams)}
+            row = {"server": name, **SERVERS[name](args, streams)}
             rows.append(row)
             print(json.dumps(row))
     if args.out:

@@ -1,5 +1,6 @@
-"""grpc_stream_cost.py runs end to end at a small size: every server streams every step's token
-to every client, and the rows it writes are the engine thread's periods and the CPU a message."""
+"""grpc_stream_cost.py runs end to end at a small size: every server (hotmerge's own front too)
+streams every step's token to every client, and the rows it writes are the engine thread's
+periods and the CPU a message."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ def test_small_run_writes_a_row_per_server(tmp_path):
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
-    assert [r["server"] for r in rows] == ["none", "sync", "aio"]
+    assert [r["server"] for r in rows] == ["none", "sync", "aio", "hotmerge"]
     for row in rows:
         # a step is at least the device's 2 ms and the engine's 0.2 ms of Python
         assert row["step_ms_p50"] >= 2.2 and row["step_ms_p99"] >= row["step_ms_p50"]

@@ -1,7 +1,8 @@
 """A generation handle read from an event loop: tokens as they come, without a thread a request.
 
-The worker thread queues each event on the handle and wakes the loop with one
-``call_soon_threadsafe``; the loop takes what is queued (``GenerationHandle.poll``). A thread a
+The worker thread queues each event on the handle and wakes the loop, once for all the events it
+puts before the loop runs (``_LoopWaker``); the loop takes what is queued
+(``GenerationHandle.poll``). A thread a
 stream that blocks on the handle's queue costs the sync gRPC server about 100 µs of CPU a streamed
 token, ``grpc.aio`` about 45 (``benchmarks/grpc_stream_cost.py``): the GIL time the engine
 thread loses to the front at high concurrency.
@@ -11,11 +12,51 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import threading
 import time
+import weakref
 from collections.abc import AsyncIterator
 
 from hotmerge.engine import GenerationHandle
 from hotmerge.generation import GenerationResult, TokenEvent
+
+
+class _LoopWaker:
+    """Sets a loop's events from other threads with one ``call_soon_threadsafe`` for all the
+    events set until the loop runs it: a step's tokens for every stream cost the engine thread
+    one wake-up of the loop (a system call), not one a stream."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._lock = threading.Lock()
+        self._pending: list[asyncio.Event] = []
+        self._scheduled = False
+
+    def wake(self, event: asyncio.Event) -> None:
+        with self._lock:
+            self._pending.append(event)
+            if self._scheduled:
+                return
+            self._scheduled = True
+        with contextlib.suppress(RuntimeError):  # the loop has closed: no one reads any more
+            self.loop.call_soon_threadsafe(self._set_pending)
+
+    def _set_pending(self) -> None:
+        with self._lock:
+            pending, self._pending, self._scheduled = self._pending, [], False
+        for event in pending:
+            event.set()
+
+
+_wakers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _waker(loop: asyncio.AbstractEventLoop) -> _LoopWaker:
+    waker = _wakers.get(loop)
+    if waker is None:  # on the loop's thread: no other creates one for it meanwhile
+        waker = _wakers[loop] = _LoopWaker(loop)
+    return waker
 
 
 async def token_events(handle: GenerationHandle) -> AsyncIterator[TokenEvent]:
@@ -23,14 +64,8 @@ async def token_events(handle: GenerationHandle) -> AsyncIterator[TokenEvent]:
 
     Raises the request's error, or DeadlineExceeded at the deadline; a caller that stops early
     (its client left: the task is cancelled) cancels the request's work."""
-    loop = asyncio.get_running_loop()
     wake = asyncio.Event()
-
-    def waker() -> None:  # on the worker thread
-        with contextlib.suppress(RuntimeError):  # the loop has closed: no one reads any more
-            loop.call_soon_threadsafe(wake.set)
-
-    handle.on_event(waker)
+    handle.on_event(functools.partial(_waker(asyncio.get_running_loop()).wake, wake))
     try:
         while True:
             wake.clear()  # before polling: an event queued after the poll sets it again
