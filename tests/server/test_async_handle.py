@@ -109,3 +109,31 @@ def test_a_reader_that_stops_early_cancels_the_work():
         asyncio.run(first_then_cancel())
     thread.join()
     assert h.cancelled
+
+
+def test_many_streams_on_one_loop_each_get_their_tokens():
+    """The engine thread puts a step's token on every handle at once; the loop is woken once
+    for all of them (``_LoopWaker``) and every reader gets every token, in order."""
+    handles = [handle(deadline=time.monotonic() + 30) for _ in range(16)]  # a lost wake-up fails
+    steps = 30
+
+    def engine() -> None:
+        for step in range(steps):
+            for i, h in enumerate(handles):
+                h._put(TokenEvent(step, f"{i}:{step}", 0.0))
+            time.sleep(0.001)
+        for h in handles:
+            h._put(finished([]))
+
+    async def read_all() -> list[list[str]]:
+        async def read(h: GenerationHandle) -> list[str]:
+            return [event.text async for event in token_events(h)]
+
+        thread = threading.Thread(target=engine)
+        thread.start()
+        got = await asyncio.gather(*(read(h) for h in handles))
+        thread.join()
+        return got
+
+    got = asyncio.run(read_all())
+    assert got == [[f"{i}:{step}" for step in range(steps)] for i in range(16)]
