@@ -5,6 +5,7 @@ that stops early cancels the request's work."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
 import time
 
@@ -137,3 +138,22 @@ def test_many_streams_on_one_loop_each_get_their_tokens():
 
     got = asyncio.run(read_all())
     assert got == [[f"{i}:{step}" for step in range(steps)] for i in range(16)]
+
+
+def test_tokens_put_after_the_loop_closed_are_dropped_without_error():
+    """A reader whose loop closed without its cleanup (the server stopped mid-stream): the
+    worker's later puts must not fail, nor keep events for that loop."""
+    from hotmerge.api.async_handle import _waker
+
+    h = handle()
+    loop = asyncio.new_event_loop()
+
+    async def register():
+        h.on_event(functools.partial(_waker(loop).wake, asyncio.Event()))
+
+    loop.run_until_complete(register())
+    waker = _waker(loop)
+    loop.close()
+    thread = put_later(h, [TokenEvent(i, "x", 0.0) for i in range(3)], gap_s=0.0)
+    thread.join()
+    assert waker._pending == [] and not waker._scheduled

@@ -2,16 +2,14 @@
 
 The worker thread queues each event on the handle and wakes the loop, once for all the events it
 puts before the loop runs (``_LoopWaker``); the loop takes what is queued
-(``GenerationHandle.poll``). A thread a
-stream that blocks on the handle's queue costs the sync gRPC server about 100 µs of CPU a streamed
-token, ``grpc.aio`` about 45 (``benchmarks/grpc_stream_cost.py``): the GIL time the engine
-thread loses to the front at high concurrency.
+(``GenerationHandle.poll``). A thread a stream blocked on the handle's queue, as the sync gRPC
+server ran, cost about a third more CPU a streamed token (``benchmarks/grpc_stream_cost.py``):
+GIL time the engine thread loses to the front at high concurrency.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import threading
 import time
@@ -39,8 +37,11 @@ class _LoopWaker:
             if self._scheduled:
                 return
             self._scheduled = True
-        with contextlib.suppress(RuntimeError):  # the loop has closed: no one reads any more
+        try:
             self.loop.call_soon_threadsafe(self._set_pending)
+        except RuntimeError:  # the loop has closed: no one reads any more, keep nothing
+            with self._lock:
+                self._pending, self._scheduled = [], False
 
     def _set_pending(self) -> None:
         with self._lock:
