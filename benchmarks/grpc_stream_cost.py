@@ -103,6 +103,19 @@ def finish(clients: mp.Process) -> None:
         raise RuntimeError(f"the clients failed (exit code {clients.exitcode})")
 
 
+def serve_and_measure(server, args, streams: int, ready, deliver, messages: int) -> dict:
+    """Start ``server`` (a ``grpc.Server``, or anything with its port, start and stop calls),
+    its clients, wait until every stream is ``ready``, measure, and stop it."""
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    clients = start_clients(port, streams, messages)
+    ready.wait()
+    result = measure(args, streams, deliver)
+    finish(clients)
+    server.stop(0)
+    return result
+
+
 def sync_server(args, streams: int) -> dict:
     queues: list[queue.SimpleQueue] = []
     ready = threading.Event()
@@ -122,14 +135,7 @@ def sync_server(args, streams: int) -> dict:
 
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=streams + 8))
     pbg.add_HotmergeServicer_to_server(Service(), server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    clients = start_clients(port, streams, args.steps)
-    ready.wait()
-    result = measure(args, streams, deliver)
-    finish(clients)
-    server.stop(0)
-    return result
+    return serve_and_measure(server, args, streams, ready, deliver, args.steps)
 
 
 def hotmerge_server(args, streams: int) -> dict:
@@ -173,14 +179,8 @@ def hotmerge_server(args, streams: int) -> dict:
     )
     path = EmulatedPath(default_max_new_tokens=args.steps, max_merge_adapters=4, metrics=Metrics())
     pbg.add_HotmergeServicer_to_server(HotmergeService(path=path), server.server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    clients = start_clients(port, streams, args.steps + 1)  # and the final message
-    ready.wait()
-    result = measure(args, streams, deliver)
-    finish(clients)
-    server.stop(0)
-    return result
+    # Each stream ends with the final message (done, the result's text and timings).
+    return serve_and_measure(server, args, streams, ready, deliver, args.steps + 1)
 
 
 def aio_server(args, streams: int) -> dict:

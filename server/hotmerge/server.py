@@ -231,7 +231,7 @@ def open_port(config: ServerConfig) -> RunningServer:
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer.servicer, server.server)
     names = (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME, REFLECTION_V1)
     reflection.enable_server_reflection(names, server.server)
-    enable_reflection_v1(names, server)
+    enable_reflection_v1(names, server.server)
     try:
         port = server.add_insecure_port(config.address)
     except RuntimeError as exc:  # grpc raises RuntimeError("Failed to bind ...")
@@ -268,7 +268,7 @@ def open_port(config: ServerConfig) -> RunningServer:
     return running
 
 
-def enable_reflection_v1(service_names, server: GrpcServer) -> None:
+def enable_reflection_v1(service_names, server: grpc.aio.Server) -> None:
     """Serve reflection as ``grpc.reflection.v1`` too (grpcio-reflection ships v1alpha only).
 
     The two protocols have the same messages, field for field, so v1alpha's servicer answers

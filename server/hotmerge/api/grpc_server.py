@@ -68,9 +68,6 @@ class GrpcServer:
     def add_insecure_port(self, address: str) -> int:
         return self.server.add_insecure_port(address)
 
-    def add_generic_rpc_handlers(self, handlers) -> None:
-        self.server.add_generic_rpc_handlers(handlers)
-
     def start(self) -> None:
         self._loop.run(self.server.start())
 

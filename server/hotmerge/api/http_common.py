@@ -25,7 +25,6 @@ from starlette.concurrency import run_in_threadpool
 
 from hotmerge.api import lorax, openai
 from hotmerge.api.async_handle import result as handle_result
-from hotmerge.api.async_handle import token_events
 from hotmerge.api.core import RequestPath, Submission, request_id_or_new
 from hotmerge.api.http_guard import (
     ClientWatch,
@@ -127,11 +126,6 @@ def merge_headers(outcome: MergeOutcome | None) -> dict[str, str]:
 
 def sse(data: Any) -> str:
     return f"data: {json.dumps(data, allow_nan=False)}\n\n"
-
-
-def tokens(sub: Submission) -> AsyncIterator:
-    """The handle's token events, as the engine thread hands them to the loop (no thread)."""
-    return token_events(sub.handle)
 
 
 def spec_json(msg) -> dict[str, Any]:

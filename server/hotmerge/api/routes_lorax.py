@@ -8,6 +8,7 @@ from fastapi.responses import JSONResponse, Response
 
 from hotmerge import __version__
 from hotmerge.api import lorax
+from hotmerge.api.async_handle import token_events
 from hotmerge.api.http_common import (
     LORAX,
     HttpContext,
@@ -15,7 +16,6 @@ from hotmerge.api.http_common import (
     merge_headers,
     parse_body,
     sse,
-    tokens,
 )
 from hotmerge.api.http_guard import ClientWatch
 
@@ -44,7 +44,7 @@ def add_lorax_routes(app: FastAPI, ctx: HttpContext) -> None:
 
             async def events():
                 last = None
-                async for event in tokens(sub):
+                async for event in token_events(sub.handle):
                     if last is not None:
                         yield sse(lorax.stream_token(last))
                     last = event

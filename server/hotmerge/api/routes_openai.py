@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from hotmerge.api import openai
+from hotmerge.api.async_handle import token_events
 from hotmerge.api.core import Submission
 from hotmerge.api.http_common import (
     OPENAI,
@@ -19,7 +20,6 @@ from hotmerge.api.http_common import (
     parse_body,
     spec_json,
     sse,
-    tokens,
 )
 from hotmerge.api.http_guard import ClientWatch
 from hotmerge.errors import InvalidArgument
@@ -51,7 +51,7 @@ def add_openai_routes(app: FastAPI, ctx: HttpContext, model_name: str | None) ->
                 cid = f"cmpl-{request_id}"
 
                 async def events():
-                    async for event in tokens(sub):
+                    async for event in token_events(sub.handle):
                         choice = {"index": 0, "text": event.text, "logprobs": None}
                         yield sse(
                             openai.chunk(
@@ -113,7 +113,7 @@ def add_openai_routes(app: FastAPI, ctx: HttpContext, model_name: str | None) ->
             async def events():
                 first = {"role": "assistant", "content": ""}
                 yield chunk({"index": 0, "delta": first, "finish_reason": None})
-                async for event in tokens(sub):
+                async for event in token_events(sub.handle):
                     delta = {"content": event.text}
                     yield chunk({"index": 0, "delta": delta, "finish_reason": None})
                 result = sub.handle.result
