@@ -84,6 +84,13 @@ def parse_args(description: str, shapes: list[str]) -> argparse.Namespace:
         default=10,
         help="requests per side of the shared-prefix TTFT phase (0 skips it)",
     )
+    parser.add_argument(
+        "--merge-profile-runs",
+        type=int,
+        default=0,
+        help="fresh TIES merges resolved on the bench thread under torch's profiler, idle "
+        "engine (0, the default, skips it): where a merge's time outside its kernels goes",
+    )
     parser.add_argument("--prefix-tokens", type=int, default=512, help="the shared prefix's length")
     parser.add_argument("--work-dir", type=Path, default=None)
     parser.add_argument("--tag", default="", help="suffix of the result files' names")

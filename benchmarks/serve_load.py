@@ -70,6 +70,7 @@ from serve_probes import (
     cold_ties_share,
     hit_overhead_us,
     merge_during_streams,
+    merge_path_profile,
     shared_prefix_ttft,
 )
 from serve_report import (
@@ -346,6 +347,15 @@ def main() -> None:
             print("hit overhead", hit, flush=True)
             cold = cold_ties_share(client, adapter_ids, args.cold_runs)
             print("cold ties", cold, flush=True)
+            merge_profile = None
+            if args.merge_profile_runs > 0:
+                table = args.out_dir / f"merge_path_profile{args.tag}.txt"
+                args.out_dir.mkdir(parents=True, exist_ok=True)
+                merge_profile = merge_path_profile(
+                    running, adapter_ids, args.merge_profile_runs, table
+                )
+                print("merge path", {k: v for k, v in merge_profile.items()
+                                     if k.endswith("p50")}, flush=True)  # fmt: skip
             prefix = None
             if args.prefix_runs > 0:
                 prefix = shared_prefix_ttft(
@@ -391,6 +401,7 @@ def main() -> None:
         "hit_overhead": hit,
         "cold_ties": cold,
         "shared_prefix": prefix,
+        "merge_path_profile": merge_profile,
         "loads": loads,
         "merge_during_streams": merge_itl,
         "tag": args.tag,

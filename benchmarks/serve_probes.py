@@ -1,6 +1,7 @@
 """The probes of ``serve_load.py`` beside the load: a merge-cache hit's server-side cost, a cold
-merge's share of time to first token, a shared prefix's time to first token, and running streams'
-inter-token latency while a ``ties_svd`` merge is computed."""
+merge's share of time to first token, where a cold merge's time goes (a profile), a shared
+prefix's time to first token, and running streams' inter-token latency while a ``ties_svd``
+merge is computed."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from serve_clients import (
     stream_once,
 )
 from serve_report import itl_summary, pct, split_gaps
+from torch.profiler import ProfilerActivity, profile
 
 
 def hit_overhead_us(running, adapter_ids: list[str], reps: int) -> dict:
@@ -78,6 +80,45 @@ def cold_ties_share(client, adapter_ids: list[str], runs: int) -> dict:
     }
 
 
+def merge_path_profile(running, adapter_ids: list[str], runs: int, table_path) -> dict:
+    """Fresh TIES specs of 3 adapters resolved by the server's merger on this thread (no RPC,
+    an idle engine), as a merge-spec request's worker does: the wall time of each, the part the
+    merge cache timed as the merge itself, and torch's profile of them all (host ops, syncs,
+    allocations), its table written to ``table_path``."""
+    service = running.service
+
+    def spec(i: int):
+        return service.path.parse_spec(
+            pb.MergedAdapters(
+                ids=adapter_ids[:3],
+                weights=[1.0, 0.25 + i * 1e-3, 0.5],
+                merge_strategy=pb.TIES,
+                density=0.5,
+            )
+        )
+
+    walls, merges = [], []
+    activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA]
+    with profile(activities=activities) as prof:
+        for i in range(runs):
+            t = time.perf_counter()
+            lease, outcome = service.merger.acquire(spec(i))
+            walls.append((time.perf_counter() - t) * 1000)
+            merges.append(outcome.merge_ms)
+            assert not outcome.cache_hit
+            lease.release()
+    table = prof.key_averages().table(sort_by="cpu_time_total", row_limit=45)
+    table_path.write_text(table + "\n")
+    return {
+        "runs": runs,
+        "acquire_ms": walls,
+        "merge_ms": merges,
+        "acquire_ms_p50": pct(walls, 50),
+        "merge_ms_p50": pct(merges, 50),
+        "table": str(table_path),
+    }
+
+
 def shared_prefix_ttft(client, adapter_id: str, runs: int, prefix_tokens: int) -> dict:
     """TTFT of prompts that share a ``prefix_tokens`` prefix (cached after the first) against
     prompts of the same length that share nothing, one request at a time. The byte tokenizer
@@ -106,6 +147,11 @@ def shared_prefix_ttft(client, adapter_id: str, runs: int, prefix_tokens: int) -
         "uncached_ttft_ms_p50": uncached_p50,
         "cached_ttft_ms_p50": cached_p50,
         "ratio": cached_p50 / uncached_p50,
+        # the server's split of each side's TTFT (queue: submit to prefill start)
+        "uncached_queue_ms_p50": pct([s.queue_ms for s in uncached], 50),
+        "uncached_prefill_ms_p50": pct([s.prefill_ms for s in uncached], 50),
+        "cached_queue_ms_p50": pct([s.queue_ms for s in cached], 50),
+        "cached_prefill_ms_p50": pct([s.prefill_ms for s in cached], 50),
     }
 
 

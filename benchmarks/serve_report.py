@@ -75,7 +75,18 @@ def write_results(result: dict, out_dir: Path) -> Path:
             f"- shared {prefix['prefix_tokens']}-token prefix (+{prefix['suffix_tokens']} own "
             f"tokens), one request at a time: TTFT p50 {prefix['cached_ttft_ms_p50']:.2f} ms "
             f"cached vs {prefix['uncached_ttft_ms_p50']:.2f} ms uncached = **"
-            f"{prefix['ratio']:.2f}x** (target <= 0.3)"
+            f"{prefix['ratio']:.2f}x** (target <= 0.3); server queue / prefill p50 "
+            f"{prefix.get('cached_queue_ms_p50', float('nan')):.2f} / "
+            f"{prefix.get('cached_prefill_ms_p50', float('nan')):.2f} ms cached, "
+            f"{prefix.get('uncached_queue_ms_p50', float('nan')):.2f} / "
+            f"{prefix.get('uncached_prefill_ms_p50', float('nan')):.2f} ms uncached"
+        )
+    profile = result.get("merge_path_profile")
+    if profile is not None:
+        lines.append(
+            f"- a fresh TIES merge resolved by the merger alone (idle engine, {profile['runs']} "
+            f"runs): {profile['acquire_ms_p50']:.2f} ms, of which the merge itself "
+            f"{profile['merge_ms_p50']:.2f} ms (p50); torch's profile: {profile['table']}"
         )
     for load in result["loads"]:
         lines += load_lines(load)

