@@ -235,12 +235,13 @@ class Merger:
             with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
                 if long:  # let decode through between its chunks
                     stop = _yielding(stop, stream)
-                merged = self._merge_on(spec, weights, stop, deadline)
+                merged = self._merge_on(spec, weights, stop, deadline)  # read back: complete
                 if stream is not None:
                     merged.ready_event = stream.record_event()
-        finally:
+        except BaseException:
             if stream is not None:  # nothing of a failed merge still runs once it has failed
                 stream.synchronize()
+            raise
         return merged
 
     def _merge_on(
