@@ -22,8 +22,10 @@
 #      streamed token's server CPU, sync vs grpc.aio, and an emulated engine thread's step.
 #   9. quant_kernels (not in the default steps): the int4 and fp8 kernels at the 7B projections
 #      beside torch's tinygemm int4 matmul and fp8 `_scaled_mm` (quant_kernels.py).
-#  10. serve_budget (not in the default steps): serve_load at concurrency 32 with a prefill
-#      budget of BUDGETS tokens each (default "2048 512"), one after the other on the same card.
+#  10. serve_budget (not in the default steps): serve_load at concurrency 32, 64 and 128 with a
+#      prefill budget of BUDGETS tokens each (default "2048 512"), one after the other on the
+#      same card (at c=32 on the H100, 512 halved TTFT p99 at the same throughput; c=64 and 128
+#      not yet measured there).
 # serve runs each level twice (--plan-ahead-ab): steps planned ahead, then waiting first.
 # Each step has its own time limit (seconds: DECODE_S, SERVE_S, SERVE_Q_S, PYTEST_Q_S,
 # PYTEST_S) and writes its log and results under OUT (default
@@ -113,7 +115,7 @@ fi
 if want serve_budget; then
 for budget in ${BUDGETS:-2048 512}; do
   step "serve_budget_$budget" "${SERVE_S:-400}" $PY benchmarks/serve_load.py --shape "$SHAPE" \
-    --concurrency 32 --max-batch-size 128 --requests 320 --merge-streams 0 --prefix-runs 0 \
+    --concurrency 32,64,128 --max-batch-size 128 --requests 320 --merge-streams 0 --prefix-runs 0 \
     --max-prefill-tokens "$budget" --work-dir "$WORK" --out-dir "$OUT" --tag="-budget-$budget"
   grep -E "^load c=" "$OUT/serve_budget_$budget.log"
 done

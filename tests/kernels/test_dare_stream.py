@@ -139,7 +139,8 @@ def test_draw_to_element_mapping(backend):
         for s in plan.segments:
             t = index.index((s.module, s.part))
             want += [expected_draw(seed, adapter, t, e) < 19661 for e in range(s.numel)]
-        launches = [{"block": 16}, {}] if backend == "triton" else [{}]
+        # Small blocks (many programs: slow under the interpreter) for the first adapter only.
+        launches = [{"block": 16}, {}] if backend == "triton" and adapter == 0 else [{}]
         for launch in launches:
             got = _kept(engine, ads, plan, adapter, density, seed, **launch)
             assert got.tolist() == want, (adapter, launch)

@@ -174,8 +174,11 @@ def test_kernels_equal_twins(kernel_path, mix, dtype, widths, splits=1, seed=3):
 
 
 @needs_triton
-@pytest.mark.parametrize("splits", [3, 4])  # 37 inputs in 16-wide steps: 3 ranges, 4th empty
-@pytest.mark.parametrize("mix", ["distinct with -1 and empty", "33 mixed repeats"])
+@pytest.mark.parametrize(  # 37 inputs in 16-wide steps: 3 ranges, and with 4 a 4th empty
+    "mix,splits",
+    [("distinct with -1 and empty", 3), ("distinct with -1 and empty", 4),
+     ("33 mixed repeats", 4)],  # the slowest mix under the interpreter: once
+)  # fmt: skip
 def test_kernels_equal_twins_with_splits(kernel_path, mix, splits):
     for seed, (dtype, widths) in enumerate(zip(DTYPES, WIDTHS, strict=True)):
         test_kernels_equal_twins(kernel_path, mix, dtype, widths, splits, seed=100 + 3 * seed)
