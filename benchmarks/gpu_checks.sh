@@ -5,7 +5,8 @@
 #      a process per format (one that fails loses only its own rows), bf16 measured with the
 #      first and read by the others (--bf16-from); bf16 batch 32 distinct is serving's
 #      decode-only ceiling;
-#   2. serve_load at concurrency 32, 64, 128 on bf16 (with the shared-prefix and ties_svd phases),
+#   2. serve_load at concurrency 32, 64, 128 on bf16 (with the shared-prefix, ties_svd and
+#      merge-path-profile phases),
 #      and the host cost of an adapter's slot write at 7B geometry (slot_write_cost.py), also
 #      behind 50 ms of device work (a write that waits for the device takes about that long);
 #   3. serve_load at concurrency 64 on the quantized base fastest at batch 64 in (1);
@@ -70,7 +71,8 @@ done
 fi
 if want serve; then
 step serve_bf16 "${SERVE_S:-400}" $PY benchmarks/serve_load.py --shape "$SHAPE" --concurrency 32,64,128 \
-  --plan-ahead-ab --max-batch-size 128 --requests 320 --work-dir "$WORK" --out-dir "$OUT"
+  --plan-ahead-ab --max-batch-size 128 --requests 320 --merge-profile-runs 20 --work-dir "$WORK" \
+  --out-dir "$OUT"
 grep -E "^load c=|^- |p99 ratio" "$OUT/serve_bf16.log"
 step slot_write 120 $PY benchmarks/slot_write_cost.py
 tail -2 "$OUT/slot_write.log"
