@@ -76,10 +76,9 @@ def write_results(result: dict, out_dir: Path) -> Path:
             f"tokens), one request at a time: TTFT p50 {prefix['cached_ttft_ms_p50']:.2f} ms "
             f"cached vs {prefix['uncached_ttft_ms_p50']:.2f} ms uncached = **"
             f"{prefix['ratio']:.2f}x** (target <= 0.3); server queue / prefill p50 "
-            f"{prefix.get('cached_queue_ms_p50', float('nan')):.2f} / "
-            f"{prefix.get('cached_prefill_ms_p50', float('nan')):.2f} ms cached, "
-            f"{prefix.get('uncached_queue_ms_p50', float('nan')):.2f} / "
-            f"{prefix.get('uncached_prefill_ms_p50', float('nan')):.2f} ms uncached"
+            f"{prefix['cached_queue_ms_p50']:.2f} / {prefix['cached_prefill_ms_p50']:.2f} ms "
+            f"cached, {prefix['uncached_queue_ms_p50']:.2f} / "
+            f"{prefix['uncached_prefill_ms_p50']:.2f} ms uncached"
         )
     profile = result.get("merge_path_profile")
     if profile is not None:

@@ -207,3 +207,26 @@ def test_ttft_after_the_opening_burst_leaves_out_the_first_requests_sent():
     load = _load_with({}) | {"ttft_after_burst": after}
     assert "sent after the opening burst" in "\n".join(load_lines(load))
     assert ttft_after_burst(burst, concurrency=4)["ttft_ms_p50"] is None
+
+
+def test_the_report_gives_the_prefix_split_and_the_merge_path_profile(tmp_path):
+    from serve_report import write_results
+
+    result = {
+        "device": "cpu", "date": "2026-12-08T00:00:00", "tag": "-t", "model": "m",
+        "adapters": 2, "rank": 4, "versions": {}, "loads": [], "merge_during_streams": None,
+        "hit_overhead": {"merge_hit_us": 17.0, "named_adapter_us": 6.0, "hit_adds_us": 11.0},
+        "cold_ties": {"cold_ties_merge_ms_p50": 1.5, "cold_ties_ttft_ms_p50": 18.0,
+                      "cold_ties_merge_share_of_ttft_p50": 1.5 / 18, "named_ttft_ms_p50": 15.0},
+        "shared_prefix": {
+            "prefix_tokens": 512, "suffix_tokens": 16, "runs": 3, "uncached_ttft_ms_p50": 30.0,
+            "cached_ttft_ms_p50": 14.5, "ratio": 14.5 / 30, "uncached_queue_ms_p50": 3.25,
+            "uncached_prefill_ms_p50": 23.5, "cached_queue_ms_p50": 3.125,
+            "cached_prefill_ms_p50": 8.75,
+        },
+        "merge_path_profile": {"runs": 20, "acquire_ms_p50": 1.94, "merge_ms_p50": 1.57,
+                               "table": "t.txt"},
+    }  # fmt: skip
+    text = write_results(result, tmp_path).with_suffix(".md").read_text()
+    assert "server queue / prefill p50 3.12 / 8.75 ms cached, 3.25 / 23.50 ms uncached" in text
+    assert "(idle engine, 20 runs): 1.94 ms, of which the merge itself 1.57 ms" in text
