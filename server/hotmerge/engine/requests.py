@@ -95,16 +95,11 @@ class GenerationHandle:
                 try:
                     item = self._events.get(timeout=timeout)
                 except queue.Empty:
-                    self._error = DeadlineExceeded("deadline exceeded")
-                    raise self._error from None
-                if isinstance(item, TokenEvent):
-                    yield item
-                elif isinstance(item, GenerationResult):
-                    self.result = item
+                    raise self.expire() from None
+                event = self._take(item)
+                if event is None:
                     return
-                else:
-                    self._error = item
-                    raise item
+                yield event
         finally:
             if self.result is None:  # abandoned, failed or expired: stop the worker's work too
                 self.cancel()
@@ -133,9 +128,13 @@ class GenerationHandle:
         if self.result is not None:
             return None
         try:
-            item = self._events.get_nowait()
+            return self._take(self._events.get_nowait())
         except queue.Empty:
             return None
+
+    def _take(self, item: TokenEvent | GenerationResult | HotmergeError) -> TokenEvent | None:
+        """A queued item: a token is returned; the result is kept (None returned); an error is
+        kept and raised."""
         if isinstance(item, TokenEvent):
             return item
         if isinstance(item, GenerationResult):
