@@ -20,6 +20,7 @@ from serve_clients import (
     stream_once,
 )
 from serve_report import itl_summary, pct, split_gaps
+from serve_trace import DeviceTimeline, StallTrace
 from torch.profiler import ProfilerActivity, profile
 
 
@@ -119,25 +120,40 @@ def merge_path_profile(running, adapter_ids: list[str], runs: int, table_path) -
     }
 
 
-def shared_prefix_ttft(client, adapter_id: str, runs: int, prefix_tokens: int) -> dict:
+def shared_prefix_ttft(running, client, adapter_id: str, runs: int, prefix_tokens: int) -> dict:
     """TTFT of prompts that share a ``prefix_tokens`` prefix (cached after the first) against
     prompts of the same length that share nothing, one request at a time. The byte tokenizer
-    makes a character a token."""
+    makes a character a token. Each request is one step (one new token): on CUDA its device
+    time and the engine thread's time for it tell the prefill's work from the rest."""
     rng = random.Random(2)
 
     def text(n: int) -> str:
         return "".join(rng.choice("abcdefghij ") for _ in range(n))
 
+    def side(make_prompt) -> tuple[list[Sample], dict]:
+        cuda = running.engine.runner.device.type == "cuda"
+        timeline = DeviceTimeline() if cuda else None
+        trace = StallTrace(running.engine._worker, None, timeline)
+        with trace:
+            samples = [
+                stream_once(client, make_prompt(), 1, adapter_id=adapter_id) for _ in range(runs)
+            ]
+        device = []
+        if timeline is not None and timeline.spans:
+            timeline.spans[-1][1].synchronize()
+            device = [start.elapsed_time(end) for start, end, _, _ in timeline.spans]
+        steps = {
+            "step_ms_p50": pct([1000 * s for s in trace.step_seconds], 50),
+            "step_cpu_ms_p50": pct([1000 * c for _, _, c in trace.steps], 50),
+            "step_device_ms_p50": pct(device, 50) if device else None,
+        }
+        return samples, steps
+
     suffix = 16
-    uncached = [
-        stream_once(client, text(prefix_tokens + suffix), 1, adapter_id=adapter_id)
-        for _ in range(runs)
-    ]
+    uncached, uncached_steps = side(lambda: text(prefix_tokens + suffix))
     prefix = text(prefix_tokens)
     stream_once(client, prefix + text(suffix), 1, adapter_id=adapter_id)  # fills the cache
-    cached = [
-        stream_once(client, prefix + text(suffix), 1, adapter_id=adapter_id) for _ in range(runs)
-    ]
+    cached, cached_steps = side(lambda: prefix + text(suffix))
     uncached_p50 = pct([s.ttft_ms for s in uncached], 50)
     cached_p50 = pct([s.ttft_ms for s in cached], 50)
     return {
@@ -152,6 +168,9 @@ def shared_prefix_ttft(client, adapter_id: str, runs: int, prefix_tokens: int) -
         "uncached_prefill_ms_p50": pct([s.prefill_ms for s in uncached], 50),
         "cached_queue_ms_p50": pct([s.queue_ms for s in cached], 50),
         "cached_prefill_ms_p50": pct([s.prefill_ms for s in cached], 50),
+        # the engine's step: wall and CPU time on its thread, span on the device
+        "uncached_steps": uncached_steps,
+        "cached_steps": cached_steps,
     }
 
 

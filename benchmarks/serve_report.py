@@ -80,6 +80,15 @@ def write_results(result: dict, out_dir: Path) -> Path:
             f"cached, {prefix['uncached_queue_ms_p50']:.2f} / "
             f"{prefix['uncached_prefill_ms_p50']:.2f} ms uncached"
         )
+        for name in ("cached", "uncached"):
+            steps = prefix.get(f"{name}_steps")
+            if steps is not None:
+                device = steps["step_device_ms_p50"]
+                lines.append(
+                    f"  - {name}: the engine's step p50 {steps['step_ms_p50']:.2f} ms on its "
+                    f"thread ({steps['step_cpu_ms_p50']:.2f} ms CPU), "
+                    + (f"{device:.2f} ms on the device" if device is not None else "no device")
+                )
     profile = result.get("merge_path_profile")
     if profile is not None:
         lines.append(

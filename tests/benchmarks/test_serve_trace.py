@@ -223,10 +223,16 @@ def test_the_report_gives_the_prefix_split_and_the_merge_path_profile(tmp_path):
             "cached_ttft_ms_p50": 14.5, "ratio": 14.5 / 30, "uncached_queue_ms_p50": 3.25,
             "uncached_prefill_ms_p50": 23.5, "cached_queue_ms_p50": 3.125,
             "cached_prefill_ms_p50": 8.75,
+            "cached_steps": {"step_ms_p50": 7.5, "step_cpu_ms_p50": 1.25,
+                             "step_device_ms_p50": 6.5},
+            "uncached_steps": {"step_ms_p50": 22.0, "step_cpu_ms_p50": 1.5,
+                               "step_device_ms_p50": None},
         },
         "merge_path_profile": {"runs": 20, "acquire_ms_p50": 1.94, "merge_ms_p50": 1.57,
                                "table": "t.txt"},
     }  # fmt: skip
     text = write_results(result, tmp_path).with_suffix(".md").read_text()
     assert "server queue / prefill p50 3.12 / 8.75 ms cached, 3.25 / 23.50 ms uncached" in text
+    assert "cached: the engine's step p50 7.50 ms on its thread (1.25 ms CPU), 6.50 ms on" in text
+    assert "uncached: the engine's step p50 22.00 ms on its thread (1.50 ms CPU), no device" in text
     assert "(idle engine, 20 runs): 1.94 ms, of which the merge itself 1.57 ms" in text

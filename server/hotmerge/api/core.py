@@ -218,19 +218,22 @@ class RequestPath:
         arrived = time.perf_counter()  # total_ms counts merges and loads from here
         engine = self.ready_engine()
         merged = merged_adapters is not None
-        ids = rules.validate(request, self.limits, engine.runner.encode, wire=wire, merged=merged)
-        tokenized = dataclasses.replace(request, inputs=None, input_ids=tuple(ids))
-        lease = outcome = None
-        adapter = request.adapter_id
-        if merged:
-            spec = self.parse_spec(merged_adapters)
-            lease, outcome = self._acquire(spec, None, deadline, cancelled)
-        elif (named := self.named.get(adapter or "")) is not None:
-            lease, outcome = self._acquire(named.spec, named.name, deadline, cancelled)
-        elif adapter is not None:
-            lease = stored_adapter_lease(self.store, adapter)
-        handle = engine.submit(tokenized, lease=lease, deadline=deadline, arrived=arrived)
-        return Submission(request, handle, outcome, adapter)
+        with engine.arriving():  # an idle engine waits for it to batch it with others
+            ids = rules.validate(
+                request, self.limits, engine.runner.encode, wire=wire, merged=merged
+            )
+            tokenized = dataclasses.replace(request, inputs=None, input_ids=tuple(ids))
+            lease = outcome = None
+            adapter = request.adapter_id
+            if merged:
+                spec = self.parse_spec(merged_adapters)
+                lease, outcome = self._acquire(spec, None, deadline, cancelled)
+            elif (named := self.named.get(adapter or "")) is not None:
+                lease, outcome = self._acquire(named.spec, named.name, deadline, cancelled)
+            elif adapter is not None:
+                lease = stored_adapter_lease(self.store, adapter)
+            handle = engine.submit(tokenized, lease=lease, deadline=deadline, arrived=arrived)
+            return Submission(request, handle, outcome, adapter)
 
     def merge(
         self,

@@ -23,7 +23,9 @@ class EngineConfig:
     max_input_tokens: int | None = None  # None: max_total_tokens - 1
     max_total_tokens: int | None = None  # prompt + generated; None: the model's context length
     max_prefill_tokens: int = 2048  # prompt tokens one step prefills (longer prompts: chunks)
-    batch_wait_ms: float = 2.0  # after a first request arrives at an idle engine, wait for more
+    # After a first request reaches an idle engine, wait up to this for more: for those the
+    # request path has received and not yet queued (Engine.arriving), or for any if not counted.
+    batch_wait_ms: float = 2.0
     block_size: int = 16  # tokens per KV block
     kv_cache_fraction: float = 0.9  # of device memory free after weights and the LoRA budgets
     kv_cache_tokens: int | None = None  # an exact KV capacity instead (CPU default: a full batch)

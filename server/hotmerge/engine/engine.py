@@ -19,10 +19,12 @@ sampling parameters cannot be used fails alone (InvalidArgument).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import secrets
 import threading
 import time
+from collections.abc import Iterator
 
 from hotmerge import request_rules as rules
 from hotmerge.engine.block_manager import BlockManager
@@ -66,6 +68,19 @@ def _token_limits(runner: ModelRunner, config: EngineConfig) -> tuple[int, int]:
     return max_total, max_input
 
 
+class Arrivals:
+    """Requests on their way to the queue (``Engine.arriving``; read under the engine's
+    condition). Until ``counted``, nothing says whether more are on the way: the idle engine
+    waits all of ``batch_wait_ms``, as for a caller that submits to the engine directly."""
+
+    def __init__(self) -> None:
+        self.on_the_way = 0
+        self.counted = False
+
+    def expected(self) -> bool:
+        return self.on_the_way > 0 or not self.counted
+
+
 class Engine:
     def __init__(self, runner: ModelRunner, config: EngineConfig | None = None) -> None:
         """``config``: the runner's (what it was built for) unless given; its limits may only
@@ -91,7 +106,8 @@ class Engine:
         )
         self._decode_text = text_decoder(runner.tokenizer)
         self.stats = EngineStats()
-        self._cv = threading.Condition()  # guards the scheduler's queue and ``stopping``
+        self._cv = threading.Condition()  # guards the scheduler's queue, ``stopping``, arrivals
+        self.arrivals = Arrivals()
         self._worker = Worker(self)
         self._thread: threading.Thread | None = None
         self._ids = itertools.count()
@@ -147,6 +163,22 @@ class Engine:
         return names(list(self.scheduler.running)), names(list(self.scheduler.waiting))
 
     # -- submit -----------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def arriving(self) -> Iterator[None]:
+        """Count a request from its receipt on the request path until it is queued or refused.
+        Once requests come this way, an idle engine's wait for a batch (``batch_wait_ms``) ends
+        as soon as none is on its way: a lone request is not held back, a burst still starts
+        in one step."""
+        with self._cv:
+            self.arrivals.on_the_way += 1
+            self.arrivals.counted = True
+        try:
+            yield
+        finally:
+            with self._cv:
+                self.arrivals.on_the_way -= 1
+                self._cv.notify_all()
 
     def submit(
         self,

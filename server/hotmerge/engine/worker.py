@@ -58,6 +58,7 @@ class Worker:
         self.stats = engine.stats
         self._cv = engine._cv
         self.batch_wait_s = engine.config.batch_wait_ms / 1000
+        self.arrivals = engine.arrivals
         self.plan_ahead = engine.config.plan_ahead and self.runner.plans_ahead
         self.stopping = False  # set under the condition
         # The step launched and not yet waited on, with its sampling (the runner's Sampler:
@@ -103,11 +104,12 @@ class Worker:
             if not self.scheduler.running and self._inflight is None:
                 while not self.scheduler.waiting and not self.stopping:
                     self._cv.wait()
-                # After the first arrives, wait a little for more to batch them together.
+                # After the first arrives, wait a little for those on their way, to batch them.
                 until = time.monotonic() + self.batch_wait_s
                 while (
                     len(self.scheduler.waiting) < self.scheduler.max_batch_size
                     and not self.stopping
+                    and self.arrivals.expected()
                     and (left := until - time.monotonic()) > 0
                 ):
                     self._cv.wait(left)
