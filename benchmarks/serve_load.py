@@ -359,8 +359,7 @@ def main() -> None:
             prefix = None
             if args.prefix_runs > 0:
                 prefix = shared_prefix_ttft(
-                    running,
-                    client, adapter_ids[0], args.prefix_runs, args.prefix_tokens
+                    running, client, adapter_ids[0], args.prefix_runs, args.prefix_tokens
                 )
                 print("shared prefix", prefix, flush=True)
             loads = []

@@ -5,6 +5,7 @@ merge is computed."""
 
 from __future__ import annotations
 
+import math
 import multiprocessing
 import random
 import statistics
@@ -131,23 +132,18 @@ def shared_prefix_ttft(running, client, adapter_id: str, runs: int, prefix_token
         return "".join(rng.choice("abcdefghij ") for _ in range(n))
 
     def side(make_prompt) -> tuple[list[Sample], dict]:
-        cuda = running.engine.runner.device.type == "cuda"
-        timeline = DeviceTimeline() if cuda else None
-        trace = StallTrace(running.engine._worker, None, timeline)
-        with trace:
+        with (trace := engine_trace(running)):
             samples = [
                 stream_once(client, make_prompt(), 1, adapter_id=adapter_id) for _ in range(runs)
             ]
-        device = []
-        if timeline is not None and timeline.spans:
-            timeline.spans[-1][1].synchronize()
-            device = [start.elapsed_time(end) for start, end, _, _ in timeline.spans]
-        steps = {
-            "step_ms_p50": pct([1000 * s for s in trace.step_seconds], 50),
-            "step_cpu_ms_p50": pct([1000 * c for _, _, c in trace.steps], 50),
-            "step_device_ms_p50": pct(device, 50) if device else None,
+        # A one-token request is two of the engine's steps (planned ahead, the second only
+        # takes the first's token): its time is their sum.
+        device = trace.timeline.device_ms() if trace.timeline is not None else []
+        return samples, {
+            "engine_ms_per_request": 1000 * sum(trace.step_seconds) / runs,
+            "engine_cpu_ms_per_request": 1000 * sum(c for _, _, c in trace.steps) / runs,
+            "device_ms_per_request": sum(device) / runs if device else None,
         }
-        return samples, steps
 
     suffix = 16
     uncached, uncached_steps = side(lambda: text(prefix_tokens + suffix))
@@ -168,24 +164,46 @@ def shared_prefix_ttft(running, client, adapter_id: str, runs: int, prefix_token
         "uncached_prefill_ms_p50": pct([s.prefill_ms for s in uncached], 50),
         "cached_queue_ms_p50": pct([s.queue_ms for s in cached], 50),
         "cached_prefill_ms_p50": pct([s.prefill_ms for s in cached], 50),
-        # the engine's step: wall and CPU time on its thread, span on the device
+        # the engine's steps a request: wall and CPU time on its thread, span on the device
         "uncached_steps": uncached_steps,
         "cached_steps": cached_steps,
     }
 
 
+def engine_trace(running) -> StallTrace:
+    """The engine thread's steps (wall and CPU time) and, on CUDA, their device spans."""
+    cuda = running.engine.runner.device.type == "cuda"
+    return StallTrace(running.engine._worker, None, DeviceTimeline() if cuda else None)
+
+
+def step_split(trace: StallTrace, since: float = -math.inf, until: float = math.inf) -> dict:
+    """The steps begun between ``since`` and ``until``: wall and CPU ms on the engine thread,
+    ms on the device (None without one), p50 and p99. Wall far above both is the thread waiting
+    (for the GIL); a longer device time is the device shared."""
+    steps = [(1000 * s, 1000 * c) for t, s, c in trace.steps if since <= t < until]
+    timeline = trace.timeline
+    device = timeline.device_ms(since, until) if timeline is not None else []
+    split = {"steps": len(steps)}
+    for q in (50, 99):
+        split[f"step_ms_p{q}"] = pct([s for s, _ in steps], q)
+        split[f"step_cpu_ms_p{q}"] = pct([c for _, c in steps], q)
+        split[f"step_device_ms_p{q}"] = pct(device, q) if device else None
+    return split
+
+
 def merge_during_streams(running, prompt: str, adapter_ids: list[str], args) -> dict:
     """Inter-token latency of running streams while a ``ties_svd`` merge is computed, against
-    the same streams' latency outside the merge."""
+    the same streams' latency outside the merge; and the engine's steps in and after it."""
     clients = (running.target, prompt, adapter_ids, args.merge_streams, args.merge_tokens)
-    if args.in_process_clients:
-        rows, start, end, merge_ms = merge_during_streams_clients(*clients)
-    else:
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(1, mp_context=context) as pool:
-            rows, start, end, merge_ms = pool.submit(
-                merge_during_streams_clients, *clients
-            ).result()
+    with (trace := engine_trace(running)):
+        if args.in_process_clients:
+            rows, start, end, merge_ms = merge_during_streams_clients(*clients)
+        else:
+            context = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(1, mp_context=context) as pool:
+                rows, start, end, merge_ms = pool.submit(
+                    merge_during_streams_clients, *clients
+                ).result()
     samples = [Sample(*x) for x in rows]
     during, without = split_gaps([s.token_times for s in samples], start, end, RAMP_TOKENS)
     during_s, without_s = itl_summary(during), itl_summary(without)
@@ -197,4 +215,6 @@ def merge_during_streams(running, prompt: str, adapter_ids: list[str], args) -> 
         "during": during_s,
         "without": without_s,
         "p99_ratio": during_s["itl_ms_p99"] / without_s["itl_ms_p99"],
+        "steps_during": step_split(trace, start, end),
+        "steps_after": step_split(trace, end),
     }

@@ -81,12 +81,11 @@ def write_results(result: dict, out_dir: Path) -> Path:
             f"{prefix['uncached_prefill_ms_p50']:.2f} ms uncached"
         )
         for name in ("cached", "uncached"):
-            steps = prefix.get(f"{name}_steps")
-            if steps is not None:
-                device = steps["step_device_ms_p50"]
+            if (steps := prefix.get(f"{name}_steps")) is not None:
+                device = steps["device_ms_per_request"]
                 lines.append(
-                    f"  - {name}: the engine's step p50 {steps['step_ms_p50']:.2f} ms on its "
-                    f"thread ({steps['step_cpu_ms_p50']:.2f} ms CPU), "
+                    f"  - {name}, a request's engine steps: {steps['engine_ms_per_request']:.2f}"
+                    f" ms on the engine thread ({steps['engine_cpu_ms_per_request']:.2f} ms CPU), "
                     + (f"{device:.2f} ms on the device" if device is not None else "no device")
                 )
     profile = result.get("merge_path_profile")
@@ -110,9 +109,25 @@ def write_results(result: dict, out_dir: Path) -> Path:
             f"p99 {m['without']['itl_ms_p99']:.2f} ms: p99 ratio **{m['p99_ratio']:.2f}** "
             "(target <= 1.5)",
         ]
+        for name, window in (("during", "the merge"), ("after", "after it")):
+            if (steps := m.get(f"steps_{name}")) is not None:
+                lines.append(f"- engine steps {window}: {steps_text(steps, (50, 99))}")
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return stem
+
+
+def steps_text(split: dict, quantiles: Sequence[int]) -> str:
+    """A step split (``serve_probes.step_split``): wall, CPU and device ms at each quantile."""
+    parts = []
+    for q in quantiles:
+        device = split[f"step_device_ms_p{q}"]
+        parts.append(
+            f"p{q} {split[f'step_ms_p{q}']:.2f} ms on the engine thread "
+            f"({split[f'step_cpu_ms_p{q}']:.2f} ms CPU), "
+            + (f"{device:.2f} ms on the device" if device is not None else "no device")
+        )
+    return f"{split['steps']} steps, " + "; ".join(parts)
 
 
 def tokens_per_s_full(samples) -> float:

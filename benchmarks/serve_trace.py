@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gc
 import itertools
+import math
 import time
 
 from triton import knobs
@@ -151,9 +152,11 @@ class DeviceTimeline:
 
         self.event = event
         self.spans: list[tuple[object, object, int, int]] = []  # start, end, rows, prompt tokens
+        self.launched_at: list[float] = []  # each span's launch on the host (perf_counter)
 
     def wrap(self, launch):
         def timed(*args):
+            at = time.perf_counter()
             start = self.event()
             start.record()
             launched = launch(*args)  # (plan, its sampling) or None
@@ -164,9 +167,21 @@ class DeviceTimeline:
                 chunked = sum(len(c.token_ids) for c in plan.chunks)
                 rows = len(plan.decode) + plan.decode_chunks
                 self.spans.append((start, end, rows, chunked - plan.decode_chunks))
+                self.launched_at.append(at)
             return launched
 
         return timed
+
+    def device_ms(self, since: float = -math.inf, until: float = math.inf) -> list[float]:
+        """Device ms of each step launched between ``since`` and ``until`` (perf_counter)."""
+        if not self.spans:
+            return []
+        self.spans[-1][1].synchronize()
+        return [
+            start.elapsed_time(end)
+            for (start, end, _, _), at in zip(self.spans, self.launched_at, strict=True)
+            if since <= at < until
+        ]
 
     def summary(self) -> dict | None:
         """Device ms of decode-only steps (by rows) and of mixed or prefill steps (by prompt

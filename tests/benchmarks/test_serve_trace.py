@@ -131,10 +131,16 @@ def test_the_device_timeline_splits_decode_and_mixed_steps_and_the_gaps_between(
 
     timeline = DeviceTimeline(HostEvent)
     timed = timeline.wrap(launch)
+    marks = []
     for _ in range(5):
+        marks.append(time.perf_counter())
         timed(None)
         time.sleep(0.003)  # the host between two steps: a gap on the device
     summary = timeline.summary()
+    assert len(timeline.device_ms()) == 4  # the launch that found nothing to do has no span
+    late = timeline.device_ms(since=marks[2])  # the 12 ms mixed step and the last decode
+    assert len(late) == 2 and late[0] >= 12.0 and 4.0 <= late[1] < 12.0
+    assert timeline.device_ms(marks[1], marks[2]) == timeline.device_ms()[1:2]
     decode = summary["decode_steps_by_rows"]
     assert list(decode) == ["2-3", "4-7"] and all(g["steps"] == 1 for g in decode.values())
     assert all(4.0 <= g["ms_mean"] < 8.0 for g in decode.values())
@@ -223,16 +229,34 @@ def test_the_report_gives_the_prefix_split_and_the_merge_path_profile(tmp_path):
             "cached_ttft_ms_p50": 14.5, "ratio": 14.5 / 30, "uncached_queue_ms_p50": 3.25,
             "uncached_prefill_ms_p50": 23.5, "cached_queue_ms_p50": 3.125,
             "cached_prefill_ms_p50": 8.75,
-            "cached_steps": {"step_ms_p50": 7.5, "step_cpu_ms_p50": 1.25,
-                             "step_device_ms_p50": 6.5},
-            "uncached_steps": {"step_ms_p50": 22.0, "step_cpu_ms_p50": 1.5,
-                               "step_device_ms_p50": None},
+            "cached_steps": {"engine_ms_per_request": 7.5, "engine_cpu_ms_per_request": 1.25,
+                             "device_ms_per_request": 6.5},
+            "uncached_steps": {"engine_ms_per_request": 22.0, "engine_cpu_ms_per_request": 1.5,
+                               "device_ms_per_request": None},
         },
         "merge_path_profile": {"runs": 20, "acquire_ms_p50": 1.94, "merge_ms_p50": 1.57,
                                "table": "t.txt"},
     }  # fmt: skip
     text = write_results(result, tmp_path).with_suffix(".md").read_text()
     assert "server queue / prefill p50 3.12 / 8.75 ms cached, 3.25 / 23.50 ms uncached" in text
-    assert "cached: the engine's step p50 7.50 ms on its thread (1.25 ms CPU), 6.50 ms on" in text
-    assert "uncached: the engine's step p50 22.00 ms on its thread (1.50 ms CPU), no device" in text
+    assert (
+        "cached, a request's engine steps: 7.50 ms on the engine thread (1.25 ms CPU), 6.50" in text
+    )
+    assert (
+        "uncached, a request's engine steps: 22.00 ms on the engine thread (1.50 ms CPU), no"
+        in text
+    )
     assert "(idle engine, 20 runs): 1.94 ms, of which the merge itself 1.57 ms" in text
+
+
+def test_step_split_takes_the_steps_of_its_window():
+    from types import SimpleNamespace
+
+    from serve_probes import step_split
+
+    steps = [(t, (10 + t) / 1000, 0.002) for t in range(10)]  # begun at t s, 10 + t ms
+    split = step_split(SimpleNamespace(steps=steps, timeline=None), since=5, until=8)
+    assert split["steps"] == 3  # begun at 5, 6 and 7
+    assert round(split["step_ms_p50"], 6) == 16.0 and round(split["step_ms_p99"], 6) == 17.0
+    assert round(split["step_cpu_ms_p99"], 6) == 2.0 and split["step_device_ms_p50"] is None
+    assert step_split(SimpleNamespace(steps=steps, timeline=None), since=10)["steps"] == 0
