@@ -1,6 +1,7 @@
 """Train one LoRA adapter per skill on SmolLM2-135M-Instruct and record how well it does.
 
     python benchmarks/train_skills.py --out adapters/ [--skills sql,json,python] [--steps 300]
+        [--quantize nf4]   # QLoRA: train against the base as `hotmerge serve --quantize` serves it
 
 For each skill: a rank-8 LoRA (PEFT) on the base model, loss on the answer tokens only, AdamW
 with warm-up and cosine decay; bf16 autocast on CUDA, float32 on CPU. Each adapter is written as
@@ -76,6 +77,24 @@ def load_base(base: Path | None):
     if tok.pad_token_id is None:  # transformers 5.17 reads SmolLM2's GGUF with no pad token
         tok.pad_token = tok.eos_token  # padding is masked out of the loss either way
     return model, tok
+
+
+def quantize_base(model, fmt: str) -> int:
+    """QLoRA's base: each projection the LoRA targets replaced by its ``fmt`` round trip
+    (quantize, then dequantize to the weight's dtype), the very function and values the server
+    serves with ``--quantize fmt`` on a float32 base; the adapter then trains against the base
+    it will meet. Returns the projections changed."""
+    from hotmerge_kernels.quant import quantize
+    from hotmerge_kernels.quant.reference import dequantize
+
+    changed = 0
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in TARGET_MODULES:
+                w = module.weight
+                w.copy_(dequantize(quantize(w.detach(), fmt), w.dtype))
+                changed += 1
+    return changed
 
 
 def encode(tok, examples: list[Example]) -> list[tuple[list[int], list[int]]]:
@@ -238,6 +257,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--base", type=Path, default=None, help="a .gguf, a folder holding one, or a model folder"
     )
+    ap.add_argument(
+        "--quantize",
+        choices=("nf4", "int4", "int8", "fp8"),
+        default=None,
+        help="train on the base as `hotmerge serve --quantize` serves it (QLoRA with nf4): its "
+        "projections quantized and dequantized; the held-out scores are on that base too",
+    )
     args = ap.parse_args(argv)
     names = [s for s in args.skills.split(",") if s]
     unknown = [s for s in names if s not in SKILLS]
@@ -248,6 +274,9 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     t0 = time.perf_counter()
     base, tok = load_base(args.base)
+    if args.quantize is not None:
+        changed = quantize_base(base, args.quantize)
+        print(f"base projections as {args.quantize} serves them: {changed}", flush=True)
     base.to(device)
     print(f"base loaded in {time.perf_counter() - t0:.1f}s on {device_name(device)}", flush=True)
     import peft
@@ -278,6 +307,7 @@ def main(argv: list[str] | None = None) -> None:
             "transformers": transformers.__version__,
             "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "base": f"{BASE_NAME} ({(args.base or default_gguf()).name})",
+            "base_quantized": args.quantize,
             "steps": args.steps,
             "batch_size": args.batch_size,
             "lr": args.lr,

@@ -63,3 +63,21 @@ def test_trains_saves_and_records(tmp_path):
     with safe_open(str(folder / "adapter_model.safetensors"), "pt") as f:
         assert all(f.get_tensor(k).dtype.is_floating_point for k in f.keys())  # noqa: SIM118
         assert {str(f.get_tensor(k).dtype) for k in f.keys()} == {"torch.bfloat16"}  # noqa: SIM118
+
+
+def test_a_quantized_base_is_the_round_trip_the_server_serves(tmp_path):
+    import torch
+    from hotmerge_kernels.quant import quantize
+    from hotmerge_kernels.quant.reference import dequantize
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama(tmp_path), dtype=torch.float32)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    changed = train_skills.quantize_base(model, "nf4")
+    assert changed == 7 * model.config.num_hidden_layers
+    for name, value in model.state_dict().items():
+        if name.rsplit(".", 2)[-2] in train_skills.TARGET_MODULES:
+            want = dequantize(quantize(before[name], "nf4"), torch.float32)
+            assert torch.equal(value, want) and not torch.equal(value, before[name])
+        else:  # embeddings, norms, the head: as they were
+            assert torch.equal(value, before[name]), name
