@@ -164,8 +164,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         targets.append(("base", Target()))
     targets += [(a, Target(adapter_id=a)) for a in args.adapter or []]
     for text in args.spec or []:
-        spec = _spec_arg(text)
-        targets.append((spec_label(spec), Target(spec=spec)))
+        spec = _spec_arg(text)  # labelled with its adapters: two merges may differ only there
+        ids = "+".join(str(i) for i in spec.get("ids") or ())
+        targets.append((f"{ids} {spec_label(spec)}", Target(spec=spec)))
+    labels = [label for label, _ in targets]
+    if twice := sorted({label for label in labels if labels.count(label) > 1}):
+        raise InvalidArgument(f"the same target given twice: {', '.join(twice)}; give each once")
     with session(args) as s:
         settings = _settings(args, s.client)
         examples = load_examples(skills, settings)

@@ -136,8 +136,8 @@ def test_eval_cli_in_process_server_with_chat_template(setup, skills, tmp_path, 
     ])  # fmt: skip
     assert rc == 0, capsys.readouterr().err
     doc = json.loads((tmp_path / "eval.json").read_text())
-    assert list(doc["targets"]) == ["base", "ad-a", "ties d=0.5"]
-    merged = doc["targets"]["ties d=0.5"]
+    assert list(doc["targets"]) == ["base", "ad-a", "ad-a+ad-b ties d=0.5"]
+    merged = doc["targets"]["ad-a+ad-b ties d=0.5"]
     assert merged["merge_key"].startswith("m-") and merged["merge_cache_hit"] is False
     assert merged["merge_ms"] > 0
     for target in doc["targets"].values():
@@ -180,6 +180,22 @@ def test_eval_cli_reports_a_bad_target(setup, skills, tmp_path, capsys):
                "--out", str(tmp_path), "--no-progress"])  # fmt: skip
     assert rc == 1
     assert "--raw-prompts" in capsys.readouterr().err
+    rc = main(["eval", "--target", setup[0].target, "--skills", "even", "-n", "2",
+               "--raw-prompts", "--adapter", "ad-a", "--adapter", "ad-a", "--out", str(tmp_path),
+               "--no-progress"])  # fmt: skip
+    assert rc == 1
+    assert "the same target given twice: ad-a" in capsys.readouterr().err
+
+
+def test_eval_keeps_merges_that_differ_only_in_their_adapters(setup, skills, tmp_path, capsys):
+    specs = [{"ids": ids, "merge_strategy": "ties", "density": 0.5}
+             for ids in (["ad-a", "ad-b"], ["ad-b", "ad-a"])]  # fmt: skip
+    rc = main(["eval", "--target", setup[0].target, "--skills", "even", "-n", "2",
+               "--raw-prompts", "--no-loglik", "--out", str(tmp_path), "--no-progress",
+               *[arg for spec in specs for arg in ("--spec", json.dumps(spec))]])  # fmt: skip
+    assert rc == 0, capsys.readouterr().err
+    doc = json.loads((tmp_path / "eval.json").read_text())
+    assert list(doc["targets"]) == ["ad-a+ad-b ties d=0.5", "ad-b+ad-a ties d=0.5"]
 
 
 def sweep_args(server, out, *extra):
