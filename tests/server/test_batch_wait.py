@@ -48,3 +48,24 @@ def test_a_refused_request_is_no_longer_on_its_way(engine):
     assert engine.arrivals.on_the_way == 0
     handle = engine.submit(request("after"), deadline=time.monotonic() + 20)
     assert handle.wait().generated_tokens == 3
+
+
+def test_the_request_path_counts_its_requests(tmp_path):
+    """Through the server (gRPC, then the request path): a lone request is not held back."""
+    from hotmerge.client import HotmergeClient
+    from hotmerge.server import start_server
+
+    from tests.helpers import tiny_server_config
+
+    (tmp_path / "adapters").mkdir()
+    config = tiny_server_config(
+        tmp_path, tiny_llama(tmp_path), tmp_path / "adapters", batch_wait_ms=LONG_WAIT_MS
+    )
+    server = start_server(config)
+    try:
+        with HotmergeClient(server.target, timeout=20) as client:  # DEADLINE_EXCEEDED if held
+            reply = client.generate("alone", max_new_tokens=3)
+        assert reply.generated_tokens == 3
+        assert server.engine.arrivals.counted and server.engine.arrivals.on_the_way == 0
+    finally:
+        server.stop(0)
