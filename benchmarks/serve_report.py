@@ -82,11 +82,10 @@ def write_results(result: dict, out_dir: Path) -> Path:
         )
         for name in ("cached", "uncached"):
             if (steps := prefix.get(f"{name}_steps")) is not None:
-                device = steps["device_ms_per_request"]
                 lines.append(
                     f"  - {name}, a request's engine steps: {steps['engine_ms_per_request']:.2f}"
                     f" ms on the engine thread ({steps['engine_cpu_ms_per_request']:.2f} ms CPU), "
-                    + (f"{device:.2f} ms on the device" if device is not None else "no device")
+                    + _on_device(steps["device_ms_per_request"])
                 )
     profile = result.get("merge_path_profile")
     if profile is not None:
@@ -119,15 +118,16 @@ def write_results(result: dict, out_dir: Path) -> Path:
 
 def steps_text(split: dict, quantiles: Sequence[int]) -> str:
     """A step split (``serve_probes.step_split``): wall, CPU and device ms at each quantile."""
-    parts = []
-    for q in quantiles:
-        device = split[f"step_device_ms_p{q}"]
-        parts.append(
-            f"p{q} {split[f'step_ms_p{q}']:.2f} ms on the engine thread "
-            f"({split[f'step_cpu_ms_p{q}']:.2f} ms CPU), "
-            + (f"{device:.2f} ms on the device" if device is not None else "no device")
-        )
+    parts = [
+        f"p{q} {split[f'step_ms_p{q}']:.2f} ms on the engine thread "
+        f"({split[f'step_cpu_ms_p{q}']:.2f} ms CPU), " + _on_device(split[f"step_device_ms_p{q}"])
+        for q in quantiles
+    ]
     return f"{split['steps']} steps, " + "; ".join(parts)
+
+
+def _on_device(ms: float | None) -> str:
+    return f"{ms:.2f} ms on the device" if ms is not None else "no device"
 
 
 def tokens_per_s_full(samples) -> float:
